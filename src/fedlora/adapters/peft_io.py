@@ -1,0 +1,75 @@
+"""Interop with the standard PEFT LoRA adapter format (`adapter_config.json` + `adapter_model.safetensors`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..core.errors import CheckpointError
+from ..core.io import load_tensors
+from ..core.tensors import StateDict
+from .model import AdaptedModel, check_state
+
+PREFIX = "base_model.model."
+
+
+def _target_modules(paths: list[str]) -> list[str] | str:
+    suffixes = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    return suffixes if all(p.rsplit(".", 1)[-1] in suffixes for p in paths) else "^(" + "|".join(map(re.escape, paths)) + ")$"
+
+
+def export_peft_adapter(adapted: AdaptedModel, expert: Mapping[str, torch.Tensor], out_dir: str | Path,
+                        head: Mapping[str, torch.Tensor] | None = None, base_model: str | None = None,
+                        task_type: str | None = None, dropout: float = 0.0) -> Path:
+    """Write one expert (and optionally the private head, as `modules_to_save`) as a PEFT LoRA adapter directory."""
+    from peft import LoraConfig
+
+    paths = [p for p, _, _ in adapted.spec.modules]
+    if task_type is None:
+        task_type = "SEQ_CLS" if adapted.head_names else "CAUSAL_LM"
+    head_modules = sorted({n.rsplit(".", 1)[0] for n in (head or {})})
+    config = LoraConfig(r=adapted.spec.r, lora_alpha=adapted.spec.alpha, lora_dropout=dropout,
+                        target_modules=_target_modules(paths), task_type=task_type,
+                        modules_to_save=head_modules or None, base_model_name_or_path=base_model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    tensors: StateDict = {}
+    for path in paths:
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = expert[f"{path}.lora_A"].contiguous()
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = expert[f"{path}.lora_B"].contiguous()
+    for name, value in (head or {}).items():
+        tensors[f"{PREFIX}{name}"] = value.contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def import_peft_adapter(adapted: AdaptedModel, adapter_dir: str | Path) -> tuple[StateDict, StateDict]:
+    """Read a PEFT LoRA adapter directory into (expert state, head state) that fit `adapted`."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{adapter_dir} holds a {cfg.get('peft_type')} adapter; only LoRA can seed an expert")
+    if int(cfg["r"]) != adapted.spec.r or float(cfg["lora_alpha"]) != adapted.spec.alpha or cfg.get("use_rslora"):
+        raise CheckpointError(f"adapter r={cfg['r']}, alpha={cfg['lora_alpha']} differs from the model's "
+                              f"r={adapted.spec.r}, alpha={adapted.spec.alpha}; set lora.r and lora.alpha to match")
+    raw = load_tensors(adapter_dir / "adapter_model.safetensors")
+    expert: StateDict = {}
+    head: StateDict = {}
+    for key, value in raw.items():
+        name = key.removeprefix(PREFIX)
+        match = re.fullmatch(r"(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", name)
+        if match:
+            expert[f"{match.group(1)}.{match.group(2)}"] = value.float()
+        elif name in adapted.head_names:
+            head[name] = value
+    check_state(expert, adapted.spec.lora_shapes(), f"PEFT adapter {adapter_dir}")
+    return expert, head

@@ -1,0 +1,61 @@
+"""The methods, one module each, and the registry that builds them from a config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from ..adapters import AdapterSpec
+from ..core.errors import ConfigError
+from .base import ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Reply, ServerAlgorithm
+from .fedit import FedITClient, FedITOptions, FedITServer
+from .local import LocalClient, LocalOptions, LocalServer
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method's name, options model and its server/client classes."""
+
+    name: str
+    options: type[Options]
+    server: type[ServerAlgorithm]
+    client: type[ClientAlgorithm]
+    summary: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("local", LocalOptions, LocalServer, LocalClient, "each client trains its own LoRA; no communication"),
+        Method("fedit", FedITOptions, FedITServer, FedITClient, "FedAvg on LoRA A and B"),
+    ]
+}
+
+
+def get_method(name: str) -> Method:
+    """The registered method called `name`."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown algorithm.name {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def parse_options(name: str, options: dict) -> Options:
+    """Validate a method's options; unknown keys name the valid ones."""
+    method = get_method(name)
+    try:
+        return method.options.model_validate(options or {})
+    except ValidationError as exc:
+        valid = ", ".join(method.options.model_fields) or "(none)"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid algorithm.options for {name!r}: {problems}. Valid options: {valid}") from None
+
+
+def build(name: str, options: dict, spec: AdapterSpec, seed: int) -> tuple[ServerAlgorithm, ClientAlgorithm]:
+    """The server and client objects of a method, options validated."""
+    method, opts = get_method(name), parse_options(name, options)
+    return method.server(opts, spec, seed), method.client(opts, spec, seed)
+
+
+__all__ = ["METHODS", "ClientAlgorithm", "ClientInfo", "ClientState", "Method", "Payload", "Reply",
+           "ServerAlgorithm", "build", "get_method", "parse_options"]

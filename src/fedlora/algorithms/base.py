@@ -1,0 +1,126 @@
+"""The algorithm contract: a server object and a client object that know nothing about engines.
+
+An engine calls, each round:
+    payloads = server.configure(rnd, sampled)                       # what each client receives
+    reply, state = client.fit(payloads[cid], state, trainer)        # on the data owner
+    server.aggregate(rnd, replies)                                  # replies may miss clients
+and at evaluation points `server.configure_evaluate` + `client.evaluate`.
+Everything that crosses the boundary is a `Payload`/`Reply` of named adapter states (flat tensor dicts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from ..adapters import AdapterSpec, Layout
+from ..core.tensors import StateDict, num_bytes
+from ..training import Trainer
+
+
+@dataclass
+class ClientInfo:
+    """What the server knows about a client before any round."""
+
+    client_id: str
+    num_examples: int
+    task: str = ""
+
+
+@dataclass
+class Payload:
+    """Server -> client: named adapter states plus a small JSON-able config."""
+
+    states: dict[str, StateDict] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of tensors carried."""
+        return num_bytes(self.states.values())
+
+
+@dataclass
+class Reply:
+    """Client -> server: named adapter states, the example count and training metrics."""
+
+    states: dict[str, StateDict] = field(default_factory=dict)
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of tensors carried."""
+        return num_bytes(self.states.values())
+
+
+@dataclass
+class ClientState:
+    """What a client keeps between rounds (never sent): named adapter states and small metadata."""
+
+    states: dict[str, StateDict] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Options(BaseModel):
+    """Base of every method's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerAlgorithm:
+    """The server side of a method."""
+
+    def __init__(self, options: Options, spec: AdapterSpec, seed: int) -> None:
+        self.options, self.spec, self.seed = options, spec, seed
+        self.clients: dict[str, ClientInfo] = {}
+
+    def setup(self, clients: list[ClientInfo]) -> None:
+        """Called once before round 1 with every client."""
+        self.clients = {c.client_id: c for c in clients}
+
+    def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        """Payloads for the clients sampled in round `rnd` (1-based)."""
+        return {cid: Payload() for cid in clients}
+
+    def configure_evaluate(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        """Payloads for evaluation after round `rnd` (0 = before training); by default the next round's."""
+        return self.configure(rnd + 1, clients)
+
+    def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        """Fold the replies of round `rnd` into the server state; missing clients simply have no reply."""
+
+    def summary(self) -> dict[str, Any]:
+        """Small JSON-able facts worth logging (cluster assignments, chosen M, ...)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: {"tensors": {name: StateDict}, "meta": JSON-able}."""
+        return {"tensors": {}, "meta": {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+class ClientAlgorithm:
+    """The client side of a method."""
+
+    layout: ClassVar[Layout] = Layout()
+
+    def __init__(self, options: Options, spec: AdapterSpec, seed: int) -> None:
+        self.options, self.spec, self.seed = options, spec, seed
+
+    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
+        """One local round; returns what to send and the state to keep."""
+        raise NotImplementedError
+
+    def evaluate(self, payload: Payload, state: ClientState, trainer: Trainer) -> dict[str, float]:
+        """The client's metrics on its own test split with its personalized model."""
+        raise NotImplementedError
+
+
+def uniform_or_examples(replies: dict[str, Reply], weighting: str) -> list[float]:
+    """Aggregation weights in reply order: 1 each, or each reply's example count."""
+    return [float(r.num_examples) if weighting == "examples" else 1.0 for r in replies.values()]

@@ -1,0 +1,36 @@
+"""Local-only LoRA: every client trains its own LoRA on its own data; nothing is communicated."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..core.seeding import generator
+from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm
+
+
+class LocalOptions(Options):
+    init: Literal["shared", "independent"] = "shared"  # same LoRA init on every client, or one per client
+
+
+class LocalServer(ServerAlgorithm):
+    """Sends nothing and aggregates nothing."""
+
+
+class LocalClient(ClientAlgorithm):
+    """Train the private LoRA (slot 0) from where it stopped."""
+
+    def _lora(self, state: ClientState, cid: str) -> dict:
+        if "lora" not in state.states:
+            names = ("lora-init",) if self.options.init == "shared" else ("lora-init", cid)
+            state.states["lora"] = self.spec.init_lora(generator(self.seed, *names))
+        return state.states["lora"]
+
+    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+        trainer.adapted.load_expert(0, self._lora(state, trainer.client_id))
+        metrics = trainer.train(experts=[0])
+        state.states["lora"] = trainer.adapted.expert_state(0)
+        return Reply(num_examples=len(trainer.data.train), metrics=metrics), state
+
+    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
+        trainer.adapted.load_expert(0, self._lora(state, trainer.client_id))
+        return trainer.evaluate()

@@ -1,0 +1,115 @@
+"""The Python API: `run_experiment(config) -> RunResult` and `compare(config, methods)`."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import AdaptedModel
+from .adapters.base_models import load_base_model
+from .algorithms import ClientInfo, build
+from .core.config import Config, build_config, load_config
+from .core.errors import ConfigError, DataError
+from .core.io import save_json, save_tensors
+from .core.tensors import flatten
+from .data.federated import build_clients
+from .data.tokenize import encode_classification, encode_generation
+from .engines.inprocess import InProcessEngine
+from .engines.results import RunResult
+from .engines.runtime import OPTIMIZER, ClientRuntime
+from .training import ClientDataset
+
+log = logging.getLogger("fedlora")
+
+
+def as_config(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None = None) -> Config:
+    """A validated Config from a Config, a dict or a file path, with overrides applied."""
+    if isinstance(config, Config):
+        return config.with_overrides(overrides) if overrides else config
+    if isinstance(config, dict):
+        return build_config(config).with_overrides(overrides or [])
+    return load_config(config, overrides)
+
+
+def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"run directory {run_dir} already holds a run; pass overwrite=True (--overwrite) "
+                              "or choose another output_dir")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_experiment(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None = None,
+                   overwrite: bool = False) -> RunResult:
+    """Run one federated experiment end to end and write its run directory."""
+    cfg = as_config(config, overrides)
+    run_dir = cfg.run_dir
+    _prepare_run_dir(run_dir, overwrite)
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        return _run(cfg, run_dir)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(cfg: Config, run_dir: Path) -> RunResult:
+    if cfg.engine.torch_threads:
+        torch.set_num_threads(cfg.engine.torch_threads)
+    save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
+    clients = build_clients(cfg.data, cfg.seed)
+    save_json(run_dir / "clients.json", [c.to_json() for c in clients])
+    num_labels = max((len(c.labels) for c in clients), default=0)
+    base = load_base_model(cfg.model.name, cfg.model.task, max(num_labels, 2), cfg.model.dtype, cfg.seed)
+    if base.task == "classification" and num_labels == 0:
+        raise DataError(f"model {cfg.model.name!r} classifies, but dataset {cfg.data.dataset!r} has no labels")
+    adapted = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    datasets = {}
+    for c in clients:
+        if base.task == "classification":
+            enc = lambda recs: encode_classification(recs, base.tokenizer, c.labels, cfg.data.max_length)  # noqa: E731
+        else:
+            enc = lambda recs: encode_generation(recs, base.tokenizer, cfg.data.max_length)  # noqa: E731
+        datasets[c.client_id] = ClientDataset(enc(c.train), enc(c.test), len(c.labels))
+        if not c.train:
+            raise DataError(f"client {c.client_id} has no training examples; lower data.clients_per_task")
+    truncated = sum(d.train.n_truncated + d.test.n_truncated for d in datasets.values())
+    if truncated:
+        log.warning("%d texts were longer than data.max_length=%d and were truncated", truncated, cfg.data.max_length)
+    server, client = build(cfg.algorithm.name, cfg.algorithm.options, adapted.spec, cfg.seed)
+    runtime = ClientRuntime(client, adapted, base.tokenizer, cfg, base.task, datasets)
+    infos = [ClientInfo(c.client_id, len(c.train), c.task) for c in clients]
+    result = InProcessEngine(cfg, server, runtime, infos, run_dir).run()
+    _save_final(run_dir, result)
+    return result
+
+
+def _save_final(run_dir: Path, result: RunResult) -> None:
+    for cid, state in result.client_states.items():
+        kept = {k: v for k, v in state.states.items() if k != OPTIMIZER}
+        save_tensors(run_dir / "final" / "clients" / f"{cid}.safetensors", flatten(kept))
+    save_tensors(run_dir / "final" / "server.safetensors", flatten(result.server_state.get("tensors", {})))
+    save_json(run_dir / "final" / "server.json", result.server_state.get("meta", {}))
+
+
+def compare(config: Config | dict[str, Any] | str | Path, methods: list[str], overrides: list[str] | None = None,
+            overwrite: bool = False) -> dict[str, RunResult]:
+    """Run several methods on the same data, split, seed and evaluation; each in `<output_dir>/<method>`."""
+    cfg = as_config(config, overrides)
+    results = {}
+    for method in methods:
+        sub = cfg.model_copy(deep=True)
+        sub.algorithm.name = method
+        sub.algorithm.options = cfg.algorithm.options if method == cfg.algorithm.name else {}
+        sub.output_dir = str(cfg.run_dir / method)
+        sub.name = f"{cfg.name}-{method}"
+        results[method] = run_experiment(sub, overwrite=overwrite)
+    return results

@@ -1,0 +1,132 @@
+"""The `fedlora` command line: thin wrappers that parse, call the API and print."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import resources
+
+from rich.console import Console
+from rich.table import Table
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def _results_table(results: dict, metric: str) -> Table:
+    first = next(iter(results.values()))
+    clients = list(first.final)
+    table = Table(title=f"final {metric} per client (own test split)")
+    table.add_column("client")
+    for method in results:
+        table.add_column(method, justify="right")
+    for cid in clients:
+        table.add_row(cid, *(f"{r.final[cid].get(metric, float('nan')):.3f}" for r in results.values()))
+    for task in first.evaluations()[-1]["summary"]["by_task"]:
+        table.add_row(f"[bold]mean {task}", *(f"{r.evaluations()[-1]['summary']['by_task'][task][metric]:.3f}"
+                                              for r in results.values()))
+    table.add_row("[bold]average over tasks", *(f"{r.final_mean[metric]:.3f}" for r in results.values()))
+    start = [r.evaluations()[0] for r in results.values()]
+    if start and start[0]["round"] == 0:
+        table.add_row("[dim]untrained start", *(f"{s['summary']['mean'][metric]:.3f}" for s in start))
+    return table
+
+
+def _metric(result) -> str:
+    return "accuracy" if "accuracy" in result.final_mean else "rouge1"
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .api import as_config, run_experiment
+
+    cfg = as_config(args.config, args.set)
+    if args.quiet:
+        cfg.engine.progress = False
+    result = run_experiment(cfg, overwrite=args.overwrite)
+    Console().print(_results_table({cfg.algorithm.name: result}, _metric(result)))
+    print(f"run directory: {result.run_dir}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .api import as_config, compare
+
+    cfg = as_config(args.config, args.set)
+    if args.quiet:
+        cfg.engine.progress = False
+    results = compare(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], overwrite=args.overwrite)
+    Console().print(_results_table(results, _metric(next(iter(results.values())))))
+    print(f"run directories under: {cfg.run_dir}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .api import as_config, compare
+
+    with resources.as_file(resources.files("fedlora") / "configs" / "demo.toml") as path:
+        cfg = as_config(path, args.set)
+    if args.quiet:
+        cfg.engine.progress = False
+    console = Console()
+    console.print(f"[bold]fedlora demo[/bold]: {cfg.model.name}, {cfg.data.dataset}, "
+                  f"{cfg.federation.rounds} rounds, methods {args.methods}")
+    results = compare(cfg, args.methods.split(","), overwrite=True)
+    console.print(_results_table(results, "accuracy"))
+    print(f"run directories under: {cfg.run_dir}")
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from .algorithms import METHODS
+
+    for m in METHODS.values():
+        opts = ", ".join(f"{k}={f.default!r}" for k, f in m.options.model_fields.items())
+        print(f"{m.name:10s} {m.summary}" + (f"\n{'':10s} options: {opts}" if opts else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `fedlora` command."""
+    parser = argparse.ArgumentParser(prog="fedlora", description="Personalized federated LoRA fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+        p.add_argument("--quiet", action="store_true", help="no progress display")
+
+    p = sub.add_parser("run", help="run one experiment from a TOML/YAML config")
+    p.add_argument("config")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="run several methods on the same split, seed and evaluation")
+    p.add_argument("config")
+    p.add_argument("--methods", required=True, help="comma-separated, e.g. local,fedit")
+    p.add_argument("--overwrite", action="store_true")
+    common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", help="the default demo: MiniLM on bundled WordNet tasks, local vs fedit")
+    p.add_argument("--methods", default="local,fedit")
+    common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list the methods and their options")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fedlora` console script."""
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    from .core.errors import FedloraError
+
+    try:
+        args.func(args)
+    except FedloraError as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

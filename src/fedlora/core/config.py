@@ -1,0 +1,202 @@
+"""The experiment configuration: one typed, validated object loaded from TOML/YAML plus `--set` overrides.
+
+Every section forbids unknown keys, so a misspelt key is an error that names the valid ones.
+Algorithm-specific options live in `algorithm.options` and are validated by the algorithm itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """The frozen base model."""
+
+    name: str = Field("tiny-bert", description="'minilm', 'smollm2', 'tiny-bert', 'tiny-llama' or a local HF model directory")
+    task: Literal["classification", "causal_lm"] | None = Field(None, description="inferred from the name when omitted")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class LoRAConfig(Section):
+    """Rank, scaling and placement of every LoRA expert."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str | None = Field(
+        None, description="module-name suffixes, or one regex over full names; default q_proj,v_proj / query,value")
+
+
+class DataConfig(Section):
+    """Which data, how it is split over clients, and how it is tokenized."""
+
+    dataset: str = Field("wordnet-demo", description="a built-in dataset name or a JSONL/CSV file path")
+    tasks: list[str] | None = Field(None, description="task names to use (default: all of the dataset's)")
+    clients_per_task: int = Field(2, gt=0)
+    partition: Literal["dirichlet", "iid"] = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    train_per_client: int = Field(200, gt=0)
+    test_per_client: int = Field(50, gt=0)
+    max_length: int = Field(64, ge=8)
+
+
+class TrainingConfig(Section):
+    """The local trainer every method shares."""
+
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    schedule: Literal["linear", "constant"] = Field("linear", description="linear decays to 0 within each round")
+    warmup_steps: int = Field(0, ge=0)
+    reset_optimizer: bool = Field(True, description="fresh optimizer each round, as the official codes do")
+    local_steps: int | None = Field(None, gt=0)
+    local_epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    train_head: bool = Field(True, description="train each client's private classification head")
+    max_new_tokens: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainingConfig":
+        if self.local_steps is None and self.local_epochs is None:
+            self.local_steps = 10
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ValueError("set either local_steps or local_epochs, not both")
+        return self
+
+
+class FederationConfig(Section):
+    """Rounds and client sampling."""
+
+    rounds: int = Field(3, gt=0)
+    clients_per_round: int | None = Field(None, gt=0, description="default: every client every round")
+    eval_every: int = Field(1, gt=0)
+    eval_at_start: bool = Field(True, description="evaluate the untrained start as round 0")
+    min_clients: int = Field(1, gt=0)
+
+
+class AlgorithmConfig(Section):
+    """The method and its own options (validated by the method)."""
+
+    name: str = "fedit"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EngineConfig(Section):
+    """Where the round loop runs."""
+
+    name: Literal["inprocess"] = "inprocess"
+    torch_threads: int | None = Field(None, gt=0)
+    progress: bool = True
+
+
+class Config(Section):
+    """A whole experiment."""
+
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str | None = Field(None, description="default: runs/<name>")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the run writes its files."""
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+    def with_overrides(self, overrides: list[str]) -> "Config":
+        """A copy with `section.key=value` overrides applied (values parsed as YAML scalars)."""
+        return build_config(apply_overrides(self.model_dump(), overrides))
+
+
+def _model_at(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
+    model: Any = root
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return None
+    return model
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if isinstance(p, str))
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1], Config)
+            valid = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(loc[-1], valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            section = ".".join(loc[:-1]) or "top level"
+            lines.append(f"unknown key '{where}'.{hint} Valid keys in [{section}]: {', '.join(valid)}")
+        elif err["type"] == "missing":
+            lines.append(f"missing required value '{where}'")
+        else:
+            lines.append(f"invalid value for '{where}': {err['msg']} (got {err.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(data: dict[str, Any] | None = None) -> Config:
+    """Validate a plain dict into a Config; problems raise ConfigError with every issue listed."""
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings to a nested dict (values are parsed as YAML, so 3, 1e-3, true, [a,b] work)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is a value, not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a TOML or YAML file (or defaults when path is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            data = tomllib.loads(text) if path.suffix == ".toml" else (yaml.safe_load(text) or {})
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {path} does not parse: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return build_config(apply_overrides(data, overrides or []))

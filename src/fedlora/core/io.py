@@ -1,0 +1,70 @@
+"""Safe, atomic file I/O: tensors with safetensors, everything else as JSON. Never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors to a safetensors file atomically (write a temporary file, then rename)."""
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(Path(path), lambda tmp: save_file(data, tmp, metadata=dict(metadata or {})))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing or corrupt file raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"tensor file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"tensor file {path} is corrupt or truncated ({exc}); "
+                              "restore it from a backup or start the run again") from exc
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def load_json(path: str | Path) -> Any:
+    """Read JSON; a missing or corrupt file raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"file {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"file {path} is not valid JSON ({exc}); it may be truncated") from exc
+
+
+def append_jsonl(path: str | Path, obj: Any) -> None:
+    """Append one JSON line (flushed, so a crash loses at most the line being written)."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+        fh.flush()

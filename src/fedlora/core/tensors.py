@@ -1,0 +1,88 @@
+"""Math on flat adapter-state dicts (`dict[str, Tensor]`), the unit that crosses every boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None) -> StateDict:
+    """Key-wise weighted mean of state dicts with identical keys; weights are normalised to sum 1."""
+    if not states:
+        raise ValueError("weighted_mean needs at least one state")
+    if weights is None:
+        weights = [1.0] * len(states)
+    if len(weights) != len(states):
+        raise ValueError(f"got {len(states)} states but {len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, got {list(weights)}")
+    keys = list(states[0])
+    for s in states[1:]:
+        if set(s) != set(keys):
+            raise ValueError(f"states have different keys: {sorted(set(s) ^ set(keys))[:5]}")
+    out: StateDict = {}
+    for k in keys:
+        acc = torch.zeros_like(states[0][k], dtype=torch.float64)
+        for s, w in zip(states, weights):
+            acc += s[k].to(torch.float64) * (w / total)
+        out[k] = acc.to(states[0][k].dtype)
+    return out
+
+
+def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float = 1.0) -> StateDict:
+    """Return a + alpha * b, key by key."""
+    return {k: a[k] + alpha * b[k] for k in a}
+
+
+def scale(a: Mapping[str, torch.Tensor], factor: float) -> StateDict:
+    """Return factor * a, key by key."""
+    return {k: v * factor for k, v in a.items()}
+
+
+def zeros_like(a: Mapping[str, torch.Tensor]) -> StateDict:
+    """A state of zeros with a's keys, shapes and dtypes."""
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def clone(a: Mapping[str, torch.Tensor]) -> StateDict:
+    """A detached deep copy."""
+    return {k: v.detach().clone() for k, v in a.items()}
+
+
+def num_bytes(states: Iterable[Mapping[str, torch.Tensor]]) -> int:
+    """Bytes of all tensors in the given states, as they would be sent."""
+    return sum(v.numel() * v.element_size() for s in states for v in s.values())
+
+
+def num_params(state: Mapping[str, torch.Tensor]) -> int:
+    """Number of scalar values in a state."""
+    return sum(v.numel() for v in state.values())
+
+
+def flatten(named: Mapping[str, Mapping[str, torch.Tensor]], sep: str = "/") -> StateDict:
+    """{"global": {"x": t}} -> {"global/x": t}: named states into one flat dict for files and wires."""
+    out: StateDict = {}
+    for name, state in named.items():
+        if sep in name:
+            raise ValueError(f"state name {name!r} may not contain {sep!r}")
+        for k, v in state.items():
+            out[f"{name}{sep}{k}"] = v
+    return out
+
+
+def unflatten(flat: Mapping[str, torch.Tensor], sep: str = "/") -> dict[str, StateDict]:
+    """Inverse of `flatten`."""
+    out: dict[str, StateDict] = {}
+    for key, v in flat.items():
+        name, _, k = key.partition(sep)
+        out.setdefault(name, {})[k] = v
+    return out
+
+
+def all_finite(state: Mapping[str, torch.Tensor]) -> bool:
+    """True when no tensor holds NaN or infinity."""
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())

@@ -1,0 +1,1 @@
+"""Records, corpora, partitioners and tokenization: everything between raw text and client batches."""

@@ -1,0 +1,102 @@
+"""Tokenize records once per client, then batch them with padding (right for training, left for generation)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.errors import DataError
+from .records import Record
+
+IGNORE_INDEX = -100  # positions the loss skips (prompt and padding tokens)
+
+
+@dataclass
+class Encoded:
+    """A tokenized split: token ids per example and targets (class ids, or per-token labels for causal LM)."""
+
+    input_ids: list[list[int]]
+    targets: list                                  # int per example, or list[int] per token
+    prompts: list[list[int]] = field(default_factory=list)   # generation: prompt ids for decoding
+    references: list[str] = field(default_factory=list)      # generation: reference answers
+    n_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, idx: Sequence[int]) -> "Encoded":
+        """The examples at `idx`, in that order."""
+        pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
+        return Encoded(pick(self.input_ids), pick(self.targets), pick(self.prompts), pick(self.references))
+
+
+def encode_classification(records: Sequence[Record], tokenizer, labels: Sequence[str], max_length: int) -> Encoded:
+    """Token ids of each record's text and the index of its label in `labels`."""
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted({str(r["label"]) for r in records} - set(index))
+    if unknown:
+        raise DataError(f"labels {unknown[:5]} were not seen among the task's labels {list(labels)[:10]}")
+    full = tokenizer([str(r["text"]) for r in records], truncation=False)["input_ids"]
+    ids = [x[:max_length - 1] + x[-1:] if len(x) > max_length else x for x in full]  # keep the final [SEP]
+    return Encoded(ids, [index[str(r["label"])] for r in records],
+                   n_truncated=sum(len(x) > max_length for x in full))
+
+
+def encode_generation(records: Sequence[Record], tokenizer, max_length: int) -> Encoded:
+    """Prompt+response+EOS ids with the prompt masked out of the loss (train_on_inputs=False)."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; causal-LM training needs one")
+    input_ids, targets, prompts, refs, truncated = [], [], [], [], 0
+    for r in records:
+        p = tokenizer(str(r["prompt"]), add_special_tokens=True)["input_ids"]
+        a = tokenizer(str(r["response"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(p) + len(a) > max_length:
+            truncated += 1
+            p = p[-max(1, max_length // 2):] if len(p) >= max_length else p
+            a = a[: max_length - len(p)]
+        input_ids.append(p + a)
+        targets.append([IGNORE_INDEX] * len(p) + a)
+        prompts.append(p)
+        refs.append(str(r["response"]))
+    return Encoded(input_ids, targets, prompts, refs, truncated)
+
+
+def collate(examples: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """A right-padded training/eval batch of the examples at `idx`."""
+    seqs = [examples.input_ids[i] for i in idx]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = torch.tensor(s)
+        mask[row, : len(s)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    first = examples.targets[idx[0]]
+    if isinstance(first, list):
+        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+        for row, i in enumerate(idx):
+            labels[row, : len(examples.targets[i])] = torch.tensor(examples.targets[i])
+        batch["labels"] = labels
+    else:
+        batch["labels"] = torch.tensor([examples.targets[i] for i in idx], dtype=torch.long)
+    return batch
+
+
+def collate_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A left-padded batch of prompts for generation."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[list[int]]:
+    """Indices of one epoch in batches; shuffled when a generator is given."""
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]

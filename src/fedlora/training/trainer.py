@@ -1,0 +1,163 @@
+"""The local trainer: a nanoGPT-style loop over one client's batches on the shared adapted model.
+
+Per round it builds a fresh AdamW and a per-round linear decay to 0, as the official FedALT/FedLEASE
+codes do through HF Trainer (configurable: `training.reset_optimizer`, `training.schedule`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters import AdaptedModel
+from ..core.config import TrainingConfig
+from ..core.seeding import generator, seed_everything
+from ..data.tokenize import Encoded, batch_indices, collate, collate_prompts
+from .metrics import classification_metrics, generation_metrics
+
+
+@dataclass
+class ClientDataset:
+    """A client's tokenized splits; `n_labels` is the size of its task's label set (classification)."""
+
+    train: Encoded
+    test: Encoded
+    n_labels: int = 0
+
+
+class Trainer:
+    """Trains and evaluates whatever adapter parts are trainable on one client's data."""
+
+    def __init__(self, adapted: AdaptedModel, tokenizer, data: ClientDataset, cfg: TrainingConfig,
+                 task: str, seed: int, client_id: str = "") -> None:
+        self.adapted, self.tokenizer, self.data, self.cfg, self.task, self.seed = adapted, tokenizer, data, cfg, task, seed
+        self.client_id = client_id
+        self.last_trainable: set[str] = set()  # parameter names trained by the last train() call
+        self.optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None  # kept across rounds if not reset
+        self.pad_id = tokenizer.pad_token_id
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The underlying HF model."""
+        return self.adapted.model
+
+    def num_steps(self, steps: int | None = None, epochs: float | None = None) -> int:
+        """Optimizer steps of one local round: `steps`, or `epochs` over the train split."""
+        if steps is None and epochs is None:
+            steps, epochs = self.cfg.local_steps, self.cfg.local_epochs
+        if steps is not None:
+            return int(steps)
+        return max(1, math.ceil(epochs * len(self.data.train) / self.cfg.batch_size))
+
+    def batch_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean loss of a batch: CE over the task's labels, or causal-LM CE over response tokens."""
+        if self.task == "classification":
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return F.cross_entropy(logits[:, : self.data.n_labels].float(), batch["labels"])
+        return self.model(**batch).loss
+
+    def train(self, experts: Iterable[int] = (), router: bool = False, steps: int | None = None,
+              epochs: float | None = None, data: Encoded | None = None) -> dict[str, float]:
+        """One local round training exactly these experts (and router, and the private head if configured).
+
+        Returns the mean training loss and the step count.
+        """
+        data = data if data is not None else self.data.train
+        n_steps = self.num_steps(steps, epochs)
+        self.adapted.set_trainable(experts, router, head=self.cfg.train_head and self.task == "classification")
+        self.last_trainable = self.adapted.trainable_names()
+        params = self.adapted.trainable_parameters()
+        if not params:
+            raise ValueError("train() was asked to train nothing: name the experts and/or router to train")
+        seed_everything(self.seed, "dropout")
+        order = generator(self.seed, "order")
+        optimizer = self._optimizer()
+        schedule = self._schedule(optimizer, n_steps)
+        self.model.train()
+        losses: list[float] = []
+        while len(losses) < n_steps:
+            for idx in batch_indices(len(data), self.cfg.batch_size, order):
+                loss = self.batch_loss(collate(data, idx, self.pad_id))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+                optimizer.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+                if len(losses) == n_steps:
+                    break
+        if not self.cfg.reset_optimizer:
+            self._save_optimizer(optimizer)
+        return {"train_loss": sum(losses) / len(losses), "steps": n_steps}
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        exempt = lambda n: n.endswith("bias") or "norm" in n.lower()  # noqa: E731  (as HF Trainer: no decay)
+        decay = [p for n, p in named if not exempt(n)]
+        no_decay = [p for n, p in named if exempt(n)]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr)
+        if self.optimizer_state and not self.cfg.reset_optimizer:
+            for n, p in named:
+                if n in self.optimizer_state:
+                    optimizer.state[p] = {k: v.clone() for k, v in self.optimizer_state[n].items()}
+        return optimizer
+
+    def _save_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        kept = dict(self.optimizer_state or {})
+        for p, st in optimizer.state.items():
+            kept[names[id(p)]] = {k: v.detach().clone() if torch.is_tensor(v) else torch.tensor(v) for k, v in st.items()}
+        self.optimizer_state = kept
+
+    def _schedule(self, optimizer: torch.optim.Optimizer, n_steps: int):
+        from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+        if self.cfg.schedule == "linear":
+            return get_linear_schedule_with_warmup(optimizer, self.cfg.warmup_steps, n_steps)
+        return get_constant_schedule_with_warmup(optimizer, self.cfg.warmup_steps)
+
+    @torch.no_grad()
+    def loss(self, data: Encoded) -> float:
+        """Mean per-example loss over a split, without gradients (used by gradient-free searches)."""
+        self.model.eval()
+        total, n = 0.0, 0
+        for idx in batch_indices(len(data), self.cfg.eval_batch_size, None):
+            total += float(self.batch_loss(collate(data, idx, self.pad_id))) * len(idx)
+            n += len(idx)
+        return total / max(n, 1)
+
+    @torch.no_grad()
+    def evaluate(self, data: Encoded | None = None) -> dict[str, float]:
+        """The client's metrics on its test split (or `data`): accuracy/macro-F1, or EM/ROUGE on greedy generations."""
+        data = data if data is not None else self.data.test
+        self.model.eval()
+        metrics = {"loss": self.loss(data)}
+        if self.task == "classification":
+            preds: list[int] = []
+            for idx in batch_indices(len(data), self.cfg.eval_batch_size, None):
+                batch = collate(data, idx, self.pad_id)
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                preds += logits[:, : self.data.n_labels].argmax(-1).tolist()
+            metrics.update(classification_metrics(preds, data.targets, self.data.n_labels))
+        else:
+            metrics.update(generation_metrics(self.generate(data.prompts), data.references))
+        return metrics
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]]) -> list[str]:
+        """Greedy answers to tokenized prompts (left-padded batches)."""
+        self.model.eval()
+        answers: list[str] = []
+        for start in range(0, len(prompts), self.cfg.eval_batch_size):
+            chunk = prompts[start : start + self.cfg.eval_batch_size]
+            batch = collate_prompts(chunk, self.pad_id)
+            out = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                      pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
+            answers += self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [a.strip() for a in answers]
