@@ -16,7 +16,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
 def _results_table(results: dict, metric: str) -> Table:
     first = next(iter(results.values()))
     clients = list(first.final)
-    table = Table(title=f"final {metric} per client (own test split)")
+    table = Table(title=f"final {metric}, own test split", min_width=40)
     table.add_column("client")
     for method in results:
         table.add_column(method, justify="right")

@@ -88,6 +88,7 @@ def load_base_model(name: str, task: str | None, num_labels: int, dtype: str = "
                           "nor a local Hugging Face model directory")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    hf_logging.disable_progress_bar()
     try:
         torch.manual_seed(seed)  # the classification head's random init
         if task == "classification":
@@ -97,6 +98,7 @@ def load_base_model(name: str, task: str | None, num_labels: int, dtype: str = "
         tok = AutoTokenizer.from_pretrained(path)
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return BaseModel(model, tok, task)

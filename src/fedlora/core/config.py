@@ -26,7 +26,7 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """The frozen base model."""
 
-    name: str = Field("tiny-bert", description="'minilm', 'smollm2', 'tiny-bert', 'tiny-llama' or a local HF model directory")
+    name: str = Field(description="'minilm', 'tiny-bert', 'tiny-llama' or a local Hugging Face model directory")
     task: Literal["classification", "causal_lm"] | None = Field(None, description="inferred from the name when omitted")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -111,7 +111,7 @@ class Config(Section):
     name: str = "experiment"
     seed: int = 0
     output_dir: str | None = Field(None, description="default: runs/<name>")
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)

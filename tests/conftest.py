@@ -1,0 +1,51 @@
+"""Shared fixtures: offline environment, tiny random models and tiny experiment configs."""
+
+from __future__ import annotations
+
+import os
+
+for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                     "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_key, _value)
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+TINY_CONFIG = {
+    "name": "tiny",
+    "seed": 0,
+    "model": {"name": "tiny-bert"},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "data": {"dataset": "wordnet-demo", "tasks": ["noun_topic", "verb_class"], "clients_per_task": 2,
+             "train_per_client": 48, "test_per_client": 24, "max_length": 48},
+    "training": {"lr": 5e-3, "local_steps": 3, "batch_size": 8, "eval_batch_size": 32},
+    "federation": {"rounds": 2},
+    "algorithm": {"name": "fedit"},
+    "engine": {"progress": False},
+}
+
+
+def tiny_config(tmp_path, **sections) -> dict:
+    """The tiny experiment config with sections updated (one level deep) and output under tmp_path."""
+    cfg = copy.deepcopy(TINY_CONFIG)
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    cfg.setdefault("output_dir", str(tmp_path / "run"))
+    return cfg
+
+
+@pytest.fixture
+def tiny_adapted():
+    """A tiny random BERT classifier with LoRA (r=4) injected into query and value."""
+    from fedlora.adapters import AdaptedModel
+    from fedlora.adapters.base_models import load_base_model
+
+    base = load_base_model("tiny-bert", None, 3, seed=0)
+    return AdaptedModel(base.model, r=4, alpha=8, dropout=0.0), base.tokenizer

@@ -1,0 +1,50 @@
+"""Configuration: loading, overrides and the errors a user sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora.algorithms import parse_options
+from fedlora.core.config import build_config, load_config
+from fedlora.core.errors import ConfigError
+
+
+def test_toml_yaml_and_overrides(tmp_path):
+    (tmp_path / "c.toml").write_text('[model]\nname = "tiny-bert"\n[training]\nlr = 0.01\n')
+    (tmp_path / "c.yaml").write_text("model:\n  name: tiny-bert\ntraining:\n  lr: 0.01\n")
+    for name in ("c.toml", "c.yaml"):
+        cfg = load_config(tmp_path / name, ["training.local_steps=7", "lora.target_modules=[q_proj, v_proj]"])
+        assert cfg.training.lr == 0.01 and cfg.training.local_steps == 7
+        assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_key_names_the_valid_ones_and_suggests():
+    with pytest.raises(ConfigError) as exc:
+        build_config({"model": {"name": "tiny-bert"}, "training": {"lrr": 1e-3}})
+    msg = str(exc.value)
+    assert "unknown key 'training.lrr'" in msg and "Did you mean 'lr'" in msg and "batch_size" in msg
+
+
+def test_wrong_type_and_missing_value():
+    with pytest.raises(ConfigError, match="invalid value for 'training.batch_size'"):
+        build_config({"model": {"name": "tiny-bert"}, "training": {"batch_size": "large"}})
+    with pytest.raises(ConfigError, match="missing required value 'model'"):
+        build_config({})
+    with pytest.raises(ConfigError, match="missing required value 'model.name'"):
+        build_config({"model": {}})
+    with pytest.raises(ConfigError, match="either local_steps or local_epochs"):
+        build_config({"model": {"name": "x"}, "training": {"local_steps": 2, "local_epochs": 1}})
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["training.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_algorithm_options_are_validated_by_the_method():
+    with pytest.raises(ConfigError, match="Valid options: weighting"):
+        parse_options("fedit", {"weighing": "uniform"})
+    with pytest.raises(ConfigError, match="unknown algorithm.name 'fedavg'"):
+        parse_options("fedavg", {})
