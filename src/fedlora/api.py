@@ -11,12 +11,13 @@ import torch
 
 from .adapters import AdaptedModel
 from .adapters.base_models import load_base_model
-from .algorithms import ClientInfo, build
+from .algorithms import ClientInfo, build, parse_options
 from .core.config import Config, build_config, load_config
 from .core.errors import ConfigError, DataError
 from .core.io import save_json, save_tensors
+from .core.seeding import generator
 from .core.tensors import flatten
-from .data.federated import build_clients
+from .data.federated import ClientData, build_clients
 from .data.tokenize import encode_classification, encode_generation
 from .engines.inprocess import InProcessEngine
 from .engines.results import RunResult
@@ -65,6 +66,7 @@ def _run(cfg: Config, run_dir: Path) -> RunResult:
     if cfg.engine.torch_threads:
         torch.set_num_threads(cfg.engine.torch_threads)
     save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
+    parse_options(cfg.algorithm.name, cfg.algorithm.options)  # fail on a bad option before any loading
     clients = build_clients(cfg.data, cfg.seed)
     save_json(run_dir / "clients.json", [c.to_json() for c in clients])
     num_labels = max((len(c.labels) for c in clients), default=0)
@@ -72,24 +74,29 @@ def _run(cfg: Config, run_dir: Path) -> RunResult:
     if base.task == "classification" and num_labels == 0:
         raise DataError(f"model {cfg.model.name!r} classifies, but dataset {cfg.data.dataset!r} has no labels")
     adapted = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    datasets = {}
-    for c in clients:
-        if base.task == "classification":
-            enc = lambda recs: encode_classification(recs, base.tokenizer, c.labels, cfg.data.max_length)  # noqa: E731
-        else:
-            enc = lambda recs: encode_generation(recs, base.tokenizer, cfg.data.max_length)  # noqa: E731
-        datasets[c.client_id] = ClientDataset(enc(c.train), enc(c.test), len(c.labels))
-        if not c.train:
-            raise DataError(f"client {c.client_id} has no training examples; lower data.clients_per_task")
+    server, client = build(cfg.algorithm.name, cfg.algorithm.options, adapted.spec, cfg.seed)
+    datasets = {c.client_id: encode_client(c, base.tokenizer, base.task, cfg.data.max_length) for c in clients}
     truncated = sum(d.train.n_truncated + d.test.n_truncated for d in datasets.values())
     if truncated:
         log.warning("%d texts were longer than data.max_length=%d and were truncated", truncated, cfg.data.max_length)
-    server, client = build(cfg.algorithm.name, cfg.algorithm.options, adapted.spec, cfg.seed)
+    if client.few_shot:
+        datasets = {cid: d.hold_out(client.few_shot, generator(cfg.seed, "few-shot", cid)) for cid, d in datasets.items()}
     runtime = ClientRuntime(client, adapted, base.tokenizer, cfg, base.task, datasets)
-    infos = [ClientInfo(c.client_id, len(c.train), c.task) for c in clients]
+    infos = [ClientInfo(c.client_id, len(datasets[c.client_id].train), c.task) for c in clients]
     result = InProcessEngine(cfg, server, runtime, infos, run_dir).run()
     _save_final(run_dir, result)
     return result
+
+
+def encode_client(client: ClientData, tokenizer, task: str, max_length: int) -> ClientDataset:
+    """Tokenize one client's splits for the model's task."""
+    if not client.train:
+        raise DataError(f"client {client.client_id} has no training examples; lower data.clients_per_task")
+    if task == "classification":
+        encode = lambda recs: encode_classification(recs, tokenizer, client.labels, max_length)  # noqa: E731
+    else:
+        encode = lambda recs: encode_generation(recs, tokenizer, max_length)  # noqa: E731
+    return ClientDataset(encode(client.train), encode(client.test), len(client.labels))
 
 
 def _save_final(run_dir: Path, result: RunResult) -> None:
@@ -108,7 +115,7 @@ def compare(config: Config | dict[str, Any] | str | Path, methods: list[str], ov
     for method in methods:
         sub = cfg.model_copy(deep=True)
         sub.algorithm.name = method
-        sub.algorithm.options = cfg.algorithm.options if method == cfg.algorithm.name else {}
+        sub.algorithm.options = cfg.algorithm.options_for(method)
         sub.output_dir = str(cfg.run_dir / method)
         sub.name = f"{cfg.name}-{method}"
         results[method] = run_experiment(sub, overwrite=overwrite)

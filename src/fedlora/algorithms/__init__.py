@@ -9,7 +9,10 @@ from pydantic import ValidationError
 from ..adapters import AdapterSpec
 from ..core.errors import ConfigError
 from .base import ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Reply, ServerAlgorithm
+from .fdlora import FDLoRAClient, FDLoRAOptions, FDLoRAServer
+from .fedalt import FedALTClient, FedALTOptions, FedALTServer
 from .fedit import FedITClient, FedITOptions, FedITServer
+from .fedlease import FedLEASEClient, FedLEASEOptions, FedLEASEServer
 from .local import LocalClient, LocalOptions, LocalServer
 
 
@@ -29,6 +32,12 @@ METHODS: dict[str, Method] = {
     for m in [
         Method("local", LocalOptions, LocalServer, LocalClient, "each client trains its own LoRA; no communication"),
         Method("fedit", FedITOptions, FedITServer, FedITClient, "FedAvg on LoRA A and B"),
+        Method("fedalt", FedALTOptions, FedALTServer, FedALTClient,
+               "own LoRA + frozen Rest-of-World LoRA, mixed per token by a personal gate"),
+        Method("fedlease", FedLEASEOptions, FedLEASEServer, FedLEASEClient,
+               "B-similarity clustering into M experts, adaptive top-M routing"),
+        Method("fdlora", FDLoRAOptions, FDLoRAServer, FDLoRAClient,
+               "personal + global LoRA (DiLoCo outer step), AdaFusion of the two"),
     ]
 }
 

@@ -11,7 +11,7 @@ Everything that crosses the boundary is a `Payload`/`Reply` of named adapter sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -107,10 +107,15 @@ class ServerAlgorithm:
 class ClientAlgorithm:
     """The client side of a method."""
 
-    layout: ClassVar[Layout] = Layout()
+    layout: Layout = Layout()  # the adapter layout of every round, unless layout_for says otherwise
+    few_shot: int = 0          # training examples each client holds out for a gradient-free search
 
     def __init__(self, options: Options, spec: AdapterSpec, seed: int) -> None:
         self.options, self.spec, self.seed = options, spec, seed
+
+    def layout_for(self, payload: Payload) -> Layout:
+        """The adapter layout this payload needs (methods whose layout changes by phase override it)."""
+        return self.layout
 
     def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
         """One local round; returns what to send and the state to keep."""

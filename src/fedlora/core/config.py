@@ -95,6 +95,15 @@ class AlgorithmConfig(Section):
 
     name: str = "fedit"
     options: dict[str, Any] = Field(default_factory=dict)
+    per_method: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options by method name, used when `compare` runs that method")
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        """The options of `method`: its per_method entry, overridden by `options` when it is the configured one."""
+        merged = dict(self.per_method.get(method, {}))
+        if method == self.name:
+            merged.update(self.options)
+        return merged
 
 
 class EngineConfig(Section):

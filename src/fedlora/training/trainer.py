@@ -27,6 +27,15 @@ class ClientDataset:
     train: Encoded
     test: Encoded
     n_labels: int = 0
+    few_shot: Encoded | None = None  # labelled examples held out of train for a gradient-free search
+
+    def hold_out(self, n: int, generator: torch.Generator) -> "ClientDataset":
+        """A copy with `n` random training examples moved into `few_shot` (train and few_shot stay disjoint)."""
+        if n >= len(self.train):
+            raise ValueError(f"cannot hold out {n} of {len(self.train)} training examples; lower the few-shot size")
+        order = torch.randperm(len(self.train), generator=generator).tolist()
+        return ClientDataset(self.train.subset(sorted(order[n:])), self.test, self.n_labels,
+                             self.train.subset(sorted(order[:n])))
 
 
 class Trainer:

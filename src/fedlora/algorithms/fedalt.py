@@ -1,0 +1,141 @@
+"""FedALT (Bian et al., AAAI 2026): Individual LoRA + frozen Rest-of-World LoRA, mixed per token by a personal gate.
+
+Per adapted module (spec section 2.2), with slot 0 = Rest-of-World (RoW), slot 1 = Individual:
+    y = W0 x + g_0(x) s B_R A_R drop(x) + g_1(x) s B_I A_I drop(x),   g(x) = softmax(G x)
+Client: keep training its own Individual LoRA and gate across rounds (never overwritten); the RoW is
+downloaded and frozen. Server: RoW_k = mean over j != k of the latest Individual LoRAs, A and B
+averaged separately, computed for all clients in O(N) from one running sum.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ..adapters import Layout
+from ..core.seeding import generator
+from ..core.tensors import StateDict
+from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm
+
+ROW, INDIVIDUAL = 0, 1  # expert slots, as the official code's LoRA0 / LoRA1
+
+
+class FedALTOptions(Options):
+    weighting: Literal["uniform", "examples"] = "uniform"  # RoW mean: uniform (code) or by example count
+    gate_init: Literal["kaiming", "zero"] = "kaiming"      # kaiming (code) or zero = 0.5/0.5 at the start
+    init: Literal["shared", "independent"] = "shared"      # Individual LoRA init: same seed for all [REC] or per client (code)
+    mixer: Literal["adaptive", "fixed"] = "adaptive"       # fixed = 0.5/0.5, the paper's "w/o mixer" ablation
+
+
+class FedALTServer(ServerAlgorithm):
+    """Caches every client's latest Individual LoRA and serves leave-one-out means."""
+
+    def setup(self, clients) -> None:
+        super().setup(clients)
+        self.individual: dict[str, StateDict] = {}  # latest known, stale allowed under partial participation
+        self._sum: StateDict = {}
+        self._total = 0.0
+
+    def _weight(self, cid: str) -> float:
+        return float(self.clients[cid].num_examples) if self.options.weighting == "examples" else 1.0
+
+    def _refresh_sum(self) -> None:
+        self._total = sum(self._weight(c) for c in self.individual)
+        self._sum = {}
+        for cid, lora in self.individual.items():
+            w = self._weight(cid)
+            for k, v in lora.items():
+                self._sum[k] = self._sum[k] + w * v.double() if k in self._sum else w * v.double()
+
+    def rest_of_world(self, cid: str) -> StateDict | None:
+        """(S - w_k theta_k) / (W - w_k): the weighted mean of everyone else's Individual LoRA, or None if none."""
+        own = self.individual.get(cid)
+        w_own = self._weight(cid) if own is not None else 0.0
+        if self._total - w_own <= 0:
+            return None
+        return {k: ((s - w_own * own[k].double()) if own is not None else s).div(self._total - w_own).float()
+                for k, s in self._sum.items()}
+
+    def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        payloads = {}
+        for cid in clients:
+            row = self.rest_of_world(cid)
+            payloads[cid] = Payload({"row": row} if row is not None else {})
+        return payloads
+
+    def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        for cid, reply in replies.items():
+            self.individual[cid] = reply.states["individual"]
+        self._refresh_sum()
+
+    def summary(self) -> dict:
+        return {"known_individual_loras": len(self.individual)}
+
+    def state_dict(self) -> dict:
+        return {"tensors": {f"individual.{cid}": s for cid, s in self.individual.items()}, "meta": {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.individual = {name.removeprefix("individual."): s for name, s in state["tensors"].items()}
+        self._refresh_sum()
+
+
+class FedALTClient(ClientAlgorithm):
+    """Train the Individual LoRA and the gate with the RoW frozen; upload only the Individual LoRA."""
+
+    def __init__(self, options: FedALTOptions, spec, seed: int) -> None:
+        super().__init__(options, spec, seed)
+        self.layout = Layout(2, "dense" if options.mixer == "adaptive" else "none")
+
+    def _restore(self, payload: Payload, state: ClientState, trainer) -> None:
+        cid, s = trainer.client_id, state.states
+        if "individual" not in s:
+            names = ("lora-init",) if self.options.init == "shared" else ("lora-init", cid)
+            s["individual"] = self.spec.init_lora(generator(self.seed, *names))
+            s["row"] = self.spec.init_lora(generator(self.seed, "row-init", cid))  # B = 0: no effect until a download
+            s["gate"] = self.spec.init_router(2, generator(self.seed, "gate-init", cid), zero=self.options.gate_init == "zero")
+        if "row" in payload.states:
+            s["row"] = payload.states["row"]
+        model = trainer.adapted
+        model.load_expert(ROW, s["row"])
+        model.load_expert(INDIVIDUAL, s["individual"])
+        if self.options.mixer == "adaptive":
+            model.load_router(s["gate"])
+        else:
+            model.set_expert_weights(torch.tensor([0.5, 0.5]))
+
+    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+        self._restore(payload, state, trainer)
+        metrics = trainer.train(experts=[INDIVIDUAL], router=self.options.mixer == "adaptive")
+        state.states["individual"] = trainer.adapted.expert_state(INDIVIDUAL)
+        if self.options.mixer == "adaptive":
+            state.states["gate"] = trainer.adapted.router_state()
+        return Reply({"individual": state.states["individual"]}, len(trainer.data.train), metrics), state
+
+    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
+        self._restore(payload, state, trainer)
+        metrics = trainer.evaluate()
+        if self.options.mixer == "adaptive":
+            metrics["gate_individual"] = mean_gate_weight(trainer, INDIVIDUAL)
+        return metrics
+
+
+@torch.no_grad()
+def mean_gate_weight(trainer, expert: int) -> float:
+    """Mean gate weight of one expert over the test tokens and all adapted modules (a diagnostic)."""
+    from ..data.tokenize import collate
+
+    data = trainer.data.test
+    idx = list(range(min(len(data), trainer.cfg.eval_batch_size)))
+    batch = collate(data, idx, trainer.pad_id)
+    weights: list[float] = []
+    hooks = [layer.register_forward_hook(
+        lambda mod, args, out: weights.append(float(mod.mixing_weights(args[0])[..., expert][batch["attention_mask"].bool()].mean())))
+        for layer in trainer.adapted.layers.values()]
+    try:
+        trainer.model.eval()
+        trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(weights) / len(weights)

@@ -1,0 +1,177 @@
+"""FedLEASE (Wang et al., NeurIPS 2025): cluster clients by their LoRA B matrices, one LoRA expert per
+cluster, adaptive top-M routing that always includes the client's own expert (spec section 3).
+
+Phases:
+  warm-up (rounds 1..warmup_rounds): each client trains one LoRA locally; no aggregation.
+  allocation (end of the last warm-up round): B-distance clustering, M = argmax silhouette,
+      experts = cluster means of the members' warm-up LoRAs, one router per cluster.
+  clustered rounds: a client trains its own expert j and the router; the server averages each expert
+      over its cluster and each router within its cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..adapters import Layout
+from ..core.seeding import generator
+from ..core.tensors import StateDict, weighted_mean
+from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm, uniform_or_examples
+from .clustering import b_distance_matrix, choose_clusters, cluster_means
+
+
+class FedLEASEOptions(Options):
+    warmup_rounds: int = Field(5, ge=1)                                 # counted inside federation.rounds (code)
+    max_experts: int | None = Field(None, ge=2)                         # default min(8, N-1) [REC]
+    expert_init: Literal["cluster_mean", "own"] = "cluster_mean"        # paper [REC] / official code
+    router: Literal["cluster", "private"] = "cluster"                   # router averaged in cluster (code) or kept
+    weighting: Literal["uniform", "examples"] = "uniform"
+
+
+def expert_key(e: int) -> str:
+    """Payload name of expert e."""
+    return f"expert_{e}"
+
+
+class FedLEASEServer(ServerAlgorithm):
+    """Warm-up cache, clustering, and per-cluster expert and router averages."""
+
+    def setup(self, clients) -> None:
+        super().setup(clients)
+        self.warm: dict[str, StateDict] = {}       # latest warm-up LoRA per client
+        self.assignment: dict[str, int] = {}       # client -> own expert j(k)
+        self.experts: list[StateDict] = []
+        self.routers: list[StateDict] = []         # one per cluster
+        self.silhouette: dict[int, float] = {}
+
+    @property
+    def clustered(self) -> bool:
+        """True once experts have been allocated."""
+        return bool(self.experts)
+
+    def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        payloads = {}
+        for cid in clients:
+            if not self.clustered or cid not in self.assignment:
+                # the warm-up LoRA is uploaded once, for clustering: in the last warm-up round, or late
+                payloads[cid] = Payload(config={"phase": "warmup", "upload": rnd >= self.options.warmup_rounds})
+                continue
+            j = self.assignment[cid]
+            states = {expert_key(e): s for e, s in enumerate(self.experts)}
+            if self.options.expert_init == "own" and rnd == self.options.warmup_rounds + 1 and cid in self.warm:
+                states[expert_key(j)] = self.warm[cid]  # official code: own warm LoRA in slot j, first round only
+            if self.options.router == "cluster":
+                states["router"] = self.routers[j]
+            payloads[cid] = Payload(states, {"phase": "clustered", "expert": j, "n_experts": len(self.experts)})
+        return payloads
+
+    def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        for cid, reply in replies.items():
+            if "lora" in reply.states:
+                self.warm[cid] = reply.states["lora"]
+        if not self.clustered:
+            if rnd >= self.options.warmup_rounds and self.warm:
+                self._allocate()
+            return
+        for cid in [c for c in replies if c not in self.assignment and c in self.warm]:
+            self._assign_late(cid)
+        clustered = {c: r for c, r in replies.items() if "expert" in r.states}
+        for e in range(len(self.experts)):
+            members = {c: r for c, r in clustered.items() if self.assignment[c] == e}
+            if not members:
+                continue
+            weights = uniform_or_examples(members, self.options.weighting)
+            self.experts[e] = weighted_mean([r.states["expert"] for r in members.values()], weights)
+            if self.options.router == "cluster":
+                self.routers[e] = weighted_mean([r.states["router"] for r in members.values()], weights)
+
+    def _allocate(self) -> None:
+        ids = sorted(self.warm, key=list(self.clients).index)
+        n_max = self.options.max_experts or 8
+        result = choose_clusters(b_distance_matrix([self.warm[c] for c in ids]), min(n_max, max(len(ids) - 1, 2)))
+        self.silhouette = result.silhouette
+        self.assignment = dict(zip(ids, result.labels))
+        weights = [float(self.clients[c].num_examples) if self.options.weighting == "examples" else 1.0 for c in ids]
+        self.experts = cluster_means([self.warm[c] for c in ids], result.labels, weights)
+        n_slots = 2 * len(self.experts) - 1
+        self.routers = [self.spec.init_router(n_slots, generator(self.seed, "router", e)) for e in range(len(self.experts))]
+
+    def _assign_late(self, cid: str) -> None:
+        """A client first seen after allocation joins the cluster of smallest mean B-distance (average linkage)."""
+        members = list(self.assignment)
+        dist = b_distance_matrix([self.warm[c] for c in members] + [self.warm[cid]])[-1, :-1]
+        means = {e: dist[[i for i, c in enumerate(members) if self.assignment[c] == e]].mean() for e in range(len(self.experts))}
+        self.assignment[cid] = min(means, key=means.get)
+
+    def summary(self) -> dict:
+        if not self.clustered:
+            return {"phase": "warmup"}
+        return {"phase": "clustered", "n_experts": len(self.experts), "assignment": self.assignment,
+                "silhouette": {str(k): v for k, v in self.silhouette.items()}}
+
+    def state_dict(self) -> dict:
+        tensors = {f"warm.{c}": s for c, s in self.warm.items()}
+        tensors.update({f"expert.{e}": s for e, s in enumerate(self.experts)})
+        tensors.update({f"router.{e}": s for e, s in enumerate(self.routers)})
+        return {"tensors": tensors, "meta": {"assignment": self.assignment, "silhouette": self.silhouette}}
+
+    def load_state_dict(self, state: dict) -> None:
+        t = state["tensors"]
+        self.warm = {k.removeprefix("warm."): v for k, v in t.items() if k.startswith("warm.")}
+        self.experts = [t[f"expert.{e}"] for e in range(sum(k.startswith("expert.") for k in t))]
+        self.routers = [t[f"router.{e}"] for e in range(sum(k.startswith("router.") for k in t))]
+        self.assignment = dict(state["meta"]["assignment"])
+        self.silhouette = {int(k): v for k, v in state["meta"]["silhouette"].items()}
+
+
+class FedLEASEClient(ClientAlgorithm):
+    """Warm-up: one local LoRA. Clustered: M experts (own one trainable), adaptive top-M router."""
+
+    def layout_for(self, payload: Payload) -> Layout:
+        if payload.config.get("phase") == "clustered":
+            return Layout(payload.config["n_experts"], "adaptive_top_m")
+        return Layout(1)
+
+    def _warm(self, state: ClientState) -> StateDict:
+        if "warm" not in state.states:
+            state.states["warm"] = self.spec.init_lora(generator(self.seed, "lora-init"))
+        return state.states["warm"]
+
+    def _load_clustered(self, payload: Payload, state: ClientState, trainer) -> int:
+        model, j, m = trainer.adapted, payload.config["expert"], payload.config["n_experts"]
+        for e in range(m):
+            model.load_expert(e, payload.states[expert_key(e)])
+        model.set_own_expert(j)
+        if "router" in payload.states:
+            model.load_router(payload.states["router"])
+        else:  # private router, created on the client the first time it joins the clustered phase
+            if "router" not in state.states:
+                state.states["router"] = self.spec.init_router(2 * m - 1, generator(self.seed, "router", trainer.client_id))
+            model.load_router(state.states["router"])
+        return j
+
+    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+        n = len(trainer.data.train)
+        if payload.config.get("phase") != "clustered":
+            trainer.adapted.load_expert(0, self._warm(state))
+            metrics = trainer.train(experts=[0])
+            state.states["warm"] = trainer.adapted.expert_state(0)
+            return Reply({"lora": state.states["warm"]} if payload.config.get("upload") else {}, n, metrics), state
+        j = self._load_clustered(payload, state, trainer)
+        metrics = trainer.train(experts=[j], router=True)
+        router = trainer.adapted.router_state()
+        sent = {"expert": trainer.adapted.expert_state(j)}
+        if "router" in payload.states:
+            sent["router"] = router
+        else:
+            state.states["router"] = router
+        return Reply(sent, n, metrics), state
+
+    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
+        if payload.config.get("phase") != "clustered":
+            trainer.adapted.load_expert(0, self._warm(state))
+        else:
+            self._load_clustered(payload, state, trainer)
+        return trainer.evaluate()
