@@ -96,7 +96,7 @@ def encode_client(client: ClientData, tokenizer, task: str, max_length: int) -> 
         encode = lambda recs: encode_classification(recs, tokenizer, client.labels, max_length)  # noqa: E731
     else:
         encode = lambda recs: encode_generation(recs, tokenizer, max_length)  # noqa: E731
-    return ClientDataset(encode(client.train), encode(client.test), len(client.labels))
+    return ClientDataset(encode(client.train), encode(client.test), len(client.labels), client.task)
 
 
 def _save_final(run_dir: Path, result: RunResult) -> None:

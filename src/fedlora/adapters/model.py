@@ -178,6 +178,20 @@ class AdaptedModel:
             for n, v in state.items():
                 params[n].copy_(v)
 
+    def init_head(self, seed: int) -> StateDict:
+        """A freshly initialised task head (the HF model's own init rule), seeded; the model is left unchanged."""
+        saved = self.head_state()
+        modules = {n.rsplit(".", 1)[0] for n in self.head_names}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for name in sorted(modules):
+                module = self.model.get_submodule(name)
+                init = getattr(self.model, "_init_weights", None)
+                init(module) if init is not None else module.reset_parameters()
+        fresh = self.head_state()
+        self.load_head(saved)
+        return fresh
+
     def adapter_state(self) -> StateDict:
         """Every adapter tensor (all experts and routers) under its full parameter name, for export."""
         return {n: p.detach().clone() for n, p in self.model.named_parameters()

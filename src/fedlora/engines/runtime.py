@@ -15,7 +15,6 @@ from ..adapters import AdaptedModel
 from ..algorithms import ClientAlgorithm, ClientState, Payload, Reply
 from ..core.config import Config
 from ..core.seeding import derive_seed
-from ..core.tensors import clone
 from ..training import ClientDataset, Trainer
 
 HEAD, OPTIMIZER = "_head", "_optimizer"  # reserved ClientState names
@@ -33,7 +32,15 @@ class ClientRuntime:
     datasets: dict[str, ClientDataset]
 
     def __post_init__(self) -> None:
-        self.initial_head = clone(self.adapted.head_state())
+        self._initial_heads: dict[str, dict[str, torch.Tensor]] = {}
+
+    def initial_head(self, client_id: str) -> dict[str, torch.Tensor]:
+        """The head a client starts from: one seeded init per task, so clients that share a label space
+        share a starting head, and label indices of different tasks are not spuriously aligned."""
+        task = self.datasets[client_id].task
+        if task not in self._initial_heads:
+            self._initial_heads[task] = self.adapted.init_head(derive_seed(self.config.seed, "head", task))
+        return self._initial_heads[task]
 
     def trainer(self, client_id: str, rnd: int, phase: str) -> Trainer:
         """A trainer on this client's data whose random streams depend only on (seed, client, round, phase)."""
@@ -45,7 +52,7 @@ class ClientRuntime:
         self.adapted.set_expert_weights(torch.ones(self.adapted.layout.n_experts))
         self.adapted.set_own_expert(0)
         if self.adapted.head_names:
-            self.adapted.load_head(state.states.get(HEAD, self.initial_head))
+            self.adapted.load_head(state.states.get(HEAD) or self.initial_head(trainer.client_id))
         if OPTIMIZER in state.states:
             trainer.optimizer_state = _unflatten_optimizer(state.states[OPTIMIZER])
 

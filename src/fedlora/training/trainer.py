@@ -27,6 +27,7 @@ class ClientDataset:
     train: Encoded
     test: Encoded
     n_labels: int = 0
+    task: str = ""
     few_shot: Encoded | None = None  # labelled examples held out of train for a gradient-free search
 
     def hold_out(self, n: int, generator: torch.Generator) -> "ClientDataset":
@@ -34,7 +35,7 @@ class ClientDataset:
         if n >= len(self.train):
             raise ValueError(f"cannot hold out {n} of {len(self.train)} training examples; lower the few-shot size")
         order = torch.randperm(len(self.train), generator=generator).tolist()
-        return ClientDataset(self.train.subset(sorted(order[n:])), self.test, self.n_labels,
+        return ClientDataset(self.train.subset(sorted(order[n:])), self.test, self.n_labels, self.task,
                              self.train.subset(sorted(order[:n])))
 
 
