@@ -113,3 +113,25 @@ def test_real_minilm_improves_on_the_untrained_start(tmp_path, method, options):
     result = run_experiment(cfg)
     start = result.evaluations()[0]["summary"]["mean"]["accuracy"]
     assert result.final_mean["accuracy"] > start + 0.15
+
+
+def test_ffa_trains_b_only_and_moves_b_only(tmp_path, spy):
+    run(tmp_path, "ffa", rounds=2)
+    b_only = {f"{p}.lora_B.0" for p in PATHS}
+    assert all(r["trainable"] == b_only | HEAD for r in spy)
+    assert all(r["sent"] == {"b"} and r["received"] == {"b"} and r["up"] == r["down"] == LORA_BYTES // 2 for r in spy)
+
+
+def test_fedsa_trains_a_and_b_but_sends_a(tmp_path, spy):
+    result = run(tmp_path, "fedsa", rounds=2)
+    assert all(r["trainable"] == expert(0) | HEAD for r in spy)
+    assert all(r["sent"] == {"a"} and r["received"] == {"a"} and r["up"] == r["down"] == LORA_BYTES // 2 for r in spy)
+    assert set(result.client_states["noun_topic-0"].states) == {"b", "_head"}
+
+
+def test_ifca_downloads_all_clusters_uploads_one(tmp_path, spy):
+    result = run(tmp_path, "ifca", rounds=2, clusters=2)
+    assert all(r["trainable"] == expert(0) | HEAD for r in spy)
+    assert all(r["received"] == {"cluster_0", "cluster_1"} and r["down"] == 2 * LORA_BYTES for r in spy)
+    assert all(r["sent"] == {"lora"} and r["up"] == LORA_BYTES for r in spy)
+    assert all(m["cluster"] in (0, 1) for m in result.final.values())

@@ -198,15 +198,16 @@ class AdaptedModel:
                 if ".lora_A." in n or ".lora_B." in n or n.endswith(".router.weight")}
 
     # -- trainability -------------------------------------------------------------------------------
-    def set_trainable(self, experts: Iterable[int] = (), router: bool = False, head: bool = False) -> None:
-        """Exactly these adapter parts train; everything else (base included) is frozen."""
+    def set_trainable(self, experts: Iterable[int] = (), router: bool = False, head: bool = False,
+                      parts: str = "AB") -> None:
+        """Exactly these adapter parts train (`parts`: which of each expert's A and B); the rest is frozen."""
         experts = set(experts)
         for p in self.model.parameters():
             p.requires_grad_(False)
         for layer in self.layers.values():
             for e in range(layer.n_experts):
-                layer.lora_A[e].requires_grad_(e in experts)
-                layer.lora_B[e].requires_grad_(e in experts)
+                layer.lora_A[e].requires_grad_(e in experts and "A" in parts)
+                layer.lora_B[e].requires_grad_(e in experts and "B" in parts)
             if layer.router is not None:
                 layer.router.weight.requires_grad_(router)
         params = dict(self.model.named_parameters())
@@ -220,6 +221,11 @@ class AdaptedModel:
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that currently require grad, in model order."""
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def lora_part(state: Mapping[str, torch.Tensor], part: str) -> StateDict:
+    """The A or B half of an expert state ({path}.lora_A or {path}.lora_B keys)."""
+    return {k: v for k, v in state.items() if k.endswith(f".lora_{part}")}
 
 
 def check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], what: str) -> None:

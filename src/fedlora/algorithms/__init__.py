@@ -12,6 +12,9 @@ from .base import ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Re
 from .fdlora import FDLoRAClient, FDLoRAOptions, FDLoRAServer
 from .fedalt import FedALTClient, FedALTOptions, FedALTServer
 from .fedit import FedITClient, FedITOptions, FedITServer
+from .fedsa import FedSAClient, FedSAOptions, FedSAServer
+from .ffa import FFAClient, FFAOptions, FFAServer
+from .ifca import IFCAClient, IFCAOptions, IFCAServer
 from .fedlease import FedLEASEClient, FedLEASEOptions, FedLEASEServer
 from .local import LocalClient, LocalOptions, LocalServer
 
@@ -32,6 +35,9 @@ METHODS: dict[str, Method] = {
     for m in [
         Method("local", LocalOptions, LocalServer, LocalClient, "each client trains its own LoRA; no communication"),
         Method("fedit", FedITOptions, FedITServer, FedITClient, "FedAvg on LoRA A and B"),
+        Method("ffa", FFAOptions, FFAServer, FFAClient, "FFA-LoRA: A frozen at a shared random init, only B trained and averaged"),
+        Method("fedsa", FedSAOptions, FedSAServer, FedSAClient, "FedSA-LoRA: A averaged, B kept local"),
+        Method("ifca", IFCAOptions, IFCAServer, IFCAClient, "IFCA: C cluster LoRAs, each client picks the lowest-loss one"),
         Method("fedalt", FedALTOptions, FedALTServer, FedALTClient,
                "own LoRA + frozen Rest-of-World LoRA, mixed per token by a personal gate"),
         Method("fedlease", FedLEASEOptions, FedLEASEServer, FedLEASEClient,

@@ -71,14 +71,15 @@ class Trainer:
         return self.model(**batch).loss
 
     def train(self, experts: Iterable[int] = (), router: bool = False, steps: int | None = None,
-              epochs: float | None = None, data: Encoded | None = None) -> dict[str, float]:
+              epochs: float | None = None, data: Encoded | None = None, parts: str = "AB") -> dict[str, float]:
         """One local round training exactly these experts (and router, and the private head if configured).
 
         Returns the mean training loss and the step count.
         """
         data = data if data is not None else self.data.train
         n_steps = self.num_steps(steps, epochs)
-        self.adapted.set_trainable(experts, router, head=self.cfg.train_head and self.task == "classification")
+        self.adapted.set_trainable(experts, router, head=self.cfg.train_head and self.task == "classification",
+                                   parts=parts)
         self.last_trainable = self.adapted.trainable_names()
         params = self.adapted.trainable_parameters()
         if not params:

@@ -1,0 +1,57 @@
+"""FedSA-LoRA (Guo et al., ICLR 2025): A and B both train; only A is uploaded and averaged (general
+knowledge); B stays on the client (client-specific knowledge)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..adapters import lora_part
+from ..core.seeding import generator
+from ..core.tensors import weighted_mean
+from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm, uniform_or_examples
+
+
+class FedSAOptions(Options):
+    weighting: Literal["examples", "uniform"] = "examples"
+
+
+class FedSAServer(ServerAlgorithm):
+    """Holds the global A."""
+
+    def setup(self, clients) -> None:
+        super().setup(clients)
+        self.global_a = lora_part(self.spec.init_lora(generator(self.seed, "lora-init")), "A")
+
+    def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        return {cid: Payload({"a": self.global_a}) for cid in clients}
+
+    def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        if replies:
+            self.global_a = weighted_mean([r.states["a"] for r in replies.values()],
+                                          uniform_or_examples(replies, self.options.weighting))
+
+    def state_dict(self) -> dict:
+        return {"tensors": {"a": self.global_a}, "meta": {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_a = state["tensors"]["a"]
+
+
+class FedSAClient(ClientAlgorithm):
+    """Global A + private B (zero at the start); train both; send A."""
+
+    def _load(self, payload: Payload, state: ClientState, trainer) -> None:
+        if "b" not in state.states:
+            state.states["b"] = lora_part(self.spec.init_lora(generator(self.seed, "lora-init")), "B")
+        trainer.adapted.load_expert(0, {**payload.states["a"], **state.states["b"]})
+
+    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+        self._load(payload, state, trainer)
+        metrics = trainer.train(experts=[0])
+        trained = trainer.adapted.expert_state(0)
+        state.states["b"] = lora_part(trained, "B")
+        return Reply({"a": lora_part(trained, "A")}, len(trainer.data.train), metrics), state
+
+    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
+        self._load(payload, state, trainer)
+        return trainer.evaluate()

@@ -1,0 +1,92 @@
+"""IFCA + LoRA (Ghosh et al. 2020, as a FedLEASE baseline): C cluster LoRAs; each client picks the one with
+the lowest loss on its training data, trains it, and the server averages within clusters. No sharing
+across clusters."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..core.seeding import generator, numpy_rng
+from ..core.tensors import StateDict, weighted_mean
+from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm, uniform_or_examples
+
+
+class IFCAOptions(Options):
+    clusters: int = Field(4, ge=1)
+    first_round: Literal["random", "loss"] = "random"  # LoRA B starts at 0, so all clusters tie at first:
+    #                                                     round 1 assigns seeded random identities [REC]
+    selection_examples: int | None = Field(None, ge=1)  # training examples scored per cluster (default: all)
+    weighting: Literal["examples", "uniform"] = "examples"
+
+
+def cluster_key(c: int) -> str:
+    """Payload name of cluster LoRA c."""
+    return f"cluster_{c}"
+
+
+class IFCAServer(ServerAlgorithm):
+    """C cluster LoRAs from distinct seeds; within-cluster FedAvg."""
+
+    def setup(self, clients) -> None:
+        super().setup(clients)
+        self.cluster_loras: list[StateDict] = [self.spec.init_lora(generator(self.seed, "ifca-init", c))
+                                               for c in range(self.options.clusters)]
+        self.assignment: dict[str, int] = {}
+
+    def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        states = {cluster_key(c): s for c, s in enumerate(self.cluster_loras)}
+        forced = {}
+        if rnd == 1 and self.options.first_round == "random":
+            picks = numpy_rng(self.seed, "ifca-first").integers(self.options.clusters, size=len(self.clients))
+            forced = {cid: int(p) for cid, p in zip(self.clients, picks)}
+        return {cid: Payload(states, {"cluster": forced[cid]} if cid in forced else {}) for cid in clients}
+
+    def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        for c in range(self.options.clusters):
+            members = {cid: r for cid, r in replies.items() if int(r.metrics["cluster"]) == c}
+            if members:
+                self.cluster_loras[c] = weighted_mean([r.states["lora"] for r in members.values()],
+                                                      uniform_or_examples(members, self.options.weighting))
+        self.assignment.update({cid: int(r.metrics["cluster"]) for cid, r in replies.items()})
+
+    def summary(self) -> dict:
+        return {"assignment": dict(self.assignment)}
+
+    def state_dict(self) -> dict:
+        return {"tensors": {cluster_key(c): s for c, s in enumerate(self.cluster_loras)},
+                "meta": {"assignment": self.assignment}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cluster_loras = [state["tensors"][cluster_key(c)] for c in range(self.options.clusters)]
+        self.assignment = dict(state["meta"]["assignment"])
+
+
+class IFCAClient(ClientAlgorithm):
+    """Pick the lowest-loss cluster LoRA on local training data, train it, send it with the cluster id."""
+
+    def choose(self, payload: Payload, trainer) -> int:
+        """The cluster to use: forced by the server, or argmin of the training loss."""
+        if "cluster" in payload.config:
+            return int(payload.config["cluster"])
+        data = trainer.data.train
+        if self.options.selection_examples and self.options.selection_examples < len(data):
+            data = data.subset(range(self.options.selection_examples))
+        losses = []
+        for c in range(self.options.clusters):
+            trainer.adapted.load_expert(0, payload.states[cluster_key(c)])
+            losses.append(trainer.loss(data))
+        return min(range(len(losses)), key=losses.__getitem__)
+
+    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+        c = self.choose(payload, trainer)
+        trainer.adapted.load_expert(0, payload.states[cluster_key(c)])
+        metrics = trainer.train(experts=[0])
+        metrics["cluster"] = c
+        return Reply({"lora": trainer.adapted.expert_state(0)}, len(trainer.data.train), metrics), state
+
+    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
+        c = self.choose(Payload(payload.states), trainer)  # evaluation always picks by loss
+        trainer.adapted.load_expert(0, payload.states[cluster_key(c)])
+        return {**trainer.evaluate(), "cluster": c}
