@@ -11,6 +11,7 @@ from ..core.errors import ConfigError
 from .base import ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Reply, ServerAlgorithm
 from .fdlora import FDLoRAClient, FDLoRAOptions, FDLoRAServer
 from .fedalt import FedALTClient, FedALTOptions, FedALTServer
+from .feddpa import FedDPAClient, FedDPAOptions, FedDPAServer
 from .fedit import FedITClient, FedITOptions, FedITServer
 from .fedsa import FedSAClient, FedSAOptions, FedSAServer
 from .ffa import FFAClient, FFAOptions, FFAServer
@@ -37,6 +38,8 @@ METHODS: dict[str, Method] = {
         Method("fedit", FedITOptions, FedITServer, FedITClient, "FedAvg on LoRA A and B"),
         Method("ffa", FFAOptions, FFAServer, FFAClient, "FFA-LoRA: A frozen at a shared random init, only B trained and averaged"),
         Method("fedsa", FedSAOptions, FedSAServer, FedSAClient, "FedSA-LoRA: A averaged, B kept local"),
+        Method("feddpa", FedDPAOptions, FedDPAServer, FedDPAClient,
+               "FedDPA: global (FedAvg) + local LoRA, instance-wise weighting at inference (T and F variants)"),
         Method("ifca", IFCAOptions, IFCAServer, IFCAClient, "IFCA: C cluster LoRAs, each client picks the lowest-loss one"),
         Method("fedalt", FedALTOptions, FedALTServer, FedALTClient,
                "own LoRA + frozen Rest-of-World LoRA, mixed per token by a personal gate"),

@@ -77,9 +77,10 @@ class ServerAlgorithm:
         self.options, self.spec, self.seed = options, spec, seed
         self.clients: dict[str, ClientInfo] = {}
 
-    def setup(self, clients: list[ClientInfo]) -> None:
-        """Called once before round 1 with every client."""
+    def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
+        """Called once before round 1 with every client and the run's number of rounds."""
         self.clients = {c.client_id: c for c in clients}
+        self.rounds = rounds
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
         """Payloads for the clients sampled in round `rnd` (1-based)."""

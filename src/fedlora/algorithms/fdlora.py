@@ -82,8 +82,8 @@ class OuterOptimizer:
 class FDLoRAServer(ServerAlgorithm):
     """Holds the global LoRA and the outer optimizer; never sees a personal LoRA after stage 1."""
 
-    def setup(self, clients) -> None:
-        super().setup(clients)
+    def setup(self, clients, rounds=None) -> None:
+        super().setup(clients, rounds)
         self.outer = OuterOptimizer(self.spec.init_lora(generator(self.seed, "lora-init")),
                                     self.options.outer_lr, self.options.outer_momentum, self.options.nesterov)
 

@@ -31,8 +31,8 @@ class FedALTOptions(Options):
 class FedALTServer(ServerAlgorithm):
     """Caches every client's latest Individual LoRA and serves leave-one-out means."""
 
-    def setup(self, clients) -> None:
-        super().setup(clients)
+    def setup(self, clients, rounds=None) -> None:
+        super().setup(clients, rounds)
         self.individual: dict[str, StateDict] = {}  # latest known, stale allowed under partial participation
         self._sum: StateDict = {}
         self._total = 0.0

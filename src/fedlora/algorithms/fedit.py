@@ -16,8 +16,8 @@ class FedITOptions(Options):
 class FedITServer(ServerAlgorithm):
     """Holds the global LoRA; aggregate: A = sum p_k A_k, B = sum p_k B_k."""
 
-    def setup(self, clients) -> None:
-        super().setup(clients)
+    def setup(self, clients, rounds=None) -> None:
+        super().setup(clients, rounds)
         self.global_lora = self.spec.init_lora(generator(self.seed, "lora-init"))
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:

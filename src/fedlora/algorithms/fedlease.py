@@ -38,8 +38,8 @@ def expert_key(e: int) -> str:
 class FedLEASEServer(ServerAlgorithm):
     """Warm-up cache, clustering, and per-cluster expert and router averages."""
 
-    def setup(self, clients) -> None:
-        super().setup(clients)
+    def setup(self, clients, rounds=None) -> None:
+        super().setup(clients, rounds)
         self.warm: dict[str, StateDict] = {}       # latest warm-up LoRA per client
         self.assignment: dict[str, int] = {}       # client -> own expert j(k)
         self.experts: list[StateDict] = []

@@ -18,8 +18,8 @@ class FedSAOptions(Options):
 class FedSAServer(ServerAlgorithm):
     """Holds the global A."""
 
-    def setup(self, clients) -> None:
-        super().setup(clients)
+    def setup(self, clients, rounds=None) -> None:
+        super().setup(clients, rounds)
         self.global_a = lora_part(self.spec.init_lora(generator(self.seed, "lora-init")), "A")
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:

@@ -18,8 +18,8 @@ class FFAOptions(Options):
 class FFAServer(ServerAlgorithm):
     """Holds the global B; A never leaves the seed it is drawn from."""
 
-    def setup(self, clients) -> None:
-        super().setup(clients)
+    def setup(self, clients, rounds=None) -> None:
+        super().setup(clients, rounds)
         self.global_b = lora_part(self.spec.init_lora(generator(self.seed, "lora-init")), "B")
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:

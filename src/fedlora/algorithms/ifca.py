@@ -29,8 +29,8 @@ def cluster_key(c: int) -> str:
 class IFCAServer(ServerAlgorithm):
     """C cluster LoRAs from distinct seeds; within-cluster FedAvg."""
 
-    def setup(self, clients) -> None:
-        super().setup(clients)
+    def setup(self, clients, rounds=None) -> None:
+        super().setup(clients, rounds)
         self.cluster_loras: list[StateDict] = [self.spec.init_lora(generator(self.seed, "ifca-init", c))
                                                for c in range(self.options.clusters)]
         self.assignment: dict[str, int] = {}

@@ -34,7 +34,7 @@ class InProcessEngine:
         """Set up, (evaluate round 0,) then fit/aggregate/evaluate for every round."""
         fed = self.config.federation
         ids = [c.client_id for c in self.clients]
-        self.server.setup(self.clients)
+        self.server.setup(self.clients, fed.rounds)
         progress = _progress(self.config.engine.progress)
         with progress or nullcontext():
             bar = progress.add_task("rounds", total=fed.rounds) if progress else None

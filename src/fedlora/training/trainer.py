@@ -7,7 +7,7 @@ codes do through HF Trainer (configurable: `training.reset_optimizer`, `training
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from ..adapters import AdaptedModel
 from ..core.config import TrainingConfig
 from ..core.seeding import generator, seed_everything
-from ..data.tokenize import Encoded, batch_indices, collate, collate_prompts
+from ..data.tokenize import IGNORE_INDEX, Encoded, batch_indices, collate, collate_prompts
 from .metrics import classification_metrics, generation_metrics
+
+BatchHook = Callable[[Mapping[str, torch.Tensor]], None]
 
 
 @dataclass
@@ -134,40 +136,69 @@ class Trainer:
         return get_constant_schedule_with_warmup(optimizer, self.cfg.warmup_steps)
 
     @torch.no_grad()
-    def loss(self, data: Encoded) -> float:
+    def loss(self, data: Encoded, before_batch: BatchHook | None = None) -> float:
         """Mean per-example loss over a split, without gradients (used by gradient-free searches)."""
         self.model.eval()
         total, n = 0.0, 0
         for idx in batch_indices(len(data), self.cfg.eval_batch_size, None):
-            total += float(self.batch_loss(collate(data, idx, self.pad_id))) * len(idx)
+            batch = collate(data, idx, self.pad_id)
+            if before_batch:
+                before_batch(batch)
+            total += float(self.batch_loss(batch)) * len(idx)
             n += len(idx)
         return total / max(n, 1)
 
     @torch.no_grad()
-    def evaluate(self, data: Encoded | None = None) -> dict[str, float]:
-        """The client's metrics on its test split (or `data`): accuracy/macro-F1, or EM/ROUGE on greedy generations."""
+    def evaluate(self, data: Encoded | None = None, before_batch: BatchHook | None = None) -> dict[str, float]:
+        """The client's metrics on its test split (or `data`): accuracy/macro-F1, or EM/ROUGE on greedy generations.
+
+        `before_batch(batch)` runs before every forward pass (instance-wise adapter weighting uses it).
+        """
         data = data if data is not None else self.data.test
         self.model.eval()
-        metrics = {"loss": self.loss(data)}
+        metrics = {"loss": self.loss(data, before_batch)}
         if self.task == "classification":
             preds: list[int] = []
             for idx in batch_indices(len(data), self.cfg.eval_batch_size, None):
                 batch = collate(data, idx, self.pad_id)
+                if before_batch:
+                    before_batch(batch)
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 preds += logits[:, : self.data.n_labels].argmax(-1).tolist()
             metrics.update(classification_metrics(preds, data.targets, self.data.n_labels))
         else:
-            metrics.update(generation_metrics(self.generate(data.prompts), data.references))
+            metrics.update(generation_metrics(self.generate(data.prompts, before_batch), data.references))
         return metrics
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]]) -> list[str]:
+    def last_prompt_hidden(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Last-layer hidden state of each example's last prompt token ([batch, hidden]).
+
+        Right-padded batches: the last token before the response (causal LM) or the last real token;
+        left-padded prompt batches: the final position. Exact for causal models, whose state at a
+        position does not depend on later tokens.
+        """
+        self.model.eval()
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        mask = batch["attention_mask"]
+        if bool(mask[:, -1].all()) and not bool(mask[:, 0].all()):  # left padding
+            last = torch.full((mask.shape[0],), mask.shape[1] - 1)
+        elif "labels" in batch and batch["labels"].dim() == 2:
+            last = (batch["labels"] == IGNORE_INDEX).long().cumprod(1).sum(1) - 1
+        else:
+            last = mask.sum(1) - 1
+        return out.hidden_states[-1][torch.arange(mask.shape[0]), last]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], before_batch: BatchHook | None = None) -> list[str]:
         """Greedy answers to tokenized prompts (left-padded batches)."""
         self.model.eval()
         answers: list[str] = []
         for start in range(0, len(prompts), self.cfg.eval_batch_size):
             chunk = prompts[start : start + self.cfg.eval_batch_size]
             batch = collate_prompts(chunk, self.pad_id)
+            if before_batch:
+                before_batch(batch)
             out = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
                                       pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
             answers += self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

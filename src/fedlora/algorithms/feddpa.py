@@ -1,0 +1,112 @@
+"""FedDPA (Yang et al., NeurIPS 2024): a global LoRA (FedAvg) and a local LoRA that never leaves the client,
+combined at inference with instance-wise weights (spec section 5).
+
+  FedDPA-T: each round, train the local LoRA with the global frozen (mixed 0.5/0.5), then the global alone.
+  FedDPA-F: each round, train the global alone; in the last round, also fine-tune the local LoRA with the
+            global frozen (mixed 0.5/0.5).
+  Inference: w(x) = max_weight * mean_i cos(h(x), h(x_i)) over 5 random local training examples x_i, h the
+  last-layer state of the last prompt token with the local adapter active; y = W0 x + w dW_global x +
+  (1 - w) dW_local x, the direction the official code uses (`direction=local_gets_w` swaps it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..adapters import Layout
+from ..core.seeding import generator
+from ..core.tensors import weighted_mean
+from ..data.tokenize import collate
+from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm, uniform_or_examples
+
+GLOBAL, LOCAL = 0, 1
+
+
+class FedDPAOptions(Options):
+    variant: Literal["T", "F"] = "T"
+    train_mix: float = Field(0.5, ge=0, le=1)         # local's weight while the local LoRA trains ([a, 1-a] = 0.5/0.5)
+    max_weight: float = Field(0.5, ge=0, le=1)
+    reference_examples: int = Field(5, ge=1)
+    direction: Literal["global_gets_w", "local_gets_w"] = "global_gets_w"  # the code: global w, local 1 - w
+    weighting: Literal["examples", "uniform"] = "examples"
+
+
+class FedDPAServer(ServerAlgorithm):
+    """FedAvg of the global LoRA, as FedIT; tells clients when FedDPA-F's local fine-tuning is due."""
+
+    def setup(self, clients, rounds=None) -> None:
+        super().setup(clients, rounds)
+        self.global_lora = self.spec.init_lora(generator(self.seed, "lora-init"))
+
+    def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        config = {"finetune_local": self.options.variant == "T" or rnd == self.rounds}
+        return {cid: Payload({"global": self.global_lora}, config) for cid in clients}
+
+    def aggregate(self, rnd: int, replies: dict) -> None:
+        if replies:
+            self.global_lora = weighted_mean([r.states["global"] for r in replies.values()],
+                                             uniform_or_examples(replies, self.options.weighting))
+
+    def state_dict(self) -> dict:
+        return {"tensors": {"global": self.global_lora}, "meta": {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_lora = state["tensors"]["global"]
+
+
+class FedDPAClient(ClientAlgorithm):
+    """Slot 0 = global LoRA, slot 1 = local LoRA, fixed (or instance-wise) mixing weights."""
+
+    layout = Layout(2, "none")
+
+    def _load(self, payload: Payload, state: ClientState, trainer) -> None:
+        if "local" not in state.states:
+            state.states["local"] = self.spec.init_lora(generator(self.seed, "local-init", trainer.client_id))
+        trainer.adapted.load_expert(GLOBAL, payload.states["global"])
+        trainer.adapted.load_expert(LOCAL, state.states["local"])
+
+    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+        self._load(payload, state, trainer)
+        model, mix = trainer.adapted, self.options.train_mix
+        metrics: dict[str, float] = {}
+        if self.options.variant == "T":
+            metrics["local_train_loss"] = self._train_local(trainer, mix)
+        model.set_expert_weights([1.0, 0.0])  # the global LoRA trains alone, as in FedIT
+        metrics.update(trainer.train(experts=[GLOBAL]))
+        if self.options.variant == "F" and payload.config.get("finetune_local"):
+            metrics["local_train_loss"] = self._train_local(trainer, mix)
+        state.states["local"] = model.expert_state(LOCAL)
+        return Reply({"global": model.expert_state(GLOBAL)}, len(trainer.data.train), metrics), state
+
+    @staticmethod
+    def _train_local(trainer, mix: float) -> float:
+        trainer.adapted.set_expert_weights([1.0 - mix, mix])
+        return trainer.train(experts=[LOCAL])["train_loss"]
+
+    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
+        self._load(payload, state, trainer)
+        model = trainer.adapted
+        data = trainer.data.train
+        g = generator(self.seed, "feddpa-reference", trainer.client_id)
+        refs = torch.randperm(len(data), generator=g)[: self.options.reference_examples].tolist()
+        model.set_expert_weights([0.0, 1.0])
+        reference = trainer.last_prompt_hidden(collate(data, refs, trainer.pad_id))
+        weights: list[float] = []
+
+        def instance_weights(batch: Mapping[str, torch.Tensor]) -> None:
+            model.set_expert_weights([0.0, 1.0])  # h(x) is computed with the local adapter active
+            h = trainer.last_prompt_hidden(batch)
+            w = self.options.max_weight * F.cosine_similarity(h[:, None, :], reference[None, :, :], dim=-1).mean(1)
+            weights.extend(w.tolist())
+            pair = (w, 1 - w) if self.options.direction == "global_gets_w" else (1 - w, w)
+            model.set_expert_weights(torch.stack(pair, dim=1))
+
+        metrics = trainer.evaluate(before_batch=instance_weights)
+        metrics["mean_global_weight"] = sum(weights) / len(weights) if self.options.direction == "global_gets_w" \
+            else 1 - sum(weights) / len(weights)
+        return metrics

@@ -1,0 +1,64 @@
+"""FedDPA: variants' schedule, trainable sequence, what is sent, and the instance-wise weighting inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora import run_experiment
+from fedlora.adapters import AdaptedModel, AdapterSpec
+from fedlora.adapters.base_models import load_base_model
+from fedlora.algorithms import ClientInfo, build
+from fedlora.core.config import TrainingConfig
+from fedlora.data.tokenize import collate, collate_prompts, encode_generation
+from fedlora.training import ClientDataset, Trainer
+
+from .conftest import tiny_config
+from .test_methods_e2e import HEAD, LORA_BYTES, expert, spy  # noqa: F401  (fixture)
+
+SPEC = AdapterSpec((("m", 3, 2),), r=2, alpha=4)
+
+
+def test_variant_f_fine_tunes_local_only_in_the_last_round():
+    server_f, _ = build("feddpa", {"variant": "F"}, SPEC, seed=0)
+    server_f.setup([ClientInfo("a", 1)], rounds=3)
+    assert [server_f.configure(r, ["a"])["a"].config["finetune_local"] for r in (1, 2, 3)] == [False, False, True]
+    server_t, _ = build("feddpa", {}, SPEC, seed=0)
+    server_t.setup([ClientInfo("a", 1)], rounds=3)
+    assert all(server_t.configure(r, ["a"])["a"].config["finetune_local"] for r in (1, 2, 3))
+
+
+def test_feddpa_t_end_to_end(tmp_path, spy):  # noqa: F811
+    trainable: list[set[str]] = []
+    original = Trainer.train
+
+    def train(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        trainable.append(set(self.last_trainable))
+        return out
+
+    import pytest
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Trainer, "train", train)
+    try:
+        result = run_experiment(tiny_config(tmp_path, algorithm={"name": "feddpa"}))
+    finally:
+        mp.undo()
+    assert trainable[:2] == [expert(1) | HEAD, expert(0) | HEAD]  # local first, then global, each round
+    assert all(r["sent"] == {"global"} and r["received"] == {"global"} and r["up"] == r["down"] == LORA_BYTES for r in spy)
+    assert set(result.client_states["noun_topic-0"].states) == {"local", "_head"}
+    assert all(-0.5 <= m["mean_global_weight"] <= 0.5 for m in result.final.values())
+
+
+def test_last_prompt_hidden_is_the_prompt_state_in_every_batch_layout():
+    base = load_base_model("tiny-llama", None, 2, seed=0)
+    adapted = AdaptedModel(base.model, r=2, alpha=4)
+    tok = base.tokenizer
+    enc = encode_generation([{"prompt": "short", "response": "answer one"},
+                             {"prompt": "a longer prompt", "response": "x"}], tok, 64)
+    trainer = Trainer(adapted, tok, ClientDataset(enc, enc), TrainingConfig(), "causal_lm", seed=0)
+    alone = [trainer.last_prompt_hidden(collate_prompts([p], tok.pad_token_id))[0] for p in enc.prompts]
+    right = trainer.last_prompt_hidden(collate(enc, [0, 1], tok.pad_token_id))      # prompt + response, right pad
+    left = trainer.last_prompt_hidden(collate_prompts(enc.prompts, tok.pad_token_id))  # prompts, left pad
+    for i in range(2):
+        torch.testing.assert_close(right[i], alone[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(left[i], alone[i], atol=1e-5, rtol=1e-5)
