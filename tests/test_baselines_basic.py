@@ -77,7 +77,7 @@ def test_ffa_aggregation_is_exact_because_a_is_shared():
     server, _ = build("ffa", {"weighting": "uniform"}, SPEC, seed=0)
     server.setup([ClientInfo(str(i), 1) for i in range(3)])
     server.aggregate(1, {str(i): Reply({"b": {"m.lora_B": b}}, 1) for i, b in enumerate(bs)})
-    mean_b = server.global_b["m.lora_B"]
+    mean_b = server.global_state["m.lora_B"]
     torch.testing.assert_close(mean_b @ a, sum(b @ a for b in bs) / 3)
 
 

@@ -16,7 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from ..adapters import AdapterSpec, Layout
-from ..core.tensors import StateDict, num_bytes
+from ..core.seeding import generator
+from ..core.tensors import StateDict, num_bytes, weighted_mean
 from ..training import Trainer
 
 
@@ -130,3 +131,36 @@ class ClientAlgorithm:
 def uniform_or_examples(replies: dict[str, Reply], weighting: str) -> list[float]:
     """Aggregation weights in reply order: 1 each, or each reply's example count."""
     return [float(r.num_examples) if weighting == "examples" else 1.0 for r in replies.values()]
+
+
+class BroadcastAverageServer(ServerAlgorithm):
+    """Broadcasts one global state under `state_name` and replaces it by the weighted mean of the replies
+    (FedAvg). FedIT, FFA-LoRA, FedSA-LoRA and FedDPA differ only in which state that is."""
+
+    state_name = "global"
+
+    def initial_state(self) -> StateDict:
+        """The global state before round 1: by default the shared seeded LoRA init."""
+        return self.spec.init_lora(generator(self.seed, "lora-init"))
+
+    def payload_config(self, rnd: int) -> dict[str, Any]:
+        """Extra config sent with the global state in round `rnd`."""
+        return {}
+
+    def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
+        super().setup(clients, rounds)
+        self.global_state = self.initial_state()
+
+    def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        return {cid: Payload({self.state_name: self.global_state}, self.payload_config(rnd)) for cid in clients}
+
+    def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        if replies:
+            self.global_state = weighted_mean([r.states[self.state_name] for r in replies.values()],
+                                              uniform_or_examples(replies, self.options.weighting))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tensors": {self.state_name: self.global_state}, "meta": {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_state = state["tensors"][self.state_name]

@@ -12,6 +12,7 @@ the two fused by AdaFusion, a gradient-free search of two weights (spec section 
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -178,4 +179,6 @@ class FDLoRAClient(ClientAlgorithm):
             trainer.adapted.load_expert(0, fuse(w, glob, personal))
             return fusion_objective(trainer.loss(few_shot), w, opts.fusion_l1)
 
-        return np.asarray(optimizer.minimize(objective).value, dtype=float)
+        with warnings.catch_warnings():  # NGOpt's internal COBYLA warns about its own tiny budgets
+            warnings.filterwarnings("ignore", message="COBYLA", category=UserWarning)
+            return np.asarray(optimizer.minimize(objective).value, dtype=float)

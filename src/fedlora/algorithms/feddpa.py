@@ -20,9 +20,8 @@ from pydantic import Field
 
 from ..adapters import Layout
 from ..core.seeding import generator
-from ..core.tensors import weighted_mean
 from ..data.tokenize import collate
-from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm, uniform_or_examples
+from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Options, Payload, Reply
 
 GLOBAL, LOCAL = 0, 1
 
@@ -36,27 +35,11 @@ class FedDPAOptions(Options):
     weighting: Literal["examples", "uniform"] = "examples"
 
 
-class FedDPAServer(ServerAlgorithm):
+class FedDPAServer(BroadcastAverageServer):
     """FedAvg of the global LoRA, as FedIT; tells clients when FedDPA-F's local fine-tuning is due."""
 
-    def setup(self, clients, rounds=None) -> None:
-        super().setup(clients, rounds)
-        self.global_lora = self.spec.init_lora(generator(self.seed, "lora-init"))
-
-    def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        config = {"finetune_local": self.options.variant == "T" or rnd == self.rounds}
-        return {cid: Payload({"global": self.global_lora}, config) for cid in clients}
-
-    def aggregate(self, rnd: int, replies: dict) -> None:
-        if replies:
-            self.global_lora = weighted_mean([r.states["global"] for r in replies.values()],
-                                             uniform_or_examples(replies, self.options.weighting))
-
-    def state_dict(self) -> dict:
-        return {"tensors": {"global": self.global_lora}, "meta": {}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.global_lora = state["tensors"]["global"]
+    def payload_config(self, rnd: int) -> dict:
+        return {"finetune_local": self.options.variant == "T" or rnd == self.rounds}
 
 
 class FedDPAClient(ClientAlgorithm):

@@ -7,34 +7,20 @@ from typing import Literal
 
 from ..adapters import lora_part
 from ..core.seeding import generator
-from ..core.tensors import weighted_mean
-from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm, uniform_or_examples
+from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Options, Payload, Reply
 
 
 class FedSAOptions(Options):
     weighting: Literal["examples", "uniform"] = "examples"
 
 
-class FedSAServer(ServerAlgorithm):
+class FedSAServer(BroadcastAverageServer):
     """Holds the global A."""
 
-    def setup(self, clients, rounds=None) -> None:
-        super().setup(clients, rounds)
-        self.global_a = lora_part(self.spec.init_lora(generator(self.seed, "lora-init")), "A")
+    state_name = "a"
 
-    def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        return {cid: Payload({"a": self.global_a}) for cid in clients}
-
-    def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
-        if replies:
-            self.global_a = weighted_mean([r.states["a"] for r in replies.values()],
-                                          uniform_or_examples(replies, self.options.weighting))
-
-    def state_dict(self) -> dict:
-        return {"tensors": {"a": self.global_a}, "meta": {}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.global_a = state["tensors"]["a"]
+    def initial_state(self):
+        return lora_part(super().initial_state(), "A")
 
 
 class FedSAClient(ClientAlgorithm):

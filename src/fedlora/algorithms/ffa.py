@@ -7,34 +7,20 @@ from typing import Literal
 
 from ..adapters import lora_part
 from ..core.seeding import generator
-from ..core.tensors import weighted_mean
-from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm, uniform_or_examples
+from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Options, Payload, Reply
 
 
 class FFAOptions(Options):
     weighting: Literal["examples", "uniform"] = "examples"
 
 
-class FFAServer(ServerAlgorithm):
+class FFAServer(BroadcastAverageServer):
     """Holds the global B; A never leaves the seed it is drawn from."""
 
-    def setup(self, clients, rounds=None) -> None:
-        super().setup(clients, rounds)
-        self.global_b = lora_part(self.spec.init_lora(generator(self.seed, "lora-init")), "B")
+    state_name = "b"
 
-    def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        return {cid: Payload({"b": self.global_b}) for cid in clients}
-
-    def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
-        if replies:
-            self.global_b = weighted_mean([r.states["b"] for r in replies.values()],
-                                          uniform_or_examples(replies, self.options.weighting))
-
-    def state_dict(self) -> dict:
-        return {"tensors": {"b": self.global_b}, "meta": {}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.global_b = state["tensors"]["b"]
+    def initial_state(self):
+        return lora_part(super().initial_state(), "B")
 
 
 class FFAClient(ClientAlgorithm):
