@@ -49,3 +49,20 @@ def tiny_adapted():
 
     base = load_base_model("tiny-bert", None, 3, seed=0)
     return AdaptedModel(base.model, r=4, alpha=8, dropout=0.0), base.tokenizer
+
+
+@pytest.fixture
+def spy_trainable(monkeypatch):
+    """Record the trainable parameter names of every local round."""
+    from fedlora.training import Trainer
+
+    seen: list[set[str]] = []
+    original = Trainer.train
+
+    def train(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen.append(set(self.last_trainable))
+        return out
+
+    monkeypatch.setattr(Trainer, "train", train)
+    return seen

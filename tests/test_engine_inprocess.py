@@ -10,28 +10,12 @@ import torch
 from fedlora import run_experiment
 from fedlora.core.errors import ConfigError
 from fedlora.engines.sampling import sample_clients
-from fedlora.training import Trainer
 
 from .conftest import tiny_config
 
 
 def _metrics(result):
     return [r["eval"] for r in result.evaluations()]
-
-
-@pytest.fixture
-def spy_trainable(monkeypatch):
-    """Record the trainable parameter names of every local round."""
-    seen: list[set[str]] = []
-    original = Trainer.train
-
-    def train(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        seen.append(set(self.last_trainable))
-        return out
-
-    monkeypatch.setattr(Trainer, "train", train)
-    return seen
 
 
 LORA_0 = {f"bert.encoder.layer.{i}.attention.self.{m}.lora_{ab}.0" for i in range(2) for m in ("query", "value") for ab in "AB"}

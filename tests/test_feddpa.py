@@ -27,22 +27,9 @@ def test_variant_f_fine_tunes_local_only_in_the_last_round():
     assert all(server_t.configure(r, ["a"])["a"].config["finetune_local"] for r in (1, 2, 3))
 
 
-def test_feddpa_t_end_to_end(tmp_path, spy):  # noqa: F811
-    trainable: list[set[str]] = []
-    original = Trainer.train
-
-    def train(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        trainable.append(set(self.last_trainable))
-        return out
-
-    import pytest
-    mp = pytest.MonkeyPatch()
-    mp.setattr(Trainer, "train", train)
-    try:
-        result = run_experiment(tiny_config(tmp_path, algorithm={"name": "feddpa"}))
-    finally:
-        mp.undo()
+def test_feddpa_t_end_to_end(tmp_path, spy, spy_trainable):  # noqa: F811
+    result = run_experiment(tiny_config(tmp_path, algorithm={"name": "feddpa"}))
+    trainable = spy_trainable
     assert trainable[:2] == [expert(1) | HEAD, expert(0) | HEAD]  # local first, then global, each round
     assert all(r["sent"] == {"global"} and r["received"] == {"global"} and r["up"] == r["down"] == LORA_BYTES for r in spy)
     assert set(result.client_states["noun_topic-0"].states) == {"local", "_head"}
