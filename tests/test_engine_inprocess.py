@@ -68,6 +68,12 @@ def test_existing_run_dir_is_not_overwritten_by_accident(tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         run_experiment(cfg)
     run_experiment(cfg, overwrite=True)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a fedlora run directory"):
+        run_experiment({**cfg, "output_dir": str(precious)}, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
 
 
 def test_sampling_is_seeded_and_partial():

@@ -38,6 +38,10 @@ def as_config(config: Config | dict[str, Any] | str | Path, overrides: list[str]
 
 def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
+        is_run = (run_dir / "config.json").is_file() or any(run_dir.glob("*/config.json"))
+        if not is_run:
+            raise ConfigError(f"output_dir {run_dir} is not empty and is not a fedlora run directory; "
+                              "choose an empty or new directory")
         if not overwrite:
             raise ConfigError(f"run directory {run_dir} already holds a run; pass overwrite=True (--overwrite) "
                               "or choose another output_dir")
