@@ -58,6 +58,15 @@ def test_set_trainable_is_exact(tiny_adapted):
     assert adapted.trainable_names() == set()
 
 
+def test_init_head_is_seeded_and_leaves_the_model_unchanged(tiny_adapted):
+    adapted, _ = tiny_adapted
+    before = adapted.head_state()
+    a, b, other = adapted.init_head(1), adapted.init_head(1), adapted.init_head(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["classifier.weight"], other["classifier.weight"])
+    assert all(torch.equal(before[k], v) for k, v in adapted.head_state().items())
+
+
 def _random_expert(adapted: AdaptedModel, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(shape, generator=g) * 0.3 for k, shape in adapted.spec.lora_shapes().items()}

@@ -186,8 +186,10 @@ class AdaptedModel:
             torch.manual_seed(seed)
             for name in sorted(modules):
                 module = self.model.get_submodule(name)
-                init = getattr(self.model, "_init_weights", None)
-                init(module) if init is not None else module.reset_parameters()
+                if hasattr(self.model, "_init_weights"):
+                    self.model._init_weights(module)
+                else:
+                    module.reset_parameters()
         fresh = self.head_state()
         self.load_head(saved)
         return fresh

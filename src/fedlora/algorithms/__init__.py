@@ -8,17 +8,17 @@ from pydantic import ValidationError
 
 from ..adapters import AdapterSpec
 from ..core.errors import ConfigError
-from .base import ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Reply, ServerAlgorithm
+from .base import (AveragingOptions, ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Reply,
+                   ServerAlgorithm)
 from .fdlora import FDLoRAClient, FDLoRAOptions, FDLoRAServer
 from .fedalt import FedALTClient, FedALTOptions, FedALTServer
 from .feddpa import FedDPAClient, FedDPAOptions, FedDPAServer
-from .fedit import FedITClient, FedITOptions, FedITServer
-from .fedsa import FedSAClient, FedSAOptions, FedSAServer
-from .ffa import FFAClient, FFAOptions, FFAServer
-from .ifca import IFCAClient, IFCAOptions, IFCAServer
+from .fedit import FedITClient, FedITServer
 from .fedlease import FedLEASEClient, FedLEASEOptions, FedLEASEServer
+from .fedsa import FedSAClient, FedSAServer
+from .ffa import FFAClient, FFAServer
+from .ifca import IFCAClient, IFCAOptions, IFCAServer
 from .local import LocalClient, LocalOptions, LocalServer
-
 
 @dataclass(frozen=True)
 class Method:
@@ -35,9 +35,9 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("local", LocalOptions, LocalServer, LocalClient, "each client trains its own LoRA; no communication"),
-        Method("fedit", FedITOptions, FedITServer, FedITClient, "FedAvg on LoRA A and B"),
-        Method("ffa", FFAOptions, FFAServer, FFAClient, "FFA-LoRA: A frozen at a shared random init, only B trained and averaged"),
-        Method("fedsa", FedSAOptions, FedSAServer, FedSAClient, "FedSA-LoRA: A averaged, B kept local"),
+        Method("fedit", AveragingOptions, FedITServer, FedITClient, "FedAvg on LoRA A and B"),
+        Method("ffa", AveragingOptions, FFAServer, FFAClient, "FFA-LoRA: A frozen at a shared random init, only B trained and averaged"),
+        Method("fedsa", AveragingOptions, FedSAServer, FedSAClient, "FedSA-LoRA: A averaged, B kept local"),
         Method("feddpa", FedDPAOptions, FedDPAServer, FedDPAClient,
                "FedDPA: global (FedAvg) + local LoRA, instance-wise weighting at inference (T and F variants)"),
         Method("ifca", IFCAOptions, IFCAServer, IFCAClient, "IFCA: C cluster LoRAs, each client picks the lowest-loss one"),

@@ -11,7 +11,8 @@ Everything that crosses the boundary is a `Payload`/`Reply` of named adapter sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -71,6 +72,12 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AveragingOptions(Options):
+    """Options of a method that averages client states: by example count (FedAvg) or uniformly."""
+
+    weighting: Literal["examples", "uniform"] = "examples"
+
+
 class ServerAlgorithm:
     """The server side of a method."""
 
@@ -82,6 +89,16 @@ class ServerAlgorithm:
         """Called once before round 1 with every client and the run's number of rounds."""
         self.clients = {c.client_id: c for c in clients}
         self.rounds = rounds
+
+    def weight(self, client_id: str) -> float:
+        """A client's aggregation weight: its example count if `options.weighting == "examples"`, else 1."""
+        if getattr(self.options, "weighting", "uniform") == "examples":
+            return float(self.clients[client_id].num_examples)
+        return 1.0
+
+    def client_mean(self, states: dict[str, StateDict]) -> StateDict:
+        """The weighted mean of states keyed by client id (A and B averaged separately, key by key)."""
+        return weighted_mean(list(states.values()), [self.weight(cid) for cid in states])
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
         """Payloads for the clients sampled in round `rnd` (1-based)."""
@@ -106,7 +123,7 @@ class ServerAlgorithm:
         """Restore what `state_dict` returned."""
 
 
-class ClientAlgorithm:
+class ClientAlgorithm(ABC):
     """The client side of a method."""
 
     layout: Layout = Layout()  # the adapter layout of every round, unless layout_for says otherwise
@@ -119,18 +136,13 @@ class ClientAlgorithm:
         """The adapter layout this payload needs (methods whose layout changes by phase override it)."""
         return self.layout
 
+    @abstractmethod
     def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
         """One local round; returns what to send and the state to keep."""
-        raise NotImplementedError
 
+    @abstractmethod
     def evaluate(self, payload: Payload, state: ClientState, trainer: Trainer) -> dict[str, float]:
         """The client's metrics on its own test split with its personalized model."""
-        raise NotImplementedError
-
-
-def uniform_or_examples(replies: dict[str, Reply], weighting: str) -> list[float]:
-    """Aggregation weights in reply order: 1 each, or each reply's example count."""
-    return [float(r.num_examples) if weighting == "examples" else 1.0 for r in replies.values()]
 
 
 class BroadcastAverageServer(ServerAlgorithm):
@@ -156,8 +168,7 @@ class BroadcastAverageServer(ServerAlgorithm):
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
         if replies:
-            self.global_state = weighted_mean([r.states[self.state_name] for r in replies.values()],
-                                              uniform_or_examples(replies, self.options.weighting))
+            self.global_state = self.client_mean({cid: r.states[self.state_name] for cid, r in replies.items()})
 
     def state_dict(self) -> dict[str, Any]:
         return {"tensors": {self.state_name: self.global_state}, "meta": {}}

@@ -14,25 +14,30 @@ from sklearn.metrics import silhouette_score
 from ..core.tensors import StateDict
 
 
-def b_distance_matrix(loras: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
-    """d(i,j) = mean over module types of the mean over layers of 1 - cos(vec B_i, vec B_j)."""
-    paths = sorted(k.removesuffix(".lora_B") for k in loras[0] if k.endswith(".lora_B"))
+def b_distances(rows: Sequence[Mapping[str, torch.Tensor]], cols: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
+    """d(i,j) = mean over module types of the mean over layers of 1 - cos(vec B_i, vec B_j), rows x cols."""
+    paths = sorted(k.removesuffix(".lora_B") for k in rows[0] if k.endswith(".lora_B"))
     by_type: dict[str, list[str]] = {}
     for p in paths:
         by_type.setdefault(p.rsplit(".", 1)[-1], []).append(p)
-    n = len(loras)
-    dist = np.zeros((n, n))
+
+    def stacked(loras: Sequence[Mapping[str, torch.Tensor]], p: str) -> torch.Tensor:
+        return torch.stack([lora[f"{p}.lora_B"].flatten().double() for lora in loras])  # [n, d_out * r]
+
+    dist = np.zeros((len(rows), len(cols)))
     for type_paths in by_type.values():
-        per_type = np.zeros((n, n))
         for p in type_paths:
-            b = torch.stack([lora[f"{p}.lora_B"].flatten().double() for lora in loras])  # [n, d_out * r]
-            norms = b.norm(dim=1)
-            cos = (b @ b.T) / (norms[:, None] * norms[None, :] + 1e-8)
-            per_type += (1.0 - cos).numpy()
-        dist += per_type / len(type_paths)
-    dist /= len(by_type)
+            r, c = stacked(rows, p), stacked(cols, p)
+            cos = (r @ c.T) / (r.norm(dim=1)[:, None] * c.norm(dim=1)[None, :] + 1e-8)
+            dist += (1.0 - cos).numpy() / len(type_paths)
+    return np.clip(dist / len(by_type), 0.0, None)
+
+
+def b_distance_matrix(loras: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
+    """The symmetric client-by-client B distance matrix with a zero diagonal (clustering input)."""
+    dist = b_distances(loras, loras)
     np.fill_diagonal(dist, 0.0)
-    return np.clip((dist + dist.T) / 2, 0.0, None)
+    return (dist + dist.T) / 2
 
 
 @dataclass

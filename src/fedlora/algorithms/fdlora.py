@@ -20,8 +20,8 @@ import torch
 from pydantic import Field
 
 from ..core.seeding import derive_seed, generator
-from ..core.tensors import StateDict, weighted_mean
-from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm, uniform_or_examples
+from ..core.tensors import StateDict
+from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm
 
 
 class FDLoRAOptions(Options):
@@ -107,14 +107,13 @@ class FDLoRAServer(ServerAlgorithm):
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
         if not replies:
             return
-        weights = uniform_or_examples(replies, self.options.weighting)
         if self._stage(rnd) == "local":
             if any("stage1" in r.states for r in replies.values()):
-                start = weighted_mean([r.states["stage1"] for r in replies.values()], weights)
+                start = self.client_mean({cid: r.states["stage1"] for cid, r in replies.items()})
                 self.outer = OuterOptimizer(start, self.options.outer_lr, self.options.outer_momentum, self.options.nesterov)
             return
         glob = self.outer.value()
-        mean_local = weighted_mean([r.states["global"] for r in replies.values()], weights)
+        mean_local = self.client_mean({cid: r.states["global"] for cid, r in replies.items()})
         self.outer.step({k: glob[k] - mean_local[k] for k in glob})  # mean of (theta_g - theta_k)
 
     def state_dict(self) -> dict:

@@ -37,21 +37,18 @@ class FedALTServer(ServerAlgorithm):
         self._sum: StateDict = {}
         self._total = 0.0
 
-    def _weight(self, cid: str) -> float:
-        return float(self.clients[cid].num_examples) if self.options.weighting == "examples" else 1.0
-
     def _refresh_sum(self) -> None:
-        self._total = sum(self._weight(c) for c in self.individual)
+        self._total = sum(self.weight(c) for c in self.individual)
         self._sum = {}
         for cid, lora in self.individual.items():
-            w = self._weight(cid)
+            w = self.weight(cid)
             for k, v in lora.items():
                 self._sum[k] = self._sum[k] + w * v.double() if k in self._sum else w * v.double()
 
     def rest_of_world(self, cid: str) -> StateDict | None:
         """(S - w_k theta_k) / (W - w_k): the weighted mean of everyone else's Individual LoRA, or None if none."""
         own = self.individual.get(cid)
-        w_own = self._weight(cid) if own is not None else 0.0
+        w_own = self.weight(cid) if own is not None else 0.0
         if self._total - w_own <= 0:
             return None
         return {k: ((s - w_own * own[k].double()) if own is not None else s).div(self._total - w_own).float()

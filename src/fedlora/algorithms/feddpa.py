@@ -21,18 +21,17 @@ from pydantic import Field
 from ..adapters import Layout
 from ..core.seeding import generator
 from ..data.tokenize import collate
-from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Options, Payload, Reply
+from .base import AveragingOptions, BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Reply
 
 GLOBAL, LOCAL = 0, 1
 
 
-class FedDPAOptions(Options):
+class FedDPAOptions(AveragingOptions):
     variant: Literal["T", "F"] = "T"
     train_mix: float = Field(0.5, ge=0, le=1)         # local's weight while the local LoRA trains ([a, 1-a] = 0.5/0.5)
     max_weight: float = Field(0.5, ge=0, le=1)
     reference_examples: int = Field(5, ge=1)
     direction: Literal["global_gets_w", "local_gets_w"] = "global_gets_w"  # the code: global w, local 1 - w
-    weighting: Literal["examples", "uniform"] = "examples"
 
 
 class FedDPAServer(BroadcastAverageServer):

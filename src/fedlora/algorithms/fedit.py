@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Options, Payload, Reply
-
-
-class FedITOptions(Options):
-    weighting: Literal["examples", "uniform"] = "examples"  # p_k proportional to n_k, as FedAvg
+from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Reply
 
 
 class FedITServer(BroadcastAverageServer):

@@ -17,9 +17,9 @@ from pydantic import Field
 
 from ..adapters import Layout
 from ..core.seeding import generator
-from ..core.tensors import StateDict, weighted_mean
-from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm, uniform_or_examples
-from .clustering import b_distance_matrix, choose_clusters, cluster_means
+from ..core.tensors import StateDict
+from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm
+from .clustering import b_distance_matrix, b_distances, choose_clusters, cluster_means
 
 
 class FedLEASEOptions(Options):
@@ -82,10 +82,9 @@ class FedLEASEServer(ServerAlgorithm):
             members = {c: r for c, r in clustered.items() if self.assignment[c] == e}
             if not members:
                 continue
-            weights = uniform_or_examples(members, self.options.weighting)
-            self.experts[e] = weighted_mean([r.states["expert"] for r in members.values()], weights)
+            self.experts[e] = self.client_mean({c: r.states["expert"] for c, r in members.items()})
             if self.options.router == "cluster":
-                self.routers[e] = weighted_mean([r.states["router"] for r in members.values()], weights)
+                self.routers[e] = self.client_mean({c: r.states["router"] for c, r in members.items()})
 
     def _allocate(self) -> None:
         ids = sorted(self.warm, key=list(self.clients).index)
@@ -93,15 +92,14 @@ class FedLEASEServer(ServerAlgorithm):
         result = choose_clusters(b_distance_matrix([self.warm[c] for c in ids]), min(n_max, max(len(ids) - 1, 2)))
         self.silhouette = result.silhouette
         self.assignment = dict(zip(ids, result.labels))
-        weights = [float(self.clients[c].num_examples) if self.options.weighting == "examples" else 1.0 for c in ids]
-        self.experts = cluster_means([self.warm[c] for c in ids], result.labels, weights)
+        self.experts = cluster_means([self.warm[c] for c in ids], result.labels, [self.weight(c) for c in ids])
         n_slots = 2 * len(self.experts) - 1
         self.routers = [self.spec.init_router(n_slots, generator(self.seed, "router", e)) for e in range(len(self.experts))]
 
     def _assign_late(self, cid: str) -> None:
         """A client first seen after allocation joins the cluster of smallest mean B-distance (average linkage)."""
         members = list(self.assignment)
-        dist = b_distance_matrix([self.warm[c] for c in members] + [self.warm[cid]])[-1, :-1]
+        dist = b_distances([self.warm[cid]], [self.warm[c] for c in members])[0]
         means = {e: dist[[i for i, c in enumerate(members) if self.assignment[c] == e]].mean() for e in range(len(self.experts))}
         self.assignment[cid] = min(means, key=means.get)
 

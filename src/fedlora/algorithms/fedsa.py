@@ -3,15 +3,9 @@ knowledge); B stays on the client (client-specific knowledge)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from ..adapters import lora_part
 from ..core.seeding import generator
-from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Options, Payload, Reply
-
-
-class FedSAOptions(Options):
-    weighting: Literal["examples", "uniform"] = "examples"
+from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Reply
 
 
 class FedSAServer(BroadcastAverageServer):

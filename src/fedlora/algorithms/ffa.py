@@ -3,15 +3,9 @@ averaged. With a common A, mean(B) A = mean(B A): the aggregation is exact, and 
 
 from __future__ import annotations
 
-from typing import Literal
-
 from ..adapters import lora_part
 from ..core.seeding import generator
-from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Options, Payload, Reply
-
-
-class FFAOptions(Options):
-    weighting: Literal["examples", "uniform"] = "examples"
+from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Reply
 
 
 class FFAServer(BroadcastAverageServer):

@@ -9,16 +9,15 @@ from typing import Literal
 from pydantic import Field
 
 from ..core.seeding import generator, numpy_rng
-from ..core.tensors import StateDict, weighted_mean
-from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm, uniform_or_examples
+from ..core.tensors import StateDict
+from .base import AveragingOptions, ClientAlgorithm, ClientState, Payload, Reply, ServerAlgorithm
 
 
-class IFCAOptions(Options):
+class IFCAOptions(AveragingOptions):
     clusters: int = Field(4, ge=1)
     first_round: Literal["random", "loss"] = "random"  # LoRA B starts at 0, so all clusters tie at first:
     #                                                     round 1 assigns seeded random identities [REC]
     selection_examples: int | None = Field(None, ge=1)  # training examples scored per cluster (default: all)
-    weighting: Literal["examples", "uniform"] = "examples"
 
 
 def cluster_key(c: int) -> str:
@@ -47,8 +46,7 @@ class IFCAServer(ServerAlgorithm):
         for c in range(self.options.clusters):
             members = {cid: r for cid, r in replies.items() if int(r.metrics["cluster"]) == c}
             if members:
-                self.cluster_loras[c] = weighted_mean([r.states["lora"] for r in members.values()],
-                                                      uniform_or_examples(members, self.options.weighting))
+                self.cluster_loras[c] = self.client_mean({cid: r.states["lora"] for cid, r in members.items()})
         self.assignment.update({cid: int(r.metrics["cluster"]) for cid, r in replies.items()})
 
     def summary(self) -> dict:

@@ -155,20 +155,21 @@ class Trainer:
         `before_batch(batch)` runs before every forward pass (instance-wise adapter weighting uses it).
         """
         data = data if data is not None else self.data.test
+        if self.task != "classification":
+            return {"loss": self.loss(data, before_batch),
+                    **generation_metrics(self.generate(data.prompts, before_batch), data.references)}
         self.model.eval()
-        metrics = {"loss": self.loss(data, before_batch)}
-        if self.task == "classification":
-            preds: list[int] = []
-            for idx in batch_indices(len(data), self.cfg.eval_batch_size, None):
-                batch = collate(data, idx, self.pad_id)
-                if before_batch:
-                    before_batch(batch)
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                preds += logits[:, : self.data.n_labels].argmax(-1).tolist()
-            metrics.update(classification_metrics(preds, data.targets, self.data.n_labels))
-        else:
-            metrics.update(generation_metrics(self.generate(data.prompts, before_batch), data.references))
-        return metrics
+        preds: list[int] = []
+        total = 0.0
+        for idx in batch_indices(len(data), self.cfg.eval_batch_size, None):
+            batch = collate(data, idx, self.pad_id)
+            if before_batch:
+                before_batch(batch)
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = logits[:, : self.data.n_labels].float()
+            total += float(F.cross_entropy(logits, batch["labels"])) * len(idx)
+            preds += logits.argmax(-1).tolist()
+        return {"loss": total / max(len(data), 1), **classification_metrics(preds, data.targets, self.data.n_labels)}
 
     @torch.no_grad()
     def last_prompt_hidden(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
