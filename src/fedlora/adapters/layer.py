@@ -47,20 +47,22 @@ class MixtureLoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.in_features, self.out_features = linear_dims(base)
-        self.r, self.alpha = int(r), float(alpha)
-        self.scaling = self.alpha / self.r
+        self.alpha = float(alpha)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.set_layout(n_experts, router)
+        self.set_layout(n_experts, router, r)
 
     @property
     def n_experts(self) -> int:
         """Number of LoRA experts E."""
         return len(self.lora_A)
 
-    def set_layout(self, n_experts: int, router: RouterKind) -> None:
-        """(Re)create E experts (A kaiming-uniform, B zero) and the router; weights reset to 1 per expert."""
+    def set_layout(self, n_experts: int, router: RouterKind, r: int | None = None) -> None:
+        """(Re)create E experts of rank r (A kaiming-uniform, B zero) and the router; weights reset to 1 per expert."""
         if n_experts < 1:
             raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+        if r is not None:
+            self.r = int(r)
+            self.scaling = self.alpha / self.r
         ref = next(iter(self.base.parameters()), None)
         device = ref.device if ref is not None else torch.device("cpu")
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32

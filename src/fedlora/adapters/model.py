@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ class Layout:
 
     n_experts: int = 1
     router: RouterKind = "none"
+    r: int | None = None  # a client-specific rank (heterogeneous-rank methods); None = lora.r
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,13 @@ class AdapterSpec:
     r: int
     alpha: float
 
-    def init_lora(self, generator: torch.Generator) -> StateDict:
-        """A fresh LoRA expert: A kaiming-uniform(a=sqrt 5) as PEFT and the official codes, B zero."""
+    def init_lora(self, generator: torch.Generator, r: int | None = None) -> StateDict:
+        """A fresh LoRA expert of rank r (default the spec's): A kaiming-uniform(a=sqrt 5) as PEFT, B zero."""
+        r = r or self.r
         out: StateDict = {}
         for path, d_in, d_out in self.modules:
-            out[f"{path}.lora_A"] = nn.init.kaiming_uniform_(torch.empty(self.r, d_in), a=math.sqrt(5), generator=generator)
-            out[f"{path}.lora_B"] = torch.zeros(d_out, self.r)
+            out[f"{path}.lora_A"] = nn.init.kaiming_uniform_(torch.empty(r, d_in), a=math.sqrt(5), generator=generator)
+            out[f"{path}.lora_B"] = torch.zeros(d_out, r)
         return out
 
     def init_router(self, n_outputs: int, generator: torch.Generator, zero: bool = False) -> StateDict:
@@ -56,21 +59,22 @@ class AdapterSpec:
             out[f"{path}.router"] = w if zero else nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
         return out
 
-    def lora_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Expected shape of every key of an expert state."""
+    def lora_shapes(self, r: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Expected shape of every key of an expert state of rank r (default the spec's)."""
+        r = r or self.r
         shapes: dict[str, tuple[int, ...]] = {}
         for path, d_in, d_out in self.modules:
-            shapes[f"{path}.lora_A"] = (self.r, d_in)
-            shapes[f"{path}.lora_B"] = (d_out, self.r)
+            shapes[f"{path}.lora_A"] = (r, d_in)
+            shapes[f"{path}.lora_B"] = (d_out, r)
         return shapes
 
     def router_shapes(self, n_outputs: int) -> dict[str, tuple[int, ...]]:
         """Expected shape of every key of a router state."""
         return {f"{path}.router": (n_outputs, d_in) for path, d_in, _ in self.modules}
 
-    def lora_numel(self) -> int:
+    def lora_numel(self, r: int | None = None) -> int:
         """Scalars in one expert: r * (d_in + d_out) summed over modules."""
-        return sum(self.r * (d_in + d_out) for _, d_in, d_out in self.modules)
+        return sum((r or self.r) * (d_in + d_out) for _, d_in, d_out in self.modules)
 
 
 def find_targets(model: nn.Module, targets: list[str] | str | None) -> list[str]:
@@ -118,7 +122,7 @@ class AdaptedModel:
         """Give every adapted module `layout.n_experts` experts and that router (no-op when unchanged)."""
         if layout != self.layout:
             for layer in self.layers.values():
-                layer.set_layout(layout.n_experts, layout.router)
+                layer.set_layout(layout.n_experts, layout.router, layout.r or self.spec.r)
             self.layout = layout
 
     def set_own_expert(self, j: int) -> None:
@@ -145,7 +149,7 @@ class AdaptedModel:
 
     def load_expert(self, e: int, state: Mapping[str, torch.Tensor]) -> None:
         """Copy an expert state into slot e; keys and shapes must match exactly."""
-        check_state(state, self.spec.lora_shapes(), f"expert state for slot {e}")
+        check_state(state, self.spec.lora_shapes(self.layout.r), f"expert state for slot {e}")
         with torch.no_grad():
             for path, layer in self.layers.items():
                 layer.lora_A[e].copy_(state[f"{path}.lora_A"])
@@ -193,6 +197,33 @@ class AdaptedModel:
         fresh = self.head_state()
         self.load_head(saved)
         return fresh
+
+    @contextmanager
+    def base_delta(self, delta: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+        """Within the block, the base weight of each adapted module `path` is W0 + delta[path].
+
+        The original weights are copied back afterwards (exactly, even on an error), so clients that
+        share this model never see each other's merged updates.
+        """
+        if not delta:
+            yield
+            return
+        unknown = sorted(set(delta) - set(self.layers))
+        if unknown:
+            raise CheckpointError(f"base update for modules the model does not adapt: {unknown[:3]}")
+        weights = {p: self.layers[p].base.weight for p in delta}
+        if any(not w.is_floating_point() for w in weights.values()):
+            raise ValueError("cannot merge an update into a quantized base layer; use a float base model")
+        saved = {p: w.detach().clone() for p, w in weights.items()}
+        try:
+            with torch.no_grad():
+                for p, w in weights.items():
+                    w.add_(delta[p].to(w.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in weights.items():
+                    w.copy_(saved[p])
 
     def adapter_state(self) -> StateDict:
         """Every adapter tensor (all experts and routers) under its full parameter name, for export."""

@@ -17,6 +17,7 @@ from .fedit import FedITClient, FedITServer
 from .fedlease import FedLEASEClient, FedLEASEOptions, FedLEASEServer
 from .fedsa import FedSAClient, FedSAServer
 from .ffa import FFAClient, FFAServer
+from .flora import FLoRAClient, FLoRAOptions, FLoRAServer
 from .ifca import IFCAClient, IFCAOptions, IFCAServer
 from .local import LocalClient, LocalOptions, LocalServer
 
@@ -41,6 +42,8 @@ METHODS: dict[str, Method] = {
         Method("feddpa", FedDPAOptions, FedDPAServer, FedDPAClient,
                "FedDPA: global (FedAvg) + local LoRA, instance-wise weighting at inference (T and F variants)"),
         Method("ifca", IFCAOptions, IFCAServer, IFCAClient, "IFCA: C cluster LoRAs, each client picks the lowest-loss one"),
+        Method("flora", FLoRAOptions, FLoRAServer, FLoRAClient,
+               "FLoRA: stacking aggregation (exact, heterogeneous ranks), clients merge into their base"),
         Method("fedalt", FedALTOptions, FedALTServer, FedALTClient,
                "own LoRA + frozen Rest-of-World LoRA, mixed per token by a personal gate"),
         Method("fedlease", FedLEASEOptions, FedLEASEServer, FedLEASEClient,
