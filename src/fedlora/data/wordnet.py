@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import DataError
+from .debian import find_installed
 
-WORDNET_DIR = Path("/usr/share/wordnet")
+WORDNET_DIR = "/usr/share/wordnet"
+POS_FILES = {"n": "noun", "v": "verb", "a": "adj", "s": "adj", "r": "adv"}
 
 # The lexicographer files, by number (WordNet's lexnames(5WN)); the number is field 2 of a data line.
 LEXNAMES = (
@@ -31,7 +33,13 @@ class Synset:
     lemmas: list[str]
     definition: str
     examples: list[str]
-    pointers: list[tuple[str, str, str]] = field(default_factory=list)  # (symbol, target offset, target pos)
+    # (symbol, target offset, target pos, source/target word numbers as 4 hex digits; 0000 = whole synset)
+    pointers: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(offset, data file) identifies a synset; adjective satellites live in the adj file."""
+        return self.offset, POS_FILES[self.pos]
 
 
 def parse_data_line(line: str) -> Synset | None:
@@ -46,7 +54,7 @@ def parse_data_line(line: str) -> Synset | None:
         lemmas = [parts[4 + 2 * i].replace("_", " ") for i in range(n_words)]
         pos = 4 + 2 * n_words
         n_ptrs = int(parts[pos])
-        pointers = [(parts[pos + 1 + 4 * i], parts[pos + 2 + 4 * i], parts[pos + 3 + 4 * i]) for i in range(n_ptrs)]
+        pointers = [tuple(parts[pos + 1 + 4 * i: pos + 5 + 4 * i]) for i in range(n_ptrs)]
     except (IndexError, ValueError) as exc:
         raise DataError(f"malformed WordNet data line: {line[:80]!r} ({exc})") from None
     pieces = [p.strip() for p in gloss.strip().split(";")]
@@ -56,14 +64,12 @@ def parse_data_line(line: str) -> Synset | None:
     return Synset(offset, ss_type, LEXNAMES[lex_num], lemmas, definition, examples, pointers)
 
 
-def read_synsets(pos: str, root: str | Path = WORDNET_DIR) -> Iterator[Synset]:
+def read_synsets(pos: str, root: str | Path | None = None) -> Iterator[Synset]:
     """Yield every synset of a part of speech ('noun', 'verb', 'adj', 'adv') from a WordNet directory."""
-    path = Path(root) / f"data.{pos}"
+    path = (Path(root) if root is not None else find_installed(WORDNET_DIR, "wordnet")) / f"data.{pos}"
     if not path.is_file():
-        raise DataError(
-            f"WordNet file {path} not found. Install it with 'sudo apt-get install wordnet-base' "
-            "(or run 'fedlora prepare-data'), or point the loader at a directory holding data.noun and data.verb."
-        )
+        raise DataError(f"WordNet file {path} not found: run 'fedlora prepare-data' "
+                        "(or 'sudo apt-get install wordnet-base')")
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             syn = parse_data_line(line)
