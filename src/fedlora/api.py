@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +15,17 @@ from .adapters import AdaptedModel
 from .adapters.base_models import load_base_model
 from .algorithms import ClientInfo, build, parse_options
 from .core.config import Config, build_config, load_config
-from .core.errors import ConfigError, DataError
-from .core.io import save_json, save_tensors
+from .core.errors import CheckpointError, ConfigError, DataError
+from .core.io import save_json, save_tensors, save_text
 from .core.seeding import generator
 from .core.tensors import flatten
 from .data.federated import ClientData, build_clients
 from .data.tokenize import encode_classification, encode_generation
+from .engines.checkpoint import Checkpoint, load_checkpoint
 from .engines.inprocess import InProcessEngine
 from .engines.results import RunResult
 from .engines.runtime import OPTIMIZER, ClientRuntime
+from .reporting import write_report
 from .training import ClientDataset
 
 log = logging.getLogger("fedlora")
@@ -55,21 +59,42 @@ def run_experiment(config: Config | dict[str, Any] | str | Path, overrides: list
     cfg = as_config(config, overrides)
     run_dir = cfg.run_dir
     _prepare_run_dir(run_dir, overwrite)
+    save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
+    with _run_log(run_dir):
+        return _run(cfg, run_dir)
+
+
+def resume_experiment(run_dir: str | Path) -> RunResult:
+    """Continue a stopped run from its latest checkpoint; it ends exactly as an uninterrupted run would."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(f"{run_dir} is not a fedlora run directory (no config.json)")
+    cfg = load_config(run_dir / "config.json", [f"output_dir={run_dir}"])
+    ckpt = load_checkpoint(run_dir)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    records = [r for r in map(json.loads, filter(None, lines)) if r["round"] <= ckpt.round]
+    save_text(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records))
+    with _run_log(run_dir):
+        log.info("resuming after round %d", ckpt.round)
+        return _run(cfg, run_dir, ckpt, records)
+
+
+@contextmanager
+def _run_log(run_dir: Path):
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        return _run(cfg, run_dir)
+        yield
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
-def _run(cfg: Config, run_dir: Path) -> RunResult:
+def _run(cfg: Config, run_dir: Path, resume: Checkpoint | None = None, records: list[dict] | None = None) -> RunResult:
     if cfg.engine.torch_threads:
         torch.set_num_threads(cfg.engine.torch_threads)
-    save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
     parse_options(cfg.algorithm.name, cfg.algorithm.options)  # fail on a bad option before any loading
     clients = build_clients(cfg.data, cfg.seed)
     save_json(run_dir / "clients.json", [c.to_json() for c in clients])
@@ -87,8 +112,9 @@ def _run(cfg: Config, run_dir: Path) -> RunResult:
         datasets = {cid: d.hold_out(client.few_shot, generator(cfg.seed, "few-shot", cid)) for cid, d in datasets.items()}
     runtime = ClientRuntime(client, adapted, base.tokenizer, cfg, base.task, datasets)
     infos = [ClientInfo(c.client_id, len(datasets[c.client_id].train), c.task) for c in clients]
-    result = InProcessEngine(cfg, server, runtime, infos, run_dir).run()
+    result = InProcessEngine(cfg, server, runtime, infos, run_dir, resume, records).run()
     _save_final(run_dir, result)
+    write_report(run_dir)
     return result
 
 
@@ -155,4 +181,5 @@ def compare(config: Config | dict[str, Any] | str | Path, methods: list[str], ov
         sub.output_dir = str(cfg.run_dir / method)
         sub.name = f"{cfg.name}-{method}"
         results[method] = run_experiment(sub, overwrite=overwrite)
+    write_report(cfg.run_dir)
     return results

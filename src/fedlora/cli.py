@@ -36,8 +36,15 @@ def _metric(result) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .api import as_config, run_experiment
+    from .api import as_config, resume_experiment, run_experiment
 
+    if args.resume:
+        result = resume_experiment(args.resume)
+        Console().print(_results_table({result.method: result}, _metric(result)))
+        print(f"run directory: {result.run_dir}")
+        return
+    if not args.config:
+        raise SystemExit("fedlora run: give a CONFIG (file or built-in name) or --resume RUN_DIR")
     cfg = as_config(args.config, args.set)
     if args.quiet:
         cfg.engine.progress = False
@@ -71,6 +78,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"run directories under: {cfg.run_dir}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from .reporting import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+
+
 def cmd_prepare_data(args: argparse.Namespace) -> None:
     from .api import prepare_data
 
@@ -96,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress display")
 
     p = sub.add_parser("run", help="run one experiment from a TOML/YAML config or a built-in one (nlu-quick, ...)")
-    p.add_argument("config")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     common(p)
     p.set_defaults(func=cmd_run)
@@ -112,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="local,fedit")
     common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="write a Markdown report with PNG plots for a run or a comparison directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("prepare-data", help="install or unpack the offline corpora (and models) the suites need")
     p.add_argument("--corpora", default=None, help="comma-separated subset of wordnet,fortunes (default: all)")

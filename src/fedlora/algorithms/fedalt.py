@@ -38,10 +38,11 @@ class FedALTServer(ServerAlgorithm):
         self._total = 0.0
 
     def _refresh_sum(self) -> None:
-        self._total = sum(self.weight(c) for c in self.individual)
+        known = [c for c in self.clients if c in self.individual]  # client order: the same sums after a resume
+        self._total = sum(self.weight(c) for c in known)
         self._sum = {}
-        for cid, lora in self.individual.items():
-            w = self.weight(cid)
+        for cid in known:
+            lora, w = self.individual[cid], self.weight(cid)
             for k, v in lora.items():
                 self._sum[k] = self._sum[k] + w * v.double() if k in self._sum else w * v.double()
 
@@ -113,26 +114,30 @@ class FedALTClient(ClientAlgorithm):
         self._restore(payload, state, trainer)
         metrics = trainer.evaluate()
         if self.options.mixer == "adaptive":
-            metrics["gate_individual"] = mean_gate_weight(trainer, INDIVIDUAL)
+            per_module = mean_gate_weights(trainer, INDIVIDUAL)
+            metrics["gate_individual"] = sum(per_module.values()) / len(per_module)
+            metrics.update({f"gate_individual@{path}": w for path, w in per_module.items()})
         return metrics
 
 
 @torch.no_grad()
-def mean_gate_weight(trainer, expert: int) -> float:
-    """Mean gate weight of one expert over the test tokens and all adapted modules (a diagnostic)."""
+def mean_gate_weights(trainer, expert: int) -> dict[str, float]:
+    """Mean gate weight of one expert over the first test batch's real tokens, per adapted module (a diagnostic)."""
     from ..data.tokenize import collate
 
     data = trainer.data.test
-    idx = list(range(min(len(data), trainer.cfg.eval_batch_size)))
-    batch = collate(data, idx, trainer.pad_id)
-    weights: list[float] = []
-    hooks = [layer.register_forward_hook(
-        lambda mod, args, out: weights.append(float(mod.mixing_weights(args[0])[..., expert][batch["attention_mask"].bool()].mean())))
-        for layer in trainer.adapted.layers.values()]
+    batch = collate(data, list(range(min(len(data), trainer.cfg.eval_batch_size))), trainer.pad_id)
+    tokens = batch["attention_mask"].bool()
+    weights: dict[str, float] = {}
+
+    def record(path):
+        return lambda mod, args, out: weights.__setitem__(path, float(mod.mixing_weights(args[0])[..., expert][tokens].mean()))
+
+    hooks = [layer.register_forward_hook(record(path)) for path, layer in trainer.adapted.layers.items()]
     try:
         trainer.model.eval()
         trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         for h in hooks:
             h.remove()
-    return sum(weights) / len(weights)
+    return weights

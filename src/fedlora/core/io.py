@@ -51,10 +51,14 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
                               "restore it from a backup or start the run again") from exc
 
 
+def save_text(path: str | Path, text: str) -> None:
+    """Write text atomically."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def save_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+    save_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def load_json(path: str | Path) -> Any:

@@ -13,6 +13,7 @@ from ..algorithms import ClientInfo, ClientState, Payload, Reply, ServerAlgorith
 from ..core.config import Config
 from ..core.errors import ClientFailure
 from ..core.io import append_jsonl
+from .checkpoint import Checkpoint, save_checkpoint
 from .results import RunResult, summarize
 from .runtime import ClientRuntime
 from .sampling import sample_clients
@@ -24,29 +25,39 @@ class InProcessEngine:
     """Runs the round loop of the design doc in this process; client states live in a dict."""
 
     def __init__(self, config: Config, server: ServerAlgorithm, runtime: ClientRuntime,
-                 clients: list[ClientInfo], run_dir: Path) -> None:
+                 clients: list[ClientInfo], run_dir: Path, resume: Checkpoint | None = None,
+                 records: list[dict] | None = None) -> None:
         self.config, self.server, self.runtime, self.clients, self.run_dir = config, server, runtime, clients, run_dir
         self.tasks = {c.client_id: c.task for c in clients}
         self.states: dict[str, ClientState] = {c.client_id: ClientState() for c in clients}
-        self.records: list[dict] = []
+        self.records: list[dict] = list(records or [])
+        self.resume = resume
 
     def run(self) -> RunResult:
-        """Set up, (evaluate round 0,) then fit/aggregate/evaluate for every round."""
+        """Set up (or restore a checkpoint), evaluate round 0, then fit/aggregate/evaluate every round."""
         fed = self.config.federation
         ids = [c.client_id for c in self.clients]
         self.server.setup(self.clients, fed.rounds)
+        first = 1
+        if self.resume is not None:
+            self.server.load_state_dict(self.resume.server_state)
+            self.states.update(self.resume.client_states)
+            first = self.resume.round + 1
         progress = _progress(self.config.engine.progress)
         with progress or nullcontext():
-            bar = progress.add_task("rounds", total=fed.rounds) if progress else None
-            if fed.eval_at_start:
+            bar = progress.add_task("rounds", total=fed.rounds, completed=first - 1) if progress else None
+            if fed.eval_at_start and first == 1:
                 self._record(0, {"round": 0, **self._evaluate(0, ids)})
-            for rnd in range(1, fed.rounds + 1):
+            for rnd in range(first, fed.rounds + 1):
                 start = time.perf_counter()
                 record = {"round": rnd, **self._fit_round(rnd, sample_clients(ids, fed.clients_per_round, self.config.seed, rnd))}
                 if rnd % fed.eval_every == 0 or rnd == fed.rounds:
                     record.update(self._evaluate(rnd, ids))
                 record["seconds"] = time.perf_counter() - start
                 self._record(rnd, record)
+                every = self.config.engine.checkpoint_every
+                if every and (rnd % every == 0 or rnd == fed.rounds):
+                    save_checkpoint(self.run_dir, Checkpoint(rnd, self.server.state_dict(), self.states))
                 if progress:
                     progress.update(bar, advance=1, description=_describe(record))
         return RunResult(self.run_dir, self.config.algorithm.name, self.records, self.states, self.server.state_dict())

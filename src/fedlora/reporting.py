@@ -1,0 +1,152 @@
+"""Reports: a Markdown summary and PNG plots of one run or of a comparison directory of runs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .core.errors import ConfigError
+from .core.io import save_json, save_text
+
+MB = 1e6
+
+
+def find_runs(path: str | Path) -> dict[str, Path]:
+    """{method: run dir} for a run directory, or for a directory of runs (as `compare` writes)."""
+    path = Path(path)
+    candidates = [path] if (path / "metrics.jsonl").is_file() else sorted(p for p in path.iterdir() if (p / "metrics.jsonl").is_file()) \
+        if path.is_dir() else []
+    if not candidates:
+        raise ConfigError(f"{path} holds no run (no metrics.jsonl in it or in its subdirectories)")
+    return {json.loads((p / "config.json").read_text())["algorithm"]["name"]: p for p in candidates}
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The round records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def main_metric(records: list[dict[str, Any]]) -> str:
+    """accuracy for classification runs, rouge1 for generation runs."""
+    mean = next(r["summary"]["mean"] for r in reversed(records) if "summary" in r)
+    return "accuracy" if "accuracy" in mean else "rouge1"
+
+
+def summarize_run(records: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """Final per-task and average metric, mean bytes per client per round, wall time."""
+    evals = [r for r in records if "eval" in r]
+    fits = [f for r in records for f in r.get("fit", {}).values()]
+    final = evals[-1]
+    return {
+        "round": final["round"],
+        "by_task": {t: m[metric] for t, m in final["summary"]["by_task"].items()},
+        "average": final["summary"]["mean"][metric],
+        "per_client": {c: m[metric] for c, m in final["eval"].items()},
+        "curve": [(r["round"], r["summary"]["mean"][metric]) for r in evals],
+        "mb_up_per_client_round": sum(f["bytes_up"] for f in fits) / max(len(fits), 1) / MB,
+        "mb_down_per_client_round": sum(f["bytes_down"] for f in fits) / max(len(fits), 1) / MB,
+        "seconds": sum(r.get("seconds") or 0.0 for r in records),
+        "server": next((r["server"] for r in reversed(records) if r.get("server")), {}),
+        "gates": {k.split("@", 1)[1]: sum(m[k] for m in final["eval"].values()) / len(final["eval"])
+                  for k in next(iter(final["eval"].values())) if k.startswith("gate_individual@")},
+    }
+
+
+def write_report(path: str | Path) -> Path:
+    """Write report.md, comparison.json and PNG plots into `<path>/report/`; returns the Markdown file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = find_runs(path)
+    out = Path(path) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    records = {m: read_records(d) for m, d in runs.items()}
+    metric = main_metric(next(iter(records.values())))
+    summary = {m: summarize_run(r, metric) for m, r in records.items()}
+    save_json(out / "comparison.json", {"metric": metric, "methods": summary})
+    tasks = sorted({t for s in summary.values() for t in s["by_task"]})
+    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    lines = [f"# fedlora report: {Path(path).resolve().name}", "",
+             f"Personalized {metric} (x100) of each client on its own test split, averaged per task and then over "
+             "tasks, at the last evaluation. Communication is the mean per client per round.", "",
+             "| method | " + " | ".join(tasks) + " | **Avg** | MB up | MB down | wall s |",
+             "|---|" + "---|" * (len(tasks) + 4)]
+    for m, s in summary.items():
+        lines.append(f"| {m} | " + " | ".join(pct(s["by_task"].get(t, float("nan"))) for t in tasks)
+                     + f" | **{pct(s['average'])}** | {s['mb_up_per_client_round']:.3f} | "
+                       f"{s['mb_down_per_client_round']:.3f} | {s['seconds']:.0f} |")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m, s in summary.items():
+        ax.plot(*zip(*s["curve"]), marker="o", label=m)
+    ax.set(xlabel="round", ylabel=f"mean {metric} over tasks", title=f"{metric} by round (0 = untrained start)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, out / "metric_by_round.png")
+    lines += ["", "![metric by round](metric_by_round.png)"]
+
+    clients = list(next(iter(summary.values()))["per_client"])
+    fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(clients) * len(summary) ** 0.5), 4))
+    width = 0.8 / len(summary)
+    for i, (m, s) in enumerate(summary.items()):
+        ax.bar([c + i * width for c in range(len(clients))], [s["per_client"][c] for c in clients], width, label=m)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(clients))], clients, rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel=f"final {metric}", title=f"final {metric} per client (own test split)")
+    ax.legend(fontsize=7)
+    _save(fig, out / "per_client.png")
+    lines += ["", "![per client](per_client.png)"]
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(summary)
+    ax.bar([i - 0.2 for i in range(len(names))], [summary[m]["mb_up_per_client_round"] for m in names], 0.4, label="up")
+    ax.bar([i + 0.2 for i in range(len(names))], [summary[m]["mb_down_per_client_round"] for m in names], 0.4, label="down")
+    ax.set_xticks(range(len(names)), names)
+    ax.set(ylabel="MB per client per round", title="communication")
+    ax.legend()
+    _save(fig, out / "communication.png")
+    lines += ["", "![communication](communication.png)"]
+
+    for m, s in summary.items():
+        sil = s["server"].get("silhouette")
+        if sil:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ks = sorted(sil, key=int)
+            ax.plot([int(k) for k in ks], [sil[k] for k in ks], marker="o")
+            ax.set(xlabel="number of clusters K", ylabel="silhouette score", title=f"{m}: choice of M = {s['server']['n_experts']}")
+            ax.grid(alpha=0.3)
+            _save(fig, out / f"{m}_silhouette.png")
+            groups: dict[int, list[str]] = {}
+            for cid, e in s["server"]["assignment"].items():
+                groups.setdefault(e, []).append(cid)
+            lines += ["", f"## {m}: expert allocation", "", f"![silhouette]({m}_silhouette.png)", "",
+                      "| expert | clients |", "|---|---|"] + [f"| {e} | {', '.join(c)} |" for e, c in sorted(groups.items())]
+        if s["gates"]:
+            fig, ax = plt.subplots(figsize=(7, 3.5))
+            paths = list(s["gates"])
+            ax.bar(range(len(paths)), [s["gates"][p] for p in paths])
+            ax.set_xticks(range(len(paths)), [_short(p) for p in paths], rotation=60, ha="right", fontsize=7)
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set(ylabel="gate weight, Individual LoRA", title=f"{m}: mean mixer weight per adapted module")
+            _save(fig, out / f"{m}_gates.png")
+            lines += ["", f"## {m}: mixer", "", f"![gates]({m}_gates.png)"]
+    report = out / "report.md"
+    save_text(report, "\n".join(lines) + "\n")
+    return report
+
+
+def _short(path: str) -> str:
+    """bert.encoder.layer.3.attention.self.query -> L3.query"""
+    match = re.search(r"\.(\d+)\..*?([^.]+)$", path)
+    return f"L{match.group(1)}.{match.group(2)}" if match else path
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -1,0 +1,70 @@
+"""Checkpoint and resume: a run killed after round k and resumed ends exactly like an uninterrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlora import resume_experiment, run_experiment
+from fedlora.core.errors import CheckpointError
+from fedlora.engines.runtime import ClientRuntime
+
+from .conftest import tiny_config
+
+CASES = [("fedit", {}), ("fedalt", {}), ("fedlease", {"warmup_rounds": 2}),
+         ("fdlora", {"fusion_budget": 4, "fusion_examples": 8, "sync_every": 2}), ("flora", {"ranks": [2, 4, 2, 4]})]
+
+
+def _without_times(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def _assert_same_states(a, b):
+    assert set(a) == set(b)
+    for cid in a:
+        assert set(a[cid].states) == set(b[cid].states)
+        for name, state in a[cid].states.items():
+            assert all(torch.equal(state[k], b[cid].states[name][k]) for k in state), (cid, name)
+
+
+@pytest.mark.parametrize("method,options", CASES)
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, method, options):
+    make = lambda out: tiny_config(tmp_path, output_dir=str(tmp_path / out), federation={"rounds": 4},  # noqa: E731
+                                   training={"reset_optimizer": method != "fedit"},
+                                   algorithm={"name": method, "options": options})
+    full = run_experiment(make("full"))
+    original = ClientRuntime.fit
+
+    def crash_in_round_3(self, cid, rnd, payload, state):
+        if rnd == 3:
+            raise KeyboardInterrupt  # the process is killed mid-round
+        return original(self, cid, rnd, payload, state)
+
+    monkeypatch.setattr(ClientRuntime, "fit", crash_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(make("killed"))
+    monkeypatch.setattr(ClientRuntime, "fit", original)
+    resumed = resume_experiment(tmp_path / "killed")
+    assert [r["round"] for r in resumed.rounds] == [0, 1, 2, 3, 4]
+    assert _without_times(resumed.rounds) == _without_times(full.rounds)
+    _assert_same_states(resumed.client_states, full.client_states)
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 5
+
+
+def test_corrupt_checkpoint_is_refused_and_nothing_is_lost(tmp_path):
+    cfg = tiny_config(tmp_path, federation={"rounds": 2})
+    run_experiment(cfg)
+    run_dir = tmp_path / "run"
+    victim = next((run_dir / "checkpoint").glob("round-*/clients/*.safetensors"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "run.log"}
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        resume_experiment(run_dir)
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "run.log"}
+    assert before == after
+    (run_dir / "checkpoint" / "latest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        resume_experiment(run_dir)
+    with pytest.raises(CheckpointError, match="not a fedlora run directory"):
+        resume_experiment(tmp_path)
