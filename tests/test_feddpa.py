@@ -8,9 +8,8 @@ from fedlora import run_experiment
 from fedlora.adapters import AdaptedModel, AdapterSpec
 from fedlora.adapters.base_models import load_base_model
 from fedlora.algorithms import ClientInfo, build
-from fedlora.core.config import TrainingConfig
 from fedlora.data.tokenize import collate, collate_prompts, encode_generation
-from fedlora.training import ClientDataset, Trainer
+from fedlora.training import last_prompt_hidden
 
 from .conftest import tiny_config
 from .test_methods_e2e import HEAD, LORA_BYTES, expert, spy  # noqa: F401  (fixture)
@@ -33,7 +32,7 @@ def test_feddpa_t_end_to_end(tmp_path, spy, spy_trainable):  # noqa: F811
     assert trainable[:2] == [expert(1) | HEAD, expert(0) | HEAD]  # local first, then global, each round
     assert all(r["sent"] == {"global"} and r["received"] == {"global"} and r["up"] == r["down"] == LORA_BYTES for r in spy)
     assert set(result.client_states["noun_topic-0"].states) == {"local", "_head"}
-    assert all(-0.5 <= m["mean_global_weight"] <= 0.5 for m in result.final.values())
+    assert all(-0.5 <= m["mean_expert0_weight"] <= 0.5 for m in result.final.values())
 
 
 def test_last_prompt_hidden_is_the_prompt_state_in_every_batch_layout():
@@ -42,10 +41,9 @@ def test_last_prompt_hidden_is_the_prompt_state_in_every_batch_layout():
     tok = base.tokenizer
     enc = encode_generation([{"prompt": "short", "response": "answer one"},
                              {"prompt": "a longer prompt", "response": "x"}], tok, 64)
-    trainer = Trainer(adapted, tok, ClientDataset(enc, enc), TrainingConfig(), "causal_lm", seed=0)
-    alone = [trainer.last_prompt_hidden(collate_prompts([p], tok.pad_token_id))[0] for p in enc.prompts]
-    right = trainer.last_prompt_hidden(collate(enc, [0, 1], tok.pad_token_id))      # prompt + response, right pad
-    left = trainer.last_prompt_hidden(collate_prompts(enc.prompts, tok.pad_token_id))  # prompts, left pad
+    alone = [last_prompt_hidden(adapted.model, collate_prompts([p], tok.pad_token_id))[0] for p in enc.prompts]
+    right = last_prompt_hidden(adapted.model, collate(enc, [0, 1], tok.pad_token_id))      # prompt + response, right pad
+    left = last_prompt_hidden(adapted.model, collate_prompts(enc.prompts, tok.pad_token_id))  # prompts, left pad
     for i in range(2):
         torch.testing.assert_close(right[i], alone[i], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(left[i], alone[i], atol=1e-5, rtol=1e-5)

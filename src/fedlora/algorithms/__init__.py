@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from ..adapters import AdapterSpec
 from ..core.errors import ConfigError
-from .base import (AveragingOptions, ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Reply,
+from .base import (AveragingOptions, ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Personalized, Reply,
                    ServerAlgorithm)
 from .fdlora import FDLoRAClient, FDLoRAOptions, FDLoRAServer
 from .fedalt import FedALTClient, FedALTOptions, FedALTServer
@@ -78,5 +78,5 @@ def build(name: str, options: dict, spec: AdapterSpec, seed: int) -> tuple[Serve
     return method.server(opts, spec, seed), method.client(opts, spec, seed)
 
 
-__all__ = ["METHODS", "ClientAlgorithm", "ClientInfo", "ClientState", "Method", "Payload", "Reply",
+__all__ = ["METHODS", "ClientAlgorithm", "ClientInfo", "ClientState", "Method", "Payload", "Personalized", "Reply",
            "ServerAlgorithm", "build", "get_method", "parse_options"]

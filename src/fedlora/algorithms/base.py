@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from ..adapters import AdapterSpec, Layout
 from ..core.seeding import generator
 from ..core.tensors import StateDict, num_bytes, weighted_mean
-from ..training import Trainer
+from ..training import InstanceWeighting, Trainer
 
 
 @dataclass
@@ -64,6 +64,15 @@ class ClientState:
 
     states: dict[str, StateDict] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Personalized:
+    """What a client's personalized model needs beyond the adapter slots `personalize` filled in."""
+
+    hook: InstanceWeighting | None = None      # input-dependent expert weights (FedDPA)
+    base_delta: StateDict | None = None        # updates merged into the frozen base weights (FLoRA)
+    info: dict[str, float] = field(default_factory=dict)  # diagnostics reported with the metrics
 
 
 class Options(BaseModel):
@@ -141,8 +150,15 @@ class ClientAlgorithm(ABC):
         """One local round; returns what to send and the state to keep."""
 
     @abstractmethod
+    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
+        """Put the client's personalized model into `trainer.adapted` (used for evaluation and export)."""
+
     def evaluate(self, payload: Payload, state: ClientState, trainer: Trainer) -> dict[str, float]:
         """The client's metrics on its own test split with its personalized model."""
+        p = self.personalize(payload, state, trainer)
+        with trainer.adapted.base_delta(p.base_delta):
+            metrics = trainer.evaluate(before_batch=p.hook)
+        return {**metrics, **p.info, **(p.hook.summary() if p.hook else {})}
 
 
 class BroadcastAverageServer(ServerAlgorithm):

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from ..core.seeding import derive_seed, generator
 from ..core.tensors import StateDict
-from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm
+from .base import ClientAlgorithm, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
 
 
 class FDLoRAOptions(Options):
@@ -153,14 +153,14 @@ class FDLoRAClient(ClientAlgorithm):
             metrics["personal_train_loss"] = personal_metrics["train_loss"]
         return Reply({"global": theta_k}, n, metrics), state
 
-    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
+    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
         glob, personal = payload.states["global"], state.states.get("personal")
         if personal is None:  # before any local training there is nothing to fuse
             trainer.adapted.load_expert(0, glob)
-            return trainer.evaluate()
+            return Personalized()
         w = self.search_fusion(glob, personal, trainer)
         trainer.adapted.load_expert(0, fuse(w, glob, personal))
-        return {**trainer.evaluate(), "fusion_w_global": float(w[0]), "fusion_w_personal": float(w[1])}
+        return Personalized(info={"fusion_w_global": float(w[0]), "fusion_w_personal": float(w[1])})
 
     def search_fusion(self, glob: StateDict, personal: StateDict, trainer) -> np.ndarray:
         """AdaFusion: NGOpt over w in [-bound, bound]^2 from 0, minimising few-shot loss + l1 * mean|w|."""

@@ -16,7 +16,7 @@ import torch
 from ..adapters import Layout
 from ..core.seeding import generator
 from ..core.tensors import StateDict
-from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm
+from .base import ClientAlgorithm, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
 
 ROW, INDIVIDUAL = 0, 1  # expert slots, as the official code's LoRA0 / LoRA1
 
@@ -110,14 +110,14 @@ class FedALTClient(ClientAlgorithm):
             state.states["gate"] = trainer.adapted.router_state()
         return Reply({"individual": state.states["individual"]}, len(trainer.data.train), metrics), state
 
-    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
+    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
         self._restore(payload, state, trainer)
-        metrics = trainer.evaluate()
+        info: dict[str, float] = {}
         if self.options.mixer == "adaptive":
             per_module = mean_gate_weights(trainer, INDIVIDUAL)
-            metrics["gate_individual"] = sum(per_module.values()) / len(per_module)
-            metrics.update({f"gate_individual@{path}": w for path, w in per_module.items()})
-        return metrics
+            info["gate_individual"] = sum(per_module.values()) / len(per_module)
+            info.update({f"gate_individual@{path}": w for path, w in per_module.items()})
+        return Personalized(info=info)
 
 
 @torch.no_grad()

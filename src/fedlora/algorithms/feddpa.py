@@ -11,17 +11,16 @@ combined at inference with instance-wise weights (spec section 5).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from ..adapters import Layout
 from ..core.seeding import generator
 from ..data.tokenize import collate
-from .base import AveragingOptions, BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Reply
+from ..training import InstanceWeighting
+from .base import AveragingOptions, BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Personalized, Reply
 
 GLOBAL, LOCAL = 0, 1
 
@@ -70,25 +69,12 @@ class FedDPAClient(ClientAlgorithm):
         trainer.adapted.set_expert_weights([1.0 - mix, mix])
         return trainer.train(experts=[LOCAL])["train_loss"]
 
-    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
+    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
         self._load(payload, state, trainer)
-        model = trainer.adapted
         data = trainer.data.train
         g = generator(self.seed, "feddpa-reference", trainer.client_id)
         refs = torch.randperm(len(data), generator=g)[: self.options.reference_examples].tolist()
-        model.set_expert_weights([0.0, 1.0])
-        reference = trainer.last_prompt_hidden(collate(data, refs, trainer.pad_id))
-        weights: list[float] = []
-
-        def instance_weights(batch: Mapping[str, torch.Tensor]) -> None:
-            model.set_expert_weights([0.0, 1.0])  # h(x) is computed with the local adapter active
-            h = trainer.last_prompt_hidden(batch)
-            w = self.options.max_weight * F.cosine_similarity(h[:, None, :], reference[None, :, :], dim=-1).mean(1)
-            weights.extend(w.tolist())
-            pair = (w, 1 - w) if self.options.direction == "global_gets_w" else (1 - w, w)
-            model.set_expert_weights(torch.stack(pair, dim=1))
-
-        metrics = trainer.evaluate(before_batch=instance_weights)
-        metrics["mean_global_weight"] = sum(weights) / len(weights) if self.options.direction == "global_gets_w" \
-            else 1 - sum(weights) / len(weights)
-        return metrics
+        hook = InstanceWeighting.from_examples(trainer.adapted, collate(data, refs, trainer.pad_id),
+                                               self.options.max_weight, GLOBAL if self.options.direction == "global_gets_w"
+                                               else LOCAL, probe=LOCAL)
+        return Personalized(hook=hook)

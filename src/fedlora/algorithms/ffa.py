@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..adapters import lora_part
 from ..core.seeding import generator
-from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Reply
+from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Personalized, Reply
 
 
 class FFAServer(BroadcastAverageServer):
@@ -29,6 +29,6 @@ class FFAClient(ClientAlgorithm):
         metrics = trainer.train(experts=[0], parts="B")
         return Reply({"b": lora_part(trainer.adapted.expert_state(0), "B")}, len(trainer.data.train), metrics), state
 
-    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
+    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
         self._load(payload, trainer)
-        return trainer.evaluate()
+        return Personalized()

@@ -15,7 +15,7 @@ from ..adapters import Layout
 from ..core.errors import ConfigError
 from ..core.seeding import generator
 from ..core.tensors import StateDict
-from .base import AveragingOptions, ClientAlgorithm, ClientState, Payload, Reply, ServerAlgorithm
+from .base import AveragingOptions, ClientAlgorithm, ClientState, Payload, Personalized, Reply, ServerAlgorithm
 
 
 class FLoRAOptions(AveragingOptions):
@@ -110,7 +110,6 @@ class FLoRAClient(ClientAlgorithm):
             lora = trainer.adapted.expert_state(0)
         return Reply({"lora": lora}, len(trainer.data.train), metrics), state
 
-    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
-        with trainer.adapted.base_delta(self._merged(payload, state)):
-            trainer.adapted.load_expert(0, self._fresh_lora(payload, trainer))  # B = 0: the merged model alone
-            return trainer.evaluate()
+    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
+        trainer.adapted.load_expert(0, self._fresh_lora(payload, trainer))  # B = 0: the merged model alone
+        return Personalized(base_delta=self._merged(payload, state))

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from ..core.seeding import generator, numpy_rng
 from ..core.tensors import StateDict
-from .base import AveragingOptions, ClientAlgorithm, ClientState, Payload, Reply, ServerAlgorithm
+from .base import AveragingOptions, ClientAlgorithm, ClientState, Payload, Personalized, Reply, ServerAlgorithm
 
 
 class IFCAOptions(AveragingOptions):
@@ -84,7 +84,7 @@ class IFCAClient(ClientAlgorithm):
         metrics["cluster"] = c
         return Reply({"lora": trainer.adapted.expert_state(0)}, len(trainer.data.train), metrics), state
 
-    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
+    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
         c = self.choose(Payload(payload.states), trainer)  # evaluation always picks by loss
         trainer.adapted.load_expert(0, payload.states[cluster_key(c)])
-        return {**trainer.evaluate(), "cluster": c}
+        return Personalized(info={"cluster": c})

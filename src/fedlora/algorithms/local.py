@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..core.seeding import generator
-from .base import ClientAlgorithm, ClientState, Options, Payload, Reply, ServerAlgorithm
+from .base import ClientAlgorithm, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
 
 
 class LocalOptions(Options):
@@ -31,6 +31,6 @@ class LocalClient(ClientAlgorithm):
         state.states["lora"] = trainer.adapted.expert_state(0)
         return Reply(num_examples=len(trainer.data.train), metrics=metrics), state
 
-    def evaluate(self, payload: Payload, state: ClientState, trainer) -> dict[str, float]:
+    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
         trainer.adapted.load_expert(0, self._lora(state, trainer.client_id))
-        return trainer.evaluate()
+        return Personalized()

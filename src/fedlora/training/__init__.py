@@ -1,5 +1,6 @@
 """Local training and evaluation shared by every method."""
 
-from .trainer import ClientDataset, Trainer
+from .instance_weighting import InstanceWeighting
+from .trainer import BatchHook, ClientDataset, Trainer, last_prompt_hidden
 
-__all__ = ["ClientDataset", "Trainer"]
+__all__ = ["BatchHook", "ClientDataset", "InstanceWeighting", "Trainer", "last_prompt_hidden"]

@@ -22,6 +22,26 @@ from .metrics import classification_metrics, generation_metrics
 BatchHook = Callable[[Mapping[str, torch.Tensor]], None]
 
 
+@torch.no_grad()
+def last_prompt_hidden(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Last-layer hidden state of each example's last prompt token ([batch, hidden]).
+
+    Right-padded batches: the last token before the response (causal LM) or the last real token;
+    left-padded prompt batches: the final position. Exact for causal models, whose state at a
+    position does not depend on later tokens.
+    """
+    model.eval()
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    mask = batch["attention_mask"]
+    if bool(mask[:, -1].all()) and not bool(mask[:, 0].all()):  # left padding
+        last = torch.full((mask.shape[0],), mask.shape[1] - 1)
+    elif "labels" in batch and batch["labels"].dim() == 2:
+        last = (batch["labels"] == IGNORE_INDEX).long().cumprod(1).sum(1) - 1
+    else:
+        last = mask.sum(1) - 1
+    return out.hidden_states[-1][torch.arange(mask.shape[0]), last]
+
+
 @dataclass
 class ClientDataset:
     """A client's tokenized splits; `n_labels` is the size of its task's label set (classification)."""
@@ -170,25 +190,6 @@ class Trainer:
             total += float(F.cross_entropy(logits, batch["labels"])) * len(idx)
             preds += logits.argmax(-1).tolist()
         return {"loss": total / max(len(data), 1), **classification_metrics(preds, data.targets, self.data.n_labels)}
-
-    @torch.no_grad()
-    def last_prompt_hidden(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Last-layer hidden state of each example's last prompt token ([batch, hidden]).
-
-        Right-padded batches: the last token before the response (causal LM) or the last real token;
-        left-padded prompt batches: the final position. Exact for causal models, whose state at a
-        position does not depend on later tokens.
-        """
-        self.model.eval()
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-        mask = batch["attention_mask"]
-        if bool(mask[:, -1].all()) and not bool(mask[:, 0].all()):  # left padding
-            last = torch.full((mask.shape[0],), mask.shape[1] - 1)
-        elif "labels" in batch and batch["labels"].dim() == 2:
-            last = (batch["labels"] == IGNORE_INDEX).long().cumprod(1).sum(1) - 1
-        else:
-            last = mask.sum(1) - 1
-        return out.hidden_states[-1][torch.arange(mask.shape[0]), last]
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], before_batch: BatchHook | None = None) -> list[str]:
