@@ -39,7 +39,8 @@ def test_three_clients_three_rounds(tmp_path, method, spy_trainable):
     else:
         assert fit["bytes_up"] == lora_bytes and fit["bytes_down"] == lora_bytes
         assert lines[1]["comm"]["bytes_up"] == 3 * lora_bytes
-    for name in ("config.json", "clients.json", "run.log", "final/server.safetensors", "final/clients/noun_topic-0.safetensors"):
+    for name in ("config.json", "clients.json", "run.log", "report/report.md", "checkpoint/latest.json",
+                 "checkpoint/round-00003/server.safetensors", "checkpoint/round-00003/clients/noun_topic-0.safetensors"):
         assert (tmp_path / "run" / name).is_file(), name
     # the trained head is private: different per client after training
     heads = [result.client_states[c].states["_head"]["classifier.weight"] for c in result.client_states]

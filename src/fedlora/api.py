@@ -6,25 +6,25 @@ import json
 import logging
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .adapters import AdaptedModel
-from .adapters.base_models import load_base_model
-from .algorithms import ClientInfo, build, parse_options
+from .adapters.base_models import BaseModel, load_base_model
+from .algorithms import ClientInfo, ServerAlgorithm, build, parse_options
 from .core.config import Config, build_config, load_config
 from .core.errors import CheckpointError, ConfigError, DataError
-from .core.io import save_json, save_tensors, save_text
+from .core.io import save_json, save_text
 from .core.seeding import generator
-from .core.tensors import flatten
 from .data.federated import ClientData, build_clients
 from .data.tokenize import encode_classification, encode_generation
 from .engines.checkpoint import Checkpoint, load_checkpoint
 from .engines.inprocess import InProcessEngine
 from .engines.results import RunResult
-from .engines.runtime import OPTIMIZER, ClientRuntime
+from .engines.runtime import ClientRuntime
 from .reporting import write_report
 from .training import ClientDataset
 
@@ -92,12 +92,25 @@ def _run_log(run_dir: Path):
         handler.close()
 
 
-def _run(cfg: Config, run_dir: Path, resume: Checkpoint | None = None, records: list[dict] | None = None) -> RunResult:
+@dataclass
+class Session:
+    """Everything a run builds before its first round: data, model, method objects and the client runtime."""
+
+    config: Config
+    clients: list[ClientData]
+    base: BaseModel
+    adapted: AdaptedModel
+    server: ServerAlgorithm
+    runtime: ClientRuntime
+    infos: list[ClientInfo]
+
+
+def build_session(cfg: Config) -> Session:
+    """Build the data split, the adapted base model and the method for a config (deterministic in the seed)."""
     if cfg.engine.torch_threads:
         torch.set_num_threads(cfg.engine.torch_threads)
     parse_options(cfg.algorithm.name, cfg.algorithm.options)  # fail on a bad option before any loading
     clients = build_clients(cfg.data, cfg.seed)
-    save_json(run_dir / "clients.json", [c.to_json() for c in clients])
     num_labels = max((len(c.labels) for c in clients), default=0)
     base = load_base_model(cfg.model.name, cfg.model.task, max(num_labels, 2), cfg.model.dtype, cfg.seed)
     if base.task == "classification" and num_labels == 0:
@@ -112,8 +125,13 @@ def _run(cfg: Config, run_dir: Path, resume: Checkpoint | None = None, records: 
         datasets = {cid: d.hold_out(client.few_shot, generator(cfg.seed, "few-shot", cid)) for cid, d in datasets.items()}
     runtime = ClientRuntime(client, adapted, base.tokenizer, cfg, base.task, datasets)
     infos = [ClientInfo(c.client_id, len(datasets[c.client_id].train), c.task) for c in clients]
-    result = InProcessEngine(cfg, server, runtime, infos, run_dir, resume, records).run()
-    _save_final(run_dir, result)
+    return Session(cfg, clients, base, adapted, server, runtime, infos)
+
+
+def _run(cfg: Config, run_dir: Path, resume: Checkpoint | None = None, records: list[dict] | None = None) -> RunResult:
+    s = build_session(cfg)
+    save_json(run_dir / "clients.json", [c.to_json() for c in s.clients])
+    result = InProcessEngine(cfg, s.server, s.runtime, s.infos, run_dir, resume, records).run()
     write_report(run_dir)
     return result
 
@@ -127,14 +145,6 @@ def encode_client(client: ClientData, tokenizer, task: str, max_length: int) -> 
     else:
         encode = lambda recs: encode_generation(recs, tokenizer, max_length)  # noqa: E731
     return ClientDataset(encode(client.train), encode(client.test), len(client.labels), client.task)
-
-
-def _save_final(run_dir: Path, result: RunResult) -> None:
-    for cid, state in result.client_states.items():
-        kept = {k: v for k, v in state.states.items() if k != OPTIMIZER}
-        save_tensors(run_dir / "final" / "clients" / f"{cid}.safetensors", flatten(kept))
-    save_tensors(run_dir / "final" / "server.safetensors", flatten(result.server_state.get("tensors", {})))
-    save_json(run_dir / "final" / "server.json", result.server_state.get("meta", {}))
 
 
 def prepare_data(corpora: list[str] | None = None, models: list[str] | None = None, log=print) -> None:

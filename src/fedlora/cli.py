@@ -78,6 +78,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"run directories under: {cfg.run_dir}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .serving import export_client
+
+    print(f"exported {args.client} to {export_client(args.run_dir, args.client, args.out)}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .serving import predict, read_texts
+
+    for answer in predict(args.run_dir, args.client, read_texts(args.file)):
+        print(answer)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from .reporting import write_report
 
@@ -126,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="local,fedit")
     common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="write a client's personalized model (PEFT adapters + router/gate + loader data)")
+    p.add_argument("run_dir")
+    p.add_argument("--client", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="a client's predictions for texts read from a file or standard input")
+    p.add_argument("run_dir")
+    p.add_argument("--client", required=True)
+    p.add_argument("--file", default=None, help="one text per line (default: standard input)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="write a Markdown report with PNG plots for a run or a comparison directory")
     p.add_argument("run_dir")

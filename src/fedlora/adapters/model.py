@@ -117,6 +117,11 @@ class AdaptedModel:
         self.spec = AdapterSpec(tuple((p, l.in_features, l.out_features) for p, l in self.layers.items()), r, alpha)
         self.layout = Layout()
 
+    @property
+    def rank(self) -> int:
+        """The LoRA rank of the current layout."""
+        return self.layout.r or self.spec.r
+
     # -- layout -------------------------------------------------------------------------------------
     def set_layout(self, layout: Layout) -> None:
         """Give every adapted module `layout.n_experts` experts and that router (no-op when unchanged)."""
@@ -149,7 +154,7 @@ class AdaptedModel:
 
     def load_expert(self, e: int, state: Mapping[str, torch.Tensor]) -> None:
         """Copy an expert state into slot e; keys and shapes must match exactly."""
-        check_state(state, self.spec.lora_shapes(self.layout.r), f"expert state for slot {e}")
+        check_state(state, self.spec.lora_shapes(self.rank), f"expert state for slot {e}")
         with torch.no_grad():
             for path, layer in self.layers.items():
                 layer.lora_A[e].copy_(state[f"{path}.lora_A"])

@@ -33,7 +33,7 @@ def export_peft_adapter(adapted: AdaptedModel, expert: Mapping[str, torch.Tensor
     if task_type is None:
         task_type = "SEQ_CLS" if adapted.head_names else "CAUSAL_LM"
     head_modules = sorted({n.rsplit(".", 1)[0] for n in (head or {})})
-    config = LoraConfig(r=adapted.spec.r, lora_alpha=adapted.spec.alpha, lora_dropout=dropout,
+    config = LoraConfig(r=adapted.rank, lora_alpha=adapted.spec.alpha, lora_dropout=dropout,
                         target_modules=_target_modules(paths), task_type=task_type,
                         modules_to_save=head_modules or None, base_model_name_or_path=base_model)
     out = Path(out_dir)
@@ -58,9 +58,9 @@ def import_peft_adapter(adapted: AdaptedModel, adapter_dir: str | Path) -> tuple
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{adapter_dir} holds a {cfg.get('peft_type')} adapter; only LoRA can seed an expert")
-    if int(cfg["r"]) != adapted.spec.r or float(cfg["lora_alpha"]) != adapted.spec.alpha or cfg.get("use_rslora"):
+    if int(cfg["r"]) != adapted.rank or float(cfg["lora_alpha"]) != adapted.spec.alpha or cfg.get("use_rslora"):
         raise CheckpointError(f"adapter r={cfg['r']}, alpha={cfg['lora_alpha']} differs from the model's "
-                              f"r={adapted.spec.r}, alpha={adapted.spec.alpha}; set lora.r and lora.alpha to match")
+                              f"r={adapted.rank}, alpha={adapted.spec.alpha}; set lora.r and lora.alpha to match")
     raw = load_tensors(adapter_dir / "adapter_model.safetensors")
     expert: StateDict = {}
     head: StateDict = {}
@@ -71,5 +71,5 @@ def import_peft_adapter(adapted: AdaptedModel, adapter_dir: str | Path) -> tuple
             expert[f"{match.group(1)}.{match.group(2)}"] = value.float()
         elif name in adapted.head_names:
             head[name] = value
-    check_state(expert, adapted.spec.lora_shapes(), f"PEFT adapter {adapter_dir}")
+    check_state(expert, adapted.spec.lora_shapes(adapted.rank), f"PEFT adapter {adapter_dir}")
     return expert, head

@@ -124,7 +124,7 @@ class EngineConfig(Section):
     name: Literal["inprocess"] = "inprocess"
     torch_threads: int | None = Field(None, gt=0)
     progress: bool = True
-    checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0: none); the last round always")
+    checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0: only the final one)")
 
 
 class Config(Section):

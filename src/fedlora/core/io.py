@@ -36,7 +36,8 @@ def _atomic_write(path: Path, write) -> None:
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """Write tensors to a safetensors file atomically (write a temporary file, then rename)."""
     data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(data, tmp, metadata=dict(metadata or {})))
+    # metadata=None, not {}: safetensors writes an unreadable header for an empty dict with empty metadata
+    _atomic_write(Path(path), lambda tmp: save_file(data, tmp, metadata=dict(metadata) if metadata else None))
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -32,16 +32,27 @@ class Encoded:
         return Encoded(pick(self.input_ids), pick(self.targets), pick(self.prompts), pick(self.references))
 
 
+def encode_texts(texts: Sequence[str], tokenizer, max_length: int, targets: Sequence[int] | None = None) -> Encoded:
+    """Token ids of texts, cut to max_length keeping the final special token; targets default to 0."""
+    full = tokenizer([str(t) for t in texts], truncation=False)["input_ids"] if texts else []
+    ids = [x[:max_length - 1] + x[-1:] if len(x) > max_length else x for x in full]  # keep the final [SEP]
+    return Encoded(ids, list(targets) if targets is not None else [0] * len(ids),
+                   n_truncated=sum(len(x) > max_length for x in full))
+
+
 def encode_classification(records: Sequence[Record], tokenizer, labels: Sequence[str], max_length: int) -> Encoded:
     """Token ids of each record's text and the index of its label in `labels`."""
     index = {name: i for i, name in enumerate(labels)}
     unknown = sorted({str(r["label"]) for r in records} - set(index))
     if unknown:
         raise DataError(f"labels {unknown[:5]} were not seen among the task's labels {list(labels)[:10]}")
-    full = tokenizer([str(r["text"]) for r in records], truncation=False)["input_ids"]
-    ids = [x[:max_length - 1] + x[-1:] if len(x) > max_length else x for x in full]  # keep the final [SEP]
-    return Encoded(ids, [index[str(r["label"])] for r in records],
-                   n_truncated=sum(len(x) > max_length for x in full))
+    return encode_texts([r["text"] for r in records], tokenizer, max_length, [index[str(r["label"])] for r in records])
+
+
+def encode_prompt(prompt: str, tokenizer, max_length: int) -> list[int]:
+    """A prompt's ids; a prompt of max_length tokens or more keeps its last max_length // 2 tokens."""
+    ids = tokenizer(str(prompt), add_special_tokens=True)["input_ids"]
+    return ids[-max(1, max_length // 2):] if len(ids) >= max_length else ids
 
 
 def encode_generation(records: Sequence[Record], tokenizer, max_length: int) -> Encoded:
@@ -50,11 +61,10 @@ def encode_generation(records: Sequence[Record], tokenizer, max_length: int) -> 
         raise DataError("the tokenizer has no EOS token; causal-LM training needs one")
     input_ids, targets, prompts, refs, truncated = [], [], [], [], 0
     for r in records:
-        p = tokenizer(str(r["prompt"]), add_special_tokens=True)["input_ids"]
+        p = encode_prompt(r["prompt"], tokenizer, max_length)
         a = tokenizer(str(r["response"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if len(p) + len(a) > max_length:
             truncated += 1
-            p = p[-max(1, max_length // 2):] if len(p) >= max_length else p
             a = a[: max_length - len(p)]
         input_ids.append(p + a)
         targets.append([IGNORE_INDEX] * len(p) + a)

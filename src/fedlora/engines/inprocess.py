@@ -32,6 +32,7 @@ class InProcessEngine:
         self.states: dict[str, ClientState] = {c.client_id: ClientState() for c in clients}
         self.records: list[dict] = list(records or [])
         self.resume = resume
+        self.progress: Progress | None = None
 
     def run(self) -> RunResult:
         """Set up (or restore a checkpoint), evaluate round 0, then fit/aggregate/evaluate every round."""
@@ -43,9 +44,10 @@ class InProcessEngine:
             self.server.load_state_dict(self.resume.server_state)
             self.states.update(self.resume.client_states)
             first = self.resume.round + 1
-        progress = _progress(self.config.engine.progress)
+        progress = self.progress = _progress(self.config.engine.progress)
         with progress or nullcontext():
             bar = progress.add_task("rounds", total=fed.rounds, completed=first - 1) if progress else None
+            self.client_bar = progress.add_task("clients", total=len(ids)) if progress else None
             if fed.eval_at_start and first == 1:
                 self._record(0, {"round": 0, **self._evaluate(0, ids)})
             for rnd in range(first, fed.rounds + 1):
@@ -56,7 +58,7 @@ class InProcessEngine:
                 record["seconds"] = time.perf_counter() - start
                 self._record(rnd, record)
                 every = self.config.engine.checkpoint_every
-                if every and (rnd % every == 0 or rnd == fed.rounds):
+                if rnd == fed.rounds or (every and rnd % every == 0):  # the last one holds the final adapters
                     save_checkpoint(self.run_dir, Checkpoint(rnd, self.server.state_dict(), self.states))
                 if progress:
                     progress.update(bar, advance=1, description=_describe(record))
@@ -67,7 +69,8 @@ class InProcessEngine:
         replies: dict[str, Reply] = {}
         fit: dict[str, dict] = {}
         failures: dict[str, str] = {}
-        for cid in sampled:
+        for i, cid in enumerate(sampled):
+            self._show(f"round {rnd}: training {cid}", i, len(sampled))
             payload = payloads.get(cid, Payload())
             try:
                 reply, self.states[cid] = self.runtime.fit(cid, rnd, payload, self.states[cid])
@@ -88,8 +91,15 @@ class InProcessEngine:
 
     def _evaluate(self, rnd: int, ids: list[str]) -> dict:
         payloads = self.server.configure_evaluate(rnd, ids)
-        per_client = {cid: self.runtime.evaluate(cid, rnd, payloads.get(cid, Payload()), self.states[cid]) for cid in ids}
+        per_client = {}
+        for i, cid in enumerate(ids):
+            self._show(f"round {rnd}: evaluating {cid}", i, len(ids))
+            per_client[cid] = self.runtime.evaluate(cid, rnd, payloads.get(cid, Payload()), self.states[cid])
         return {"eval": per_client, "summary": summarize(per_client, self.tasks)}
+
+    def _show(self, what: str, done: int, total: int) -> None:
+        if self.progress:
+            self.progress.update(self.client_bar, description=what, completed=done, total=total)
 
     def _record(self, rnd: int, record: dict) -> None:
         self.records.append(record)

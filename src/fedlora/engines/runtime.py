@@ -47,7 +47,8 @@ class ClientRuntime:
         seed = derive_seed(self.config.seed, phase, client_id, rnd)
         return Trainer(self.adapted, self.tokenizer, self.datasets[client_id], self.config.training, self.task, seed, client_id)
 
-    def _enter(self, payload: Payload, state: ClientState, trainer: Trainer) -> None:
+    def enter(self, payload: Payload, state: ClientState, trainer: Trainer) -> None:
+        """Give the shared model this client's layout, private head and optimizer moments."""
         self.adapted.set_layout(self.algorithm.layout_for(payload))
         self.adapted.set_expert_weights(torch.ones(self.adapted.layout.n_experts))
         self.adapted.set_own_expert(0)
@@ -60,7 +61,7 @@ class ClientRuntime:
         """One local round; the given state is not modified (a failed fit leaves the client as it was)."""
         state = ClientState({k: dict(v) for k, v in state.states.items()}, dict(state.meta))
         trainer = self.trainer(client_id, rnd, "fit")
-        self._enter(payload, state, trainer)
+        self.enter(payload, state, trainer)
         reply, state = self.algorithm.fit(payload, state, trainer)
         if self.adapted.head_names:
             state.states[HEAD] = self.adapted.head_state()
@@ -72,7 +73,7 @@ class ClientRuntime:
     def evaluate(self, client_id: str, rnd: int, payload: Payload, state: ClientState) -> dict[str, float]:
         """The client's personalized metrics on its own test split."""
         trainer = self.trainer(client_id, rnd, "evaluate")
-        self._enter(payload, state, trainer)
+        self.enter(payload, state, trainer)
         return self.algorithm.evaluate(payload, ClientState({k: dict(v) for k, v in state.states.items()},
                                                             dict(state.meta)), trainer)
 

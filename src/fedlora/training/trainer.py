@@ -178,6 +178,12 @@ class Trainer:
         if self.task != "classification":
             return {"loss": self.loss(data, before_batch),
                     **generation_metrics(self.generate(data.prompts, before_batch), data.references)}
+        preds, loss = self.predict_labels(data, before_batch)
+        return {"loss": loss, **classification_metrics(preds, data.targets, self.data.n_labels)}
+
+    @torch.no_grad()
+    def predict_labels(self, data: Encoded, before_batch: BatchHook | None = None) -> tuple[list[int], float]:
+        """Predicted class ids (over the task's labels) and the mean cross-entropy against `data.targets`."""
         self.model.eval()
         preds: list[int] = []
         total = 0.0
@@ -189,7 +195,7 @@ class Trainer:
             logits = logits[:, : self.data.n_labels].float()
             total += float(F.cross_entropy(logits, batch["labels"])) * len(idx)
             preds += logits.argmax(-1).tolist()
-        return {"loss": total / max(len(data), 1), **classification_metrics(preds, data.targets, self.data.n_labels)}
+        return preds, total / max(len(data), 1)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], before_batch: BatchHook | None = None) -> list[str]:

@@ -1,0 +1,77 @@
+"""Export and load_personalized reproduce a client's final predictions exactly; reports; predict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedlora import compare, export_client, load_personalized, run_experiment
+from fedlora.cli import main
+from fedlora.core.errors import CheckpointError
+from fedlora.training.metrics import classification_metrics
+
+from .conftest import tiny_config
+
+CASES = [("fedit", {}), ("fedalt", {}), ("fedlease", {"warmup_rounds": 1}), ("fdlora", {"fusion_budget": 4, "fusion_examples": 8}),
+         ("feddpa", {}), ("flora", {"ranks": [2, 4, 2, 4]}), ("ifca", {"clusters": 2}), ("local", {})]
+
+
+@pytest.mark.parametrize("method,options", CASES)
+def test_export_reproduces_the_final_predictions(tmp_path, method, options):
+    result = run_experiment(tiny_config(tmp_path, federation={"rounds": 2}, algorithm={"name": method, "options": options}))
+    client = json.loads((tmp_path / "run" / "clients.json").read_text())[1]
+    out = export_client(tmp_path / "run", client["client_id"], tmp_path / "export")
+    assert (out / "expert_0" / "adapter_config.json").is_file()
+    model = load_personalized(out)
+    predicted = model.predict([r["text"] for r in client["test"]])
+    labels = client["labels"]
+    got = classification_metrics([labels.index(p) for p in predicted], [labels.index(r["label"]) for r in client["test"]],
+                                 len(labels))
+    final = result.final[client["client_id"]]
+    assert got == {"accuracy": final["accuracy"], "macro_f1": final["macro_f1"]}
+
+
+def test_single_adapter_export_is_a_plain_peft_adapter(tmp_path):
+    from peft import PeftModel
+
+    from fedlora.adapters.base_models import load_base_model
+
+    run_experiment(tiny_config(tmp_path, federation={"rounds": 1}))
+    out = export_client(tmp_path / "run", "noun_topic-0", tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["expert_0", "fedlora_personalized.json"]
+    base = load_base_model("tiny-bert", None, 8, seed=0)
+    peft_model = PeftModel.from_pretrained(base.model, str(out / "expert_0")).eval()
+    ours = load_personalized(out)
+    ids = ours.tokenizer(["a small furry animal"], return_tensors="pt")
+    import torch
+
+    torch.testing.assert_close(peft_model(**ids).logits, ours.model(**ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_predict_cli_and_bad_export_dir(tmp_path, capsys):
+    run_experiment(tiny_config(tmp_path, federation={"rounds": 1}))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a small furry animal\nto run quickly\n")
+    assert main(["predict", str(tmp_path / "run"), "--client", "noun_topic-0", "--file", str(texts)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    labels = json.loads((tmp_path / "run" / "clients.json").read_text())[0]["labels"]
+    assert len(lines) == 2 and all(line in labels for line in lines)
+    with pytest.raises(CheckpointError, match="not a fedlora export"):
+        load_personalized(tmp_path)
+
+
+def test_compare_writes_one_table_with_every_method_and_valid_pngs(tmp_path):
+    cfg = tiny_config(tmp_path, federation={"rounds": 2},
+                      algorithm={"name": "fedit", "per_method": {"fedlease": {"warmup_rounds": 1}}})
+    compare(cfg, ["local", "fedit", "fedalt", "fedlease"])
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    for method in ("local", "fedit", "fedalt", "fedlease"):
+        assert f"| {method} |" in report
+    pngs = list((tmp_path / "run" / "report").glob("*.png"))
+    assert {p.name for p in pngs} >= {"metric_by_round.png", "per_client.png", "communication.png",
+                                      "fedlease_silhouette.png", "fedalt_gates.png"}
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in pngs)
+    table = json.loads((tmp_path / "run" / "report" / "comparison.json").read_text())
+    assert set(table["methods"]) == {"local", "fedit", "fedalt", "fedlease"}
+    assert table["methods"]["local"]["mb_up_per_client_round"] == 0
