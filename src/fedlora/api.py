@@ -81,15 +81,26 @@ def resume_experiment(run_dir: str | Path) -> RunResult:
 
 @contextmanager
 def _run_log(run_dir: Path):
-    handler = logging.FileHandler(run_dir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
+    """Everything to run.log; warnings also to the console (not through the root logger, which libraries
+    such as the GGUF loader configure and would otherwise echo every round)."""
+    file_handler = logging.FileHandler(run_dir / "run.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("fedlora: %(levelname)s: %(message)s"))
+    handlers, propagate, level = [file_handler, console], log.propagate, log.level
+    for h in handlers:
+        log.addHandler(h)
     log.setLevel(logging.INFO)
+    log.propagate = False
     try:
         yield
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+        log.propagate = propagate
+        log.setLevel(level)
 
 
 @dataclass
