@@ -2,118 +2,37 @@
 
 from __future__ import annotations
 
-import logging
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from ..algorithms import ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
+from ..algorithms import ClientInfo, Payload, Reply, ServerAlgorithm
 from ..core.config import Config
-from ..core.errors import ClientFailure
-from ..core.io import append_jsonl
-from .checkpoint import Checkpoint, save_checkpoint
-from .results import RunResult, summarize
+from .checkpoint import Checkpoint
+from .loop import RoundLoop
 from .runtime import ClientRuntime
-from .sampling import sample_clients
-
-log = logging.getLogger("fedlora")
 
 
-class InProcessEngine:
-    """Runs the round loop of the design doc in this process; client states live in a dict."""
+class InProcessEngine(RoundLoop):
+    """Client states live in a dict; the shared model is swapped from client to client by the runtime."""
 
-    def __init__(self, config: Config, server: ServerAlgorithm, runtime: ClientRuntime,
-                 clients: list[ClientInfo], run_dir: Path, resume: Checkpoint | None = None,
-                 records: list[dict] | None = None) -> None:
-        self.config, self.server, self.runtime, self.clients, self.run_dir = config, server, runtime, clients, run_dir
-        self.tasks = {c.client_id: c.task for c in clients}
-        self.states: dict[str, ClientState] = {c.client_id: ClientState() for c in clients}
-        self.records: list[dict] = list(records or [])
-        self.resume = resume
-        self.progress: Progress | None = None
+    def __init__(self, config: Config, server: ServerAlgorithm, runtime: ClientRuntime, clients: list[ClientInfo],
+                 run_dir: Path, resume: Checkpoint | None = None, records: list[dict] | None = None) -> None:
+        super().__init__(config, server, clients, run_dir, resume, records)
+        self.runtime = runtime
 
-    def run(self) -> RunResult:
-        """Set up (or restore a checkpoint), evaluate round 0, then fit/aggregate/evaluate every round."""
-        fed = self.config.federation
-        ids = [c.client_id for c in self.clients]
-        self.server.setup(self.clients, fed.rounds)
-        first = 1
-        if self.resume is not None:
-            self.server.load_state_dict(self.resume.server_state)
-            self.states.update(self.resume.client_states)
-            first = self.resume.round + 1
-        progress = self.progress = _progress(self.config.engine.progress)
-        with progress or nullcontext():
-            bar = progress.add_task("rounds", total=fed.rounds, completed=first - 1) if progress else None
-            self.client_bar = progress.add_task("clients", total=len(ids)) if progress else None
-            if fed.eval_at_start and first == 1:
-                self._record(0, {"round": 0, **self._evaluate(0, ids)})
-            for rnd in range(first, fed.rounds + 1):
-                start = time.perf_counter()
-                record = {"round": rnd, **self._fit_round(rnd, sample_clients(ids, fed.clients_per_round, self.config.seed, rnd))}
-                if rnd % fed.eval_every == 0 or rnd == fed.rounds:
-                    record.update(self._evaluate(rnd, ids))
-                record["seconds"] = time.perf_counter() - start
-                self._record(rnd, record)
-                every = self.config.engine.checkpoint_every
-                if rnd == fed.rounds or (every and rnd % every == 0):  # the last one holds the final adapters
-                    save_checkpoint(self.run_dir, Checkpoint(rnd, self.server.state_dict(), self.states))
-                if progress:
-                    progress.update(bar, advance=1, description=_describe(record))
-        return RunResult(self.run_dir, self.config.algorithm.name, self.records, self.states, self.server.state_dict())
-
-    def _fit_round(self, rnd: int, sampled: list[str]) -> dict:
-        payloads = self.server.configure(rnd, sampled)
+    def fit_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, Reply], dict[str, str]]:
         replies: dict[str, Reply] = {}
-        fit: dict[str, dict] = {}
         failures: dict[str, str] = {}
-        for i, cid in enumerate(sampled):
-            self._show(f"round {rnd}: training {cid}", i, len(sampled))
-            payload = payloads.get(cid, Payload())
+        for i, (cid, payload) in enumerate(payloads.items()):
+            self.show(f"round {rnd}: training {cid}", i, len(payloads))
             try:
-                reply, self.states[cid] = self.runtime.fit(cid, rnd, payload, self.states[cid])
+                replies[cid], self.states[cid] = self.runtime.fit(cid, rnd, payload, self.states[cid])
             except Exception as exc:  # a failing client is recorded and left out, never fatal on its own
                 failures[cid] = f"{type(exc).__name__}: {exc}"
-                log.warning("round %d: client %s failed: %s", rnd, cid, failures[cid])
-                continue
-            replies[cid] = reply
-            fit[cid] = {**reply.metrics, "bytes_down": payload.num_bytes, "bytes_up": reply.num_bytes}
-        if len(replies) < self.config.federation.min_clients:
-            raise ClientFailure(f"round {rnd}: only {len(replies)} of {len(sampled)} clients replied, fewer than "
-                                f"federation.min_clients={self.config.federation.min_clients}; failures: {failures}")
-        self.server.aggregate(rnd, replies)
-        return {"sampled": sampled, "fit": fit, "failures": failures,
-                "comm": {"bytes_up": sum(f["bytes_up"] for f in fit.values()),
-                         "bytes_down": sum(f["bytes_down"] for f in fit.values())},
-                "server": self.server.summary()}
+        return replies, failures
 
-    def _evaluate(self, rnd: int, ids: list[str]) -> dict:
-        payloads = self.server.configure_evaluate(rnd, ids)
-        per_client = {}
-        for i, cid in enumerate(ids):
-            self._show(f"round {rnd}: evaluating {cid}", i, len(ids))
-            per_client[cid] = self.runtime.evaluate(cid, rnd, payloads.get(cid, Payload()), self.states[cid])
-        return {"eval": per_client, "summary": summarize(per_client, self.tasks)}
-
-    def _show(self, what: str, done: int, total: int) -> None:
-        if self.progress:
-            self.progress.update(self.client_bar, description=what, completed=done, total=total)
-
-    def _record(self, rnd: int, record: dict) -> None:
-        self.records.append(record)
-        append_jsonl(self.run_dir / "metrics.jsonl", record)
-        log.info("round %d: %s", rnd, _describe(record))
-
-
-def _describe(record: dict) -> str:
-    mean = record.get("summary", {}).get("mean", {})
-    shown = ", ".join(f"{k}={mean[k]:.3f}" for k in ("accuracy", "rouge1", "loss") if k in mean)
-    return f"round {record['round']}" + (f": {shown}" if shown else "")
-
-
-def _progress(enabled: bool) -> Progress | None:
-    if not enabled:
-        return None
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, dict[str, float]]:
+        metrics = {}
+        for i, (cid, payload) in enumerate(payloads.items()):
+            self.show(f"round {rnd}: evaluating {cid}", i, len(payloads))
+            metrics[cid] = self.runtime.evaluate(cid, rnd, payload, self.states[cid])
+        return metrics
