@@ -27,6 +27,7 @@ from .core.io import load_json, load_tensors, save_json, save_tensors
 from .data.suites import TEMPLATE
 from .data.tokenize import Encoded, encode_prompt, encode_texts
 from .engines.checkpoint import load_checkpoint
+from .engines.session import build_session
 from .training import ClientDataset, InstanceWeighting, Trainer
 
 MANIFEST = "fedlora_personalized.json"
@@ -34,8 +35,6 @@ MANIFEST = "fedlora_personalized.json"
 
 def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path) -> Path:
     """Write client `client_id`'s personalized model after the run's last checkpoint into `out_dir`."""
-    from .api import build_session  # the api builds the run's objects; serving sits beside it
-
     run_dir, out = Path(run_dir), Path(out_dir)
     cfg = load_config(run_dir / "config.json", [f"output_dir={run_dir}"])
     ckpt = load_checkpoint(run_dir)

@@ -100,6 +100,7 @@ class FederationConfig(Section):
     eval_every: int = Field(1, gt=0)
     eval_at_start: bool = Field(True, description="evaluate the untrained start as round 0")
     min_clients: int = Field(1, gt=0)
+    round_timeout: float | None = Field(None, gt=0, description="seconds to wait for replies (Flower); None: no limit")
 
 
 class AlgorithmConfig(Section):
@@ -121,10 +122,12 @@ class AlgorithmConfig(Section):
 class EngineConfig(Section):
     """Where the round loop runs."""
 
-    name: Literal["inprocess"] = "inprocess"
+    name: Literal["inprocess", "flower-sim"] = "inprocess"
     torch_threads: int | None = Field(None, gt=0)
     progress: bool = True
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0: only the final one)")
+    num_clients: int | None = Field(None, gt=0, description="SuperNodes the Flower server waits for (set by flower-sim)")
+    cpus: int | None = Field(None, gt=0, description="CPUs Flower's simulation may use (default: all)")
 
 
 class Config(Section):

@@ -1,0 +1,210 @@
+"""The Flower engine: fedlora algorithms as a Flower ServerApp (its main owns the round loop and talks to the
+SuperNodes with `grid.send_and_receive`) and a ClientApp that keeps each client's state on its node.
+
+The same two apps run on Flower's simulation runtime (`engine.name = "flower-sim"`) and on a real
+deployment (a SuperLink and one SuperNode per data owner; see docs/deployment.md). Algorithm code is
+unchanged: the server side is the `RoundLoop` of every engine, the client side the shared `ClientRuntime`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from ..algorithms import ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
+from ..core.config import Config, build_config
+from ..core.errors import ClientFailure
+from .loop import RoundLoop
+from .rundir import run_log
+from .session import build_session
+from .wire import decode, encode, store_state
+
+CLIENT_ID_KEY = "client-id"  # node config key of a SuperNode's data owner (deployment)
+
+
+class FlowerEngine(RoundLoop):
+    """The round loop with clients reached as Flower nodes; client states stay on the nodes."""
+
+    def __init__(self, config: Config, server: ServerAlgorithm, clients: list[ClientInfo], run_dir: Path,
+                 grid: Grid, nodes: dict[str, int]) -> None:
+        super().__init__(config, server, clients, run_dir)
+        self.grid, self.nodes = grid, nodes
+        self.timeout = config.federation.round_timeout
+
+    def _exchange(self, rnd: int, kind: str, payloads: dict[str, Payload]) -> tuple[dict[str, Message], dict[str, str]]:
+        messages = [Message(encode(p.states, {**p.config, "round": rnd}), dst_node_id=self.nodes[cid], message_type=kind,
+                            group_id=str(rnd)) for cid, p in payloads.items()]
+        by_node = {node: cid for cid, node in self.nodes.items()}
+        replies, failures = {}, {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            cid = by_node[reply.metadata.src_node_id]
+            if reply.has_error():
+                failures[cid] = f"ClientApp error: {reply.error.reason}"
+            else:
+                replies[cid] = reply
+        for cid in payloads:
+            if cid not in replies and cid not in failures:
+                failures[cid] = f"no reply within federation.round_timeout={self.timeout} s"
+        return replies, failures
+
+    def fit_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, Reply], dict[str, str]]:
+        self.show(f"round {rnd}: training {len(payloads)} clients on Flower", 0, len(payloads))
+        messages, failures = self._exchange(rnd, MessageType.TRAIN, payloads)
+        replies = {}
+        for cid, message in messages.items():
+            states, info = decode(message.content)
+            replies[cid] = Reply(states, int(info["num_examples"]), info["metrics"])
+        return replies, failures
+
+    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, dict[str, float]]:
+        self.show(f"round {rnd}: evaluating {len(payloads)} clients on Flower", 0, len(payloads))
+        messages, failures = self._exchange(rnd, MessageType.EVALUATE, payloads)
+        if failures:
+            raise ClientFailure(f"round {rnd}: evaluation failed on {failures}")
+        return {cid: decode(messages[cid].content)[1]["metrics"] for cid in payloads}
+
+
+# -- the ServerApp ----------------------------------------------------------------------------------------
+def handshake(grid: Grid, expected: int, wait: float = 120.0) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Ask every connected node for its client id: {client_id: (node_id, {"num_examples", "task"})}."""
+    deadline = time.monotonic() + wait
+    while len(list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise ClientFailure(f"only {len(list(grid.get_node_ids()))} of {expected} SuperNodes connected in {wait:.0f} s")
+        time.sleep(0.5)
+    messages = [Message(encode({}, {}), dst_node_id=node, message_type=MessageType.QUERY, group_id="handshake")
+                for node in grid.get_node_ids()]
+    found: dict[str, tuple[int, dict[str, Any]]] = {}
+    for reply in grid.send_and_receive(messages, timeout=wait):
+        if reply.has_error():
+            raise ClientFailure(f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}")
+        info = decode(reply.content)[1]
+        if info["client_id"] in found:
+            raise ClientFailure(f"two nodes claim client {info['client_id']!r}; give each SuperNode its own client-id")
+        found[info["client_id"]] = (reply.metadata.src_node_id, info)
+    return found
+
+
+def server_main(cfg: Config, grid: Grid) -> None:
+    """Build the method's server side, map nodes to clients, and run the round loop over Flower."""
+    from ..adapters import AdaptedModel
+    from ..adapters.base_models import load_base_model
+    from ..algorithms import build
+    from ..core.io import save_json
+
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
+    with run_log(run_dir):
+        # the server needs the adapted modules' shapes only: the base model without any client data
+        base = load_base_model(cfg.model.name, cfg.model.task, 2, cfg.model.dtype, cfg.seed)
+        spec = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.target_modules).spec
+        server, _ = build(cfg.algorithm.name, cfg.algorithm.options, spec, cfg.seed)
+        found = handshake(grid, cfg.engine.num_clients or 1)
+        order = sorted(found, key=lambda cid: found[cid][1]["order"])
+        clients = [ClientInfo(cid, int(found[cid][1]["num_examples"]), found[cid][1]["task"]) for cid in order]
+        FlowerEngine(cfg, server, clients, run_dir, grid, {cid: found[cid][0] for cid in order}).run()
+
+
+def make_server_app(cfg: Config | None = None) -> ServerApp:
+    """A ServerApp running `cfg`, or (deployment) the config named in the run config's `config` key."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server_main(cfg or config_from_run_config(context.run_config), grid)
+
+    return app
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> Config:
+    """The fedlora Config of a deployment: `config` (a file or built-in name) plus `set.*` overrides."""
+    from ..core.config import load_config
+
+    overrides = [f"{k.removeprefix('set.')}={v}" for k, v in run_config.items() if k.startswith("set.")]
+    return load_config(str(run_config["config"]), overrides)
+
+
+# -- the ClientApp ----------------------------------------------------------------------------------------
+_SESSIONS: dict[str, Any] = {}  # one built session (model + this process's data) per config, per process
+
+
+def _session(cfg: Config):
+    key = cfg.model_dump_json()
+    if key not in _SESSIONS:
+        _SESSIONS[key] = build_session(cfg)
+    return _SESSIONS[key]
+
+
+def _client_id(context: Context, session) -> str:
+    if CLIENT_ID_KEY in context.node_config:
+        return str(context.node_config[CLIENT_ID_KEY])
+    return session.infos[int(context.node_config["partition-id"])].client_id
+
+
+def _load_state(context: Context) -> ClientState:
+    states, meta = decode(context.state) if "fedlora" in context.state else ({}, {})
+    return ClientState(states, meta)
+
+
+def make_client_app(cfg: Config | None = None) -> ClientApp:
+    """A ClientApp for `cfg` (or the run config's), keeping the client's state in the node's Context.state."""
+    app = ClientApp()
+
+    def setup(context: Context):
+        config = cfg or config_from_run_config(context.run_config)
+        session = _session(config)
+        return session, _client_id(context, session)
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        session, cid = setup(context)
+        info = next(i for i in session.infos if i.client_id == cid)
+        order = [i.client_id for i in session.infos].index(cid)
+        return Message(encode({}, {"client_id": cid, "num_examples": info.num_examples, "task": info.task,
+                                   "order": order}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        session, cid = setup(context)
+        states, info = decode(message.content)
+        rnd = int(info.pop("round"))
+        reply, state = session.runtime.fit(cid, rnd, Payload(states, info), _load_state(context))
+        store_state(context.state, state.states, state.meta)
+        return Message(encode(reply.states, {"num_examples": reply.num_examples, "metrics": reply.metrics}),
+                       reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        session, cid = setup(context)
+        states, info = decode(message.content)
+        rnd = int(info.pop("round"))
+        metrics = session.runtime.evaluate(cid, rnd, Payload(states, info), _load_state(context))
+        return Message(encode({}, {"metrics": metrics}), reply_to=message)
+
+    return app
+
+
+def run_flower_simulation(cfg: Config) -> None:
+    """Run a config on Flower's simulation runtime (Ray), one virtual SuperNode per client."""
+    import os
+
+    from flwr.simulation import run_simulation
+
+    from ..data.federated import build_clients
+
+    n_clients = len(build_clients(cfg.data, cfg.seed))
+    cfg = build_config({**cfg.model_dump(), "engine": {**cfg.engine.model_dump(), "num_clients": n_clients}})
+    cpus = cfg.engine.cpus or os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False}}
+    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg), num_supernodes=n_clients,
+                   backend_config=backend)
+
+
+__all__ = ["FlowerEngine", "make_client_app", "make_server_app", "run_flower_simulation"]

@@ -1,0 +1,69 @@
+"""Building a run: the data split, the adapted base model, the method's objects and the client runtime.
+Every engine (and an export) builds the same session from the same config, deterministically."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..adapters import AdaptedModel
+from ..adapters.base_models import BaseModel, load_base_model
+from ..algorithms import ClientInfo, ServerAlgorithm, build, parse_options
+from ..core.config import Config
+from ..core.errors import DataError
+from ..core.seeding import generator
+from ..data.federated import ClientData, build_clients
+from ..data.tokenize import encode_classification, encode_generation
+from ..training import ClientDataset
+from .runtime import ClientRuntime
+
+log = logging.getLogger("fedlora")
+
+
+@dataclass
+class Session:
+    """Everything a run builds before its first round: data, model, method objects and the client runtime."""
+
+    config: Config
+    clients: list[ClientData]
+    base: BaseModel
+    adapted: AdaptedModel
+    server: ServerAlgorithm
+    runtime: ClientRuntime
+    infos: list[ClientInfo]
+
+
+def build_session(cfg: Config) -> Session:
+    """Build the data split, the adapted base model and the method for a config (deterministic in the seed)."""
+    if cfg.engine.torch_threads:
+        torch.set_num_threads(cfg.engine.torch_threads)
+    parse_options(cfg.algorithm.name, cfg.algorithm.options)  # fail on a bad option before any loading
+    clients = build_clients(cfg.data, cfg.seed)
+    num_labels = max((len(c.labels) for c in clients), default=0)
+    base = load_base_model(cfg.model.name, cfg.model.task, max(num_labels, 2), cfg.model.dtype, cfg.seed)
+    if base.task == "classification" and num_labels == 0:
+        raise DataError(f"model {cfg.model.name!r} classifies, but dataset {cfg.data.dataset!r} has no labels")
+    adapted = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    server, client = build(cfg.algorithm.name, cfg.algorithm.options, adapted.spec, cfg.seed)
+    datasets = {c.client_id: encode_client(c, base.tokenizer, base.task, cfg.data.max_length) for c in clients}
+    truncated = sum(d.train.n_truncated + d.test.n_truncated for d in datasets.values())
+    if truncated:
+        log.warning("%d texts were longer than data.max_length=%d and were truncated", truncated, cfg.data.max_length)
+    if client.few_shot:
+        datasets = {cid: d.hold_out(client.few_shot, generator(cfg.seed, "few-shot", cid)) for cid, d in datasets.items()}
+    runtime = ClientRuntime(client, adapted, base.tokenizer, cfg, base.task, datasets)
+    infos = [ClientInfo(c.client_id, len(datasets[c.client_id].train), c.task) for c in clients]
+    return Session(cfg, clients, base, adapted, server, runtime, infos)
+
+
+def encode_client(client: ClientData, tokenizer, task: str, max_length: int) -> ClientDataset:
+    """Tokenize one client's splits for the model's task."""
+    if not client.train:
+        raise DataError(f"client {client.client_id} has no training examples; lower data.clients_per_task")
+    if task == "classification":
+        encode = lambda recs: encode_classification(recs, tokenizer, client.labels, max_length)  # noqa: E731
+    else:
+        encode = lambda recs: encode_generation(recs, tokenizer, max_length)  # noqa: E731
+    return ClientDataset(encode(client.train), encode(client.test), len(client.labels), client.task)
