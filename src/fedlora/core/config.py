@@ -128,6 +128,7 @@ class EngineConfig(Section):
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0: only the final one)")
     num_clients: int | None = Field(None, gt=0, description="SuperNodes the Flower server waits for (set by flower-sim)")
     cpus: int | None = Field(None, gt=0, description="CPUs Flower's simulation may use (default: all)")
+    handshake_timeout: float = Field(600.0, gt=0, description="seconds the Flower server waits for every SuperNode")
 
 
 class Config(Section):

@@ -70,7 +70,7 @@ class FlowerEngine(RoundLoop):
 
 
 # -- the ServerApp ----------------------------------------------------------------------------------------
-def handshake(grid: Grid, expected: int, wait: float = 120.0) -> dict[str, tuple[int, dict[str, Any]]]:
+def handshake(grid: Grid, expected: int, wait: float = 600.0) -> dict[str, tuple[int, dict[str, Any]]]:
     """Ask every connected node for its client id: {client_id: (node_id, {"num_examples", "task"})}."""
     deadline = time.monotonic() + wait
     while len(list(grid.get_node_ids())) < expected:
@@ -80,13 +80,16 @@ def handshake(grid: Grid, expected: int, wait: float = 120.0) -> dict[str, tuple
     messages = [Message(encode({}, {}), dst_node_id=node, message_type=MessageType.QUERY, group_id="handshake")
                 for node in grid.get_node_ids()]
     found: dict[str, tuple[int, dict[str, Any]]] = {}
-    for reply in grid.send_and_receive(messages, timeout=wait):
+    for reply in grid.send_and_receive(messages, timeout=max(deadline - time.monotonic(), 1.0)):
         if reply.has_error():
             raise ClientFailure(f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}")
         info = decode(reply.content)[1]
         if info["client_id"] in found:
             raise ClientFailure(f"two nodes claim client {info['client_id']!r}; give each SuperNode its own client-id")
         found[info["client_id"]] = (reply.metadata.src_node_id, info)
+    if len(found) < len(messages):
+        raise ClientFailure(f"only {len(found)} of {len(messages)} SuperNodes answered the handshake within {wait:.0f} s "
+                            "(each loads the model and its data first); raise engine.handshake_timeout")
     return found
 
 
@@ -105,7 +108,7 @@ def server_main(cfg: Config, grid: Grid) -> None:
         base = load_base_model(cfg.model.name, cfg.model.task, 2, cfg.model.dtype, cfg.seed)
         spec = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.target_modules).spec
         server, _ = build(cfg.algorithm.name, cfg.algorithm.options, spec, cfg.seed)
-        found = handshake(grid, cfg.engine.num_clients or 1)
+        found = handshake(grid, cfg.engine.num_clients or 1, cfg.engine.handshake_timeout)
         order = sorted(found, key=lambda cid: found[cid][1]["order"])
         clients = [ClientInfo(cid, int(found[cid][1]["num_examples"]), found[cid][1]["task"]) for cid in order]
         FlowerEngine(cfg, server, clients, run_dir, grid, {cid: found[cid][0] for cid in order}).run()

@@ -1,0 +1,66 @@
+"""The Flower engine: the ClientApp in-process, and the same metrics as the in-process engine on Flower's
+simulation runtime (the proof that the algorithms do not depend on the engine)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from flwr.app import Context, Message, MessageType, Metadata, RecordDict
+
+from fedlora import run_experiment
+from fedlora.core.config import build_config
+from fedlora.core.errors import CheckpointError
+from fedlora.engines.flower import make_client_app
+from fedlora.engines.wire import decode, encode
+
+from .conftest import tiny_config
+
+
+def _message(kind: str, states: dict, info: dict) -> Message:
+    md = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+                  created_at=time.time(), ttl=3600, message_type=kind)
+    return Message(metadata=md, content=encode(states, info))
+
+
+def test_wire_round_trip_is_exact():
+    states = {"global": {"a.lora_A": torch.randn(2, 3), "a.lora_B": torch.zeros(3, 2)}}
+    got_states, got_info = decode(encode(states, {"phase": "clustered", "expert": 2}))
+    assert got_info == {"phase": "clustered", "expert": 2}
+    assert all(torch.equal(got_states["global"][k], v) for k, v in states["global"].items())
+
+
+def test_client_app_keeps_the_client_state_on_its_node(tmp_path):
+    cfg = build_config(tiny_config(tmp_path, algorithm={"name": "fedalt"}))
+    app = make_client_app(cfg)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 4}, state=RecordDict(),
+                      run_config={})
+    hello = decode(app(_message(MessageType.QUERY, {}, {}), context).content)[1]
+    assert hello["client_id"] == "verb_class-0" and hello["order"] == 2
+    reply = app(_message(MessageType.TRAIN, {}, {"round": 1}), context)
+    states, info = decode(reply.content)
+    assert set(states) == {"individual"} and info["num_examples"] == 48
+    kept, _ = decode(context.state)
+    assert set(kept) == {"individual", "row", "gate", "_head"}
+    bad = {"row": {"bad": states["individual"]["bert.encoder.layer.0.attention.self.query.lora_A"]}}
+    with pytest.raises(CheckpointError, match="does not fit the model"):  # Flower turns it into an error reply
+        app(_message(MessageType.TRAIN, bad, {"round": 2}), context)
+    after, _ = decode(context.state)
+    assert all(torch.equal(after[n][k], kept[n][k]) for n in kept for k in kept[n])  # a failed round changes nothing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,options", [("fedit", {}), ("fedalt", {}), ("fedlease", {"warmup_rounds": 1})])
+def test_flower_simulation_equals_in_process(tmp_path, method, options):
+    base = dict(federation={"rounds": 2}, algorithm={"name": method, "options": options})
+    inproc = run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "inproc"), **base))
+    flower = run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "flower"), engine={"name": "flower-sim",
+                                        "progress": False, "torch_threads": 1}, **base))
+    assert [r["round"] for r in flower.rounds] == [0, 1, 2]
+    for a, b in zip(inproc.evaluations(), flower.evaluations()):
+        for cid, metrics in a["eval"].items():
+            for key, value in metrics.items():
+                assert b["eval"][cid][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (a["round"], cid, key)
+    for a, b in zip(inproc.rounds[1:], flower.rounds[1:]):
+        assert a["comm"] == b["comm"] and a["sampled"] == b["sampled"]
