@@ -64,3 +64,63 @@ def test_flower_simulation_equals_in_process(tmp_path, method, options):
                 assert b["eval"][cid][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (a["round"], cid, key)
     for a, b in zip(inproc.rounds[1:], flower.rounds[1:]):
         assert a["comm"] == b["comm"] and a["sampled"] == b["sampled"]
+
+
+class FakeGrid:
+    """A Grid that delivers messages to ClientApps in this process (no Ray), as the SuperNode runtime would:
+    an exception becomes an error reply, a node in `silent` never answers."""
+
+    def __init__(self, app, n_nodes: int, silent: set[int] = frozenset()):
+        self.app, self.silent = app, silent
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i}, state=RecordDict(),
+                                          run_config={}) for i in range(n_nodes)}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error
+
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node in self.silent and message.metadata.message_type != MessageType.QUERY:
+                continue
+            md = Metadata(run_id=1, message_id=f"m{len(replies)}", src_node_id=0, dst_node_id=node,
+                          reply_to_message_id="", group_id=message.metadata.group_id, created_at=time.time(),
+                          ttl=3600, message_type=message.metadata.message_type)
+            incoming = Message(metadata=md, content=message.content)
+            try:
+                replies.append(self.app(incoming, self.contexts[node]))
+            except Exception as exc:
+                replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=incoming))
+        return replies
+
+
+def test_failed_and_silent_nodes_are_recorded_and_left_out(tmp_path, monkeypatch):
+    from fedlora.engines.flower import server_main
+    from fedlora.engines.runtime import ClientRuntime
+
+    cfg = build_config(tiny_config(tmp_path, federation={"rounds": 2, "min_clients": 2},
+                                   engine={"name": "flower-sim", "num_clients": 4, "progress": False}))
+    original = ClientRuntime.fit
+
+    def flaky(self, cid, rnd, payload, state):
+        if cid == "noun_topic-1" and rnd == 2:
+            raise RuntimeError("disk full")
+        return original(self, cid, rnd, payload, state)
+
+    monkeypatch.setattr(ClientRuntime, "fit", flaky)
+    from flwr.supercore.task_identity import TaskIdentity  # what Flower's runtime sets for a ServerApp
+
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+    grid = FakeGrid(make_client_app(cfg), 4, silent={103})  # partition 3 = verb_class-1 never answers a round
+    server_main(cfg, grid)
+    records = [__import__("json").loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert set(records[1]["fit"]) == {"noun_topic-0", "noun_topic-1", "verb_class-0"}
+    assert "no reply" in records[1]["failures"]["verb_class-1"]
+    assert "RuntimeError: disk full" in records[2]["failures"]["noun_topic-1"]
+    assert set(records[2]["fit"]) == {"noun_topic-0", "verb_class-0"}
+    assert set(records[2]["eval"]) == {"noun_topic-0", "noun_topic-1", "verb_class-0"}
+    assert "no reply" in records[2]["eval_failures"]["verb_class-1"]

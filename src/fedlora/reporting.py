@@ -93,7 +93,8 @@ def write_report(path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(clients) * len(summary) ** 0.5), 4))
     width = 0.8 / len(summary)
     for i, (m, s) in enumerate(summary.items()):
-        ax.bar([c + i * width for c in range(len(clients))], [s["per_client"][c] for c in clients], width, label=m)
+        ax.bar([c + i * width for c in range(len(clients))], [s["per_client"].get(c, float("nan")) for c in clients],
+               width, label=m)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(clients))], clients, rotation=60, ha="right", fontsize=7)
     ax.set(ylabel=f"final {metric}", title=f"final {metric} per client (own test split)")
     ax.legend(fontsize=7)

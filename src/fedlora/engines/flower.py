@@ -61,12 +61,10 @@ class FlowerEngine(RoundLoop):
             replies[cid] = Reply(states, int(info["num_examples"]), info["metrics"])
         return replies, failures
 
-    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, dict[str, float]]:
+    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
         self.show(f"round {rnd}: evaluating {len(payloads)} clients on Flower", 0, len(payloads))
         messages, failures = self._exchange(rnd, MessageType.EVALUATE, payloads)
-        if failures:
-            raise ClientFailure(f"round {rnd}: evaluation failed on {failures}")
-        return {cid: decode(messages[cid].content)[1]["metrics"] for cid in payloads}
+        return {cid: decode(m.content)[1]["metrics"] for cid, m in messages.items()}, failures
 
 
 # -- the ServerApp ----------------------------------------------------------------------------------------

@@ -30,9 +30,12 @@ class InProcessEngine(RoundLoop):
                 failures[cid] = f"{type(exc).__name__}: {exc}"
         return replies, failures
 
-    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, dict[str, float]]:
-        metrics = {}
+    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+        metrics, failures = {}, {}
         for i, (cid, payload) in enumerate(payloads.items()):
             self.show(f"round {rnd}: evaluating {cid}", i, len(payloads))
-            metrics[cid] = self.runtime.evaluate(cid, rnd, payload, self.states[cid])
-        return metrics
+            try:
+                metrics[cid] = self.runtime.evaluate(cid, rnd, payload, self.states[cid])
+            except Exception as exc:  # recorded in the round's eval_failures, like a failed fit
+                failures[cid] = f"{type(exc).__name__}: {exc}"
+        return metrics, failures

@@ -86,8 +86,13 @@ class RoundLoop(ABC):
 
     def _evaluate(self, rnd: int, ids: list[str]) -> dict:
         payloads = self.server.configure_evaluate(rnd, ids)
-        per_client = self.evaluate_clients(rnd, {cid: payloads.get(cid, Payload()) for cid in ids})
-        return {"eval": per_client, "summary": summarize(per_client, self.tasks)}
+        per_client, failures = self.evaluate_clients(rnd, {cid: payloads.get(cid, Payload()) for cid in ids})
+        for cid, reason in failures.items():
+            log.warning("round %d: client %s failed to evaluate: %s", rnd, cid, reason)
+        if not per_client:
+            raise ClientFailure(f"round {rnd}: no client could be evaluated: {failures}")
+        out = {"eval": per_client, "summary": summarize(per_client, self.tasks)}
+        return {**out, "eval_failures": failures} if failures else out
 
     @abstractmethod
     def fit_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, Reply], dict[str, str]]:
@@ -96,8 +101,8 @@ class RoundLoop(ABC):
         A client's new state must be kept only when its fit succeeded."""
 
     @abstractmethod
-    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> dict[str, dict[str, float]]:
-        """Every client's metrics on its own test split."""
+    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+        """Each client's metrics on its own test split, and the failure reason of each client that could not."""
 
     def show(self, what: str, done: int, total: int) -> None:
         if self.progress:
