@@ -1,0 +1,92 @@
+"""Wall time of the same run on the in-process engine and on Flower's simulation runtime, side by side.
+
+Each engine runs the same config; per-round cost = the median of the rounds' own timings (metrics.jsonl,
+rounds without evaluation), fixed start-up = wall time - the sum of the round timings.
+Results: benchmarks/results/engines.{md,json,png}.
+Usage: python benchmarks/engines.py [--quick] [--model tiny-bert|minilm] [--method fedalt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timed_run(model: str, method: str, engine: str, rounds: int, steps: int) -> tuple[float, list[float], float]:
+    """(wall seconds, seconds of each round without evaluation, seconds spent inside rounds)."""
+    from fedlora import run_experiment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = {"name": "bench", "output_dir": tmp, "seed": 0, "model": {"name": model},
+               "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+               "data": {"dataset": "wordnet-demo", "clients_per_task": 2, "train_per_client": 96, "test_per_client": 32,
+                        "max_length": 32},
+               "training": {"lr": 1e-3, "local_steps": steps, "batch_size": 16},
+               "federation": {"rounds": rounds, "eval_every": rounds, "eval_at_start": False},
+               "algorithm": {"name": method},
+               # same hardware for both: in process all cores in one torch pool, on Flower one core per Ray actor
+               "engine": {"name": engine, "progress": False, "checkpoint_every": 0,
+                          "torch_threads": 1 if engine == "flower-sim" else None}}
+        start = time.perf_counter()
+        result = run_experiment(cfg)
+        wall = time.perf_counter() - start
+        return wall, [r["seconds"] for r in result.rounds if "eval" not in r], sum(r["seconds"] for r in result.rounds
+                                                                                    if r.get("seconds"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model, few rounds (a CI smoke run)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--method", default="fedalt")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+    args = ap.parse_args()
+    out = args.out
+    model = args.model or ("tiny-bert" if args.quick else "minilm")
+    rounds, steps = (4, 3) if args.quick else (5, 8)
+    rows = {}
+    timed_run(model, args.method, "inprocess", 1, 1)  # warm-up: imports and file caches are not engine costs
+    for engine in ("inprocess", "flower-sim"):
+        wall, plain_rounds, in_rounds = timed_run(model, args.method, engine, rounds, steps)
+        per_round = statistics.median(plain_rounds)
+        rows[engine] = {"wall": wall, "round_seconds": plain_rounds, "per_round": per_round, "startup": wall - in_rounds}
+    ratio = rows["flower-sim"]["per_round"] / rows["inprocess"]["per_round"]
+    command = "python benchmarks/engines.py " + " ".join(sys.argv[1:])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engines.json").write_text(json.dumps({"command": command, "model": model, "method": args.method,
+                                                       "rounds": rounds, "local_steps": steps, "engines": rows,
+                                                       "per_round_ratio_flower_over_inprocess": ratio}, indent=2))
+    lines = [f"# Engines: in-process vs Flower simulation ({model}, {args.method}, 4 clients, {steps} local steps)", "",
+             f"Command: `{command}`", "", "| engine | start-up s | per round s |", "|---|---|---|"]
+    lines += [f"| {e} | {r['startup']:.1f} | {r['per_round']:.2f} |" for e, r in rows.items()]
+    lines += ["", f"Per-round cost on Flower / in-process: **{ratio:.2f}x** (aim: at most 1.3x). Both use every core:",
+              "in process one torch thread pool over all cores, clients one after another; on Flower one Ray actor",
+              "per core with one torch thread each, clients in parallel.", "",
+              "![engines](engines.png)"]
+    (out / "engines.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(rows)
+    ax.bar([i - 0.2 for i in range(2)], [rows[n]["startup"] for n in names], 0.4, label="start-up (s)")
+    ax.bar([i + 0.2 for i in range(2)], [rows[n]["per_round"] for n in names], 0.4, label="per round (s)")
+    ax.set_xticks(range(2), names)
+    ax.set(ylabel="seconds", title=f"engine cost, {model}, {args.method}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "engines.png", dpi=110)
+    print("\n".join(lines[4:8]) + f"\nflower/inprocess per round: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
