@@ -100,6 +100,7 @@ class FederationConfig(Section):
     eval_every: int = Field(1, gt=0)
     eval_at_start: bool = Field(True, description="evaluate the untrained start as round 0")
     min_clients: int = Field(1, gt=0)
+    max_update_norm: float | None = Field(None, gt=0, description="reject a client state whose L2 norm is larger")
     round_timeout: float | None = Field(None, gt=0, description="seconds to wait for replies (Flower); None: no limit")
 
 

@@ -20,6 +20,7 @@ from ..core.errors import ClientFailure
 from ..core.io import append_jsonl
 from .checkpoint import Checkpoint, save_checkpoint
 from .results import RunResult, summarize
+from .validation import check_reply
 from .sampling import sample_clients
 
 log = logging.getLogger("fedlora")
@@ -71,6 +72,11 @@ class RoundLoop(ABC):
         payloads = self.server.configure(rnd, sampled)
         payloads = {cid: payloads.get(cid, Payload()) for cid in sampled}
         replies, failures = self.fit_clients(rnd, payloads)
+        for cid in list(replies):
+            problem = check_reply(replies[cid], self.server.spec, self.config.federation.max_update_norm)
+            if problem:  # rejected: treated as a missing reply, never aggregated
+                failures[cid] = f"update rejected: {problem}"
+                del replies[cid]
         for cid, reason in failures.items():
             log.warning("round %d: client %s failed: %s", rnd, cid, reason)
         fit = {cid: {**r.metrics, "bytes_down": payloads[cid].num_bytes, "bytes_up": r.num_bytes}

@@ -1,0 +1,70 @@
+"""Checking a client's reply before aggregation: the server accepts tensors from parties it does not control.
+
+Every named state in a reply must be one of the shapes an adapter state can take for this model: a whole
+LoRA expert (A and B for every adapted module, one rank), one half of it (A only or B only, as FFA-LoRA and
+FedSA-LoRA send), or a router (every module, one slot count); floating point, finite, and (optionally)
+within a norm bound. A reply that fails is treated like a missing one and never reaches another client.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..adapters import AdapterSpec
+from ..algorithms import Reply
+from ..core.tensors import StateDict
+
+
+def check_state(name: str, state: StateDict, spec: AdapterSpec, max_norm: float | None) -> str | None:
+    """Why this adapter state is unacceptable, or None."""
+    dims = {path: (d_in, d_out) for path, d_in, d_out in spec.modules}
+    suffixes = {k.rsplit(".", 1)[-1] for k in state}
+    if not state:
+        return f"state {name!r} is empty"
+    if suffixes == {"router"}:
+        expected = {f"{p}.router" for p in dims}
+    elif suffixes <= {"lora_A", "lora_B"}:
+        expected = {f"{p}.{s}" for p in dims for s in suffixes}
+    else:
+        return f"state {name!r} has keys that are neither LoRA nor router tensors: {sorted(suffixes)[:4]}"
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        return f"state {name!r} has the wrong keys (missing {missing[:2]}, unexpected {extra[:2]})"
+    ranks = set()
+    for key, value in state.items():
+        path, kind = key.rsplit(".", 1)
+        d_in, d_out = dims[path]
+        if not torch.is_tensor(value) or not value.is_floating_point():
+            return f"{name}/{key} is not a floating-point tensor"
+        if value.dim() != 2:
+            return f"{name}/{key} has shape {tuple(value.shape)}, expected a matrix"
+        if kind == "lora_A" and value.shape[1] != d_in or kind == "router" and value.shape[1] != d_in:
+            return f"{name}/{key} has shape {tuple(value.shape)}, but the module's input size is {d_in}"
+        if kind == "lora_B" and value.shape[0] != d_out:
+            return f"{name}/{key} has shape {tuple(value.shape)}, but the module's output size is {d_out}"
+        ranks.add(value.shape[0] if kind in ("lora_A", "router") else value.shape[1])
+        if not bool(torch.isfinite(value).all()):
+            return f"{name}/{key} holds NaN or infinite values"
+    if len(ranks) != 1:
+        return f"state {name!r} mixes ranks or slot counts {sorted(ranks)} across modules"
+    if max_norm is not None:
+        norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values()))
+        if norm > max_norm:
+            return f"state {name!r} has norm {norm:.3g} > federation.max_update_norm={max_norm}"
+    return None
+
+
+def check_reply(reply: Reply, spec: AdapterSpec, max_norm: float | None = None) -> str | None:
+    """Why a client's reply must be rejected, or None when it is acceptable."""
+    if not isinstance(reply.num_examples, int) or reply.num_examples < 0:
+        return f"num_examples must be a non-negative integer, got {reply.num_examples!r}"
+    for key, value in reply.metrics.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"metric {key!r} is not a finite number: {value!r}"
+    for name, state in reply.states.items():
+        problem = check_state(name, state, spec, max_norm)
+        if problem:
+            return problem
+    return None
