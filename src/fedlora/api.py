@@ -116,5 +116,6 @@ def compare(config: Config | dict[str, Any] | str | Path, methods: list[str], ov
         sub.output_dir = str(cfg.run_dir / method)
         sub.name = f"{cfg.name}-{method}"
         results[method] = run_experiment(sub, overwrite=overwrite)
+    save_json(cfg.run_dir / "compare.json", {"methods": methods})  # the report keeps this order
     write_report(cfg.run_dir)
     return results

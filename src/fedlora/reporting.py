@@ -20,7 +20,9 @@ def find_runs(path: str | Path) -> dict[str, Path]:
         if path.is_dir() else []
     if not candidates:
         raise ConfigError(f"{path} holds no run (no metrics.jsonl in it or in its subdirectories)")
-    return {json.loads((p / "config.json").read_text())["algorithm"]["name"]: p for p in candidates}
+    runs = {json.loads((p / "config.json").read_text())["algorithm"]["name"]: p for p in candidates}
+    order = json.loads((path / "compare.json").read_text())["methods"] if (path / "compare.json").is_file() else []
+    return dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
