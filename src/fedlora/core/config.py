@@ -123,7 +123,8 @@ class AlgorithmConfig(Section):
 class EngineConfig(Section):
     """Where the round loop runs."""
 
-    name: Literal["inprocess", "flower-sim"] = "inprocess"
+    # flower-local: a SuperLink and one SuperNode process per client on this machine (TLS, node authentication)
+    name: Literal["inprocess", "flower-sim", "flower-local"] = "inprocess"
     torch_threads: int | None = Field(None, gt=0)
     progress: bool = True
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0: only the final one)")

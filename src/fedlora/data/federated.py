@@ -45,13 +45,31 @@ def load_records(cfg: DataConfig, seed: int) -> list[Record]:
             return load_jsonl(path, cfg.fields)
     if name.startswith("hf:"):
         return load_hf(name.removeprefix("hf:"), cfg.hf_split, cfg.fields)
-    path = Path(name)
-    if path.suffix == ".csv":
-        return load_csv(path, cfg.fields)
-    if path.suffix in {".jsonl", ".gz", ".json"}:
-        return load_jsonl(path, cfg.fields)
+    if Path(name).suffix in {".csv", ".jsonl", ".gz", ".json"}:
+        return load_file(name, cfg.fields)
     raise DataError(f"unknown dataset {name!r}: use a suite (data.suite = 'nlu' or 'nlg'), one of {sorted(BUILTIN)}, "
                     "a .jsonl/.csv file path, or hf:<dataset name or local directory>")
+
+
+def load_file(path: str | Path, fields: dict[str, str] | None = None) -> list[Record]:
+    """Records of a .jsonl(.gz)/.json or .csv file."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        return load_csv(path, fields)
+    if path.suffix in {".jsonl", ".gz", ".json"}:
+        return load_jsonl(path, fields)
+    raise DataError(f"data file {path} is neither .jsonl(.gz) nor .csv")
+
+
+def local_client(client_id: str, task: str, train_file: str | Path, test_file: str | Path | None = None,
+                 fields: dict[str, str] | None = None) -> ClientData:
+    """A data owner's own client from its files (a deployment's SuperNode): labels are those its files hold."""
+    train = load_file(train_file, fields)
+    test = load_file(test_file, fields) if test_file else []
+    if not train:
+        raise DataError(f"client {client_id}: {train_file} holds no records")
+    labels = sorted({str(r["label"]) for r in train + test}) if "label" in train[0] else []
+    return ClientData(client_id, task, train, test, labels)
 
 
 def build_clients(cfg: DataConfig, seed: int) -> list[ClientData]:

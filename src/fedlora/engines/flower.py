@@ -8,6 +8,7 @@ unchanged: the server side is the `RoundLoop` of every engine, the client side t
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..algorithms import ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
 from ..core.config import Config, build_config
-from ..core.errors import ClientFailure
+from ..data.federated import local_client
+from ..core.errors import ClientFailure, ConfigError
 from .loop import RoundLoop
 from .rundir import run_log
 from .session import build_session
@@ -107,7 +109,8 @@ def server_main(cfg: Config, grid: Grid) -> None:
         spec = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.target_modules).spec
         server, _ = build(cfg.algorithm.name, cfg.algorithm.options, spec, cfg.seed)
         found = handshake(grid, cfg.engine.num_clients or 1, cfg.engine.handshake_timeout)
-        order = sorted(found, key=lambda cid: found[cid][1]["order"])
+        # the split's order where nodes use it, then client id (nodes with their own data all report 0)
+        order = sorted(found, key=lambda cid: (found[cid][1]["order"], cid))
         clients = [ClientInfo(cid, int(found[cid][1]["num_examples"]), found[cid][1]["task"]) for cid in order]
         FlowerEngine(cfg, server, clients, run_dir, grid, {cid: found[cid][0] for cid in order}).run()
 
@@ -124,27 +127,54 @@ def make_server_app(cfg: Config | None = None) -> ServerApp:
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> Config:
-    """The fedlora Config of a deployment: `config` (a file or built-in name) plus `set.*` overrides."""
-    from ..core.config import load_config
+    """The fedlora Config of a deployment: `experiment` (TOML text, as `fedlora deploy app` writes it) or
+    `config` (a file or built-in name on every machine), plus `set.<section.key>` overrides."""
+    import tomllib
+
+    from ..core.config import apply_overrides, load_config
 
     overrides = [f"{k.removeprefix('set.')}={v}" for k, v in run_config.items() if k.startswith("set.")]
+    if "experiment" in run_config:
+        try:
+            data = tomllib.loads(str(run_config["experiment"]))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"the app's `experiment` run config is not valid TOML: {exc}") from None
+        return build_config(apply_overrides(data, overrides))
+    if "config" not in run_config:
+        raise ConfigError("the Flower app's run config has neither `experiment` nor `config`: write the app with "
+                          "`fedlora deploy app DIR CONFIG`")
     return load_config(str(run_config["config"]), overrides)
 
 
 # -- the ClientApp ----------------------------------------------------------------------------------------
-_SESSIONS: dict[str, Any] = {}  # one built session (model + this process's data) per config, per process
+_SESSIONS: dict[str, Any] = {}  # one built session (model + this process's data) per config and node, per process
+LOCAL_DATA_KEYS = ("train-file", "test-file", "task")  # node config of a data owner with its own files
 
 
-def _session(cfg: Config):
-    key = cfg.model_dump_json()
+def _session(cfg: Config, node_config: dict[str, Any]):
+    """The session of this node: the config's split, or (deployment) only the data owner's own files."""
+    own = {k: str(node_config[k]) for k in LOCAL_DATA_KEYS if k in node_config}
+    owner = str(node_config.get(CLIENT_ID_KEY, "")) if own else ""
+    key = cfg.model_dump_json() + json.dumps([owner, own], sort_keys=True)
     if key not in _SESSIONS:
-        _SESSIONS[key] = build_session(cfg)
+        clients = None
+        if own:
+            if not owner or "train-file" not in own:
+                raise ConfigError(f"a SuperNode with its own data needs node config {CLIENT_ID_KEY!r} and 'train-file' "
+                                  f"(and usually 'test-file', 'task'); it has {sorted(node_config)}")
+            clients = [local_client(owner, own.get("task", "task"), own["train-file"],
+                                    own.get("test-file"), cfg.data.fields)]
+        _SESSIONS[key] = build_session(cfg, clients)
     return _SESSIONS[key]
 
 
 def _client_id(context: Context, session) -> str:
     if CLIENT_ID_KEY in context.node_config:
-        return str(context.node_config[CLIENT_ID_KEY])
+        cid = str(context.node_config[CLIENT_ID_KEY])
+        if cid not in {i.client_id for i in session.infos}:
+            raise ConfigError(f"SuperNode client-id {cid!r} is not a client of this experiment's split "
+                              f"({', '.join(i.client_id for i in session.infos)}); give it 'train-file' for own data")
+        return cid
     return session.infos[int(context.node_config["partition-id"])].client_id
 
 
@@ -159,7 +189,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
 
     def setup(context: Context):
         config = cfg or config_from_run_config(context.run_config)
-        session = _session(config)
+        session = _session(config, context.node_config)
         return session, _client_id(context, session)
 
     @app.query()
@@ -209,3 +239,9 @@ def run_flower_simulation(cfg: Config) -> None:
 
 
 __all__ = ["FlowerEngine", "make_client_app", "make_server_app", "run_flower_simulation"]
+
+
+# The apps a deployment names in its pyproject (`[tool.flwr.app.components]`): both read the experiment from
+# the run config (`config` + `set.*`), so one installed fedlora serves every experiment.
+server_app = make_server_app()
+client_app = make_client_app()

@@ -35,12 +35,13 @@ class Session:
     infos: list[ClientInfo]
 
 
-def build_session(cfg: Config) -> Session:
-    """Build the data split, the adapted base model and the method for a config (deterministic in the seed)."""
+def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Session:
+    """Build the data split (or take given clients, e.g. a data owner's own), the adapted base model and the
+    method for a config (deterministic in the seed)."""
     if cfg.engine.torch_threads:
         torch.set_num_threads(cfg.engine.torch_threads)
     parse_options(cfg.algorithm.name, cfg.algorithm.options)  # fail on a bad option before any loading
-    clients = build_clients(cfg.data, cfg.seed)
+    clients = build_clients(cfg.data, cfg.seed) if clients is None else clients
     num_labels = max((len(c.labels) for c in clients), default=0)
     base = load_base_model(cfg.model.name, cfg.model.task, max(num_labels, 2), cfg.model.dtype, cfg.seed)
     if base.task == "classification" and num_labels == 0:
