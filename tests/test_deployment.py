@@ -13,7 +13,7 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from cryptography.x509 import IPAddress, SubjectAlternativeName, load_pem_x509_certificate
-from flwr.common.config import flatten_dict
+from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 
 from fedlora import run_experiment
 from fedlora.core.config import build_config
@@ -39,9 +39,13 @@ def test_app_carries_the_experiment_and_takes_overrides(tmp_path):
     assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "fedlora.engines.flower:server_app",
                                                             "clientapp": "fedlora.engines.flower:client_app"}
     run_config = _app_run_config(app)
-    assert config_from_run_config(run_config) == cfg  # lists (tasks, target modules) survive, unlike flat keys
-    changed = config_from_run_config({**run_config, "set.federation.rounds": 7, "set.training.lr": 0.001})
-    assert changed.federation.rounds == 7 and changed.training.lr == 0.001 and changed.algorithm == cfg.algorithm
+    expected = cfg.with_overrides(["engine.num_clients=2", f"output_dir={cfg.run_dir}"])  # 2 clients in the split
+    assert config_from_run_config(run_config) == expected  # lists (tasks, target modules) survive, unlike flat keys
+    # what `flwr run -c` does with submission-time settings: only keys the app lists may be overridden
+    submitted = fuse_dicts(run_config, parse_config_args(["set.engine.num_clients=5 set.output_dir='/srv/x'"]))
+    assert config_from_run_config(submitted) == cfg.with_overrides(["engine.num_clients=5", "output_dir=/srv/x"])
+    with pytest.raises(ValueError, match="not present"):
+        fuse_dicts(run_config, parse_config_args(["set.training.lr=0.1"]))
 
 
 def test_run_config_errors_say_what_to_do():

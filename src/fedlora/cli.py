@@ -104,6 +104,26 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
     prepare_data(corpora, [m for m in args.model.split(",") if m])
 
 
+def cmd_deploy_app(args: argparse.Namespace) -> None:
+    from .api import as_config
+    from .deployment import write_app
+
+    cfg = as_config(args.config, args.set)
+    app = write_app(args.app_dir, cfg)
+    print(f"Flower app for {cfg.name!r} ({cfg.algorithm.name}) written to {app}/pyproject.toml\n"
+          f"submit it with: flwr run {app} <superlink connection> --stream")
+
+
+def cmd_deploy_credentials(args: argparse.Namespace) -> None:
+    from .deployment import write_credentials
+
+    creds = write_credentials(args.out, args.supernode, args.host)
+    print(f"CA certificate {creds.ca_cert} (give it to every SuperNode and to the flwr CLI)\n"
+          f"SuperLink certificate and key {creds.server_cert}, {creds.server_key} (valid for {', '.join(args.host)})")
+    for name, key in creds.supernode_keys.items():
+        print(f"SuperNode {name}: private key {key} (give to that data owner only), register {creds.public_key(name)}")
+
+
 def cmd_methods(args: argparse.Namespace) -> None:
     from .algorithms import METHODS
 
@@ -161,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="", help="also fetch and convert a model: smollm2")
     p.set_defaults(func=cmd_prepare_data)
 
+    p = sub.add_parser("deploy", help="take an experiment onto a Flower deployment (docs/deployment.md)")
+    deploy = p.add_subparsers(dest="deploy_command", required=True)
+    q = deploy.add_parser("app", help="write a Flower app directory that runs a config on a SuperLink")
+    q.add_argument("app_dir")
+    q.add_argument("config", help="a TOML/YAML file or a built-in name")
+    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    q.set_defaults(func=cmd_deploy_app)
+    q = deploy.add_parser("credentials", help="write a CA, a SuperLink TLS certificate and SuperNode key pairs")
+    q.add_argument("out")
+    q.add_argument("--supernode", action="append", required=True, metavar="NAME", help="one per data owner")
+    q.add_argument("--host", action="append", default=None, metavar="HOST",
+                   help="the SuperLink's addresses as SuperNodes reach it (default: 127.0.0.1 and localhost)")
+    q.set_defaults(func=cmd_deploy_credentials)
+
     p = sub.add_parser("methods", help="list the methods and their options")
     p.set_defaults(func=cmd_methods)
     return parser
@@ -171,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
+    if getattr(args, "host", "") is None:
+        args.host = ["127.0.0.1", "localhost"]
     from .core.errors import FedloraError
 
     try:

@@ -24,7 +24,7 @@ APP_PYPROJECT = """\
 # A fedlora experiment as a Flower app: `flwr run {app_dir} <superlink connection> --stream`.
 # The ServerApp and ClientApp come from the installed fedlora package; the experiment travels inside the
 # app bundle (the `experiment` TOML below), so no machine needs a copy of the config file.
-# Override any config key at submission: flwr run ... -c 'set.federation.rounds=10 set.training.lr=0.001'
+# Submit with other settings: flwr run ... -c 'set.engine.num_clients=3 set.output_dir="/srv/runs/x"'
 
 [build-system]
 requires = ["hatchling"]
@@ -47,12 +47,21 @@ clientapp = "fedlora.engines.flower:client_app"
 [tool.flwr.app.config]
 experiment = '''
 {experiment}'''
+
+# Settings of this submission; they win over the experiment's (`flwr run` only overrides keys listed here).
+[tool.flwr.app.config.set]
+"engine.num_clients" = {num_clients}  # SuperNodes to wait for before round 1
+output_dir = "{output_dir}"  # on the SuperLink's machine
 """
 
 
 def write_app(app_dir: str | Path, cfg: Config) -> Path:
-    """Write a Flower app directory (its pyproject.toml) that runs `cfg` on a SuperLink."""
+    """Write a Flower app directory (its pyproject.toml) that runs `cfg` on a SuperLink.
+
+    It waits for `engine.num_clients` SuperNodes, by default one per client of the config's split."""
     import tomli_w
+
+    from .data.federated import build_clients
 
     app_dir = Path(app_dir)
     app_dir.mkdir(parents=True, exist_ok=True)
@@ -60,8 +69,10 @@ def write_app(app_dir: str | Path, cfg: Config) -> Path:
     if "'''" in experiment:
         raise FedloraError("the config holds a triple single quote, which a TOML literal block cannot carry")
     name = re.sub(r"[^a-z0-9-]+", "-", f"fedlora-{cfg.name}".lower()).strip("-")
+    num_clients = cfg.engine.num_clients or len(build_clients(cfg.data, cfg.seed))
     text = APP_PYPROJECT.format(app_dir=app_dir, name=name, experiment_name=cfg.name, method=cfg.algorithm.name,
-                                experiment=experiment)
+                                experiment=experiment, num_clients=num_clients,
+                                output_dir=json.dumps(str(cfg.run_dir))[1:-1])
     (app_dir / "pyproject.toml").write_text(text)
     return app_dir
 
