@@ -18,5 +18,6 @@ def test_engines_benchmark_quick(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads((tmp_path / "engines.json").read_text())
-    assert set(data["engines"]) == {"inprocess", "flower-sim"} and data["per_round_ratio_flower_over_inprocess"] > 0
+    assert set(data["engines"]) == {"inprocess", "flower-sim", "flower-local"}
+    assert all(r > 0 for r in data["per_round_ratio_over_inprocess"].values())
     assert (tmp_path / "engines.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fedlora import run_experiment
-from fedlora.core.errors import ConfigError
+from fedlora.core.errors import ConfigError, DataError
 from fedlora.engines.sampling import sample_clients
 
-from .conftest import tiny_config
+from .conftest import TINY_CONFIG, tiny_config
 
 
 def _metrics(result):
@@ -75,6 +75,14 @@ def test_existing_run_dir_is_not_overwritten_by_accident(tmp_path):
     with pytest.raises(ConfigError, match="not a fedlora run directory"):
         run_experiment({**cfg, "output_dir": str(precious)}, overwrite=True)
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_a_run_that_failed_before_round_one_can_simply_be_started_again(tmp_path):
+    cfg = tiny_config(tmp_path, federation={"rounds": 1}, data={"dataset": str(tmp_path / "missing.jsonl")})
+    with pytest.raises(DataError, match="does not exist"):
+        run_experiment(cfg)
+    assert "run failed: DataError" in (tmp_path / "run" / "run.log").read_text()  # the reason is kept
+    assert run_experiment({**cfg, "data": TINY_CONFIG["data"]}).rounds  # no --overwrite needed: nothing to lose
 
 
 def test_sampling_is_seeded_and_partial():

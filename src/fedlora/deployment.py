@@ -247,7 +247,8 @@ class LocalFederation:
         status = json.loads(self.flwr("ls", self.connection, "--run-id", run_id, "--format", "json"))
         state = status["runs"][0]["status"]
         if state != "finished:completed":
-            raise FedloraError(f"run {run_id} ended as {state!r}; see {self.logs} and `flwr log {run_id}`")
+            raise FedloraError(f"run {run_id} ended as {state!r}; its log ends with:\n{out[-3000:]}\n"
+                               f"(all logs: {self.logs}, `flwr log {run_id}`)")
         return run_id
 
     def flwr(self, *args: str, timeout: float | None = 120.0, retries: int = 1) -> str:

@@ -22,7 +22,7 @@ from .adapters.base_models import load_base_model
 from .adapters.peft_io import export_peft_adapter, import_peft_adapter
 from .algorithms import ClientState, Personalized
 from .core.config import TrainingConfig, load_config
-from .core.errors import CheckpointError, ConfigError
+from .core.errors import CheckpointError, ConfigError, DataError
 from .core.io import load_json, load_tensors, save_json, save_tensors
 from .data.suites import TEMPLATE
 from .data.tokenize import Encoded, encode_prompt, encode_texts
@@ -33,10 +33,21 @@ from .training import ClientDataset, InstanceWeighting, Trainer
 MANIFEST = "fedlora_personalized.json"
 
 
+def run_config(run_dir: Path) -> Path:
+    """The config.json of a run directory; CheckpointError says what to give instead when there is none."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist; give the output_dir of a finished run "
+                              "(where 'fedlora run' wrote config.json and checkpoint/)")
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(f"{run_dir} is not a fedlora run directory (no config.json); give the output_dir "
+                              "of a finished run (for a comparison, one method's subdirectory)")
+    return run_dir / "config.json"
+
+
 def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path) -> Path:
     """Write client `client_id`'s personalized model after the run's last checkpoint into `out_dir`."""
     run_dir, out = Path(run_dir), Path(out_dir)
-    cfg = load_config(run_dir / "config.json", [f"output_dir={run_dir}"])
+    cfg = load_config(run_config(run_dir), [f"output_dir={run_dir}"])
     ckpt = load_checkpoint(run_dir)
     if client_id not in ckpt.client_states:
         raise ConfigError(f"no client {client_id!r} in {run_dir}; clients: {', '.join(sorted(ckpt.client_states))}")
@@ -151,7 +162,13 @@ def read_texts(source: str | None) -> list[str]:
     """Lines of a file, or of standard input when source is None or '-'."""
     import sys
 
-    text = sys.stdin.read() if source in (None, "-") else Path(source).read_text()
+    if source in (None, "-"):
+        text = sys.stdin.read()
+    elif not Path(source).is_file():
+        raise DataError(f"text file {source} does not exist; give a file with one text per line, or '-' "
+                        "(or no --file) to read standard input")
+    else:
+        text = Path(source).read_text(encoding="utf-8", errors="replace")
     return [line for line in text.splitlines() if line.strip()]
 
 

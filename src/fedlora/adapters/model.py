@@ -85,15 +85,24 @@ def find_targets(model: nn.Module, targets: list[str] | str | None) -> list[str]
             found = [n for n in linears if n.rsplit(".", 1)[-1] in names]
             if found:
                 return found
-        targets = list(DEFAULT_TARGETS[0])
     if isinstance(targets, str):
-        found = [n for n in linears if re.fullmatch(targets, n)]
+        try:
+            found = [n for n in linears if re.fullmatch(targets, n)]
+        except re.error as exc:
+            raise ConfigError(f"lora.target_modules={targets!r} is not a valid regular expression ({exc}); give a "
+                              "list of module-name suffixes such as ['query', 'value'], or a regex over full names") from None
     else:
-        found = [n for n in linears if n.rsplit(".", 1)[-1] in targets or n in targets]
+        found = [n for n in linears if targets is not None and (n.rsplit(".", 1)[-1] in targets or n in targets)]
     if not found:
-        sample = sorted({n.rsplit(".", 1)[-1] for n in linears})[:20]
-        raise ConfigError(f"no module of the model matches lora.target_modules={targets!r}; "
-                          f"linear layers it has: {sample}")
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        given = (f"lora.target_modules={targets!r}" if targets is not None else
+                 f"lora.target_modules (not set: the defaults {[list(t) for t in DEFAULT_TARGETS]})")
+        hint = f" (e.g. {linears[0]!r})" if linears else ""
+        if isinstance(targets, str) and targets in suffixes:
+            hint += f"; a string is one regex over full names: for the suffix give a list, [{targets!r}]"
+        raise ConfigError(f"no module of the model matches {given}. Its linear modules end in "
+                          f"{suffixes[:30]}{' ...' if len(suffixes) > 30 else ''}; set lora.target_modules to some of "
+                          f"these suffixes, or to a regex over full module names{hint}")
     return found
 
 

@@ -68,8 +68,41 @@ def local_client(client_id: str, task: str, train_file: str | Path, test_file: s
     test = load_file(test_file, fields) if test_file else []
     if not train:
         raise DataError(f"client {client_id}: {train_file} holds no records")
+    check_fields(train + test, f"client {client_id}'s files")
     labels = sorted({str(r["label"]) for r in train + test}) if "label" in train[0] else []
-    return ClientData(client_id, task, train, test, labels)
+    client = ClientData(client_id, task, train, test, labels)
+    warn_unseen_test_labels([client])
+    return client
+
+
+def check_fields(records: list[Record], where: str) -> None:
+    """Every record must be classification ({"text", "label"}) or generation ({"prompt", "response"}), all alike;
+    DataError names the first record that is not and the fields it has."""
+    need = {"text", "label"} if "label" in records[0] else {"prompt", "response"}
+    for i, r in enumerate(records):
+        if not need <= r.keys():
+            raise DataError(f"{where}: its record #{i} has fields {sorted(r)[:8]} but needs {sorted(need)} (classification: "
+                            "text + label; generation: prompt + response); map your field names with data.fields, "
+                            "e.g. data.fields = {text = 'sentence'}")
+
+
+def unseen_test_labels(client: ClientData) -> int:
+    """How many of a client's test examples carry a label that never occurs in its training split."""
+    if not client.labels:
+        return 0
+    trained = {str(r["label"]) for r in client.train}
+    return sum(str(r["label"]) not in trained for r in client.test)
+
+
+def warn_unseen_test_labels(clients: list[ClientData]) -> dict[str, int]:
+    """Log one warning counting, per client, the test examples whose label the client never trained on
+    (the head knows every label of the task, so nothing fails, but such examples are hard); returns the counts."""
+    counts = {c.client_id: n for c in clients if (n := unseen_test_labels(c))}
+    if counts:
+        log.warning("%d client(s) have test examples whose label never occurs in their own training split (the "
+                    "task's head knows the label, but the client never trained on it; expected under strong label "
+                    "skew, see data.dirichlet_alpha): %s", len(counts), counts)
+    return counts
 
 
 def build_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
@@ -87,6 +120,12 @@ def build_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
     clients: list[ClientData] = []
     for task in tasks:
         recs = by_task[task]
+        if len(recs) < 2 * cfg.clients_per_task:
+            fix = (f"lower data.clients_per_task to at most {len(recs) // 2} or add records" if len(recs) >= 2
+                   else "add records")
+            raise DataError(f"task {task!r} has {len(recs)} record(s), too few for data.clients_per_task="
+                            f"{cfg.clients_per_task} clients with a train and a test example each; {fix}")
+        check_fields(recs, f"task {task!r} of dataset {cfg.suite or cfg.dataset!r}")
         is_classification = "label" in recs[0]
         labels = sorted({str(r["label"]) for r in recs}) if is_classification else []
         rng = numpy_rng(seed, "partition", task)
@@ -101,6 +140,10 @@ def build_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
             parts = iid(len(recs), cfg.clients_per_task, rng)
         for c, part in enumerate(parts):
             cid = f"{task}-{c}"
+            if len(part) < 2:
+                raise DataError(f"client {cid} gets {len(part)} of task {task!r}'s {len(recs)} records "
+                                f"(data.partition={cfg.partition!r}) but needs a train and a test example; lower "
+                                "data.clients_per_task or add records")
             train_idx, test_idx = train_test_split(part, cfg.train_per_client, cfg.test_per_client,
                                                    numpy_rng(seed, "split", cid))
             clients.append(ClientData(cid, task, [recs[i] for i in train_idx], [recs[i] for i in test_idx], labels))
@@ -110,4 +153,5 @@ def build_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
         log.warning("%d clients have fewer than the requested %d train / %d test examples (their task cannot "
                     "supply more): %s", len(short), cfg.train_per_client,
                     cfg.test_per_client, short)
+    warn_unseen_test_labels(clients)
     return clients

@@ -9,6 +9,7 @@ unchanged: the server side is the `RoundLoop` of every engine, the client side t
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .rundir import run_log
 from .session import build_session
 from .wire import decode, encode, store_state
 
+log = logging.getLogger("fedlora")
 CLIENT_ID_KEY = "client-id"  # node config key of a SuperNode's data owner (deployment)
 
 
@@ -41,12 +43,18 @@ class FlowerEngine(RoundLoop):
     def _exchange(self, rnd: int, kind: str, payloads: dict[str, Payload]) -> tuple[dict[str, Message], dict[str, str]]:
         messages = [Message(encode(p.states, {**p.config, "round": rnd}), dst_node_id=self.nodes[cid], message_type=kind,
                             group_id=str(rnd)) for cid, p in payloads.items()]
+        sent = dict(zip(payloads, messages))
         by_node = {node: cid for cid, node in self.nodes.items()}
         replies, failures = {}, {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            cid = by_node[reply.metadata.src_node_id]
-            if reply.has_error():
-                failures[cid] = f"ClientApp error: {reply.error.reason}"
+            # the grid has given each sent message its id by now; errors the SuperLink writes itself (an
+            # unavailable node) come from the SuperLink's node id, so match on the message replied to first
+            by_id = {m.metadata.message_id: cid for cid, m in sent.items() if m.metadata.message_id}
+            cid = by_id.get(reply.metadata.reply_to_message_id) or by_node.get(reply.metadata.src_node_id)
+            if cid is None:
+                log.warning("round %d: ignoring a reply that answers none of this round's messages", rnd)
+            elif reply.has_error():
+                failures[cid] = f"error reply: {reply.error.reason}"
             else:
                 replies[cid] = reply
         for cid in payloads:

@@ -19,7 +19,10 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         if not is_run:
             raise ConfigError(f"output_dir {run_dir} is not empty and is not a fedlora run directory; "
                               "choose an empty or new directory")
-        if not overwrite:
+        # a run that failed before its first round holds nothing to lose: start it again without asking
+        has_results = any(run_dir.glob("metrics.jsonl")) or any(run_dir.glob("*/metrics.jsonl")) \
+            or (run_dir / "checkpoint").exists()
+        if has_results and not overwrite:
             raise ConfigError(f"run directory {run_dir} already holds a run; pass overwrite=True (--overwrite) "
                               "or choose another output_dir")
         shutil.rmtree(run_dir)
@@ -42,6 +45,10 @@ def run_log(run_dir: Path):
     log.propagate = False
     try:
         yield
+    except Exception as exc:  # the reason goes into run.log too (the console shows it once, from the caller)
+        file_handler.emit(logging.LogRecord("fedlora", logging.ERROR, __file__, 0, "run failed: %s: %s",
+                                            (type(exc).__name__, exc), None))
+        raise
     finally:
         for h in handlers:
             log.removeHandler(h)
