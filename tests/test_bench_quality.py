@@ -1,0 +1,122 @@
+"""benchmarks/quality.py: the table and ordering logic on hand-made results, and the --quick smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_quality():
+    """The benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(method: str, seed: int, average: float, suite: str = "nlg", **extra) -> dict:
+    """A result JSON as run_one writes it, with two tasks whose mean is `average`."""
+    return {"suite": suite, "profile": "quick", "method": method, "seed": seed, "metric": "rouge1",
+            "by_task": {"t1": average - 0.01, "t2": average + 0.01}, "average": average, "wall_seconds": 10.0,
+            "tasks": {"c0": "t1", "c1": "t2"}, **extra}
+
+
+def table_of(q, means: dict[str, list[float]]) -> dict:
+    """aggregate() of runs whose per-seed averages are `means[method]`."""
+    return q.aggregate({m: {s: fake_run(m, s, v) for s, v in enumerate(vs)} for m, vs in means.items()})
+
+
+def test_ordering_says_yes_only_when_the_means_follow_the_paper():
+    q = load_quality()
+    order = q.PAPER["nlg"]["order"]  # FedALT > FDLoRA > FedDPA > Local > FedIT
+    follows = table_of(q, {"fedalt": [0.50, 0.52], "fdlora": [0.48, 0.47], "feddpa": [0.45, 0.46],
+                           "local": [0.44, 0.43], "fedit": [0.40, 0.41]})
+    checks = [q.check_relation(r, follows) for r in q.relations(order)]
+    assert len(checks) == 10 and all(c["holds"] == "yes" for c in checks)
+    assert q.verdict(checks).startswith("**Reproduced: yes.**")
+
+    swapped = table_of(q, {"fedalt": [0.50, 0.52], "fdlora": [0.48, 0.47], "feddpa": [0.45, 0.46],
+                           "local": [0.40, 0.41], "fedit": [0.44, 0.43]})  # FedIT above Local
+    checks = {c["relation"]: c for c in (q.check_relation(r, swapped) for r in q.relations(order))}
+    assert checks["Local > FedIT"]["holds"] == "no" and checks["FedDPA > FedIT"]["holds"] == "yes"
+    assert checks["Local > FedIT"]["delta"] == pytest.approx(-0.03)
+    assert sum(c["holds"] == "yes" for c in checks.values()) == 9
+    assert q.verdict(list(checks.values())).startswith("**Reproduced: no.** 9 of 10")
+
+    partial = table_of(q, {"fedalt": [0.5], "fedit": [0.4]})
+    checks = [q.check_relation(r, partial) for r in q.relations(order)]
+    assert [c["holds"] for c in checks].count("yes") == 1 and [c["holds"] for c in checks].count("not run") == 9
+    text = q.verdict(checks)
+    assert "not decidable" in text and "FDLoRA" in text and "FedALT" not in text.split("Missing runs of:")[1]
+
+
+def test_ties_and_noise_within_a_group():
+    q = load_quality()
+    rels = q.relations(q.PAPER["nlu"]["order"])  # FedLEASE > FedSA ~ FedDPA ~ IFCA > FedIT
+    assert ("fedsa", "~", "feddpa") in rels and ("fedlease", ">", "fedit") in rels and len(rels) == 10
+    table = table_of(q, {"fedsa": [0.800, 0.806], "feddpa": [0.798, 0.800], "ifca": [0.70, 0.71]})
+    assert q.check_relation(("fedsa", "~", "feddpa"), table)["holds"] == "yes"  # 0.4 points apart
+    far = q.check_relation(("fedsa", "~", "ifca"), table)
+    assert far["holds"] == "no" and far["beyond_noise"] is True
+    assert table["fedsa"]["average"]["n"] == 2
+    assert table["fedsa"]["average"]["std"] == pytest.approx(0.006 / 2 ** 0.5)
+
+
+def test_ari_on_a_planted_assignment():
+    q = load_quality()
+    tasks = {f"{t}-{i}": t for t in ("a", "b", "c", "d") for i in range(4)}
+    exact = {c: "abcd".index(t) for c, t in tasks.items()}
+    assert q.task_ari(exact, tasks) == pytest.approx(1.0)
+    relabelled = {c: 3 - e for c, e in exact.items()}  # cluster ids are arbitrary
+    assert q.task_ari(relabelled, tasks) == pytest.approx(1.0)
+    merged = {c: min(e, 2) for c, e in exact.items()}  # tasks c and d share an expert
+    assert 0.5 < q.task_ari(merged, tasks) < 1.0
+    assert q.task_ari({c: 0 for c in tasks}, tasks) == pytest.approx(0.0)
+
+
+def test_report_from_existing_runs_marks_missing_ones(tmp_path):
+    q = load_quality()
+    fl = {"n_experts": 2, "silhouette": {"2": 0.4, "3": 0.1}, "assignment": {"c0": 0, "c1": 1}, "ari": 1.0}
+    runs = [fake_run("fedit", 0, 0.40, "nlu"), fake_run("fedit", 1, 0.42, "nlu"),
+            fake_run("fedlease", 0, 0.50, "nlu", fedlease=fl)]
+    for r in runs:
+        path = q.result_path(tmp_path, "nlu", "quick", r["method"], r["seed"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    md = q.write_report(tmp_path, "quick", {"nlu": ["fedit", "fedlease", "ifca"], "nlg": ["fedalt"]}, [0, 1], "cmd")
+    text = md.read_text()
+    assert "| FedIT | 40.00 ± 1.41 | 42.00 ± 1.41 | **41.00 ± 1.41** | +0.00 |" in text
+    assert "**50.00 ± – (1/2)**" in text and "| IFCA+LoRA | not run |" in text
+    assert "| 0 | 2 | 0.400 | 1.000 |" in text
+    data = json.loads((tmp_path / "quality" / "quality.json").read_text())
+    assert "nlu fedlease seed 1" in data["missing"] and "nlg fedalt seed 0" in data["missing"]
+    assert "nlu fedit seed 0" not in data["missing"]
+    for suite in ("nlu", "nlg"):
+        assert (tmp_path / "quality" / f"quality_{suite}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_quality_benchmark_quick(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/quality.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    q = tmp_path / "quality"
+    data = json.loads((q / "quality.json").read_text())
+    assert data["missing"] == [] and set(data["suites"]) == {"nlu", "nlg"}
+    for suite, methods in (("nlu", {"fedit", "fedlease"}), ("nlg", {"fedit", "fedalt"})):
+        assert set(data["suites"][suite]["table"]) == methods
+        assert (q / f"quality_{suite}.png").read_bytes()[:4] == b"\x89PNG"
+        for m in methods:
+            run = json.loads((q / "runs" / f"{suite}-smoke" / f"{m}-seed0.json").read_text())
+            assert 0.0 <= run["average"] <= 1.0 and run["per_client"] and run["wall_seconds"] > 0
+    fl = data["suites"]["nlu"]["fedlease"][0]
+    assert fl["n_experts"] >= 1 and -1.0 <= fl["ari"] <= 1.0
+    text = (q / "quality.md").read_text()
+    assert "Reproduced" in text and "FedLEASE > FedIT" in text
