@@ -69,8 +69,6 @@ def test_a_config_file_that_does_not_parse_says_where(capsys, tmp_path):
     assert f"config file {tmp_path / 'broken.toml'} does not parse" in err and "line 2" in err
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason="core/config.py apply_overrides lets yaml.YAMLError through "
-                   "(a traceback); it should raise ConfigError naming the override")
 def test_an_override_whose_value_does_not_parse_is_one_error(capsys, config_file):
     assert "training.lr" in cli_error(capsys, "run", config_file, "--set", "training.lr=[1,")
 

@@ -68,7 +68,8 @@ def _run(cfg: Config, run_dir: Path, resume: Checkpoint | None = None, records: 
         return RunResult(run_dir, cfg.algorithm.name, read_records(run_dir))  # client states stay on the nodes
     s = build_session(cfg)
     save_json(run_dir / "clients.json", [c.to_json() for c in s.clients])
-    result = InProcessEngine(cfg, s.server, s.runtime, s.infos, run_dir, resume, records).run()
+    with s.runtime:  # stops a client's data-parallel workers, also when the run fails
+        result = InProcessEngine(cfg, s.server, s.runtime, s.infos, run_dir, resume, records).run()
     write_report(run_dir)
     return result
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from ..adapters import AdapterSpec
 from ..core.errors import ConfigError
 from .base import (AveragingOptions, ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Personalized, Reply,
-                   ServerAlgorithm)
+                   ServerAlgorithm, lora_rank)
 from .fdlora import FDLoRAClient, FDLoRAOptions, FDLoRAServer
 from .fedalt import FedALTClient, FedALTOptions, FedALTServer
 from .feddpa import FedDPAClient, FedDPAOptions, FedDPAServer
@@ -18,6 +18,7 @@ from .fedlease import FedLEASEClient, FedLEASEOptions, FedLEASEServer
 from .fedsa import FedSAClient, FedSAServer
 from .ffa import FFAClient, FFAServer
 from .flora import FLoRAClient, FLoRAOptions, FLoRAServer
+from .hetlora import HetLoRAClient, HetLoRAServer
 from .ifca import IFCAClient, IFCAOptions, IFCAServer
 from .local import LocalClient, LocalOptions, LocalServer
 
@@ -44,6 +45,8 @@ METHODS: dict[str, Method] = {
         Method("ifca", IFCAOptions, IFCAServer, IFCAClient, "IFCA: C cluster LoRAs, each client picks the lowest-loss one"),
         Method("flora", FLoRAOptions, FLoRAServer, FLoRAClient,
                "FLoRA: stacking aggregation (exact, heterogeneous ranks), clients merge into their base"),
+        Method("hetlora", AveragingOptions, HetLoRAServer, HetLoRAClient,
+               "HetLoRA-style heterogeneous ranks: client LoRAs zero-padded to lora.r and averaged"),
         Method("fedalt", FedALTOptions, FedALTServer, FedALTClient,
                "own LoRA + frozen Rest-of-World LoRA, mixed per token by a personal gate"),
         Method("fedlease", FedLEASEOptions, FedLEASEServer, FedLEASEClient,
@@ -79,4 +82,4 @@ def build(name: str, options: dict, spec: AdapterSpec, seed: int) -> tuple[Serve
 
 
 __all__ = ["METHODS", "ClientAlgorithm", "ClientInfo", "ClientState", "Method", "Payload", "Personalized", "Reply",
-           "ServerAlgorithm", "build", "get_method", "parse_options"]
+           "ServerAlgorithm", "build", "get_method", "lora_rank", "parse_options"]

@@ -87,8 +87,20 @@ class AveragingOptions(Options):
     weighting: Literal["examples", "uniform"] = "examples"
 
 
+def lora_rank(state: StateDict) -> int | None:
+    """The LoRA rank of an expert state (or of its A or B half), None for a state without LoRA tensors."""
+    for key, value in state.items():
+        if key.endswith(".lora_A"):
+            return int(value.shape[0])
+        if key.endswith(".lora_B"):
+            return int(value.shape[1])
+    return None
+
+
 class ServerAlgorithm:
     """The server side of a method."""
+
+    heterogeneous_ranks = False  # can it aggregate LoRA states of different ranks (clients.lora_r)?
 
     def __init__(self, options: Options, spec: AdapterSpec, seed: int) -> None:
         self.options, self.spec, self.seed = options, spec, seed
@@ -120,6 +132,24 @@ class ServerAlgorithm:
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
         """Fold the replies of round `rnd` into the server state; missing clients simply have no reply."""
 
+    def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        """Names of the states a reply of round `rnd` must carry (what `aggregate` reads); none by default."""
+        return set()
+
+    def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
+        """Why a reply cannot be aggregated by this method beyond the engine's shape checks, or None: it must
+        carry `expected_states`, and every LoRA state must have rank lora.r (unless heterogeneous_ranks)."""
+        missing = sorted(self.expected_states(rnd, client_id) - set(reply.states))
+        if missing:
+            return f"the reply lacks the state(s) {missing} this method aggregates in round {rnd}"
+        if self.heterogeneous_ranks:
+            return None
+        for name, state in reply.states.items():
+            rank = lora_rank(state)
+            if rank is not None and rank != self.spec.r:
+                return f"state {name!r} has LoRA rank {rank}, but this method aggregates rank lora.r={self.spec.r} only"
+        return None
+
     def summary(self) -> dict[str, Any]:
         """Small JSON-able facts worth logging (cluster assignments, chosen M, ...)."""
         return {}
@@ -137,9 +167,21 @@ class ClientAlgorithm(ABC):
 
     layout: Layout = Layout()  # the adapter layout of every round, unless layout_for says otherwise
     few_shot: int = 0          # training examples each client holds out for a gradient-free search
+    heterogeneous_ranks = False  # can clients train LoRAs of different ranks (clients.lora_r)?
 
     def __init__(self, options: Options, spec: AdapterSpec, seed: int) -> None:
         self.options, self.spec, self.seed = options, spec, seed
+
+    def rank_problem(self, ranks: dict[str, int]) -> str | None:
+        """Why these per-client LoRA ranks (client id -> rank) do not suit the method, or None; by default
+        every client must train rank lora.r, since the server averages or mixes same-shaped LoRAs."""
+        if self.heterogeneous_ranks:
+            return None
+        other = {cid: r for cid, r in ranks.items() if r != self.spec.r}
+        if not other:
+            return None
+        shown = ", ".join(f"{cid}: {r}" for cid, r in list(other.items())[:4]) + (", ..." if len(other) > 4 else "")
+        return f"it needs every client at rank lora.r={self.spec.r}, but {len(other)} differ ({shown})"
 
     def layout_for(self, payload: Payload) -> Layout:
         """The adapter layout this payload needs (methods whose layout changes by phase override it)."""
@@ -185,6 +227,9 @@ class BroadcastAverageServer(ServerAlgorithm):
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
         if replies:
             self.global_state = self.client_mean({cid: r.states[self.state_name] for cid, r in replies.items()})
+
+    def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        return {self.state_name}
 
     def state_dict(self) -> dict[str, Any]:
         return {"tensors": {self.state_name: self.global_state}, "meta": {}}

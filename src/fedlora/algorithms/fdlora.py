@@ -116,6 +116,11 @@ class FDLoRAServer(ServerAlgorithm):
         mean_local = self.client_mean({cid: r.states["global"] for cid, r in replies.items()})
         self.outer.step({k: glob[k] - mean_local[k] for k in glob})  # mean of (theta_g - theta_k)
 
+    def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        if self._stage(rnd) == "global":
+            return {"global"}
+        return {"stage1"} if self.options.global_init == "stage1_mean" and rnd == self.options.stage1_rounds else set()
+
     def state_dict(self) -> dict:
         return {"tensors": {"global": self.outer.value(), "momentum": self.outer.momentum()}, "meta": {}}
 

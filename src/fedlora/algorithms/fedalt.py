@@ -67,6 +67,9 @@ class FedALTServer(ServerAlgorithm):
             self.individual[cid] = reply.states["individual"]
         self._refresh_sum()
 
+    def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        return {"individual"}
+
     def summary(self) -> dict:
         return {"known_individual_loras": len(self.individual)}
 

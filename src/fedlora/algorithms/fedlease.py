@@ -86,6 +86,17 @@ class FedLEASEServer(ServerAlgorithm):
             if self.options.router == "cluster":
                 self.routers[e] = self.client_mean({c: r.states["router"] for c, r in members.items()})
 
+    def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        if self.clustered and client_id in self.assignment:
+            return {"expert", "router"} if self.options.router == "cluster" else {"expert"}
+        return {"lora"} if rnd >= self.options.warmup_rounds else set()
+
+    def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
+        router = reply.states.get("router")
+        if router and self.clustered and any(v.shape[0] != 2 * len(self.experts) - 1 for v in router.values()):
+            return f"the router must have 2M-1 = {2 * len(self.experts) - 1} slots for M = {len(self.experts)} experts"
+        return super().reply_problem(rnd, client_id, reply)
+
     def _allocate(self) -> None:
         ids = sorted(self.warm, key=list(self.clients).index)
         n_max = self.options.max_experts or 8

@@ -3,7 +3,8 @@
 The server stacks the clients' weighted B column-wise and their A row-wise,
     B_stack = [p_1 s_1 B_1, ..., p_K s_K B_K],   A_stack = [A_1; ...; A_K],   s_k = alpha / r_k,
 so that B_stack A_stack = sum_k p_k s_k B_k A_k exactly (no cross terms). Clients merge every received
-stack into their frozen base weights and start a fresh LoRA of their own rank r_k each round.
+stack into their frozen base weights and start a fresh LoRA of their own rank r_k each round
+(`clients.lora_r`, or the older `algorithm.options.ranks`; default lora.r).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from .base import AveragingOptions, ClientAlgorithm, ClientState, Payload, Perso
 
 
 class FLoRAOptions(AveragingOptions):
-    ranks: list[int] | None = Field(None, description="one LoRA rank per client, in client order (default lora.r)")
+    ranks: list[int] | None = Field(None, description="one LoRA rank per client, in client order (default lora.r); "
+                                   "clients.lora_r is the general spelling")
 
 
 def stack(loras: list[StateDict], weights: list[float], alpha: float) -> StateDict:
@@ -48,19 +50,21 @@ def stack_key(rnd: int) -> str:
 class FLoRAServer(ServerAlgorithm):
     """Keeps each round's stack until every client has merged it."""
 
+    heterogeneous_ranks = True
+
     def setup(self, clients, rounds=None) -> None:
         super().setup(clients, rounds)
-        ranks = self.options.ranks or [self.spec.r] * len(clients)
-        if len(ranks) != len(clients):
+        ranks = self.options.ranks or []
+        if ranks and len(ranks) != len(clients):
             raise ConfigError(f"algorithm.options.ranks has {len(ranks)} entries for {len(clients)} clients; "
                               "give one rank per client, in client order")
-        self.ranks = dict(zip(self.clients, ranks))
+        self.ranks = dict(zip(self.clients, ranks))  # sent to clients; without it they train their clients.lora_r
         self.stacks: dict[int, StateDict] = {}
         self.merged_up_to = {cid: 0 for cid in self.clients}  # the last round whose stack the client has merged
 
     def _payload(self, cid: str) -> Payload:
         pending = {stack_key(t): s for t, s in sorted(self.stacks.items()) if t > self.merged_up_to[cid]}
-        return Payload(pending, {"rank": self.ranks[cid]})
+        return Payload(pending, {"rank": self.ranks[cid]} if cid in self.ranks else {})
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
         return {cid: self._payload(cid) for cid in clients}
@@ -77,6 +81,9 @@ class FLoRAServer(ServerAlgorithm):
         oldest_needed = min(self.merged_up_to.values())
         self.stacks = {t: s for t, s in self.stacks.items() if t > oldest_needed}
 
+    def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        return {"lora"}
+
     def state_dict(self) -> dict:
         return {"tensors": {stack_key(t): s for t, s in self.stacks.items()}, "meta": {"merged_up_to": self.merged_up_to}}
 
@@ -88,22 +95,32 @@ class FLoRAServer(ServerAlgorithm):
 class FLoRAClient(ClientAlgorithm):
     """Merge the received stacks into the local base, train a fresh rank-r_k LoRA on top, send it."""
 
+    heterogeneous_ranks = True
+
     def layout_for(self, payload: Payload) -> Layout:
         return Layout(1, "none", payload.config.get("rank"))
 
     @staticmethod
-    def _merged(payload: Payload, state: ClientState) -> StateDict:
+    def _merged(payload: Payload, state: ClientState, record: bool = False) -> StateDict:
+        """The client's merged update plus every received stack it has not merged yet (a stack is re-sent when
+        the server never saw the client's reply); with `record`, the merged stack names are kept in state.meta."""
         merged = dict(state.states.get("merged", {}))
-        for stacked in payload.states.values():
+        done = set(state.meta.get("merged_stacks", []))
+        for name, stacked in sorted(payload.states.items()):
+            if name in done:
+                continue
             for path, delta in stack_delta(stacked).items():
                 merged[path] = merged[path] + delta if path in merged else delta
+            done.add(name)
+        if record:
+            state.meta["merged_stacks"] = sorted(done)
         return merged
 
     def _fresh_lora(self, payload: Payload, trainer) -> StateDict:
-        return self.spec.init_lora(generator(trainer.seed, "flora-init"), r=payload.config["rank"])
+        return self.spec.init_lora(generator(trainer.seed, "flora-init"), r=trainer.adapted.rank)
 
     def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
-        state.states["merged"] = self._merged(payload, state)
+        state.states["merged"] = self._merged(payload, state, record=True)
         with trainer.adapted.base_delta(state.states["merged"]):
             trainer.adapted.load_expert(0, self._fresh_lora(payload, trainer))
             metrics = trainer.train(experts=[0])

@@ -49,6 +49,15 @@ class IFCAServer(ServerAlgorithm):
                 self.cluster_loras[c] = self.client_mean({cid: r.states["lora"] for cid, r in members.items()})
         self.assignment.update({cid: int(r.metrics["cluster"]) for cid, r in replies.items()})
 
+    def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        return {"lora"}
+
+    def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
+        c = reply.metrics.get("cluster")
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or c != int(c) or not 0 <= c < self.options.clusters:
+            return f"metric 'cluster' must be a cluster id 0..{self.options.clusters - 1}, got {c!r}"
+        return super().reply_problem(rnd, client_id, reply)
+
     def summary(self) -> dict:
         return {"assignment": dict(self.assignment)}
 

@@ -17,20 +17,22 @@ class LocalServer(ServerAlgorithm):
 
 
 class LocalClient(ClientAlgorithm):
-    """Train the private LoRA (slot 0) from where it stopped."""
+    """Train the private LoRA (slot 0) from where it stopped; nothing is aggregated, so any rank per client."""
 
-    def _lora(self, state: ClientState, cid: str) -> dict:
+    heterogeneous_ranks = True
+
+    def _lora(self, state: ClientState, trainer) -> dict:
         if "lora" not in state.states:
-            names = ("lora-init",) if self.options.init == "shared" else ("lora-init", cid)
-            state.states["lora"] = self.spec.init_lora(generator(self.seed, *names))
+            names = ("lora-init",) if self.options.init == "shared" else ("lora-init", trainer.client_id)
+            state.states["lora"] = self.spec.init_lora(generator(self.seed, *names), r=trainer.adapted.rank)
         return state.states["lora"]
 
     def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
-        trainer.adapted.load_expert(0, self._lora(state, trainer.client_id))
+        trainer.adapted.load_expert(0, self._lora(state, trainer))
         metrics = trainer.train(experts=[0])
         state.states["lora"] = trainer.adapted.expert_state(0)
         return Reply(num_examples=len(trainer.data.train), metrics=metrics), state
 
     def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
-        trainer.adapted.load_expert(0, self._lora(state, trainer.client_id))
+        trainer.adapted.load_expert(0, self._lora(state, trainer))
         return Personalized()

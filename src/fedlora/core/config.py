@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import difflib
 import tomllib
+import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_validator)
 
 from .errors import ConfigError
 
@@ -104,6 +106,61 @@ class FederationConfig(Section):
     round_timeout: float | None = Field(None, gt=0, description="seconds to wait for replies (Flower); None: no limit")
 
 
+class ProportionalRule(Section):
+    """A per-client value proportional to the client's training-set size: round(base * n_k / n_max), clipped."""
+
+    rule: Literal["proportional"]
+    base: float | None = Field(None, gt=0, description="the largest client's value (default: the global setting)")
+    min: float = Field(1, gt=0, description="no client gets less")
+    max: float | None = Field(None, gt=0, description="no client gets more (default: base)")
+
+
+def _per_client_kind(value: Any) -> str:
+    """Which form a per-client setting takes, so that a bad value gets that form's error only."""
+    if isinstance(value, ProportionalRule) or value == "proportional" or isinstance(value, dict) and "rule" in value:
+        return "proportional"
+    return {list: "list", dict: "mapping"}.get(type(value), "value")
+
+
+def _rule_shorthand(value: Any) -> Any:
+    return {"rule": value} if value == "proportional" else value  # `--set clients.lora_r=proportional`
+
+
+def _per_client(value_type: Any) -> Any:
+    """A per-client setting: one value, a list in client order, a mapping client id -> value, or a rule."""
+    return Annotated[Annotated[value_type, Tag("value")] | Annotated[list[value_type], Tag("list")]
+                     | Annotated[dict[str, value_type], Tag("mapping")]
+                     | Annotated[ProportionalRule, BeforeValidator(_rule_shorthand), Tag("proportional")],
+                     Discriminator(_per_client_kind)]
+
+
+PerClientInt = _per_client(Annotated[int, Field(gt=0)])
+PerClientFloat = _per_client(Annotated[float, Field(gt=0)])
+PER_CLIENT_HELP = ("one value for every client, a list in client order, a mapping client id -> value (others keep "
+                   "the global setting), or {rule = 'proportional', min, max, base} (proportional to data size)")
+
+
+class ClientsConfig(Section):
+    """Per-client compute: data-parallel workers and heterogeneous budgets (unset: every client alike)."""
+
+    workers: PerClientInt = Field(1, description="data-parallel worker processes of a client's local training; "
+                                  + PER_CLIENT_HELP)
+    worker_threads: int | None = Field(None, gt=0, description="torch threads per worker (default: cores // workers)")
+    worker_timeout: float = Field(1800.0, gt=0, description="seconds a worker may wait for the others in one step")
+    local_steps: PerClientInt | None = Field(None, description="overrides training.local_steps; " + PER_CLIENT_HELP)
+    local_epochs: PerClientFloat | None = Field(None, description="overrides training.local_epochs; " + PER_CLIENT_HELP)
+    batch_size: PerClientInt | None = Field(None, description="overrides training.batch_size (the global batch "
+                                            "of all a client's workers); " + PER_CLIENT_HELP)
+    lora_r: PerClientInt | None = Field(None, description="each client's LoRA rank (methods that take per-client "
+                                        "ranks: flora, hetlora, local); " + PER_CLIENT_HELP)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "ClientsConfig":
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ValueError("set either clients.local_steps or clients.local_epochs, not both")
+        return self
+
+
 class AlgorithmConfig(Section):
     """The method and its own options (validated by the method)."""
 
@@ -146,6 +203,7 @@ class Config(Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -160,14 +218,29 @@ class Config(Section):
 def _model_at(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
     model: Any = root
     for part in loc:
+        if part in _UNION_TAGS:  # a tagged union's branch (clients.lora_r.proportional): the section itself
+            continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return None
-        ann = field.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        model = _section_in(field.annotation)
         if model is None:
             return None
     return model
+
+
+_UNION_TAGS = {"value", "list", "mapping", "proportional"}
+
+
+def _section_in(annotation: Any) -> type[BaseModel] | None:
+    """The config section an annotation holds, also inside Annotated/union types (per-client rules)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _explain(exc: ValidationError) -> str:
@@ -209,7 +282,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{p}' is a value, not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value {raw!r} does not parse as YAML "
+                              f"({getattr(exc, 'problem', exc)}); quote it to give a string") from None
     return data
 
 

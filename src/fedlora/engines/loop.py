@@ -73,7 +73,8 @@ class RoundLoop(ABC):
         payloads = {cid: payloads.get(cid, Payload()) for cid in sampled}
         replies, failures = self.fit_clients(rnd, payloads)
         for cid in list(replies):
-            problem = check_reply(replies[cid], self.server.spec, self.config.federation.max_update_norm)
+            problem = (check_reply(replies[cid], self.server.spec, self.config.federation.max_update_norm)
+                       or self.server.reply_problem(rnd, cid, replies[cid]))
             if problem:  # rejected: treated as a missing reply, never aggregated
                 failures[cid] = f"update rejected: {problem}"
                 del replies[cid]

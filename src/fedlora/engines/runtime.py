@@ -2,20 +2,24 @@
 
 It swaps in what every method keeps per client but no method should have to manage: the private
 classification head (trained locally, never shared, identical for every method) and, when
-`training.reset_optimizer` is off, the optimizer moments.
+`training.reset_optimizer` is off, the optimizer moments. It also gives each client its budget
+(`[clients]`: local steps or epochs, batch size, LoRA rank) and, for a client with several workers,
+data-parallel local training on a pool of helper processes that lives as long as the runtime.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..adapters import AdaptedModel
-from ..algorithms import ClientAlgorithm, ClientState, Payload, Reply
+from ..algorithms import METHODS, ClientAlgorithm, ClientState, Payload, Reply
 from ..core.config import Config
+from ..core.errors import ConfigError
 from ..core.seeding import derive_seed
-from ..training import ClientDataset, Trainer
+from ..training import ClientDataset, Trainer, WorkerPool, Workers, client_budgets
+from ..training.distributed import worker_threads
 
 HEAD, OPTIMIZER = "_head", "_optimizer"  # reserved ClientState names
 
@@ -30,9 +34,49 @@ class ClientRuntime:
     config: Config
     task: str
     datasets: dict[str, ClientDataset]
+    whole_split: bool = True  # False for a data owner that holds only its own data (per-client lists refused)
 
     def __post_init__(self) -> None:
         self._initial_heads: dict[str, dict[str, torch.Tensor]] = {}
+        sizes = {cid: len(d.train) for cid, d in self.datasets.items()}
+        self.budgets = client_budgets(self.config, sizes, self.whole_split)
+        self._check_ranks()
+        self._pool: WorkerPool | None = None
+
+    def _check_ranks(self) -> None:
+        """Refuse per-client ranks the method cannot aggregate, before any round (a ConfigError naming it)."""
+        if self.config.clients.lora_r is None:
+            return
+        method = self.config.algorithm.name
+        if getattr(self.algorithm.options, "ranks", None):
+            raise ConfigError(f"{method}: both clients.lora_r and algorithm.options.ranks set the client ranks; "
+                              "keep clients.lora_r")
+        problem = self.algorithm.rank_problem({cid: b.lora_r for cid, b in self.budgets.items()})
+        if problem:
+            takers = ", ".join(m.name for m in METHODS.values() if m.client.heterogeneous_ranks)
+            hint = "" if self.algorithm.heterogeneous_ranks else (
+                f"; per-client ranks work with {takers}; otherwise set lora.r and drop clients.lora_r")
+            raise ConfigError(f"algorithm {method!r} cannot train the ranks in clients.lora_r: {problem}{hint}")
+
+    def workers(self, n: int) -> Workers:
+        """n data-parallel workers for a local round; the helper pool starts on first use and is reused
+        (restarted larger when a client needs more workers: a SuperNode starts only what its client uses)."""
+        if self._pool is None or not self._pool.alive or self._pool.size < n:
+            self.close()
+            self._pool = WorkerPool(self.adapted, n, self.config.clients.worker_timeout)
+        return Workers(self._pool, n, worker_threads(n, self.config.clients.worker_threads))
+
+    def close(self) -> None:
+        """Stop the data-parallel helper processes (they also stop when the runtime is collected or the process ends)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> "ClientRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def initial_head(self, client_id: str) -> dict[str, torch.Tensor]:
         """The head a client starts from: one seeded init per task, so clients that share a label space
@@ -45,11 +89,17 @@ class ClientRuntime:
     def trainer(self, client_id: str, rnd: int, phase: str) -> Trainer:
         """A trainer on this client's data whose random streams depend only on (seed, client, round, phase)."""
         seed = derive_seed(self.config.seed, phase, client_id, rnd)
-        return Trainer(self.adapted, self.tokenizer, self.datasets[client_id], self.config.training, self.task, seed, client_id)
+        budget = self.budgets[client_id]
+        workers = self.workers(budget.workers) if phase == "fit" and budget.workers > 1 else None
+        return Trainer(self.adapted, self.tokenizer, self.datasets[client_id], budget.training, self.task, seed,
+                       client_id, workers)
 
     def enter(self, payload: Payload, state: ClientState, trainer: Trainer) -> None:
-        """Give the shared model this client's layout, private head and optimizer moments."""
-        self.adapted.set_layout(self.algorithm.layout_for(payload))
+        """Give the shared model this client's layout (at its rank), private head and optimizer moments."""
+        layout, rank = self.algorithm.layout_for(payload), self.budgets[trainer.client_id].lora_r
+        if layout.r is None and rank != self.adapted.spec.r:  # a payload's own rank (FLoRA's options.ranks) wins
+            layout = replace(layout, r=rank)
+        self.adapted.set_layout(layout)
         self.adapted.set_expert_weights(torch.ones(self.adapted.layout.n_experts))
         self.adapted.set_own_expert(0)
         if self.adapted.head_names:

@@ -41,7 +41,8 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     if cfg.engine.torch_threads:
         torch.set_num_threads(cfg.engine.torch_threads)
     parse_options(cfg.algorithm.name, cfg.algorithm.options)  # fail on a bad option before any loading
-    clients = build_clients(cfg.data, cfg.seed) if clients is None else clients
+    whole_split = clients is None  # a data owner's own clients: per-client lists/rules cannot be placed
+    clients = build_clients(cfg.data, cfg.seed) if whole_split else clients
     num_labels = max((len(c.labels) for c in clients), default=0)
     base = load_base_model(cfg.model.name, cfg.model.task, max(num_labels, 2), cfg.model.dtype, cfg.seed)
     if base.task == "classification" and num_labels == 0:
@@ -54,7 +55,7 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
         log.warning("%d texts were longer than data.max_length=%d and were truncated", truncated, cfg.data.max_length)
     if client.few_shot:
         datasets = {cid: d.hold_out(client.few_shot, generator(cfg.seed, "few-shot", cid)) for cid, d in datasets.items()}
-    runtime = ClientRuntime(client, adapted, base.tokenizer, cfg, base.task, datasets)
+    runtime = ClientRuntime(client, adapted, base.tokenizer, cfg, base.task, datasets, whole_split=whole_split)
     infos = [ClientInfo(c.client_id, len(datasets[c.client_id].train), c.task) for c in clients]
     return Session(cfg, clients, base, adapted, server, runtime, infos)
 

@@ -38,6 +38,8 @@ def check_state(name: str, state: StateDict, spec: AdapterSpec, max_norm: float 
         d_in, d_out = dims[path]
         if not torch.is_tensor(value) or not value.is_floating_point():
             return f"{name}/{key} is not a floating-point tensor"
+        if value.dtype != torch.float32:
+            return f"{name}/{key} has dtype {value.dtype}; adapter states travel as float32"
         if value.dim() != 2:
             return f"{name}/{key} has shape {tuple(value.shape)}, expected a matrix"
         if kind == "lora_A" and value.shape[1] != d_in or kind == "router" and value.shape[1] != d_in:

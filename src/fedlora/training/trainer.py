@@ -2,6 +2,7 @@
 
 Per round it builds a fresh AdamW and a per-round linear decay to 0, as the official FedALT/FedLEASE
 codes do through HF Trainer (configurable: `training.reset_optimizer`, `training.schedule`).
+With `workers` (a client's data-parallel workers, `distributed.py`) each global batch is split over them.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,7 @@ from ..adapters import AdaptedModel
 from ..core.config import TrainingConfig
 from ..core.seeding import generator, seed_everything
 from ..data.tokenize import IGNORE_INDEX, Encoded, batch_indices, collate, collate_prompts
+from .distributed import DataParallel, Workers, load_replica_state, replica_state
 from .metrics import classification_metrics, generation_metrics
 
 BatchHook = Callable[[Mapping[str, torch.Tensor]], None]
@@ -65,9 +69,10 @@ class Trainer:
     """Trains and evaluates whatever adapter parts are trainable on one client's data."""
 
     def __init__(self, adapted: AdaptedModel, tokenizer, data: ClientDataset, cfg: TrainingConfig,
-                 task: str, seed: int, client_id: str = "") -> None:
+                 task: str, seed: int, client_id: str = "", workers: Workers | None = None) -> None:
         self.adapted, self.tokenizer, self.data, self.cfg, self.task, self.seed = adapted, tokenizer, data, cfg, task, seed
         self.client_id = client_id
+        self.workers = workers  # data-parallel workers of train(); None: this process alone
         self.last_trainable: set[str] = set()  # parameter names trained by the last train() call
         self.optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None  # kept across rounds if not reset
         self.pad_id = tokenizer.pad_token_id
@@ -85,48 +90,80 @@ class Trainer:
             return int(steps)
         return max(1, math.ceil(epochs * len(self.data.train) / self.cfg.batch_size))
 
-    def batch_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Mean loss of a batch: CE over the task's labels, or causal-LM CE over response tokens."""
+    def batch_loss(self, batch: Mapping[str, torch.Tensor], n_items: int | None = None) -> torch.Tensor:
+        """Mean loss of a batch: CE over the task's labels, or causal-LM CE over response tokens.
+
+        With `n_items`, the sum of the per-item losses divided by n_items instead: a data-parallel shard's
+        part of the global batch mean (items are examples, or predicted tokens for a causal LM).
+        """
         if self.task == "classification":
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return F.cross_entropy(logits[:, : self.data.n_labels].float(), batch["labels"])
-        return self.model(**batch).loss
+            if n_items is None:
+                return F.cross_entropy(logits[:, : self.data.n_labels].float(), batch["labels"])
+            return F.cross_entropy(logits[:, : self.data.n_labels].float(), batch["labels"], reduction="sum") / n_items
+        if n_items is None:
+            return self.model(**batch).loss
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # token t predicts label t+1, as the HF loss: the last position predicts nothing
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum") / max(n_items, 1)
 
     def train(self, experts: Iterable[int] = (), router: bool = False, steps: int | None = None,
               epochs: float | None = None, data: Encoded | None = None, parts: str = "AB") -> dict[str, float]:
         """One local round training exactly these experts (and router, and the private head if configured).
 
-        Returns the mean training loss and the step count.
+        Returns the mean training loss and the step count. With data-parallel workers the helpers replay
+        the same call on their shards of every batch (the result is rank 0's, here).
         """
         data = data if data is not None else self.data.train
-        n_steps = self.num_steps(steps, epochs)
+        args = {"experts": list(experts), "router": router, "n_steps": self.num_steps(steps, epochs), "parts": parts}
+        if self.workers is None or self.workers.n == 1:
+            return self._train(data, **args)
+        job = TrainJob(replica_state(self.adapted), self.cfg, self.task, self.seed, self.client_id, self.data.n_labels,
+                       self.pad_id, Encoded(data.input_ids, data.targets), self.optimizer_state, args)
+        return self.workers.run(job, lambda dp: self._train(data, dp=dp, **args))
+
+    def _train(self, data: Encoded, experts: list[int], router: bool, n_steps: int, parts: str,
+               dp: DataParallel | None = None) -> dict[str, float]:
         self.adapted.set_trainable(experts, router, head=self.cfg.train_head and self.task == "classification",
                                    parts=parts)
         self.last_trainable = self.adapted.trainable_names()
         params = self.adapted.trainable_parameters()
         if not params:
             raise ValueError("train() was asked to train nothing: name the experts and/or router to train")
-        seed_everything(self.seed, "dropout")
-        order = generator(self.seed, "order")
+        seed_everything(self.seed, "dropout", *([dp.rank] if dp and dp.rank else []))  # own masks per worker
+        order = generator(self.seed, "order")  # the same batches on every worker
         optimizer = self._optimizer()
         schedule = self._schedule(optimizer, n_steps)
         self.model.train()
         losses: list[float] = []
         while len(losses) < n_steps:
             for idx in batch_indices(len(data), self.cfg.batch_size, order):
-                loss = self.batch_loss(collate(data, idx, self.pad_id))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                losses.append(self._backward(data, idx, params, dp))
                 if self.cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
                 optimizer.step()
                 schedule.step()
-                losses.append(float(loss.detach()))
                 if len(losses) == n_steps:
                     break
         if not self.cfg.reset_optimizer:
             self._save_optimizer(optimizer)
         return {"train_loss": sum(losses) / len(losses), "steps": n_steps}
+
+    def _backward(self, data: Encoded, idx: list[int], params: list[torch.nn.Parameter],
+                  dp: DataParallel | None) -> float:
+        """Gradients of one global batch into `.grad`; returns its loss. Data-parallel: this worker's shard,
+        normalised by the whole batch's item count, then summed over the workers."""
+        if dp is None:
+            loss = self.batch_loss(collate(data, idx, self.pad_id))
+            loss.backward()
+            return float(loss.detach())
+        shard, loss = dp.shard(idx), None
+        if shard:
+            loss = self.batch_loss(collate(data, shard, self.pad_id), loss_items(data, idx, self.task))
+            loss.backward()
+        return dp.all_reduce(params, loss)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -211,3 +248,35 @@ class Trainer:
                                       pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
             answers += self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [a.strip() for a in answers]
+
+
+def loss_items(data: Encoded, idx: list[int], task: str) -> int:
+    """How many items the loss of a batch averages over: examples, or predicted (non-masked) tokens."""
+    if task == "classification":
+        return len(idx)
+    return sum(sum(t != IGNORE_INDEX for t in data.targets[i][1:]) for i in idx)
+
+
+@dataclass
+class TrainJob:
+    """One `Trainer.train` call as a data-parallel helper replays it on its shards (picklable)."""
+
+    replica: dict[str, Any]
+    cfg: TrainingConfig
+    task: str
+    seed: int
+    client_id: str
+    n_labels: int
+    pad_id: int
+    data: Encoded
+    optimizer_state: dict[str, dict[str, torch.Tensor]] | None
+    args: dict[str, Any]
+
+    def __call__(self, dp: DataParallel, adapted: AdaptedModel) -> None:
+        """Bring the helper's model to rank 0's state, then train on this worker's shards."""
+        load_replica_state(adapted, self.replica)
+        data = ClientDataset(self.data, self.data, self.n_labels)
+        trainer = Trainer(adapted, SimpleNamespace(pad_token_id=self.pad_id), data, self.cfg, self.task, self.seed,
+                          self.client_id)
+        trainer.optimizer_state = self.optimizer_state
+        trainer._train(self.data, dp=dp, **self.args)

@@ -1,0 +1,92 @@
+"""HetLoRA-style heterogeneous ranks (after Cho et al., EMNLP 2024): one global LoRA of rank r_max = lora.r;
+a client of rank r_k (`clients.lora_r`, at most r_max) trains its first r_k rank components; the server
+zero-pads every reply to r_max and averages it (FedAvg, A and B separately).
+
+Moving a LoRA between ranks keeps its update: a rank-r state is used with scaling alpha / r, so `resize`
+scales B by r'/r as it drops components (truncation) or appends zero ones (padding), and
+(alpha/r') B' A' = (alpha/r) B A on the components kept. Not implemented: HetLoRA's rank self-pruning and
+its sparsity-weighted average (spec section 5). With every client at lora.r this is FedIT exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.tensors import StateDict
+from .base import (BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Personalized, Reply, ServerAlgorithm,
+                   lora_rank)
+
+
+def resize(lora: StateDict, r: int) -> StateDict:
+    """An expert state at rank r: its first r components, or zero components appended, with B scaled by
+    r / (its rank) so that the update (alpha / r) B A is unchanged on the components kept."""
+    old = lora_rank(lora)
+    if old is None or old == r:
+        return dict(lora)
+    out: StateDict = {}
+    for key, value in lora.items():
+        if key.endswith(".lora_A"):  # [rank, d_in]: rows are components
+            out[key] = value[:r] if r < old else torch.cat([value, value.new_zeros(r - old, value.shape[1])])
+        else:  # lora_B [d_out, rank]: columns are components
+            value = value * (r / old)
+            out[key] = value[:, :r] if r < old else torch.cat([value, value.new_zeros(value.shape[0], r - old)], dim=1)
+    return out
+
+
+class HetLoRAServer(BroadcastAverageServer):
+    """The global LoRA at rank lora.r; a client receives it at its own rank once a reply has shown that rank."""
+
+    heterogeneous_ranks = True
+
+    def setup(self, clients, rounds=None) -> None:
+        super().setup(clients, rounds)
+        self.ranks: dict[str, int] = {}  # each client's rank, as its last reply showed
+
+    def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        return {cid: Payload({"global": resize(self.global_state, self.ranks.get(cid, self.spec.r))})
+                for cid in clients}
+
+    def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        if not replies:
+            return
+        self.ranks.update({cid: lora_rank(r.states["global"]) for cid, r in replies.items()})
+        padded = {cid: resize(r.states["global"], self.spec.r) for cid, r in replies.items()}
+        self.global_state = self.client_mean(padded)
+
+    def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
+        rank = lora_rank(reply.states.get("global", {}))
+        if rank is not None and rank > self.spec.r:
+            return f"state 'global' has LoRA rank {rank}, above the global rank lora.r={self.spec.r}"
+        return ServerAlgorithm.reply_problem(self, rnd, client_id, reply)
+
+    def state_dict(self) -> dict:
+        return {"tensors": {"global": self.global_state}, "meta": {"ranks": self.ranks}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.ranks = dict(state["meta"].get("ranks", {}))
+
+
+class HetLoRAClient(ClientAlgorithm):
+    """Train the first r_k components of the global LoRA (received at any rank, used at its own) and send them."""
+
+    heterogeneous_ranks = True
+
+    def rank_problem(self, ranks: dict[str, int]) -> str | None:
+        over = {cid: r for cid, r in ranks.items() if r > self.spec.r}
+        if over:
+            return (f"the global LoRA has rank lora.r={self.spec.r}, and {len(over)} client ranks exceed it "
+                    f"({', '.join(f'{c}: {r}' for c, r in list(over.items())[:4])}); raise lora.r to the largest rank")
+        return None
+
+    def _load(self, payload: Payload, trainer) -> None:
+        trainer.adapted.load_expert(0, resize(payload.states["global"], trainer.adapted.rank))
+
+    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+        self._load(payload, trainer)
+        metrics = trainer.train(experts=[0])
+        return Reply({"global": trainer.adapted.expert_state(0)}, len(trainer.data.train), metrics), state
+
+    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
+        self._load(payload, trainer)
+        return Personalized()
