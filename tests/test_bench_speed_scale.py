@@ -1,0 +1,53 @@
+"""benchmarks/speed.py and benchmarks/scale.py run with --quick and write results that parse (slow: real runs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quick(script: str, out: Path) -> dict:
+    """Run a benchmark script with --quick into `out`; its JSON results."""
+    done = subprocess.run([sys.executable, f"benchmarks/{script}.py", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for suffix in ("md", "json", "png"):
+        assert (out / f"{script}.{suffix}").is_file(), suffix
+    assert (out / f"{script}.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((out / f"{script}.json").read_text())
+    assert data["command"].startswith(f"python benchmarks/{script}.py --quick")
+    return data
+
+
+@pytest.mark.slow
+def test_speed_benchmark_quick(tmp_path):
+    data = run_quick("speed", tmp_path)
+    fw = data["framework"]
+    assert {"machine", "goals", "goals_met", "layers"} <= set(data)
+    assert all(fw["ratio"][clock] > 0 for clock in ("wall", "cpu"))
+    assert fw["max_abs_train_loss_difference"] < 1e-4  # both sides really did the same training
+    assert [lb["d"] for lb in data["layers"]] == [384, 768]
+    for lb in data["layers"]:
+        assert set(lb["cpu"]["ratio"]) == {"fedlora", "fedalt", "fedlease"}
+        assert all(r > 0 for clock in ("wall", "cpu") for r in lb[clock]["ratio"].values())
+
+
+@pytest.mark.slow
+def test_scale_benchmark_quick(tmp_path):
+    data = run_quick("scale", tmp_path)
+    assert data["sizes"] == [10, 100]
+    for method, e in data["engine"].items():
+        assert [f["clients"] for f in e["full"]] == [10, 100]
+        assert all(f["clients_with_state"] == f["clients"] for f in e["full"])
+        assert e["adapter_state_bytes_per_client"] > 0 and e["bytes_per_client"]["live"] != 0
+        assert all(s["fit_round_s"] and min(s["fit_round_s"]) > 0 for s in e["sampled"])
+    assert set(data["server"]) == {"fedit", "fedalt", "fedlease", "fedlease:clustered", "flora"}
+    for s in data["server"].values():
+        assert all(row["total_s"] > 0 for row in s["by_clients"].values())
+        assert s["growth_order"] == s["growth_order"]  # a number, not NaN
