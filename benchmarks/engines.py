@@ -52,7 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out
     model = args.model or ("tiny-bert" if args.quick else "minilm")
-    rounds, steps = (4, 3) if args.quick else (5, 8)
+    rounds, steps = (2, 2) if args.quick else (5, 8)  # quick: one plain round per engine is enough for CI
     rows = {}
     timed_run(model, args.method, "inprocess", 1, 1)  # warm-up: imports and file caches are not engine costs
     for engine in ENGINES:
