@@ -100,6 +100,20 @@ def config_for(suite: str, profile: str, method: str, seed: int, run_dir: Path, 
     return cfg
 
 
+def setup_id(cfg) -> str:
+    """A hash of everything in a run's config that can change its results (not its name, paths or engine)."""
+    import hashlib
+
+    setup = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("name", "output_dir", "engine")}
+    return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def current(result: dict, suite: str, profile: str) -> bool:
+    """Whether a finished run's result was made with today's config of its (suite, profile, method, seed)."""
+    cfg = config_for(suite, profile, result["method"], result["seed"], Path("unused"))
+    return result.get("setup") == setup_id(cfg)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary name and rename: a stopped process or a second sweep never leaves a partial file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -189,15 +203,19 @@ def run_one(out: Path, scratch: Path, suite: str, profile: str, method: str, see
             command: str) -> dict[str, Any]:
     """Run (or skip, if its result JSON exists) one (suite, profile, method, seed) and save its result JSON."""
     path = result_path(out, suite, profile, method, seed)
-    if path.is_file():
-        return json.loads(path.read_text())
     cfg = config_for(suite, profile, method, seed, scratch / f"{suite}-{profile}" / f"seed{seed}" / method, threads)
+    if path.is_file():
+        done = json.loads(path.read_text())
+        if done.get("setup") == setup_id(cfg):
+            return done
+        print(f"  {path.name} was made with another config of {suite}-{profile}: running it again", flush=True)
     print(f"  {suite} {profile} {method} seed {seed}: running in {cfg.run_dir}", flush=True)
     start = time.perf_counter()
     result, before, resumed = execute(cfg)
     wall = time.perf_counter() - start + before
     clients = json.loads((cfg.run_dir / "clients.json").read_text())
     data = {"suite": suite, "profile": profile, "method": method, "seed": seed, "config": config_name(suite, profile),
+            "setup": setup_id(cfg),
             "command": command, "wall_seconds": wall, "resumed": resumed, "torch_threads": threads,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **summarize_run(result.rounds, {c["client_id"]: c["task"] for c in clients}, METRIC[suite])}
@@ -214,7 +232,8 @@ def load_runs(out: Path, suite: str, profile: str) -> dict[str, dict[int, dict]]
     runs: dict[str, dict[int, dict]] = {}
     for p in sorted((out / "quality" / "runs" / f"{suite}-{profile}").glob("*.json")):
         r = json.loads(p.read_text())
-        runs.setdefault(r["method"], {})[r["seed"]] = r
+        if current(r, suite, profile):  # a run of an older config is not mixed into today's table
+            runs.setdefault(r["method"], {})[r["seed"]] = r
     return runs
 
 
@@ -630,7 +649,7 @@ def main() -> None:
                 for seed in seeds:  # seed-major: a stopped sweep leaves complete tables for the first seeds
                     for method in methods[suite]:
                         path = result_path(out, suite, profile, method, seed)
-                        if path.is_file() or not claim(path):
+                        if path.is_file() and current(json.loads(path.read_text()), suite, profile) or not claim(path):
                             continue  # finished, or another sweep is running it
                         try:
                             run_one(out, scratch, suite, profile, method, seed, args.threads, command)

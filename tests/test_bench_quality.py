@@ -85,8 +85,9 @@ def test_report_from_existing_runs_marks_missing_ones(tmp_path):
     q = load_quality()
     fl = {"n_experts": 2, "silhouette": {"2": 0.4, "3": 0.1}, "assignment": {"c0": 0, "c1": 1}, "ari": 1.0}
     runs = [fake_run("fedit", 0, 0.40, "nlu"), fake_run("fedit", 1, 0.42, "nlu"),
-            fake_run("fedlease", 0, 0.50, "nlu", fedlease=fl)]
+            fake_run("fedlease", 0, 0.50, "nlu", fedlease=fl), fake_run("ifca", 0, 0.99, "nlu", setup="an older config")]
     for r in runs:
+        r.setdefault("setup", q.setup_id(q.config_for("nlu", "quick", r["method"], r["seed"], tmp_path)))
         path = q.result_path(tmp_path, "nlu", "quick", r["method"], r["seed"])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(r))
@@ -98,6 +99,7 @@ def test_report_from_existing_runs_marks_missing_ones(tmp_path):
     data = json.loads((tmp_path / "quality" / "quality.json").read_text())
     assert "nlu fedlease seed 1" in data["missing"] and "nlg fedalt seed 0" in data["missing"]
     assert "nlu fedit seed 0" not in data["missing"]
+    assert "nlu ifca seed 0" in data["missing"]  # made with another config: not mixed into the table
     for suite in ("nlu", "nlg"):
         assert (tmp_path / "quality" / f"quality_{suite}.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -120,3 +122,14 @@ def test_quality_benchmark_quick(tmp_path):
     assert fl["n_experts"] >= 1 and -1.0 <= fl["ari"] <= 1.0
     text = (q / "quality.md").read_text()
     assert "Reproduced" in text and "FedLEASE > FedIT" in text
+
+
+def test_setup_id_ignores_engine_and_paths_but_not_the_setup(tmp_path):
+    q = load_quality()
+    base = q.config_for("nlu", "quick", "fedit", 0, tmp_path / "a")
+    same = q.config_for("nlu", "quick", "fedit", 0, tmp_path / "b", threads=1)
+    assert q.setup_id(base) == q.setup_id(same)
+    other_seed = q.config_for("nlu", "quick", "fedit", 1, tmp_path / "a")
+    other_budget = q.config_for("nlu", "quick", "fedit", 0, tmp_path / "a")
+    other_budget.training.local_steps += 1
+    assert len({q.setup_id(base), q.setup_id(other_seed), q.setup_id(other_budget)}) == 3
