@@ -8,7 +8,7 @@ resumes from its checkpoint (run directories live in --scratch, default runs/qua
 Tables, plots and the comparison with the papers' reported orderings are rebuilt from whatever runs exist.
 Results: <out>/quality/quality.{md,json} and quality_{nlu,nlg}.png (quality-paper.* for --profile paper).
 Usage: python benchmarks/quality.py [--suite nlu|nlg|all] [--profile quick|paper] [--seeds 0 1 2]
-       [--methods ...] [--quick] [--report-only] [--estimate] [--out DIR] [--scratch DIR] [--threads N]
+       [--methods ...] [--quick] [--report-only] [--estimate] [--out DIR] [--scratch DIR] [--threads N] [--jobs N]
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SCRATCH = ROOT / "runs" / "quality"
 
-METHODS = {"nlu": ["local", "fedit", "ffa", "fedsa", "feddpa", "ifca", "flora", "fedalt", "fedlease", "fdlora"],
-           "nlg": ["local", "fedit", "feddpa", "fdlora", "fedalt", "fedlease"]}
-NAMES = {"local": "Local", "fedit": "FedIT", "ffa": "FFA-LoRA", "fedsa": "FedSA-LoRA", "feddpa": "FedDPA",
+UNTRAINED = "untrained"  # a reference row, not a method: the base model with fresh heads before any training
+METHODS = {"nlu": [UNTRAINED, "local", "fedit", "ffa", "fedsa", "feddpa", "ifca", "flora", "fedalt", "fedlease", "fdlora"],
+           "nlg": [UNTRAINED, "local", "fedit", "feddpa", "fdlora", "fedalt", "fedlease"]}
+NAMES = {UNTRAINED: "(untrained base)", "local": "Local", "fedit": "FedIT", "ffa": "FFA-LoRA", "fedsa": "FedSA-LoRA", "feddpa": "FedDPA",
          "ifca": "IFCA+LoRA", "flora": "FLoRA", "fedalt": "FedALT", "fedlease": "FedLEASE", "fdlora": "FDLoRA"}
 METRIC = {"nlu": "accuracy", "nlg": "rouge1"}
 SUITE_TITLE = {"nlu": "NLU suite (FedLEASE-style: 4 classification tasks x 4 clients, Dirichlet(0.5) label skew, "
@@ -60,11 +61,11 @@ TIE = 0.01  # "A ~ B" holds when the means differ by at most 1 point (x100) or b
 SMOKE = {
     "nlu": ("demo", ["model.name=tiny-bert", "data.train_per_client=48", "data.test_per_client=24",
                      "training.local_steps=3", "federation.rounds=2", "algorithm.per_method.fedlease.warmup_rounds=1"],
-            ["fedit", "fedlease"]),
+            [UNTRAINED, "fedit", "fedlease"]),
     "nlg": ("nlg-quick", ["model.name=tiny-llama", "data.tasks=[antonym, hypernym, synonym, quote_language]",
                           "data.train_per_client=16", "data.test_per_client=8", "training.local_steps=2",
                           "training.max_new_tokens=8", "federation.rounds=2", "federation.eval_every=1"],
-            ["fedit", "fedalt"]),
+            [UNTRAINED, "fedit", "fedalt"]),
 }
 
 # Cost of a run relative to FedIT's, used only to estimate runs that have not been measured yet. From the
@@ -94,8 +95,9 @@ def config_for(suite: str, profile: str, method: str, seed: int, run_dir: Path, 
     cfg = load_config(name, overrides + engine + [f"seed={seed}", f"output_dir={run_dir}"])
     if profile != "smoke":  # evaluate the final round only: evaluation changes no state, and costs a third here
         cfg.federation.eval_at_start, cfg.federation.eval_every = False, cfg.federation.rounds
-    options = cfg.algorithm.options_for(method)  # the spec's per-method options from the config, as `compare` does
-    cfg.algorithm.name, cfg.algorithm.options = method, options
+    algorithm = "fedit" if method == UNTRAINED else method  # FedIT's initial LoRA has B = 0: the base model
+    options = cfg.algorithm.options_for(algorithm)  # the spec's per-method options from the config, as `compare` does
+    cfg.algorithm.name, cfg.algorithm.options = algorithm, options
     cfg.name = f"quality-{suite}-{profile}-{method}-seed{seed}"
     return cfg
 
@@ -157,6 +159,21 @@ def execute(cfg) -> tuple[Any, float, bool]:
     return run_experiment(cfg, overwrite=True), 0.0, False
 
 
+def evaluate_untrained(cfg) -> list[dict]:
+    """The round-0 record alone: every client evaluated before any training (what the methods start from)."""
+    from fedlora.core.io import save_json
+    from fedlora.engines.inprocess import InProcessEngine
+    from fedlora.engines.session import build_session
+
+    s = build_session(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(cfg.run_dir / "clients.json", [c.to_json() for c in s.clients])
+    with s.runtime:
+        loop = InProcessEngine(cfg, s.server, s.runtime, s.infos, cfg.run_dir)
+        s.server.setup(s.infos, cfg.federation.rounds)
+        return [{"round": 0, **loop.evaluate(0, [c.client_id for c in s.infos])}]
+
+
 def summarize_run(records: list[dict], tasks: dict[str, str], metric: str) -> dict[str, Any]:
     """Final per-client metrics, per-task and average main metric, and FedLEASE's allocation if any."""
     final = [r for r in records if "eval" in r][-1]
@@ -211,14 +228,18 @@ def run_one(out: Path, scratch: Path, suite: str, profile: str, method: str, see
         print(f"  {path.name} was made with another config of {suite}-{profile}: running it again", flush=True)
     print(f"  {suite} {profile} {method} seed {seed}: running in {cfg.run_dir}", flush=True)
     start = time.perf_counter()
-    result, before, resumed = execute(cfg)
+    if method == UNTRAINED:
+        records, before, resumed = evaluate_untrained(cfg), 0.0, False
+    else:
+        result, before, resumed = execute(cfg)
+        records = result.rounds
     wall = time.perf_counter() - start + before
     clients = json.loads((cfg.run_dir / "clients.json").read_text())
     data = {"suite": suite, "profile": profile, "method": method, "seed": seed, "config": config_name(suite, profile),
             "setup": setup_id(cfg),
             "command": command, "wall_seconds": wall, "resumed": resumed, "torch_threads": threads,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **summarize_run(result.rounds, {c["client_id"]: c["task"] for c in clients}, METRIC[suite])}
+            **summarize_run(records, {c["client_id"]: c["task"] for c in clients}, METRIC[suite])}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True))  # never a half-written result that is skipped
     print(f"    done in {wall:.0f} s: average {METRIC[suite]} {100 * data['average']:.2f}", flush=True)
@@ -297,7 +318,7 @@ def verdict(checks: list[dict[str, Any]]) -> str:
 
 def measured_order(table: dict[str, dict[str, Any]]) -> str:
     """Our methods sorted by mean average, e.g. 'FedALT 45.10 > FedIT 44.00'."""
-    ranked = sorted(table, key=lambda m: -table[m]["average"]["mean"])
+    ranked = sorted((m for m in table if m != UNTRAINED), key=lambda m: -table[m]["average"]["mean"])
     return " > ".join(f"{NAMES.get(m, m)} {100 * table[m]['average']['mean']:.2f}" for m in ranked) or "(no runs yet)"
 
 
@@ -353,7 +374,9 @@ def suite_report(suite: str, runs: dict[str, dict[int, dict]], methods: list[str
         else SUITE_TITLE[suite]
     lines = [f"## {title}", "",
              f"Mean ± sample std over seeds of each client's final {METRIC[suite]} on its own test split, averaged "
-             f"per task, then over tasks (Avg). '(k/{n})': only k of the {n} seeds have run.", ""]
+             f"per task, then over tasks (Avg). '(k/{n})': only k of the {n} seeds have run. "
+             f"{NAMES[UNTRAINED]}: every client evaluated before any training (the base model, its LoRA at B = 0, "
+             "a fresh classification head): what training has to improve on.", ""]
     head = ["Method"] + tasks + ["**Avg**"] + (["Δ Avg vs FedIT"] if suite == "nlu" else [])
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     base = table.get("fedit", {}).get("average", {}).get("mean")
@@ -506,8 +529,8 @@ def estimate_lines(estimates: dict[str, Any], out: Path, seeds: list[int]) -> li
              "Estimated from a timing probe (`--estimate`): FedIT on a few clients for one round of "
              f"{PROBE_STEPS} local steps with one torch thread; its CPU seconds per client step and per client "
              "evaluation are scaled to the profile's clients, rounds, local steps and evaluations. CPU seconds with "
-             "one thread are about the wall time on one free core; two sweeps side by side with `--threads 1` "
-             "(e.g. one per suite, or per seed) use both cores of a free 2-core machine, about halving the wall time. "
+             "one thread are about the wall time on one free core; two sweeps side by side (`--jobs 2`) "
+             "use both cores of a free 2-core machine, about halving the wall time. "
              "Other methods: the mean wall time of their finished runs where there is one, else FedIT x an assumed "
              f"cost factor ({', '.join(f'{NAMES[m]} {f}' for m, f in COST['nlu'].items())}; FDLoRA "
              f"{COST['nlg']['fdlora']} on NLG; 1.0 for the rest; see COST in quality.py).", "",
@@ -586,8 +609,7 @@ def write_report(out: Path, profile: str, methods: dict[str, list[str]], seeds: 
         if profile == "smoke" else [
         f"python benchmarks/quality.py --suite all{prof} --seeds {' '.join(map(str, seeds))}   "
         "# runs what is missing, skips finished runs, resumes an interrupted one",
-        f"python benchmarks/quality.py{prof} --threads 1 > quality-1.log 2>&1 &   # two sweeps side by side share",
-        f"python benchmarks/quality.py{prof} --threads 1 > quality-2.log 2>&1 &   # the runs (a lock per run)",
+        f"python benchmarks/quality.py{prof} --jobs 2   # both cores: two sweeps sharing the runs (a lock per run)",
         f"python benchmarks/quality.py --report-only{prof}   # rebuild this file from the finished runs",
         f"python benchmarks/quality.py --estimate --suite all{prof}   # re-measure the time estimate"]
     lines += ["## Commands", "", "```", *commands, "```", "",
@@ -611,6 +633,24 @@ def _missing_lines(missing: list[str], seeds: list[int]) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------- main
 
+def start_helpers(n: int) -> list:
+    """n more copies of this sweep (same flags, one torch thread each): the run locks make them share the work."""
+    import subprocess
+
+    if n <= 0:
+        return []
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # drop --jobs/--threads, whatever their spelling
+        if skip or a.startswith(("--jobs=", "--threads=")):
+            skip = False
+            continue
+        if a in ("--jobs", "--threads"):
+            skip = True
+            continue
+        argv.append(a)
+    return [subprocess.Popen([sys.executable, __file__, *argv, "--threads", "1"]) for _ in range(n)]
+
+
 def main() -> None:
     """Parse the flags, run what is missing (or probe the time), then rebuild the report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -624,8 +664,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
     ap.add_argument("--scratch", type=Path, default=None, help="run directories (default runs/quality)")
     ap.add_argument("--threads", type=int, default=None, help="engine.torch_threads (default: torch's own)")
+    ap.add_argument("--jobs", type=int, default=1, help="sweeps side by side (one per core, each --threads 1)")
     args = ap.parse_args()
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    if args.jobs > 1 and args.threads is None:
+        args.threads = 1  # one core per sweep
     suites = ["nlu", "nlg"] if args.suite == "all" else [args.suite]
     profile, seeds = ("smoke", [0]) if args.quick else (args.profile, args.seeds)
     defaults = {s: SMOKE[s][2] if args.quick else METHODS[s] for s in ("nlu", "nlg")}
@@ -645,6 +688,7 @@ def main() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, json.dumps(estimates, indent=1, sort_keys=True))
         elif not args.report_only:
+            helpers = start_helpers(args.jobs - 1)
             for suite in suites:
                 for seed in seeds:  # seed-major: a stopped sweep leaves complete tables for the first seeds
                     for method in methods[suite]:
@@ -656,6 +700,9 @@ def main() -> None:
                         finally:
                             path.with_suffix(".lock").unlink(missing_ok=True)
                         write_report(out, profile, methods, seeds, command)  # up to date whenever stopped
+            for helper in helpers:  # they finish the runs they hold; a failed one leaves its runs to the next sweep
+                if helper.wait() != 0:
+                    print(f"a helper sweep exited with {helper.returncode}; run the command again", flush=True)
     finally:
         if tmp:
             tmp.cleanup()

@@ -106,18 +106,19 @@ def test_report_from_existing_runs_marks_missing_ones(tmp_path):
 
 @pytest.mark.slow
 def test_quality_benchmark_quick(tmp_path):
-    done = subprocess.run([sys.executable, "benchmarks/quality.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "benchmarks/quality.py", "--quick", "--jobs", "2", "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     q = tmp_path / "quality"
     data = json.loads((q / "quality.json").read_text())
     assert data["missing"] == [] and set(data["suites"]) == {"nlu", "nlg"}
-    for suite, methods in (("nlu", {"fedit", "fedlease"}), ("nlg", {"fedit", "fedalt"})):
+    for suite, methods in (("nlu", {"untrained", "fedit", "fedlease"}), ("nlg", {"untrained", "fedit", "fedalt"})):
         assert set(data["suites"][suite]["table"]) == methods
         assert (q / f"quality_{suite}.png").read_bytes()[:4] == b"\x89PNG"
         for m in methods:
             run = json.loads((q / "runs" / f"{suite}-smoke" / f"{m}-seed0.json").read_text())
             assert 0.0 <= run["average"] <= 1.0 and run["per_client"] and run["wall_seconds"] > 0
+            assert run["torch_threads"] == 1  # --jobs 2: two sweeps, one core each
     fl = data["suites"]["nlu"]["fedlease"][0]
     assert fl["n_experts"] >= 1 and -1.0 <= fl["ari"] <= 1.0
     text = (q / "quality.md").read_text()

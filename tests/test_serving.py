@@ -75,3 +75,21 @@ def test_compare_writes_one_table_with_every_method_and_valid_pngs(tmp_path):
     table = json.loads((tmp_path / "run" / "report" / "comparison.json").read_text())
     assert set(table["methods"]) == {"local", "fedit", "fedalt", "fedlease"}
     assert table["methods"]["local"]["mb_up_per_client_round"] == 0
+
+
+def test_report_of_many_clients_plots_their_distribution_not_one_bar_each(tmp_path):
+    import random
+
+    from PIL import Image
+
+    from fedlora.reporting import write_report
+
+    rng = random.Random(0)
+    accuracy = {f"task-{i}": {"accuracy": rng.random()} for i in range(200)}
+    fit = {c: {"bytes_up": 10, "bytes_down": 10} for c in accuracy}
+    summary = {"mean": {"accuracy": 0.5}, "by_task": {"task": {"accuracy": 0.5}}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "fit": fit, "eval": accuracy, "summary": summary}))
+    (tmp_path / "config.json").write_text(json.dumps({"algorithm": {"name": "fedit"}}))
+    write_report(tmp_path)
+    width, height = Image.open(tmp_path / "report" / "per_client.png").size
+    assert width < 2000 and height < 1000  # one bar per client would be ~100 inches wide

@@ -60,10 +60,14 @@ def resume_experiment(run_dir: str | Path) -> RunResult:
 
 def _run(cfg: Config, run_dir: Path, resume: Checkpoint | None = None, records: list[dict] | None = None) -> RunResult:
     if cfg.engine.name in ("flower-sim", "flower-local"):
-        from .deployment import run_local_deployment
-        from .engines.flower import run_flower_simulation
+        if cfg.engine.name == "flower-sim":
+            from .engines.flower import run_flower_simulation
 
-        run_flower_simulation(cfg) if cfg.engine.name == "flower-sim" else run_local_deployment(cfg, run_dir)
+            run_flower_simulation(cfg)
+        else:
+            from .deployment import run_local_deployment
+
+            run_local_deployment(cfg, run_dir)
         write_report(run_dir)
         return RunResult(run_dir, cfg.algorithm.name, read_records(run_dir))  # client states stay on the nodes
     s = build_session(cfg)

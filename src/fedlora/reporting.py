@@ -12,6 +12,8 @@ from .core.io import save_json, save_text
 
 MB = 1e6
 
+MAX_CLIENT_BARS = 50  # above this, per_client.png shows a histogram instead of a bar per client
+
 
 def find_runs(path: str | Path) -> dict[str, Path]:
     """{method: run dir} for a run directory, or for a directory of runs (as `compare` writes)."""
@@ -92,13 +94,20 @@ def write_report(path: str | Path) -> Path:
     lines += ["", "![metric by round](metric_by_round.png)"]
 
     clients = list(next(iter(summary.values()))["per_client"])
-    fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(clients) * len(summary) ** 0.5), 4))
-    width = 0.8 / len(summary)
-    for i, (m, s) in enumerate(summary.items()):
-        ax.bar([c + i * width for c in range(len(clients))], [s["per_client"].get(c, float("nan")) for c in clients],
-               width, label=m)
-    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(clients))], clients, rotation=60, ha="right", fontsize=7)
-    ax.set(ylabel=f"final {metric}", title=f"final {metric} per client (own test split)")
+    if len(clients) <= MAX_CLIENT_BARS:
+        fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(clients) * len(summary) ** 0.5), 4))
+        width = 0.8 / len(summary)
+        for i, (m, s) in enumerate(summary.items()):
+            ax.bar([c + i * width for c in range(len(clients))], [s["per_client"].get(c, float("nan")) for c in clients],
+                   width, label=m)
+        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(clients))], clients, rotation=60, ha="right", fontsize=7)
+        ax.set(ylabel=f"final {metric}", title=f"final {metric} per client (own test split)")
+    else:  # one bar per client is unreadable (and a huge image) for hundreds of clients: their distribution
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for m, s in summary.items():
+            ax.hist([v for v in s["per_client"].values() if v == v], bins=30, histtype="step", label=m)
+        ax.set(xlabel=f"final {metric} (own test split)", ylabel="clients",
+               title=f"final {metric} over {len(clients)} clients")
     ax.legend(fontsize=7)
     _save(fig, out / "per_client.png")
     lines += ["", "![per client](per_client.png)"]

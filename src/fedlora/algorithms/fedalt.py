@@ -38,7 +38,10 @@ class FedALTServer(ServerAlgorithm):
         self._total = 0.0
 
     def _refresh_sum(self) -> None:
-        known = [c for c in self.clients if c in self.individual]  # client order: the same sums after a resume
+        # Summed afresh in client order, not updated by the replies (S += w (new - old)): a running update
+        # rounds differently from the sum a resumed run rebuilds, and resume must equal an uninterrupted run
+        # bitwise. It costs one pass over the known LoRAs per round (benchmarks/results/scale.md).
+        known = [c for c in self.clients if c in self.individual]
         self._total = sum(self.weight(c) for c in known)
         self._sum = {}
         for cid in known:

@@ -46,10 +46,11 @@ class FlowerEngine(RoundLoop):
         sent = dict(zip(payloads, messages))
         by_node = {node: cid for cid, node in self.nodes.items()}
         replies, failures = {}, {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            # the grid has given each sent message its id by now; errors the SuperLink writes itself (an
-            # unavailable node) come from the SuperLink's node id, so match on the message replied to first
-            by_id = {m.metadata.message_id: cid for cid, m in sent.items() if m.metadata.message_id}
+        received = self.grid.send_and_receive(messages, timeout=self.timeout)
+        # pushing gave each sent message its id; errors the SuperLink writes itself (an unavailable node) come
+        # from the SuperLink's node id, so match on the message replied to first
+        by_id = {m.metadata.message_id: cid for cid, m in sent.items() if m.metadata.message_id}
+        for reply in received:
             cid = by_id.get(reply.metadata.reply_to_message_id) or by_node.get(reply.metadata.src_node_id)
             if cid is None:
                 log.warning("round %d: ignoring a reply that answers none of this round's messages", rnd)

@@ -53,12 +53,12 @@ class RoundLoop(ABC):
             bar = progress.add_task("rounds", total=fed.rounds, completed=first - 1) if progress else None
             self.client_bar = progress.add_task("clients", total=len(ids)) if progress else None
             if fed.eval_at_start and first == 1:
-                self._record(0, {"round": 0, **self._evaluate(0, ids)})
+                self._record(0, {"round": 0, **self.evaluate(0, ids)})
             for rnd in range(first, fed.rounds + 1):
                 start = time.perf_counter()
                 record = {"round": rnd, **self._fit_round(rnd, sample_clients(ids, fed.clients_per_round, self.config.seed, rnd))}
                 if rnd % fed.eval_every == 0 or rnd == fed.rounds:
-                    record.update(self._evaluate(rnd, ids))
+                    record.update(self.evaluate(rnd, ids))
                 record["seconds"] = time.perf_counter() - start
                 self._record(rnd, record)
                 every = self.config.engine.checkpoint_every
@@ -91,7 +91,8 @@ class RoundLoop(ABC):
                          "bytes_down": sum(f["bytes_down"] for f in fit.values())},
                 "server": self.server.summary()}
 
-    def _evaluate(self, rnd: int, ids: list[str]) -> dict:
+    def evaluate(self, rnd: int, ids: list[str]) -> dict:
+        """Every client of `ids` on its own test split with what the server sends at `rnd`: {"eval", "summary"}."""
         payloads = self.server.configure_evaluate(rnd, ids)
         per_client, failures = self.evaluate_clients(rnd, {cid: payloads.get(cid, Payload()) for cid in ids})
         for cid, reason in failures.items():
