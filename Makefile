@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/fedlora demo
 
 test: setup data
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"

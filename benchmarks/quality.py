@@ -185,10 +185,14 @@ def summarize_run(records: list[dict], tasks: dict[str, str], metric: str) -> di
         "curve": [[r["round"], r["summary"]["mean"][metric]] for r in records if "eval" in r],
         "round_seconds": sum(r.get("seconds") or 0.0 for r in records),
     }
-    server = next((r["server"] for r in reversed(records) if (r.get("server") or {}).get("assignment")), None)
+    # FedLEASE's allocation (IFCA's server summary has an assignment too, but no experts or silhouette)
+    server = next((r["server"] for r in reversed(records) if "n_experts" in (r.get("server") or {})), None)
     if server:
         out["fedlease"] = {"n_experts": server["n_experts"], "silhouette": server["silhouette"],
                            "assignment": server["assignment"], "ari": task_ari(server["assignment"], tasks)}
+    clustered = next((r["server"]["assignment"] for r in reversed(records) if (r.get("server") or {}).get("assignment")), None)
+    if clustered:  # any method that groups clients (FedLEASE, IFCA): how well the groups match the tasks
+        out["clustering"] = {"assignment": clustered, "ari": task_ari(clustered, tasks)}
     return out
 
 
@@ -587,6 +591,9 @@ def write_report(out: Path, profile: str, methods: dict[str, list[str]], seeds: 
                "seeds. Nothing is tuned per method. As in their specs, FedDPA (variant T) spends the local budget twice "
                "per round (local, then global LoRA), IFCA scores every cluster LoRA and FDLoRA runs its fusion search "
                "at evaluation. Evaluated (and reported) at the final round only.", ""]
+    if (qdir / "findings.md").is_file():
+        lines += ["What these numbers say, and the investigation of every ordering that does not reproduce: "
+                  "[findings.md](findings.md).", ""]
     raw: dict[str, Any] = {"profile": profile, "seeds": seeds, "command": command,
                            "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suites": {}}
     missing = []

@@ -134,3 +134,16 @@ def test_setup_id_ignores_engine_and_paths_but_not_the_setup(tmp_path):
     other_budget = q.config_for("nlu", "quick", "fedit", 0, tmp_path / "a")
     other_budget.training.local_steps += 1
     assert len({q.setup_id(base), q.setup_id(other_seed), q.setup_id(other_budget)}) == 3
+
+
+def test_summarize_run_reads_fedlease_allocation_and_any_clustering():
+    q = load_quality()
+    tasks = {"a0": "t1", "a1": "t1", "b0": "t2", "b1": "t2"}
+    final = {"eval": {c: {"accuracy": 0.5} for c in tasks}, "summary": {"mean": {"accuracy": 0.5},
+                                                                         "by_task": {"t1": {"accuracy": 0.5}}}}
+    ifca = q.summarize_run([{"round": 1, "server": {"assignment": {"a0": 0, "a1": 0, "b0": 1, "b1": 1}}, **final}],
+                           tasks, "accuracy")
+    assert "fedlease" not in ifca and ifca["clustering"]["ari"] == 1.0  # IFCA: no experts, still a grouping
+    lease = {"n_experts": 2, "assignment": {"a0": 1, "a1": 0, "b0": 0, "b1": 1}, "silhouette": {"2": 0.3}}
+    fl = q.summarize_run([{"round": 1, "server": lease, **final}], tasks, "accuracy")
+    assert fl["fedlease"]["n_experts"] == 2 and fl["fedlease"]["ari"] < 0.5
