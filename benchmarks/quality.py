@@ -34,9 +34,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 SCRATCH = ROOT / "runs" / "quality"
 
 UNTRAINED = "untrained"  # a reference row, not a method: the base model with fresh heads before any training
-METHODS = {"nlu": [UNTRAINED, "local", "fedit", "ffa", "fedsa", "feddpa", "ifca", "flora", "fedalt", "fedlease", "fdlora"],
+MAJORITY = "majority"    # a reference row (classification): each client predicts its own training split's top label
+REFERENCES = (UNTRAINED, MAJORITY)
+METHODS = {"nlu": [UNTRAINED, MAJORITY, "local", "fedit", "ffa", "fedsa", "feddpa", "ifca", "flora", "fedalt", "fedlease",
+                   "fdlora"],
            "nlg": [UNTRAINED, "local", "fedit", "feddpa", "fdlora", "fedalt", "fedlease"]}
-NAMES = {UNTRAINED: "(untrained base)", "local": "Local", "fedit": "FedIT", "ffa": "FFA-LoRA", "fedsa": "FedSA-LoRA", "feddpa": "FedDPA",
+NAMES = {UNTRAINED: "(untrained base)", MAJORITY: "(majority class)", "local": "Local", "fedit": "FedIT", "ffa": "FFA-LoRA", "fedsa": "FedSA-LoRA", "feddpa": "FedDPA",
          "ifca": "IFCA+LoRA", "flora": "FLoRA", "fedalt": "FedALT", "fedlease": "FedLEASE", "fdlora": "FDLoRA"}
 METRIC = {"nlu": "accuracy", "nlg": "rouge1"}
 SUITE_TITLE = {"nlu": "NLU suite (FedLEASE-style: 4 classification tasks x 4 clients, Dirichlet(0.5) label skew, "
@@ -61,7 +64,7 @@ TIE = 0.01  # "A ~ B" holds when the means differ by at most 1 point (x100) or b
 SMOKE = {
     "nlu": ("demo", ["model.name=tiny-bert", "data.train_per_client=48", "data.test_per_client=24",
                      "training.local_steps=3", "federation.rounds=2", "algorithm.per_method.fedlease.warmup_rounds=1"],
-            [UNTRAINED, "fedit", "fedlease"]),
+            [UNTRAINED, MAJORITY, "fedit", "fedlease"]),
     "nlg": ("nlg-quick", ["model.name=tiny-llama", "data.tasks=[antonym, hypernym, synonym, quote_language]",
                           "data.train_per_client=16", "data.test_per_client=8", "training.local_steps=2",
                           "training.max_new_tokens=8", "federation.rounds=2", "federation.eval_every=1"],
@@ -95,7 +98,7 @@ def config_for(suite: str, profile: str, method: str, seed: int, run_dir: Path, 
     cfg = load_config(name, overrides + engine + [f"seed={seed}", f"output_dir={run_dir}"])
     if profile != "smoke":  # evaluate the final round only: evaluation changes no state, and costs a third here
         cfg.federation.eval_at_start, cfg.federation.eval_every = False, cfg.federation.rounds
-    algorithm = "fedit" if method == UNTRAINED else method  # FedIT's initial LoRA has B = 0: the base model
+    algorithm = "fedit" if method in REFERENCES else method  # FedIT's initial LoRA has B = 0: the base model
     options = cfg.algorithm.options_for(algorithm)  # the spec's per-method options from the config, as `compare` does
     cfg.algorithm.name, cfg.algorithm.options = algorithm, options
     cfg.name = f"quality-{suite}-{profile}-{method}-seed{seed}"
@@ -157,6 +160,20 @@ def execute(cfg) -> tuple[Any, float, bool]:
         except CheckpointError as exc:  # a damaged checkpoint: start that run again
             print(f"    cannot resume ({exc}); restarting", flush=True)
     return run_experiment(cfg, overwrite=True), 0.0, False
+
+
+def majority_class(clients: list[dict]) -> dict[str, Any]:
+    """Accuracy of predicting each client's most frequent training label on its test split (the label prior)."""
+    from collections import Counter
+
+    per_client, by_task = {}, {}
+    for c in clients:
+        top = Counter(str(r["label"]) for r in c["train"]).most_common(1)[0][0]
+        per_client[c["client_id"]] = {"accuracy": statistics.fmean(str(r["label"]) == top for r in c["test"])}
+        by_task.setdefault(c["task"], []).append(per_client[c["client_id"]]["accuracy"])
+    by_task = {t: statistics.fmean(v) for t, v in sorted(by_task.items())}
+    return {"per_client": per_client, "by_task": by_task, "average": statistics.fmean(by_task.values()),
+            "curve": [], "round_seconds": 0.0}
 
 
 def evaluate_untrained(cfg) -> list[dict]:
@@ -246,6 +263,9 @@ def run_one(out: Path, scratch: Path, suite: str, profile: str, method: str, see
             **summarize_run(records, {c["client_id"]: c["task"] for c in clients}, METRIC[suite])}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True))  # never a half-written result that is skipped
+    if method == UNTRAINED and METRIC[suite] == "accuracy":
+        write_atomic(result_path(out, suite, profile, MAJORITY, seed),
+                     json.dumps({**data, "method": MAJORITY, "wall_seconds": 0.0, **majority_class(clients)}, indent=1))
     print(f"    done in {wall:.0f} s: average {METRIC[suite]} {100 * data['average']:.2f}", flush=True)
     return data
 
@@ -322,7 +342,7 @@ def verdict(checks: list[dict[str, Any]]) -> str:
 
 def measured_order(table: dict[str, dict[str, Any]]) -> str:
     """Our methods sorted by mean average, e.g. 'FedALT 45.10 > FedIT 44.00'."""
-    ranked = sorted((m for m in table if m != UNTRAINED), key=lambda m: -table[m]["average"]["mean"])
+    ranked = sorted((m for m in table if m not in REFERENCES), key=lambda m: -table[m]["average"]["mean"])
     return " > ".join(f"{NAMES.get(m, m)} {100 * table[m]['average']['mean']:.2f}" for m in ranked) or "(no runs yet)"
 
 
@@ -380,7 +400,9 @@ def suite_report(suite: str, runs: dict[str, dict[int, dict]], methods: list[str
              f"Mean ± sample std over seeds of each client's final {METRIC[suite]} on its own test split, averaged "
              f"per task, then over tasks (Avg). '(k/{n})': only k of the {n} seeds have run. "
              f"{NAMES[UNTRAINED]}: every client evaluated before any training (the base model, its LoRA at B = 0, "
-             "a fresh classification head): what training has to improve on.", ""]
+             "a fresh classification head): what training has to improve on."
+             + (f" {NAMES[MAJORITY]}: each client always answers the most frequent label of its own training split "
+                "(the label prior under this label skew; no model)." if suite == "nlu" else ""), ""]
     head = ["Method"] + tasks + ["**Avg**"] + (["Δ Avg vs FedIT"] if suite == "nlu" else [])
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     base = table.get("fedit", {}).get("average", {}).get("mean")
@@ -699,6 +721,8 @@ def main() -> None:
             for suite in suites:
                 for seed in seeds:  # seed-major: a stopped sweep leaves complete tables for the first seeds
                     for method in methods[suite]:
+                        if method == MAJORITY:
+                            continue  # written by the untrained run, from its split
                         path = result_path(out, suite, profile, method, seed)
                         if path.is_file() and current(json.loads(path.read_text()), suite, profile) or not claim(path):
                             continue  # finished, or another sweep is running it

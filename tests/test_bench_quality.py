@@ -112,7 +112,7 @@ def test_quality_benchmark_quick(tmp_path):
     q = tmp_path / "quality"
     data = json.loads((q / "quality.json").read_text())
     assert data["missing"] == [] and set(data["suites"]) == {"nlu", "nlg"}
-    for suite, methods in (("nlu", {"untrained", "fedit", "fedlease"}), ("nlg", {"untrained", "fedit", "fedalt"})):
+    for suite, methods in (("nlu", {"untrained", "majority", "fedit", "fedlease"}), ("nlg", {"untrained", "fedit", "fedalt"})):
         assert set(data["suites"][suite]["table"]) == methods
         assert (q / f"quality_{suite}.png").read_bytes()[:4] == b"\x89PNG"
         for m in methods:
@@ -147,3 +147,14 @@ def test_summarize_run_reads_fedlease_allocation_and_any_clustering():
     lease = {"n_experts": 2, "assignment": {"a0": 1, "a1": 0, "b0": 0, "b1": 1}, "silhouette": {"2": 0.3}}
     fl = q.summarize_run([{"round": 1, "server": lease, **final}], tasks, "accuracy")
     assert fl["fedlease"]["n_experts"] == 2 and fl["fedlease"]["ari"] < 0.5
+
+
+def test_majority_class_is_each_clients_own_training_prior():
+    q = load_quality()
+    row = lambda label: {"label": label}  # noqa: E731
+    clients = [{"client_id": "a0", "task": "t1", "train": [row("x"), row("x"), row("y")], "test": [row("x"), row("y")]},
+               {"client_id": "a1", "task": "t1", "train": [row("y")], "test": [row("y"), row("y"), row("x"), row("y")]},
+               {"client_id": "b0", "task": "t2", "train": [row(1), row(2), row(2)], "test": [row(1)]}]
+    out = q.majority_class(clients)
+    assert out["per_client"] == {"a0": {"accuracy": 0.5}, "a1": {"accuracy": 0.75}, "b0": {"accuracy": 0.0}}
+    assert out["by_task"] == {"t1": 0.625, "t2": 0.0} and out["average"] == 0.3125
