@@ -91,7 +91,8 @@ def test_report_from_existing_runs_marks_missing_ones(tmp_path):
         path = q.result_path(tmp_path, "nlu", "quick", r["method"], r["seed"])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(r))
-    md = q.write_report(tmp_path, "quick", {"nlu": ["fedit", "fedlease", "ifca"], "nlg": ["fedalt"]}, [0, 1], "cmd")
+    md = q.write_report(tmp_path, "quick", {"nlu": ["fedit", "fedlease", "ifca"], "nlg": ["fedalt"]},
+                        {"nlu": [0, 1], "nlg": [0, 1]}, "cmd")
     text = md.read_text()
     assert "| FedIT | 40.00 ± 1.41 | 42.00 ± 1.41 | **41.00 ± 1.41** | +0.00 |" in text
     assert "**50.00 ± – (1/2)**" in text and "| IFCA+LoRA | not run |" in text
