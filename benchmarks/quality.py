@@ -112,6 +112,7 @@ def setup_id(cfg) -> str:
     import hashlib
 
     setup = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("name", "output_dir", "engine")}
+    setup["algorithm"].pop("per_method", None)  # its entry for this method is in algorithm.options; others don't matter
     return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -47,3 +47,23 @@ def test_last_prompt_hidden_is_the_prompt_state_in_every_batch_layout():
     for i in range(2):
         torch.testing.assert_close(right[i], alone[i], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(left[i], alone[i], atol=1e-5, rtol=1e-5)
+
+
+def test_split_budget_gives_the_two_passes_the_round_budget_together(tmp_path, monkeypatch):
+    from fedlora.training.trainer import Trainer
+
+    passes: list[int] = []
+    original = Trainer._train
+
+    def counting(self, data, experts, router, n_steps, parts, dp=None):
+        passes.append(n_steps)
+        return original(self, data, experts, router, n_steps, parts, dp)
+
+    monkeypatch.setattr(Trainer, "_train", counting)
+    cfg = dict(training={"local_steps": 5}, federation={"rounds": 1}, data={"tasks": ["noun_topic"], "clients_per_task": 1})
+    run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "code"), algorithm={"name": "feddpa"}, **cfg))
+    assert passes == [5, 5]  # as the official code: each LoRA gets the whole budget
+    passes.clear()
+    run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "split"), **cfg,
+                               algorithm={"name": "feddpa", "options": {"split_budget": True}}))
+    assert passes == [3, 2]  # local ceil(5/2), then global floor(5/2): 5 steps per round, like every method

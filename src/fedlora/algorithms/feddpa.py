@@ -31,6 +31,9 @@ class FedDPAOptions(AveragingOptions):
     max_weight: float = Field(0.5, ge=0, le=1)
     reference_examples: int = Field(5, ge=1)
     direction: Literal["global_gets_w", "local_gets_w"] = "global_gets_w"  # the code: global w, local 1 - w
+    # variant T trains two LoRAs per round, each for the whole local budget (the code). True: the local LoRA
+    # gets ceil(S/2) steps and the global floor(S/2), so a comparison gives every method S steps per round.
+    split_budget: bool = False
 
 
 class FedDPAServer(BroadcastAverageServer):
@@ -55,19 +58,24 @@ class FedDPAClient(ClientAlgorithm):
         self._load(payload, state, trainer)
         model, mix = trainer.adapted, self.options.train_mix
         metrics: dict[str, float] = {}
+        local_steps = global_steps = None  # the whole budget for each pass
+        if self.options.variant == "T" and self.options.split_budget:
+            total = trainer.num_steps()
+            global_steps = max(1, total // 2)
+            local_steps = max(1, total - global_steps)
         if self.options.variant == "T":
-            metrics["local_train_loss"] = self._train_local(trainer, mix)
+            metrics["local_train_loss"] = self._train_local(trainer, mix, local_steps)
         model.set_expert_weights([1.0, 0.0])  # the global LoRA trains alone, as in FedIT
-        metrics.update(trainer.train(experts=[GLOBAL]))
+        metrics.update(trainer.train(experts=[GLOBAL], steps=global_steps))
         if self.options.variant == "F" and payload.config.get("finetune_local"):
             metrics["local_train_loss"] = self._train_local(trainer, mix)
         state.states["local"] = model.expert_state(LOCAL)
         return Reply({"global": model.expert_state(GLOBAL)}, len(trainer.data.train), metrics), state
 
     @staticmethod
-    def _train_local(trainer, mix: float) -> float:
+    def _train_local(trainer, mix: float, steps: int | None = None) -> float:
         trainer.adapted.set_expert_weights([1.0 - mix, mix])
-        return trainer.train(experts=[LOCAL])["train_loss"]
+        return trainer.train(experts=[LOCAL], steps=steps)["train_loss"]
 
     def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
         self._load(payload, state, trainer)
