@@ -118,7 +118,7 @@ def test_quality_benchmark_quick(tmp_path):
         assert (q / f"quality_{suite}.png").read_bytes()[:4] == b"\x89PNG"
         for m in methods:
             run = json.loads((q / "runs" / f"{suite}-smoke" / f"{m}-seed0.json").read_text())
-            assert 0.0 <= run["average"] <= 1.0 and run["per_client"] and run["wall_seconds"] > 0
+            assert 0.0 <= run["average"] <= 1.0 and run["per_client"] and (run["wall_seconds"] > 0 or m == "majority")
             assert run["torch_threads"] == 1  # --jobs 2: two sweeps, one core each
     fl = data["suites"]["nlu"]["fedlease"][0]
     assert fl["n_experts"] >= 1 and -1.0 <= fl["ari"] <= 1.0
