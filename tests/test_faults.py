@@ -135,30 +135,32 @@ def _clientapps(popen: subprocess.Popen) -> set[psutil.Process]:
     return found
 
 
-def _psutil_clock_offset() -> float:
-    """psutil's create_time minus time.time() for a process started now: psutil derives start times from the
-    boot time, which /proc gives in whole seconds, so its clock is off by a fixed amount below a second."""
-    before = time.time()
-    marker = subprocess.Popen(["sleep", "5"])
-    after = time.time()
-    try:
-        return psutil.Process(marker.pid).create_time() - (before + after) / 2
-    finally:
-        marker.kill()
-        marker.wait()
+class _Freezer(threading.Thread):
+    """SIGSTOPs every ClientApp a SuperNode has or starts from now on. The SuperNode may start a ClientApp
+    process before its message arrives, so which process will serve round 2 cannot be told by start time."""
 
+    def __init__(self, supernode: subprocess.Popen) -> None:
+        super().__init__(daemon=True)
+        self.supernode, self.frozen, self.done = supernode, set(), threading.Event()
 
-def _next_clientapp(popen: subprocess.Popen, since: float, timeout: float = 300.0) -> psutil.Process:
-    """The first ClientApp process a SuperNode started after wall time `since` (Flower starts one per message),
-    not one still finishing an earlier message."""
-    since += _psutil_clock_offset() - 0.05  # on psutil's clock; start times are counted in 10 ms ticks
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in _clientapps(popen):
-            if proc.create_time() >= since:
-                return proc
-        time.sleep(0.02)
-    raise AssertionError("the SuperNode started no ClientApp")
+    def run(self) -> None:
+        while not self.done.is_set():
+            for proc in _clientapps(self.supernode) - self.frozen:
+                try:
+                    proc.suspend()
+                    self.frozen.add(proc)
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+        for proc in self.frozen:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 @pytest.mark.slow
@@ -181,14 +183,13 @@ def test_deployment_survives_a_hung_and_a_disconnected_supernode(tmp_path):
         while not (metrics.exists() and any(json.loads(x)["round"] == 1 for x in metrics.read_text().splitlines())):
             assert runner.is_alive() and time.monotonic() < deadline, errors
             time.sleep(0.1)
-        round_1_recorded = metrics.stat().st_mtime  # round 2 is sent only after this; round 1's apps started before
         for proc in _tree(fed.processes["supernode-noun_topic-2"]):
             proc.kill()
-        hung = _next_clientapp(fed.processes["supernode-noun_topic-1"], round_1_recorded)  # round 2's training
-        hung.suspend()
+        freezer = _Freezer(fed.processes["supernode-noun_topic-1"])  # round 2's ClientApp hangs
+        freezer.start()
         runner.join(timeout=900)
+        freezer.stop()
         assert not runner.is_alive() and not errors, errors
-        hung.kill()
     rounds = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     failures = rounds[2]["failures"]
