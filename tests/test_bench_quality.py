@@ -159,3 +159,27 @@ def test_majority_class_is_each_clients_own_training_prior():
     out = q.majority_class(clients)
     assert out["per_client"] == {"a0": {"accuracy": 0.5}, "a1": {"accuracy": 0.75}, "b0": {"accuracy": 0.0}}
     assert out["by_task"] == {"t1": 0.625, "t2": 0.0} and out["average"] == 0.3125
+
+
+def test_clustering_probe_reads_fedlease_warmup_loras_and_local_finals(tmp_path):
+    from fedlora import run_experiment
+
+    from .conftest import tiny_config
+
+    spec = importlib.util.spec_from_file_location("clustering_probe", ROOT / "benchmarks" / "clustering_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    runs = {}
+    for method, options in (("fedlease", {"warmup_rounds": 1}), ("local", {})):
+        cfg = tiny_config(tmp_path, algorithm={"name": method, "options": options}, federation={"rounds": 1},
+                          output_dir=str(tmp_path / method))
+        runs[method] = run_experiment(cfg).run_dir
+    fl, local = probe.probe(runs["fedlease"]), probe.probe(runs["local"])
+    assert fl["source"].startswith("warm-up") and local["source"].startswith("final")
+    # one round of FedLEASE's warm-up trains exactly what Local trains: the same LoRAs, the same clustering
+    for key in ("within_task", "across_tasks", "M", "ari_at_M", "ari_at_tasks"):
+        assert fl[key] == pytest.approx(local[key])
+    assert fl["clients"] == 4 and 0.0 <= fl["within_task"] <= 2.0 and -1.0 <= fl["ari_at_M"] <= 1.0
+    fedit = run_experiment(tiny_config(tmp_path, federation={"rounds": 1}, output_dir=str(tmp_path / "fedit"))).run_dir
+    with pytest.raises(SystemExit, match="no FedLEASE warm-up LoRAs"):
+        probe.probe(fedit)
