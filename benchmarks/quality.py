@@ -621,9 +621,10 @@ def write_report(out: Path, profile: str, methods: dict[str, list[str]], seeds: 
              + " unchanged except `algorithm.name` and `seed`; method options are the spec defaults, plus the "
                "config's own `[algorithm.per_method]` entries (the spec's schedules scaled to the profile's rounds). Same "
                "data split, seed, local-step budget, rounds and evaluation for every method; the split differs between "
-               "seeds. Nothing is tuned per method. As in their specs, FedDPA (variant T) spends the local budget twice "
-               "per round (local, then global LoRA), IFCA scores every cluster LoRA and FDLoRA runs its fusion search "
-               "at evaluation. Evaluated (and reported) at the final round only.", ""]
+               "seeds. Nothing is tuned per method. FedDPA (variant T) splits each round's local steps between its local "
+               "and global LoRA (the configs' `split_budget`; its official code gives each the full budget). Passes "
+               "that are not training steps are the methods' own: IFCA scores every cluster LoRA, FDLoRA runs its "
+               "fusion search at evaluation. Evaluated (and reported) at the final round only.", ""]
     if (qdir / "findings.md").is_file():
         lines += ["What these numbers say, and the investigation of every ordering that does not reproduce: "
                   "[findings.md](findings.md).", ""]
