@@ -27,11 +27,12 @@ data: setup
 demo: setup
 	$(BIN)/fedlora demo
 
+# Two pytest-xdist workers (one per core); tests that start Flower share one of them (tests/conftest.py).
 test: setup data
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=20
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

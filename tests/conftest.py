@@ -66,3 +66,15 @@ def spy_trainable(monkeypatch):
 
     monkeypatch.setattr(Trainer, "train", train)
     return seen
+
+
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup). Tests that start Flower (Ray, a
+# SuperLink, SuperNodes, ClientApp processes) go to one worker, one after another: each of them already keeps
+# the second core busy, and two at once would make their round timeouts race each other.
+FLOWER_FILES = {"test_deployment.py", "test_flower.py", "test_benchmarks.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in FLOWER_FILES or "flower" in item.name or "deployment" in item.name:
+            item.add_marker(pytest.mark.xdist_group("flower"))
