@@ -74,7 +74,8 @@ def spy_trainable(monkeypatch):
 FLOWER_FILES = {"test_deployment.py", "test_flower.py", "test_benchmarks.py"}
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put every test that starts Flower into one xdist group (one worker, one at a time)."""
     for item in items:
         if item.path.name in FLOWER_FILES or "flower" in item.name or "deployment" in item.name:
             item.add_marker(pytest.mark.xdist_group("flower"))
