@@ -11,6 +11,7 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFO
 import copy  # noqa: E402
 
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -74,8 +75,31 @@ def spy_trainable(monkeypatch):
 FLOWER_FILES = {"test_deployment.py", "test_flower.py", "test_benchmarks.py"}
 
 
+# tryfirst: xdist's worker reads the xdist_group marks in its own modifyitems hook, which pluggy would otherwise
+# call before this conftest's (the later-registered plugin runs first).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Put every test that starts Flower into one xdist group (one worker, one at a time)."""
     for item in items:
-        if item.path.name in FLOWER_FILES or "flower" in item.name or "deployment" in item.name:
+        if is_flower_test(item):
             item.add_marker(pytest.mark.xdist_group("flower"))
+
+
+def is_flower_test(item: pytest.Item) -> bool:
+    """Whether a test starts Flower processes (by its file or its name)."""
+    return item.path.name in FLOWER_FILES or "flower" in item.name or "deployment" in item.name
+
+
+@pytest.fixture(autouse=True)
+def one_flower_test_at_a_time(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Hold a lock shared by every worker while a Flower test runs.
+
+    The xdist group is the fast path (no worker waits); this lock is the guarantee, should the grouping be
+    lost again (a pytest or xdist upgrade, or a plain `-n 2 --dist load`).
+    """
+    if not is_flower_test(request.node):
+        yield
+        return
+    # Every worker's basetemp is popen-gwK under the run's own directory: its parent is shared by the workers.
+    with FileLock(tmp_path_factory.getbasetemp().parent / "flower.lock"):
+        yield
