@@ -24,36 +24,55 @@ from fedlora.algorithms.clustering import b_distance_matrix, choose_clusters
 from fedlora.engines.checkpoint import load_checkpoint
 
 
-def client_loras(run_dir: Path) -> tuple[str, dict[str, dict]]:
-    """The LoRAs to cluster: FedLEASE's cached warm-up LoRAs, else every client's final `lora` state."""
+def client_loras(run_dir: Path) -> tuple[str, dict[str, dict], dict[str, int] | None]:
+    """The LoRAs to cluster and, for FedLEASE, the run's own assignment: its cached warm-up LoRAs, else every
+    client's final `lora` state."""
     ckpt = load_checkpoint(run_dir)
     warm = {k.removeprefix("warm."): v for k, v in ckpt.server_state["tensors"].items() if k.startswith("warm.")}
     if warm:
-        return "warm-up LoRAs (server cache)", warm
+        return "warm-up LoRAs (server cache)", warm, ckpt.server_state["meta"].get("assignment")
     finals = {cid: s.states["lora"] for cid, s in ckpt.client_states.items() if "lora" in s.states}
     if not finals:
         sys.exit(f"{run_dir}: no FedLEASE warm-up LoRAs and no client 'lora' state in its last checkpoint; "
                  "give a FedLEASE run or a run whose clients keep one LoRA (local, fedit, ...)")
-    return f"final client LoRAs (round {ckpt.round})", finals
+    return f"final client LoRAs (round {ckpt.round})", finals, None
+
+
+def max_experts(config: dict) -> int:
+    """FedLEASE's cap on M for this run: its own option, else the config's per-method FedLEASE entry, else 8."""
+    algorithm = config["algorithm"]
+    own = algorithm["options"] if algorithm["name"] == "fedlease" else algorithm.get("per_method", {}).get("fedlease", {})
+    return own.get("max_experts") or 8
 
 
 def probe(run_dir: Path) -> dict:
     """B distances within and across tasks, silhouette curve, chosen M, ARI at M and at the number of tasks."""
-    source, loras = client_loras(run_dir)
+    source, loras, run_assignment = client_loras(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    ids = sorted(loras)
-    tasks = np.array([cid.rsplit("-", 1)[0] for cid in ids])  # suite client ids are <task>-<index>
+    # the run's registration order (FedLEASE clusters in it) and each client's true task
+    clients = [c for c in json.loads((run_dir / "clients.json").read_text()) if c["client_id"] in loras]
+    ids, tasks = [c["client_id"] for c in clients], np.array([c["task"] for c in clients])
     dist = b_distance_matrix([loras[c] for c in ids])
-    same = (tasks[:, None] == tasks[None, :]) & ~np.eye(len(ids), dtype=bool)
-    chosen = choose_clusters(dist, min(8, len(ids) - 1))
+    off_diagonal = ~np.eye(len(ids), dtype=bool)
+    same = (tasks[:, None] == tasks[None, :]) & off_diagonal
+    chosen = choose_clusters(dist, max_experts(config))
     n_tasks = len(set(tasks))
     at_tasks = AgglomerativeClustering(n_clusters=n_tasks, metric="precomputed", linkage="average").fit_predict(dist)
     return {"run": str(run_dir), "source": source, "method": config["algorithm"]["name"],
             "dirichlet_alpha": config["data"].get("dirichlet_alpha"), "clients": len(ids),
-            "within_task": float(dist[same].mean()), "across_tasks": float(dist[tasks[:, None] != tasks[None, :]].mean()),
+            "within_task": float(dist[same].mean()) if same.any() else None,  # None: one client per task
+            "across_tasks": float(dist[~same & off_diagonal].mean()),
             "silhouette": chosen.silhouette, "M": chosen.n_clusters,
             "ari_at_M": float(adjusted_rand_score(tasks, chosen.labels)),
-            "ari_at_tasks": float(adjusted_rand_score(tasks, at_tasks))}
+            "ari_at_tasks": float(adjusted_rand_score(tasks, at_tasks)),
+            # FedLEASE runs: the clustering recomputed here is the one the run made (a check on the probe itself)
+            "same_as_run": None if run_assignment is None else
+            adjusted_rand_score([run_assignment[c] for c in ids], chosen.labels) == 1.0}
+
+
+def fmt(distance: float | None) -> str:
+    """A distance to 3 decimals, '–' when there is none."""
+    return "–" if distance is None else f"{distance:.3f}"
 
 
 def main() -> None:
@@ -67,7 +86,7 @@ def main() -> None:
         rows.append({"label": label, **probe(Path(path))})
     lines = ["| run | LoRAs clustered | B distance within task | across tasks | silhouette at M | M | ARI at M | "
              "ARI at K = tasks |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['source']} | {r['within_task']:.3f} | {r['across_tasks']:.3f} | "
+    lines += [f"| {r['label']} | {r['source']} | {fmt(r['within_task'])} | {r['across_tasks']:.3f} | "
               f"{r['silhouette'].get(r['M'], float('nan')):.3f} | {r['M']} | {r['ari_at_M']:.2f} | "
               f"{r['ari_at_tasks']:.2f} |" for r in rows]
     print("\n".join(lines))

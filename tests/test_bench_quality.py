@@ -69,6 +69,21 @@ def test_ties_and_noise_within_a_group():
     assert table["fedsa"]["average"]["std"] == pytest.approx(0.006 / 2 ** 0.5)
 
 
+def test_seed_noise_is_paired_over_the_shared_splits():
+    q = load_quality()
+    # Seed 1's split is much harder for both methods, but FedLEASE is 2 points above FedIT on every split.
+    table = table_of(q, {"fedlease": [0.40, 0.30, 0.46], "fedit": [0.38, 0.28, 0.44]})
+    paired = q.check_relation(("fedlease", ">", "fedit"), table)
+    assert paired["delta"] == pytest.approx(0.02) and paired["se"] == pytest.approx(0.0, abs=1e-12)
+    assert paired["beyond_noise"] is True  # unpaired, the splits' spread (s.e. ~0.06) would hide it
+
+    uneven = table_of(q, {"fedlease": [0.40, 0.30, 0.46], "fedit": [0.38, 0.28]})  # a sweep still running
+    welch = q.check_relation(("fedlease", ">", "fedit"), uneven)
+    assert welch["se"] == pytest.approx((0.006533 / 3 + 0.005 / 2) ** 0.5, rel=1e-2)
+    assert welch["beyond_noise"] is False
+    assert q.check_relation(("fedlease", ">", "fedit"), table_of(q, {"fedlease": [0.4], "fedit": [0.3]}))["se"] is None
+
+
 def test_ari_on_a_planted_assignment():
     q = load_quality()
     tasks = {f"{t}-{i}": t for t in ("a", "b", "c", "d") for i in range(4)}
@@ -180,6 +195,7 @@ def test_clustering_probe_reads_fedlease_warmup_loras_and_local_finals(tmp_path)
     for key in ("within_task", "across_tasks", "M", "ari_at_M", "ari_at_tasks"):
         assert fl[key] == pytest.approx(local[key])
     assert fl["clients"] == 4 and 0.0 <= fl["within_task"] <= 2.0 and -1.0 <= fl["ari_at_M"] <= 1.0
+    assert fl["same_as_run"] is True and local["same_as_run"] is None  # the probe reclusters as the run did
     fedit = run_experiment(tiny_config(tmp_path, federation={"rounds": 1}, output_dir=str(tmp_path / "fedit"))).run_dir
     with pytest.raises(SystemExit, match="no FedLEASE warm-up LoRAs"):
         probe.probe(fedit)
