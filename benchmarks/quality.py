@@ -522,6 +522,7 @@ def probe(suite: str, profile: str, scratch: Path) -> dict[str, Any]:
     from fedlora.api import run_experiment
     from fedlora.core.config import load_config
     from fedlora.data.suites import NLG_TASKS
+    from fedlora.data.tokenize import steps_for_epochs
     from fedlora.engines.inprocess import InProcessEngine
 
     full = config_for(suite, profile, "fedit", 0, scratch)  # the sweep's own schedule (final evaluation only)
@@ -554,7 +555,7 @@ def probe(suite: str, profile: str, scratch: Path) -> dict[str, Any]:
         InProcessEngine.fit_clients, InProcessEngine.evaluate_clients = originals["fit"], originals["eval"]
     n_probe = len(result.final)
     tr, fed = full.training, full.federation
-    steps = tr.local_steps or math.ceil(tr.local_epochs * full.data.train_per_client / tr.batch_size)
+    steps = tr.local_steps or steps_for_epochs(tr.local_epochs, full.data.train_per_client, tr.batch_size)
     n_clients = (4 if suite == "nlu" else len(NLG_TASKS)) * full.data.clients_per_task
     evals = int(fed.eval_at_start) + sum(1 for r in range(1, fed.rounds + 1) if r % fed.eval_every == 0 or r == fed.rounds)
     per_step, per_eval = spent["fit"] / (n_probe * PROBE_STEPS), spent["eval"] / n_probe

@@ -58,7 +58,7 @@ def run_warmup(options: dict, groups: list[int]):
     return server, ids, loras
 
 
-def test_allocation_initialises_experts_as_cluster_means_and_routers_per_cluster():
+def test_allocation_initialises_experts_as_cluster_means_and_a_fresh_router_per_client():
     groups = [0, 0, 1, 1, 1, 2]
     server, ids, loras = run_warmup({}, groups)
     assert server.clustered and len(server.experts) == 3
@@ -66,33 +66,54 @@ def test_allocation_initialises_experts_as_cluster_means_and_routers_per_cluster
     for e, members in enumerate([[0, 1], [2, 3, 4], [5]]):
         for k in loras[0]:
             torch.testing.assert_close(server.experts[e][k], torch.stack([loras[i][k] for i in members]).mean(0))
-    assert all(r["l0.query.router"].shape == (5, 8) for r in server.routers)  # 2M-1 slots
-    payload = server.configure(3, ids)["c3"]
-    assert payload.config == {"phase": "clustered", "expert": 1, "n_experts": 3}
-    assert set(payload.states) == {"expert_0", "expert_1", "expert_2", "router"}
-    assert payload.states["router"] is server.routers[1]
+    first = server.configure(3, ids)
+    assert first["c3"].config == {"phase": "clustered", "expert": 1, "n_experts": 3}
+    assert set(first["c3"].states) == {"expert_0", "expert_1", "expert_2", "router"}
+    assert first["c3"].states["expert_1"] is server.experts[1]
+    # the code's start: a kaiming router of 2M-1 slots per client, not yet shared within the cluster
+    routers = {c: first[c].states["router"]["l0.query.router"] for c in ids}
+    assert all(r.shape == (5, 8) for r in routers.values()) and server.routers == {}
+    assert not torch.equal(routers["c2"], routers["c3"])
+    assert torch.equal(server.configure(3, ["c3"])["c3"].states["router"]["l0.query.router"], routers["c3"])
+    # once cluster 1 has trained, its members share its averaged router; cluster 0 still starts fresh
+    server.aggregate(3, {c: Reply({"expert": server.experts[1], "router": first[c].states["router"]}, 10)
+                         for c in ("c2", "c3")})
+    later = server.configure(4, ids)
+    assert later["c3"].states["router"] is server.routers[1] is later["c4"].states["router"]
+    torch.testing.assert_close(server.routers[1]["l0.query.router"], (routers["c2"] + routers["c3"]) / 2)
+    assert torch.equal(later["c0"].states["router"]["l0.query.router"], routers["c0"])
 
 
 def test_clustered_aggregation_averages_each_expert_and_router_within_its_cluster():
     server, ids, _ = run_warmup({}, [0, 0, 1, 1])
     before_1 = server.experts[1]
+    router = server.configure(3, ids[:1])[ids[0]].states["router"]
     replies = {}
     for i, v in [(0, 1.0), (1, 3.0)]:  # only cluster 0 replies
         replies[ids[i]] = Reply({"expert": {k: torch.full_like(t, v) for k, t in before_1.items()},
-                                 "router": {k: torch.full_like(t, 10 * v) for k, t in server.routers[0].items()}}, 10)
+                                 "router": {k: torch.full_like(t, 10 * v) for k, t in router.items()}}, 10)
     server.aggregate(3, replies)
     assert all(torch.allclose(t, torch.full_like(t, 2.0)) for t in server.experts[0].values())
     assert all(torch.allclose(t, torch.full_like(t, 20.0)) for t in server.routers[0].values())
-    assert server.experts[1] is before_1  # no member replied: unchanged
+    assert server.experts[1] is before_1 and 1 not in server.routers  # no member replied: unchanged
 
 
 def test_own_init_option_and_private_router():
     server, ids, loras = run_warmup({"expert_init": "own", "router": "private"}, [0, 0, 1, 1])
     first = server.configure(3, ids)
     assert "router" not in first["c1"].states
+    # the official code: own warm LoRA in its slot, every other expert fresh (B = 0, so it adds nothing)
     assert all(torch.equal(first["c1"].states["expert_0"][k], loras[1][k]) for k in loras[1])
+    assert all(torch.equal(first["c2"].states["expert_1"][k], loras[2][k]) for k in loras[2])
+    other = first["c1"].states["expert_1"]
+    assert all(not v.any() for k, v in other.items() if k.endswith("lora_B"))
+    assert any(v.any() for k, v in other.items() if k.endswith("lora_A"))
+    server.aggregate(3, {c: Reply({"expert": first[c].states["expert_0"]}, 10) for c in ids[:2]})  # cluster 0 trains
     later = server.configure(4, ids)
-    assert later["c1"].states["expert_0"] is server.experts[0]
+    assert later["c1"].states["expert_0"] is server.experts[0] is later["c2"].states["expert_0"]
+    torch.testing.assert_close(server.experts[0]["l0.query.lora_B"], (loras[0]["l0.query.lora_B"] + loras[1]["l0.query.lora_B"]) / 2)
+    # cluster 1 has not trained yet: its members still start from their own warm LoRA
+    assert all(torch.equal(later["c2"].states["expert_1"][k], loras[2][k]) for k in loras[2])
 
 
 def test_late_client_joins_the_nearest_cluster():

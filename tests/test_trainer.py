@@ -9,7 +9,7 @@ import pytest
 from fedlora import run_experiment
 from fedlora.adapters.base_models import byte_tokenizer
 from fedlora.core.config import TrainingConfig
-from fedlora.data.tokenize import IGNORE_INDEX, collate, encode_generation
+from fedlora.data.tokenize import IGNORE_INDEX, batch_indices, collate, encode_generation, steps_for_epochs
 from fedlora.training import ClientDataset, Trainer
 
 from .conftest import tiny_config
@@ -66,3 +66,11 @@ def test_causal_lm_generation_run(tmp_path):
     final = result.final_mean
     assert {"rouge1", "rougeL", "exact_match", "loss"} <= set(final)
     assert final["loss"] < result.evaluations()[0]["summary"]["mean"]["loss"]
+
+
+def test_an_epoch_budget_counts_steps_as_hf_trainer_and_sees_every_example():
+    # FedALT's 300 examples, batch 8, 5 epochs: 38 batches per epoch (the last one of 4), 190 steps, not 188
+    assert steps_for_epochs(5, 300, 8) == 190 and steps_for_epochs(2, 16, 128) == 2
+    assert steps_for_epochs(0.5, 300, 8) == 19 and steps_for_epochs(0.01, 10, 8) == 1
+    epoch = list(batch_indices(300, 8, None))
+    assert len(epoch) == 38 and sorted(i for b in epoch for i in b) == list(range(300))

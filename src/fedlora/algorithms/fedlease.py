@@ -4,9 +4,10 @@ cluster, adaptive top-M routing that always includes the client's own expert (sp
 Phases:
   warm-up (rounds 1..warmup_rounds): each client trains one LoRA locally; no aggregation.
   allocation (end of the last warm-up round): B-distance clustering, M = argmax silhouette,
-      experts = cluster means of the members' warm-up LoRAs, one router per cluster.
-  clustered rounds: a client trains its own expert j and the router; the server averages each expert
-      over its cluster and each router within its cluster.
+      experts = cluster means of the members' warm-up LoRAs.
+  clustered rounds: a client trains its own expert j and the router (a fresh one per client until its
+      cluster has trained, as the code does); the server averages each expert over its cluster and each
+      router within its cluster.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class FedLEASEServer(ServerAlgorithm):
         self.warm: dict[str, StateDict] = {}       # latest warm-up LoRA per client
         self.assignment: dict[str, int] = {}       # client -> own expert j(k)
         self.experts: list[StateDict] = []
-        self.routers: list[StateDict] = []         # one per cluster
+        self.trained: set[int] = set()             # experts whose cluster has trained them at least once
+        self.routers: dict[int, StateDict] = {}    # cluster -> its averaged router, once it has trained
         self.silhouette: dict[int, float] = {}
 
     @property
@@ -59,11 +61,9 @@ class FedLEASEServer(ServerAlgorithm):
                 payloads[cid] = Payload(config={"phase": "warmup", "upload": rnd >= self.options.warmup_rounds})
                 continue
             j = self.assignment[cid]
-            states = {expert_key(e): s for e, s in enumerate(self.experts)}
-            if self.options.expert_init == "own" and rnd == self.options.warmup_rounds + 1 and cid in self.warm:
-                states[expert_key(j)] = self.warm[cid]  # official code: own warm LoRA in slot j, first round only
+            states = {expert_key(e): self._starting_expert(e, cid) for e in range(len(self.experts))}
             if self.options.router == "cluster":
-                states["router"] = self.routers[j]
+                states["router"] = self.routers[j] if j in self.routers else self._fresh_router(cid)
             payloads[cid] = Payload(states, {"phase": "clustered", "expert": j, "n_experts": len(self.experts)})
         return payloads
 
@@ -83,6 +83,7 @@ class FedLEASEServer(ServerAlgorithm):
             if not members:
                 continue
             self.experts[e] = self.client_mean({c: r.states["expert"] for c, r in members.items()})
+            self.trained.add(e)
             if self.options.router == "cluster":
                 self.routers[e] = self.client_mean({c: r.states["router"] for c, r in members.items()})
 
@@ -104,8 +105,17 @@ class FedLEASEServer(ServerAlgorithm):
         self.silhouette = result.silhouette
         self.assignment = dict(zip(ids, result.labels))
         self.experts = cluster_means([self.warm[c] for c in ids], result.labels, [self.weight(c) for c in ids])
-        n_slots = 2 * len(self.experts) - 1
-        self.routers = [self.spec.init_router(n_slots, generator(self.seed, "router", e)) for e in range(len(self.experts))]
+
+    def _starting_expert(self, e: int, cid: str) -> StateDict:
+        """Expert e as client cid receives it: the latest average, or under `expert_init = "own"`, until its
+        cluster has trained it, the client's own warm-up LoRA in its slot and a fresh expert (B = 0) elsewhere."""
+        if self.options.expert_init == "own" and e not in self.trained:
+            return self.warm[cid] if e == self.assignment[cid] else self.spec.init_lora(generator(self.seed, "lora-init"))
+        return self.experts[e]
+
+    def _fresh_router(self, cid: str) -> StateDict:
+        """A client's own kaiming router (2M-1 slots), used until its cluster has an averaged one (the code)."""
+        return self.spec.init_router(2 * len(self.experts) - 1, generator(self.seed, "router", cid))
 
     def _assign_late(self, cid: str) -> None:
         """A client first seen after allocation joins the cluster of smallest mean B-distance (average linkage)."""
@@ -123,14 +133,16 @@ class FedLEASEServer(ServerAlgorithm):
     def state_dict(self) -> dict:
         tensors = {f"warm.{c}": s for c, s in self.warm.items()}
         tensors.update({f"expert.{e}": s for e, s in enumerate(self.experts)})
-        tensors.update({f"router.{e}": s for e, s in enumerate(self.routers)})
-        return {"tensors": tensors, "meta": {"assignment": self.assignment, "silhouette": self.silhouette}}
+        tensors.update({f"router.{e}": s for e, s in self.routers.items()})
+        return {"tensors": tensors, "meta": {"assignment": self.assignment, "silhouette": self.silhouette,
+                                             "trained": sorted(self.trained)}}
 
     def load_state_dict(self, state: dict) -> None:
         t = state["tensors"]
         self.warm = {k.removeprefix("warm."): v for k, v in t.items() if k.startswith("warm.")}
         self.experts = [t[f"expert.{e}"] for e in range(sum(k.startswith("expert.") for k in t))]
-        self.routers = [t[f"router.{e}"] for e in range(sum(k.startswith("router.") for k in t))]
+        self.routers = {int(k.removeprefix("router.")): v for k, v in t.items() if k.startswith("router.")}
+        self.trained = set(state["meta"]["trained"])
         self.assignment = dict(state["meta"]["assignment"])
         self.silhouette = {int(k): v for k, v in state["meta"]["silhouette"].items()}
 

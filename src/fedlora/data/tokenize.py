@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -103,6 +105,12 @@ def collate_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, 
         ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def steps_for_epochs(epochs: float, n: int, batch_size: int) -> int:
+    """Optimizer steps of `epochs` passes over n examples, as HF Trainer counts them: ceil(E * batches per epoch),
+    the last batch of an epoch partial, so a whole number of epochs sees every example each epoch."""
+    return max(1, math.ceil(epochs * math.ceil(n / batch_size)))
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[list[int]]:

@@ -7,7 +7,6 @@ With `workers` (a client's data-parallel workers, `distributed.py`) each global 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from ..adapters import AdaptedModel
 from ..core.config import TrainingConfig
 from ..core.seeding import generator, seed_everything
-from ..data.tokenize import IGNORE_INDEX, Encoded, batch_indices, collate, collate_prompts
+from ..data.tokenize import IGNORE_INDEX, Encoded, batch_indices, collate, collate_prompts, steps_for_epochs
 from .distributed import DataParallel, Workers, load_replica_state, replica_state
 from .metrics import classification_metrics, generation_metrics
 
@@ -88,7 +87,7 @@ class Trainer:
             steps, epochs = self.cfg.local_steps, self.cfg.local_epochs
         if steps is not None:
             return int(steps)
-        return max(1, math.ceil(epochs * len(self.data.train) / self.cfg.batch_size))
+        return steps_for_epochs(epochs, len(self.data.train), self.cfg.batch_size)
 
     def batch_loss(self, batch: Mapping[str, torch.Tensor], n_items: int | None = None) -> torch.Tensor:
         """Mean loss of a batch: CE over the task's labels, or causal-LM CE over response tokens.
