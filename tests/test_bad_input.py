@@ -63,6 +63,27 @@ def test_a_bad_config_value_is_one_error_naming_the_key(capsys, config_file, ove
     assert expected in cli_error(capsys, "run", config_file, "--quiet", "--set", override)
 
 
+def test_misspelt_methods_fail_before_any_run_starts(capsys, tmp_path, config_file):
+    err = cli_error(capsys, "run", config_file, "--quiet", "--set", "algorithm.per_method.fedleas.warmup_rounds=2")
+    assert "algorithm.per_method names unknown methods ['fedleas']; available: local, fedit" in err
+    err = cli_error(capsys, "run", config_file, "--quiet", "--set", "algorithm.per_method.fedlease.warmup=2")
+    assert "invalid algorithm.options for 'fedlease': warmup" in err and "warmup_rounds" in err
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+    # compare checks every method first: nothing of `local` may have run when `nosuch` is refused
+    err = cli_error(capsys, "compare", config_file, "--quiet", "--methods", "local,nosuch")
+    assert "unknown algorithm.name 'nosuch'" in err and not (tmp_path / "run").exists()
+    assert "compare needs at least one method" in cli_error(capsys, "compare", config_file, "--methods", ",")
+    assert not (tmp_path / "run").exists()
+    err = cli_error(capsys, "deploy", "app", tmp_path / "app", config_file, "--set", "algorithm.name=nosuch")
+    assert "unknown algorithm.name 'nosuch'" in err and not (tmp_path / "app").exists()
+
+
+def test_resume_refuses_settings_it_would_ignore(capsys, tmp_path, config_file):
+    err = cli_error(capsys, "run", config_file, "--resume", tmp_path, "--set", "training.lr=1")
+    assert "--resume continues a run with its own saved config; drop CONFIG, --set" in err
+    assert "give a CONFIG (a file, or a built-in name such as nlu-quick) or --resume" in cli_error(capsys, "run")
+
+
 def test_a_config_file_that_does_not_parse_says_where(capsys, tmp_path):
     (tmp_path / "broken.toml").write_text('[model]\nname = "tiny-bert\n')
     err = cli_error(capsys, "run", tmp_path / "broken.toml")

@@ -48,3 +48,15 @@ def test_algorithm_options_are_validated_by_the_method():
         parse_options("fedit", {"weighing": "uniform"})
     with pytest.raises(ConfigError, match="unknown algorithm.name 'fedavg'"):
         parse_options("fedavg", {})
+
+
+def test_a_methods_per_method_entry_applies_whenever_it_runs_and_options_win(tmp_path):
+    from fedlora.engines.session import build_session
+
+    from .conftest import tiny_config
+
+    algorithm = {"name": "fedlease", "per_method": {"fedlease": {"warmup_rounds": 2, "max_experts": 3},
+                                                    "fdlora": {"sync_every": 2}}}
+    assert build_session(build_config(tiny_config(tmp_path, algorithm=algorithm))).server.options.warmup_rounds == 2
+    session = build_session(build_config(tiny_config(tmp_path, algorithm={**algorithm, "options": {"warmup_rounds": 1}})))
+    assert (session.server.options.warmup_rounds, session.server.options.max_experts) == (1, 3)

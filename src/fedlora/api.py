@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .algorithms import check_algorithm
 from .core.config import Config, build_config, load_config
 from .core.errors import CheckpointError, ConfigError, DataError
 from .core.io import save_json, save_text
@@ -33,6 +34,7 @@ def run_experiment(config: Config | dict[str, Any] | str | Path, overrides: list
                    overwrite: bool = False) -> RunResult:
     """Run one federated experiment end to end and write its run directory."""
     cfg = as_config(config, overrides)
+    check_algorithm(cfg.algorithm)  # before the run directory exists: a typo leaves nothing behind
     run_dir = cfg.run_dir
     prepare_run_dir(run_dir, overwrite)
     save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
@@ -114,6 +116,9 @@ def compare(config: Config | dict[str, Any] | str | Path, methods: list[str], ov
             overwrite: bool = False) -> dict[str, RunResult]:
     """Run several methods on the same data, split, seed and evaluation; each in `<output_dir>/<method>`."""
     cfg = as_config(config, overrides)
+    if not methods:
+        raise ConfigError("compare needs at least one method, e.g. --methods local,fedit")
+    check_algorithm(cfg.algorithm, methods)  # every name and option checked before the first run starts
     results = {}
     for method in methods:
         sub = cfg.model_copy(deep=True)

@@ -38,13 +38,21 @@ def _metric(result) -> str:
 def cmd_run(args: argparse.Namespace) -> None:
     from .api import as_config, resume_experiment, run_experiment
 
+    from .core.errors import ConfigError
+
     if args.resume:
+        # a run resumes exactly as it was configured: anything else given would be silently ignored
+        ignored = [flag for flag, given in (("CONFIG", args.config), ("--set", args.set), ("--overwrite", args.overwrite))
+                   if given]
+        if ignored:
+            raise ConfigError(f"--resume continues a run with its own saved config; drop {', '.join(ignored)} "
+                              "(to change settings, start a new run instead)")
         result = resume_experiment(args.resume)
         Console().print(_results_table({result.method: result}, _metric(result)))
         print(f"run directory: {result.run_dir}")
         return
     if not args.config:
-        raise SystemExit("fedlora run: give a CONFIG (file or built-in name) or --resume RUN_DIR")
+        raise ConfigError("fedlora run: give a CONFIG (a file, or a built-in name such as nlu-quick) or --resume RUN_DIR")
     cfg = as_config(args.config, args.set)
     if args.quiet:
         cfg.engine.progress = False
@@ -142,16 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress display")
 
     p = sub.add_parser("run", help="run one experiment from a TOML/YAML config or a built-in one (nlu-quick, ...)")
-    p.add_argument("config", nargs="?")
+    p.add_argument("config", nargs="?", help="a TOML/YAML file or a built-in name (demo, nlu-quick, nlu-paper, "
+                   "nlg-quick, nlg-paper)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     common(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run several methods on the same split, seed and evaluation")
-    p.add_argument("config")
+    p.add_argument("config", help="a TOML/YAML file or a built-in name")
     p.add_argument("--methods", required=True, help="comma-separated, e.g. local,fedit")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace existing run directories")
     common(p)
     p.set_defaults(func=cmd_compare)
 

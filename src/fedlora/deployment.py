@@ -61,8 +61,10 @@ def write_app(app_dir: str | Path, cfg: Config) -> Path:
     It waits for `engine.num_clients` SuperNodes, by default one per client of the config's split."""
     import tomli_w
 
+    from .algorithms import check_algorithm
     from .data.federated import build_clients
 
+    check_algorithm(cfg.algorithm)  # here, not first on the SuperLink
     app_dir = Path(app_dir)
     app_dir.mkdir(parents=True, exist_ok=True)
     experiment = tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from ..adapters import AdapterSpec
+from ..core.config import AlgorithmConfig
 from ..core.errors import ConfigError
 from .base import (AveragingOptions, ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Personalized, Reply,
                    ServerAlgorithm, lora_rank)
@@ -75,6 +76,16 @@ def parse_options(name: str, options: dict) -> Options:
         raise ConfigError(f"invalid algorithm.options for {name!r}: {problems}. Valid options: {valid}") from None
 
 
+def check_algorithm(algorithm: AlgorithmConfig, methods: list[str] | None = None) -> None:
+    """Fail before any work on an unknown method or option: the configured method (or `methods`, for a
+    comparison) with the options it would run with, and every `per_method` entry."""
+    unknown = sorted(set(algorithm.per_method) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"algorithm.per_method names unknown methods {unknown}; available: {', '.join(METHODS)}")
+    for name in dict.fromkeys([*(methods or [algorithm.name]), *algorithm.per_method]):
+        parse_options(name, algorithm.options_for(name))
+
+
 def build(name: str, options: dict, spec: AdapterSpec, seed: int) -> tuple[ServerAlgorithm, ClientAlgorithm]:
     """The server and client objects of a method, options validated."""
     method, opts = get_method(name), parse_options(name, options)
@@ -82,4 +93,4 @@ def build(name: str, options: dict, spec: AdapterSpec, seed: int) -> tuple[Serve
 
 
 __all__ = ["METHODS", "ClientAlgorithm", "ClientInfo", "ClientState", "Method", "Payload", "Personalized", "Reply",
-           "ServerAlgorithm", "build", "get_method", "lora_rank", "parse_options"]
+           "ServerAlgorithm", "build", "check_algorithm", "get_method", "lora_rank", "parse_options"]

@@ -167,7 +167,8 @@ class AlgorithmConfig(Section):
     name: str = "fedit"
     options: dict[str, Any] = Field(default_factory=dict)
     per_method: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="options by method name, used when `compare` runs that method")
+        default_factory=dict, description="options by method name, used whenever that method runs (`run` with "
+        "algorithm.name set to it, `compare`); algorithm.options wins over its entry")
 
     def options_for(self, method: str) -> dict[str, Any]:
         """The options of `method`: its per_method entry, overridden by `options` when it is the configured one."""
@@ -175,6 +176,11 @@ class AlgorithmConfig(Section):
         if method == self.name:
             merged.update(self.options)
         return merged
+
+    @property
+    def active_options(self) -> dict[str, Any]:
+        """The options the configured method runs with: its per_method entry, overridden by `options`."""
+        return self.options_for(self.name)
 
 
 class EngineConfig(Section):

@@ -116,7 +116,7 @@ def server_main(cfg: Config, grid: Grid) -> None:
         # the server needs the adapted modules' shapes only: the base model without any client data
         base = load_base_model(cfg.model.name, cfg.model.task, 2, cfg.model.dtype, cfg.seed)
         spec = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.target_modules).spec
-        server, _ = build(cfg.algorithm.name, cfg.algorithm.options, spec, cfg.seed)
+        server, _ = build(cfg.algorithm.name, cfg.algorithm.active_options, spec, cfg.seed)
         found = handshake(grid, cfg.engine.num_clients or 1, cfg.engine.handshake_timeout)
         # the split's order where nodes use it, then client id (nodes with their own data all report 0)
         order = sorted(found, key=lambda cid: (found[cid][1]["order"], cid))

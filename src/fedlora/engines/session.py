@@ -10,7 +10,7 @@ import torch
 
 from ..adapters import AdaptedModel
 from ..adapters.base_models import BaseModel, load_base_model
-from ..algorithms import ClientInfo, ServerAlgorithm, build, parse_options
+from ..algorithms import ClientInfo, ServerAlgorithm, build, check_algorithm
 from ..core.config import Config
 from ..core.errors import DataError
 from ..core.seeding import generator
@@ -40,7 +40,7 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     method for a config (deterministic in the seed)."""
     if cfg.engine.torch_threads:
         torch.set_num_threads(cfg.engine.torch_threads)
-    parse_options(cfg.algorithm.name, cfg.algorithm.options)  # fail on a bad option before any loading
+    check_algorithm(cfg.algorithm)  # fail on a bad method or option before any loading
     whole_split = clients is None  # a data owner's own clients: per-client lists/rules cannot be placed
     clients = build_clients(cfg.data, cfg.seed) if whole_split else clients
     num_labels = max((len(c.labels) for c in clients), default=0)
@@ -48,7 +48,7 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     if base.task == "classification" and num_labels == 0:
         raise DataError(f"model {cfg.model.name!r} classifies, but dataset {cfg.data.dataset!r} has no labels")
     adapted = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    server, client = build(cfg.algorithm.name, cfg.algorithm.options, adapted.spec, cfg.seed)
+    server, client = build(cfg.algorithm.name, cfg.algorithm.active_options, adapted.spec, cfg.seed)
     datasets = {c.client_id: encode_client(c, base.tokenizer, base.task, cfg.data.max_length) for c in clients}
     truncated = sum(d.train.n_truncated + d.test.n_truncated for d in datasets.values())
     if truncated:
