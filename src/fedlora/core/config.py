@@ -29,7 +29,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """The frozen base model."""
 
-    name: str = Field(description="'minilm', 'tiny-bert', 'tiny-llama' or a local Hugging Face model directory")
+    name: str = Field(description="'minilm', 'smollm2', 'tiny-bert', 'tiny-llama' or a local Hugging Face model "
+                      "directory")
     task: Literal["classification", "causal_lm"] | None = Field(None, description="inferred from the name when omitted")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
