@@ -61,6 +61,22 @@ def test_predict_cli_and_bad_export_dir(tmp_path, capsys):
         load_personalized(tmp_path)
 
 
+def test_predict_serves_the_latest_checkpoint_after_the_run_moved_on(tmp_path):
+    from fedlora.serving import predict
+
+    cfg = tiny_config(tmp_path, federation={"rounds": 1})
+    run_experiment(cfg)
+    manifest = tmp_path / "run" / "exports" / "noun_topic-0" / "fedlora_personalized.json"
+    predict(tmp_path / "run", "noun_topic-0", ["a small furry animal"])
+    first = json.loads(manifest.read_text())
+    predict(tmp_path / "run", "noun_topic-0", ["a small furry animal"])
+    assert json.loads(manifest.read_text()) == first  # unchanged run: the export is reused
+    run_experiment(tiny_config(tmp_path, federation={"rounds": 2}), overwrite=True)  # the run moved on
+    predict(tmp_path / "run", "noun_topic-0", ["a small furry animal"])
+    again = json.loads(manifest.read_text())
+    assert (first["round"], again["round"]) == (1, 2) and again["checkpoint"] != first["checkpoint"]
+
+
 def test_compare_writes_one_table_with_every_method_and_valid_pngs(tmp_path):
     cfg = tiny_config(tmp_path, federation={"rounds": 2},
                       algorithm={"name": "fedit", "per_method": {"fedlease": {"warmup_rounds": 1}}})

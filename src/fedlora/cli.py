@@ -36,6 +36,7 @@ def _metric(result) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    """`fedlora run`: run one experiment, or resume a stopped run, and print its results table."""
     from .api import as_config, resume_experiment, run_experiment
 
     from .core.errors import ConfigError
@@ -62,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    """`fedlora compare`: run several methods on the same config and print one table."""
     from .api import as_config, compare
 
     cfg = as_config(args.config, args.set)
@@ -73,6 +75,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    """`fedlora demo`: compare methods on the built-in demo config and print the table."""
     from .api import as_config, compare
 
     cfg = as_config("demo", args.set)
@@ -87,12 +90,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    """`fedlora export`: write a client's personalized model to a directory."""
     from .serving import export_client
 
     print(f"exported {args.client} to {export_client(args.run_dir, args.client, args.out)}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    """`fedlora predict`: print a client's prediction for each input text."""
     from .serving import predict, read_texts
 
     for answer in predict(args.run_dir, args.client, read_texts(args.file)):
@@ -100,12 +105,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    """`fedlora report`: write the Markdown report of a run or comparison directory."""
     from .reporting import write_report
 
     print(f"report: {write_report(args.run_dir)}")
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
+    """`fedlora prepare-data`: make the offline corpora and models available."""
     from .api import prepare_data
 
     corpora = [c for c in args.corpora.split(",") if c] if args.corpora is not None else None
@@ -113,6 +120,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
 
 
 def cmd_deploy_app(args: argparse.Namespace) -> None:
+    """`fedlora deploy app`: write a Flower app directory for a config."""
     from .api import as_config
     from .deployment import write_app
 
@@ -123,6 +131,7 @@ def cmd_deploy_app(args: argparse.Namespace) -> None:
 
 
 def cmd_deploy_credentials(args: argparse.Namespace) -> None:
+    """`fedlora deploy credentials`: write a CA, SuperLink TLS files and SuperNode keys."""
     from .deployment import write_credentials
 
     creds = write_credentials(args.out, args.supernode, args.host)
@@ -133,6 +142,7 @@ def cmd_deploy_credentials(args: argparse.Namespace) -> None:
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
+    """`fedlora methods`: list the methods, their summaries and option defaults."""
     from .algorithms import METHODS
 
     for m in METHODS.values():

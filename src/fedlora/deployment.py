@@ -154,9 +154,12 @@ def _san(host: str):
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+    if private:  # created 0600, never readable by others, not even for a moment
+        path.unlink(missing_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
 
 
 # -- a federation of local processes ----------------------------------------------------------------------

@@ -26,7 +26,7 @@ from .core.errors import CheckpointError, ConfigError, DataError
 from .core.io import load_json, load_tensors, save_json, save_tensors
 from .data.suites import TEMPLATE
 from .data.tokenize import Encoded, encode_prompt, encode_texts
-from .engines.checkpoint import load_checkpoint
+from .engines.checkpoint import checkpoint_id, load_checkpoint
 from .engines.session import build_session
 from .training import ClientDataset, InstanceWeighting, Trainer
 
@@ -48,6 +48,7 @@ def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path) -> P
     """Write client `client_id`'s personalized model after the run's last checkpoint into `out_dir`."""
     run_dir, out = Path(run_dir), Path(out_dir)
     cfg = load_config(run_config(run_dir), [f"output_dir={run_dir}"])
+    exported_from = checkpoint_id(run_dir)  # read before the checkpoint: a newer one then triggers a re-export
     ckpt = load_checkpoint(run_dir)
     if client_id not in ckpt.client_states:
         raise ConfigError(f"no client {client_id!r} in {run_dir}; clients: {', '.join(sorted(ckpt.client_states))}")
@@ -64,6 +65,7 @@ def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path) -> P
     weights = adapted.layers[next(iter(adapted.layers))].expert_weights
     manifest = {
         "format": 1, "method": cfg.algorithm.name, "client_id": client_id, "round": ckpt.round, "seed": cfg.seed,
+        "checkpoint": exported_from,
         "model": {"name": cfg.model.name, "task": s.base.task, "dtype": cfg.model.dtype},
         "head_outputs": max((len(c.labels) for c in s.clients), default=2),
         "lora": {"r": adapted.spec.r, "alpha": adapted.spec.alpha, "targets": list(adapted.layers)},
@@ -173,9 +175,10 @@ def read_texts(source: str | None) -> list[str]:
 
 
 def predict(run_dir: str | Path, client_id: str, texts: Sequence[str]) -> list[str]:
-    """Predictions of a run's client (exported once into `<run_dir>/exports/<client>`)."""
+    """Predictions of a run's client, from its latest checkpoint (exported into `<run_dir>/exports/<client>`)."""
     out = Path(run_dir) / "exports" / client_id
-    if not (out / MANIFEST).is_file():
+    # export again when the run has moved on since (resumed or re-run): never serve an older checkpoint
+    if not (out / MANIFEST).is_file() or load_json(out / MANIFEST).get("checkpoint") != checkpoint_id(Path(run_dir)):
         export_client(run_dir, client_id, out)
     return load_personalized(out).predict(texts)
 

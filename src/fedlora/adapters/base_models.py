@@ -9,12 +9,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.io import cache_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 TINY = {"tiny-bert": "classification", "tiny-llama": "causal_lm"}
 PACKAGED = {"minilm": "classification", "smollm2": "causal_lm"}
@@ -35,7 +39,7 @@ def default_task(name: str) -> str:
     return TINY.get(name) or PACKAGED.get(name) or "classification"
 
 
-def byte_tokenizer():
+def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with a 260-token vocabulary, built in memory: tiny models need no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast

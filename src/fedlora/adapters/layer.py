@@ -15,7 +15,7 @@ so that all experts run in two matmuls.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -112,11 +112,12 @@ class MixtureLoRALinear(nn.Module):
         z = (z.unflatten(-1, (e, r)) * self.mixing_weights(x).unsqueeze(-1)).flatten(-2)
         return F.linear(z, torch.cat(tuple(self.lora_B), dim=1)) * self.scaling
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus the LoRA mixture."""
         out = self.base(x, *args, **kwargs)
         return out + self.lora_delta(x).to(out.dtype)
 
     def extra_repr(self) -> str:
+        """Sizes, rank, alpha, experts and router kind, shown in the module's repr."""
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
                 f"experts={self.n_experts}, router={self.router_kind}")

@@ -218,21 +218,27 @@ class BroadcastAverageServer(ServerAlgorithm):
         return {}
 
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
+        """Record the clients and start the global state from `initial_state`."""
         super().setup(clients, rounds)
         self.global_state = self.initial_state()
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        """Send every sampled client the global state and this round's `payload_config`."""
         return {cid: Payload({self.state_name: self.global_state}, self.payload_config(rnd)) for cid in clients}
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        """Replace the global state by the weighted mean of the replies' states (kept if none replied)."""
         if replies:
             self.global_state = self.client_mean({cid: r.states[self.state_name] for cid, r in replies.items()})
 
     def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        """Every reply must carry the state under `state_name`."""
         return {self.state_name}
 
     def state_dict(self) -> dict[str, Any]:
+        """The global state, to resume from."""
         return {"tensors": {self.state_name: self.global_state}, "meta": {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the global state saved by `state_dict`."""
         self.global_state = state["tensors"][self.state_name]

@@ -13,6 +13,7 @@ the two fused by AdaFusion, a gradient-free search of two weights (spec section 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -21,10 +22,13 @@ from pydantic import Field
 
 from ..core.seeding import derive_seed, generator
 from ..core.tensors import StateDict
-from .base import ClientAlgorithm, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
+from ..training import Trainer
+from .base import ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
 
 
 class FDLoRAOptions(Options):
+    """Options of FDLoRA: the stages, the outer optimizer, personal-LoRA syncing and the AdaFusion search."""
+
     stage1_rounds: int = Field(1, ge=0)
     global_init: Literal["stage1_mean", "fresh"] = "stage1_mean"  # [REC] mean of stage-1 LoRAs, or the shared init
     outer_lr: float = Field(1.0, gt=0)
@@ -44,7 +48,7 @@ def fuse(w: tuple[float, float] | np.ndarray, global_lora: StateDict, personal: 
     return {k: float(w[0]) * global_lora[k] + float(w[1]) * personal[k] for k in global_lora}
 
 
-def fusion_objective(loss: float, w, l1: float) -> float:
+def fusion_objective(loss: float, w: Sequence[float] | np.ndarray, l1: float) -> float:
     """LoraHub's objective: few-shot loss + l1 * mean |w|."""
     return float(loss) + l1 * float(np.abs(np.asarray(w, dtype=float)).mean())
 
@@ -83,7 +87,8 @@ class OuterOptimizer:
 class FDLoRAServer(ServerAlgorithm):
     """Holds the global LoRA and the outer optimizer; never sees a personal LoRA after stage 1."""
 
-    def setup(self, clients, rounds=None) -> None:
+    def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
+        """FDLoRA: also start the outer optimizer from the shared seeded LoRA init."""
         super().setup(clients, rounds)
         self.outer = OuterOptimizer(self.spec.init_lora(generator(self.seed, "lora-init")),
                                     self.options.outer_lr, self.options.outer_momentum, self.options.nesterov)
@@ -92,6 +97,7 @@ class FDLoRAServer(ServerAlgorithm):
         return "local" if rnd <= self.options.stage1_rounds else "global"
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        """FDLoRA: stage 1 asks for local training (and the stage-1 upload); stage 2 sends the global LoRA."""
         if self._stage(rnd) == "local":
             upload = self.options.global_init == "stage1_mean" and rnd == self.options.stage1_rounds
             return {cid: Payload(config={"stage": "local", "upload": upload}) for cid in clients}
@@ -101,10 +107,12 @@ class FDLoRAServer(ServerAlgorithm):
         return {cid: Payload({"global": glob}, {"stage": "global", "sync": sync}) for cid in clients}
 
     def configure_evaluate(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        """FDLoRA: the global LoRA, for AdaFusion with each client's personal one."""
         glob = self.outer.value()
         return {cid: Payload({"global": glob}, {"stage": "evaluate"}) for cid in clients}
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        """FDLoRA: stage 1 starts the global LoRA from the uploaded mean; stage 2 takes one outer step."""
         if not replies:
             return
         if self._stage(rnd) == "local":
@@ -117,14 +125,17 @@ class FDLoRAServer(ServerAlgorithm):
         self.outer.step({k: glob[k] - mean_local[k] for k in glob})  # mean of (theta_g - theta_k)
 
     def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        """FDLoRA: the global LoRA in stage 2, the stage-1 LoRA in the upload round, else none."""
         if self._stage(rnd) == "global":
             return {"global"}
         return {"stage1"} if self.options.global_init == "stage1_mean" and rnd == self.options.stage1_rounds else set()
 
     def state_dict(self) -> dict:
+        """FDLoRA: the global LoRA and the outer momentum buffers."""
         return {"tensors": {"global": self.outer.value(), "momentum": self.outer.momentum()}, "meta": {}}
 
     def load_state_dict(self, state: dict) -> None:
+        """FDLoRA: rebuild the outer optimizer from the saved global LoRA and momentum."""
         self.outer = OuterOptimizer(state["tensors"]["global"], self.options.outer_lr, self.options.outer_momentum,
                                     self.options.nesterov)
         self.outer.load_momentum(state["tensors"].get("momentum", {}))
@@ -137,7 +148,8 @@ class FDLoRAClient(ClientAlgorithm):
         super().__init__(options, spec, seed)
         self.few_shot = options.fusion_examples
 
-    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
+        """FDLoRA: train the personal LoRA (stage 1) or the global one (stage 2, then sync or train the personal)."""
         model, n = trainer.adapted, len(trainer.data.train)
         if payload.config["stage"] == "local":
             personal = state.states.get("personal") or self.spec.init_lora(generator(self.seed, "lora-init"))
@@ -158,7 +170,8 @@ class FDLoRAClient(ClientAlgorithm):
             metrics["personal_train_loss"] = personal_metrics["train_loss"]
         return Reply({"global": theta_k}, n, metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
+    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
+        """FDLoRA: the AdaFusion of the global and personal LoRAs (the global alone before a personal one)."""
         glob, personal = payload.states["global"], state.states.get("personal")
         if personal is None:  # before any local training there is nothing to fuse
             trainer.adapted.load_expert(0, glob)
@@ -167,7 +180,7 @@ class FDLoRAClient(ClientAlgorithm):
         trainer.adapted.load_expert(0, fuse(w, glob, personal))
         return Personalized(info={"fusion_w_global": float(w[0]), "fusion_w_personal": float(w[1])})
 
-    def search_fusion(self, glob: StateDict, personal: StateDict, trainer) -> np.ndarray:
+    def search_fusion(self, glob: StateDict, personal: StateDict, trainer: Trainer) -> np.ndarray:
         """AdaFusion: NGOpt over w in [-bound, bound]^2 from 0, minimising few-shot loss + l1 * mean|w|."""
         import nevergrad as ng
 

@@ -16,12 +16,15 @@ import torch
 from ..adapters import Layout
 from ..core.seeding import generator
 from ..core.tensors import StateDict
-from .base import ClientAlgorithm, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
+from ..training import Trainer
+from .base import ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
 
 ROW, INDIVIDUAL = 0, 1  # expert slots, as the official code's LoRA0 / LoRA1
 
 
 class FedALTOptions(Options):
+    """Options of FedALT: the RoW weighting, the gate and Individual-LoRA inits, and the mixer."""
+
     weighting: Literal["uniform", "examples"] = "uniform"  # RoW mean: uniform (code) or by example count
     gate_init: Literal["kaiming", "zero"] = "kaiming"      # kaiming (code) or zero = 0.5/0.5 at the start
     init: Literal["shared", "independent"] = "shared"      # Individual LoRA init: same seed for all [REC] or per client (code)
@@ -31,7 +34,8 @@ class FedALTOptions(Options):
 class FedALTServer(ServerAlgorithm):
     """Caches every client's latest Individual LoRA and serves leave-one-out means."""
 
-    def setup(self, clients, rounds=None) -> None:
+    def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
+        """FedALT: start with no known Individual LoRA."""
         super().setup(clients, rounds)
         self.individual: dict[str, StateDict] = {}  # latest known, stale allowed under partial participation
         self._sum: StateDict = {}
@@ -59,6 +63,7 @@ class FedALTServer(ServerAlgorithm):
                 for k, s in self._sum.items()}
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        """FedALT: each client's Rest-of-World LoRA, once another client's Individual LoRA is known."""
         payloads = {}
         for cid in clients:
             row = self.rest_of_world(cid)
@@ -66,20 +71,25 @@ class FedALTServer(ServerAlgorithm):
         return payloads
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        """FedALT: keep the replies' Individual LoRAs and recompute the sum."""
         for cid, reply in replies.items():
             self.individual[cid] = reply.states["individual"]
         self._refresh_sum()
 
     def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        """FedALT: every reply carries the client's Individual LoRA."""
         return {"individual"}
 
     def summary(self) -> dict:
+        """FedALT: how many clients' Individual LoRAs are known."""
         return {"known_individual_loras": len(self.individual)}
 
     def state_dict(self) -> dict:
+        """FedALT: every known Individual LoRA."""
         return {"tensors": {f"individual.{cid}": s for cid, s in self.individual.items()}, "meta": {}}
 
     def load_state_dict(self, state: dict) -> None:
+        """FedALT: restore the Individual LoRAs and rebuild the sum."""
         self.individual = {name.removeprefix("individual."): s for name, s in state["tensors"].items()}
         self._refresh_sum()
 
@@ -108,7 +118,8 @@ class FedALTClient(ClientAlgorithm):
         else:
             model.set_expert_weights(torch.tensor([0.5, 0.5]))
 
-    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
+        """FedALT: train the Individual LoRA (and the gate) with the RoW frozen; send the Individual LoRA."""
         self._restore(payload, state, trainer)
         metrics = trainer.train(experts=[INDIVIDUAL], router=self.options.mixer == "adaptive")
         state.states["individual"] = trainer.adapted.expert_state(INDIVIDUAL)
@@ -116,7 +127,8 @@ class FedALTClient(ClientAlgorithm):
             state.states["gate"] = trainer.adapted.router_state()
         return Reply({"individual": state.states["individual"]}, len(trainer.data.train), metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
+    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
+        """FedALT: the RoW and Individual LoRAs mixed by the client's gate; mean gate weights as info."""
         self._restore(payload, state, trainer)
         info: dict[str, float] = {}
         if self.options.mixer == "adaptive":
@@ -127,7 +139,7 @@ class FedALTClient(ClientAlgorithm):
 
 
 @torch.no_grad()
-def mean_gate_weights(trainer, expert: int) -> dict[str, float]:
+def mean_gate_weights(trainer: Trainer, expert: int) -> dict[str, float]:
     """Mean gate weight of one expert over the first test batch's real tokens, per adapted module (a diagnostic)."""
     from ..data.tokenize import collate
 

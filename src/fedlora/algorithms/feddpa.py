@@ -19,13 +19,15 @@ from pydantic import Field
 from ..adapters import Layout
 from ..core.seeding import generator
 from ..data.tokenize import collate
-from ..training import InstanceWeighting
+from ..training import InstanceWeighting, Trainer
 from .base import AveragingOptions, BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Personalized, Reply
 
 GLOBAL, LOCAL = 0, 1
 
 
 class FedDPAOptions(AveragingOptions):
+    """Options of FedDPA: the variant (T or F), the training mix, instance-wise weighting and the budget split."""
+
     variant: Literal["T", "F"] = "T"
     train_mix: float = Field(0.5, ge=0, le=1)         # local's weight while the local LoRA trains ([a, 1-a] = 0.5/0.5)
     max_weight: float = Field(0.5, ge=0, le=1)
@@ -40,6 +42,7 @@ class FedDPAServer(BroadcastAverageServer):
     """FedAvg of the global LoRA, as FedIT; tells clients when FedDPA-F's local fine-tuning is due."""
 
     def payload_config(self, rnd: int) -> dict:
+        """FedDPA: whether the local LoRA trains this round (every round for T, the last one for F)."""
         return {"finetune_local": self.options.variant == "T" or rnd == self.rounds}
 
 
@@ -54,7 +57,8 @@ class FedDPAClient(ClientAlgorithm):
         trainer.adapted.load_expert(GLOBAL, payload.states["global"])
         trainer.adapted.load_expert(LOCAL, state.states["local"])
 
-    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
+        """FedDPA: train the global LoRA, and the local one when due (T: first, every round; F: last round)."""
         self._load(payload, state, trainer)
         model, mix = trainer.adapted, self.options.train_mix
         metrics: dict[str, float] = {}
@@ -77,7 +81,8 @@ class FedDPAClient(ClientAlgorithm):
         trainer.adapted.set_expert_weights([1.0 - mix, mix])
         return trainer.train(experts=[LOCAL], steps=steps)["train_loss"]
 
-    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
+    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
+        """FedDPA: both LoRAs, mixed by instance-wise weights from a few local reference examples."""
         self._load(payload, state, trainer)
         data = trainer.data.train
         g = generator(self.seed, "feddpa-reference", trainer.client_id)

@@ -19,11 +19,14 @@ from pydantic import Field
 from ..adapters import Layout
 from ..core.seeding import generator
 from ..core.tensors import StateDict
-from .base import ClientAlgorithm, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
+from ..training import Trainer
+from .base import ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
 from .clustering import b_distance_matrix, b_distances, choose_clusters, cluster_means
 
 
 class FedLEASEOptions(Options):
+    """Options of FedLEASE: the warm-up, the expert limit and init, router sharing and weighting."""
+
     warmup_rounds: int = Field(5, ge=1)                                 # counted inside federation.rounds (code)
     max_experts: int | None = Field(None, ge=2)                         # default min(8, N-1) [REC]
     expert_init: Literal["cluster_mean", "own"] = "cluster_mean"        # paper [REC] / official code
@@ -39,7 +42,8 @@ def expert_key(e: int) -> str:
 class FedLEASEServer(ServerAlgorithm):
     """Warm-up cache, clustering, and per-cluster expert and router averages."""
 
-    def setup(self, clients, rounds=None) -> None:
+    def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
+        """FedLEASE: start with an empty warm-up cache and no experts."""
         super().setup(clients, rounds)
         self.warm: dict[str, StateDict] = {}       # latest warm-up LoRA per client
         self.assignment: dict[str, int] = {}       # client -> own expert j(k)
@@ -54,6 +58,7 @@ class FedLEASEServer(ServerAlgorithm):
         return bool(self.experts)
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        """FedLEASE: warm-up config until a client is clustered, then every expert and its cluster's router."""
         payloads = {}
         for cid in clients:
             if not self.clustered or cid not in self.assignment:
@@ -68,6 +73,7 @@ class FedLEASEServer(ServerAlgorithm):
         return payloads
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        """FedLEASE: keep warm-up LoRAs, cluster after the warm-up, then average experts and routers per cluster."""
         for cid, reply in replies.items():
             if "lora" in reply.states:
                 self.warm[cid] = reply.states["lora"]
@@ -88,11 +94,13 @@ class FedLEASEServer(ServerAlgorithm):
                 self.routers[e] = self.client_mean({c: r.states["router"] for c, r in members.items()})
 
     def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        """FedLEASE: the expert (and router) once clustered, before that the warm-up LoRA when it is uploaded."""
         if self.clustered and client_id in self.assignment:
             return {"expert", "router"} if self.options.router == "cluster" else {"expert"}
         return {"lora"} if rnd >= self.options.warmup_rounds else set()
 
     def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
+        """FedLEASE: also rejects a router without 2M-1 slots."""
         router = reply.states.get("router")
         if router and self.clustered and any(v.shape[0] != 2 * len(self.experts) - 1 for v in router.values()):
             return f"the router must have 2M-1 = {2 * len(self.experts) - 1} slots for M = {len(self.experts)} experts"
@@ -125,12 +133,14 @@ class FedLEASEServer(ServerAlgorithm):
         self.assignment[cid] = min(means, key=means.get)
 
     def summary(self) -> dict:
+        """FedLEASE: the phase and, once clustered, M, the assignment and silhouettes."""
         if not self.clustered:
             return {"phase": "warmup"}
         return {"phase": "clustered", "n_experts": len(self.experts), "assignment": self.assignment,
                 "silhouette": {str(k): v for k, v in self.silhouette.items()}}
 
     def state_dict(self) -> dict:
+        """FedLEASE: warm-up LoRAs, experts, routers and the clustering."""
         tensors = {f"warm.{c}": s for c, s in self.warm.items()}
         tensors.update({f"expert.{e}": s for e, s in enumerate(self.experts)})
         tensors.update({f"router.{e}": s for e, s in self.routers.items()})
@@ -138,6 +148,7 @@ class FedLEASEServer(ServerAlgorithm):
                                              "trained": sorted(self.trained)}}
 
     def load_state_dict(self, state: dict) -> None:
+        """FedLEASE: restore what `state_dict` saved."""
         t = state["tensors"]
         self.warm = {k.removeprefix("warm."): v for k, v in t.items() if k.startswith("warm.")}
         self.experts = [t[f"expert.{e}"] for e in range(sum(k.startswith("expert.") for k in t))]
@@ -151,6 +162,7 @@ class FedLEASEClient(ClientAlgorithm):
     """Warm-up: one local LoRA. Clustered: M experts (own one trainable), adaptive top-M router."""
 
     def layout_for(self, payload: Payload) -> Layout:
+        """FedLEASE: M experts with adaptive top-M routing once clustered, one LoRA in the warm-up."""
         if payload.config.get("phase") == "clustered":
             return Layout(payload.config["n_experts"], "adaptive_top_m")
         return Layout(1)
@@ -173,7 +185,8 @@ class FedLEASEClient(ClientAlgorithm):
             model.load_router(state.states["router"])
         return j
 
-    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
+        """FedLEASE: train the warm-up LoRA, or the own expert and the router; send what the server averages."""
         n = len(trainer.data.train)
         if payload.config.get("phase") != "clustered":
             trainer.adapted.load_expert(0, self._warm(state))
@@ -190,7 +203,8 @@ class FedLEASEClient(ClientAlgorithm):
             state.states["router"] = router
         return Reply(sent, n, metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
+    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
+        """FedLEASE: the warm-up LoRA, or every expert with the router."""
         if payload.config.get("phase") != "clustered":
             trainer.adapted.load_expert(0, self._warm(state))
         else:

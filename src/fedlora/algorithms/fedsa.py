@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from ..adapters import lora_part
 from ..core.seeding import generator
+from ..core.tensors import StateDict
+from ..training import Trainer
 from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Personalized, Reply
 
 
@@ -13,7 +15,8 @@ class FedSAServer(BroadcastAverageServer):
 
     state_name = "a"
 
-    def initial_state(self):
+    def initial_state(self) -> StateDict:
+        """FedSA: the A half of the shared seeded LoRA init."""
         return lora_part(super().initial_state(), "A")
 
 
@@ -25,13 +28,15 @@ class FedSAClient(ClientAlgorithm):
             state.states["b"] = lora_part(self.spec.init_lora(generator(self.seed, "lora-init")), "B")
         trainer.adapted.load_expert(0, {**payload.states["a"], **state.states["b"]})
 
-    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
+        """FedSA: train the global A with the private B; keep B, send A."""
         self._load(payload, state, trainer)
         metrics = trainer.train(experts=[0])
         trained = trainer.adapted.expert_state(0)
         state.states["b"] = lora_part(trained, "B")
         return Reply({"a": lora_part(trained, "A")}, len(trainer.data.train), metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
+    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
+        """FedSA: the global A with the client's private B."""
         self._load(payload, state, trainer)
         return Personalized()

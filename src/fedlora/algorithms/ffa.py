@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from ..adapters import lora_part
 from ..core.seeding import generator
+from ..core.tensors import StateDict
+from ..training import Trainer
 from .base import BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Personalized, Reply
 
 
@@ -13,7 +15,8 @@ class FFAServer(BroadcastAverageServer):
 
     state_name = "b"
 
-    def initial_state(self):
+    def initial_state(self) -> StateDict:
+        """FFA: the B half of the shared seeded LoRA init."""
         return lora_part(super().initial_state(), "B")
 
 
@@ -24,11 +27,13 @@ class FFAClient(ClientAlgorithm):
         frozen_a = lora_part(self.spec.init_lora(generator(self.seed, "lora-init")), "A")
         trainer.adapted.load_expert(0, {**frozen_a, **payload.states["b"]})
 
-    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
+        """FFA: train B on the frozen A rebuilt from the seed; send B."""
         self._load(payload, trainer)
         metrics = trainer.train(experts=[0], parts="B")
         return Reply({"b": lora_part(trainer.adapted.expert_state(0), "B")}, len(trainer.data.train), metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
+    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
+        """FFA: the global B on the frozen A rebuilt from the seed."""
         self._load(payload, trainer)
         return Personalized()

@@ -16,10 +16,14 @@ from ..adapters import Layout
 from ..core.errors import ConfigError
 from ..core.seeding import generator
 from ..core.tensors import StateDict
-from .base import AveragingOptions, ClientAlgorithm, ClientState, Payload, Personalized, Reply, ServerAlgorithm
+from ..training import Trainer
+from .base import (AveragingOptions, ClientAlgorithm, ClientInfo, ClientState, Payload, Personalized, Reply,
+                   ServerAlgorithm)
 
 
 class FLoRAOptions(AveragingOptions):
+    """Options of FLoRA: the weighting and the older per-client `ranks`."""
+
     ranks: list[int] | None = Field(None, description="one LoRA rank per client, in client order (default lora.r); "
                                    "clients.lora_r is the general spelling")
 
@@ -52,7 +56,8 @@ class FLoRAServer(ServerAlgorithm):
 
     heterogeneous_ranks = True
 
-    def setup(self, clients, rounds=None) -> None:
+    def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
+        """FLoRA: check `options.ranks` against the clients and start with no stacks."""
         super().setup(clients, rounds)
         ranks = self.options.ranks or []
         if ranks and len(ranks) != len(clients):
@@ -67,12 +72,15 @@ class FLoRAServer(ServerAlgorithm):
         return Payload(pending, {"rank": self.ranks[cid]} if cid in self.ranks else {})
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        """FLoRA: each client's unmerged stacks (and its rank, if `options.ranks` sets one)."""
         return {cid: self._payload(cid) for cid in clients}
 
     def configure_evaluate(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        """FLoRA: the same unmerged stacks, for evaluation."""
         return {cid: self._payload(cid) for cid in clients}
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        """FLoRA: stack the replies' LoRAs into this round's stack; drop stacks every client has merged."""
         for cid in replies:  # they merged every stack up to the previous round before training
             self.merged_up_to[cid] = max(self.stacks, default=0)
         if replies:
@@ -82,12 +90,15 @@ class FLoRAServer(ServerAlgorithm):
         self.stacks = {t: s for t, s in self.stacks.items() if t > oldest_needed}
 
     def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        """FLoRA: every reply carries the client's fresh LoRA."""
         return {"lora"}
 
     def state_dict(self) -> dict:
+        """FLoRA: the stacks not merged everywhere and each client's last merged round."""
         return {"tensors": {stack_key(t): s for t, s in self.stacks.items()}, "meta": {"merged_up_to": self.merged_up_to}}
 
     def load_state_dict(self, state: dict) -> None:
+        """FLoRA: restore what `state_dict` saved."""
         self.stacks = {int(k.removeprefix("stack_")): s for k, s in state["tensors"].items()}
         self.merged_up_to = dict(state["meta"]["merged_up_to"])
 
@@ -98,6 +109,7 @@ class FLoRAClient(ClientAlgorithm):
     heterogeneous_ranks = True
 
     def layout_for(self, payload: Payload) -> Layout:
+        """FLoRA: one LoRA at the rank the payload gives (else the client's own)."""
         return Layout(1, "none", payload.config.get("rank"))
 
     @staticmethod
@@ -119,7 +131,8 @@ class FLoRAClient(ClientAlgorithm):
     def _fresh_lora(self, payload: Payload, trainer) -> StateDict:
         return self.spec.init_lora(generator(trainer.seed, "flora-init"), r=trainer.adapted.rank)
 
-    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
+        """FLoRA: merge the pending stacks into the base, train a fresh LoRA on top and send it."""
         state.states["merged"] = self._merged(payload, state, record=True)
         with trainer.adapted.base_delta(state.states["merged"]):
             trainer.adapted.load_expert(0, self._fresh_lora(payload, trainer))
@@ -127,6 +140,7 @@ class FLoRAClient(ClientAlgorithm):
             lora = trainer.adapted.expert_state(0)
         return Reply({"lora": lora}, len(trainer.data.train), metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
+    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
+        """FLoRA: the merged base update under a fresh LoRA that has no effect yet."""
         trainer.adapted.load_expert(0, self._fresh_lora(payload, trainer))  # B = 0: the merged model alone
         return Personalized(base_delta=self._merged(payload, state))

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from ..core.tensors import StateDict
-from .base import (BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Personalized, Reply, ServerAlgorithm,
-                   lora_rank)
+from ..training import Trainer
+from .base import (BroadcastAverageServer, ClientAlgorithm, ClientInfo, ClientState, Payload, Personalized, Reply,
+                   ServerAlgorithm, lora_rank)
 
 
 def resize(lora: StateDict, r: int) -> StateDict:
@@ -38,15 +39,18 @@ class HetLoRAServer(BroadcastAverageServer):
 
     heterogeneous_ranks = True
 
-    def setup(self, clients, rounds=None) -> None:
+    def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
+        """HetLoRA: also start with no known client ranks."""
         super().setup(clients, rounds)
         self.ranks: dict[str, int] = {}  # each client's rank, as its last reply showed
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        """HetLoRA: the global LoRA at each client's last shown rank (lora.r until then)."""
         return {cid: Payload({"global": resize(self.global_state, self.ranks.get(cid, self.spec.r))})
                 for cid in clients}
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        """HetLoRA: record the replies' ranks, zero-pad them to lora.r and average."""
         if not replies:
             return
         self.ranks.update({cid: lora_rank(r.states["global"]) for cid, r in replies.items()})
@@ -54,15 +58,18 @@ class HetLoRAServer(BroadcastAverageServer):
         self.global_state = self.client_mean(padded)
 
     def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
+        """HetLoRA: a rank above lora.r cannot be padded; otherwise the base checks."""
         rank = lora_rank(reply.states.get("global", {}))
         if rank is not None and rank > self.spec.r:
             return f"state 'global' has LoRA rank {rank}, above the global rank lora.r={self.spec.r}"
         return ServerAlgorithm.reply_problem(self, rnd, client_id, reply)
 
     def state_dict(self) -> dict:
+        """HetLoRA: the global LoRA and the known client ranks."""
         return {"tensors": {"global": self.global_state}, "meta": {"ranks": self.ranks}}
 
     def load_state_dict(self, state: dict) -> None:
+        """HetLoRA: restore the global LoRA and the client ranks."""
         super().load_state_dict(state)
         self.ranks = dict(state["meta"].get("ranks", {}))
 
@@ -73,6 +80,7 @@ class HetLoRAClient(ClientAlgorithm):
     heterogeneous_ranks = True
 
     def rank_problem(self, ranks: dict[str, int]) -> str | None:
+        """HetLoRA: any client rank up to lora.r; a larger one is the problem."""
         over = {cid: r for cid, r in ranks.items() if r > self.spec.r}
         if over:
             return (f"the global LoRA has rank lora.r={self.spec.r}, and {len(over)} client ranks exceed it "
@@ -82,11 +90,13 @@ class HetLoRAClient(ClientAlgorithm):
     def _load(self, payload: Payload, trainer) -> None:
         trainer.adapted.load_expert(0, resize(payload.states["global"], trainer.adapted.rank))
 
-    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
+        """HetLoRA: train the first r_k components of the global LoRA and send them."""
         self._load(payload, trainer)
         metrics = trainer.train(experts=[0])
         return Reply({"global": trainer.adapted.expert_state(0)}, len(trainer.data.train), metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
+    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
+        """HetLoRA: the global LoRA at the client's rank."""
         self._load(payload, trainer)
         return Personalized()

@@ -10,10 +10,14 @@ from pydantic import Field
 
 from ..core.seeding import generator, numpy_rng
 from ..core.tensors import StateDict
-from .base import AveragingOptions, ClientAlgorithm, ClientState, Payload, Personalized, Reply, ServerAlgorithm
+from ..training import Trainer
+from .base import (AveragingOptions, ClientAlgorithm, ClientInfo, ClientState, Payload, Personalized, Reply,
+                   ServerAlgorithm)
 
 
 class IFCAOptions(AveragingOptions):
+    """Options of IFCA: the number of clusters, round 1's assignment and the examples scored per cluster."""
+
     clusters: int = Field(4, ge=1)
     first_round: Literal["random", "loss"] = "random"  # LoRA B starts at 0, so all clusters tie at first:
     #                                                     round 1 assigns seeded random identities [REC]
@@ -28,13 +32,15 @@ def cluster_key(c: int) -> str:
 class IFCAServer(ServerAlgorithm):
     """C cluster LoRAs from distinct seeds; within-cluster FedAvg."""
 
-    def setup(self, clients, rounds=None) -> None:
+    def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
+        """IFCA: C cluster LoRAs from distinct seeds and no assignment yet."""
         super().setup(clients, rounds)
         self.cluster_loras: list[StateDict] = [self.spec.init_lora(generator(self.seed, "ifca-init", c))
                                                for c in range(self.options.clusters)]
         self.assignment: dict[str, int] = {}
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
+        """IFCA: every cluster LoRA; in round 1 a seeded random cluster per client (first_round = random)."""
         states = {cluster_key(c): s for c, s in enumerate(self.cluster_loras)}
         forced = {}
         if rnd == 1 and self.options.first_round == "random":
@@ -43,6 +49,7 @@ class IFCAServer(ServerAlgorithm):
         return {cid: Payload(states, {"cluster": forced[cid]} if cid in forced else {}) for cid in clients}
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
+        """IFCA: average each cluster LoRA over the replies that chose it; record the choices."""
         for c in range(self.options.clusters):
             members = {cid: r for cid, r in replies.items() if int(r.metrics["cluster"]) == c}
             if members:
@@ -50,22 +57,27 @@ class IFCAServer(ServerAlgorithm):
         self.assignment.update({cid: int(r.metrics["cluster"]) for cid, r in replies.items()})
 
     def expected_states(self, rnd: int, client_id: str) -> set[str]:
+        """IFCA: every reply carries the trained cluster LoRA."""
         return {"lora"}
 
     def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
+        """IFCA: also rejects a 'cluster' metric that is not a cluster id."""
         c = reply.metrics.get("cluster")
         if isinstance(c, bool) or not isinstance(c, (int, float)) or c != int(c) or not 0 <= c < self.options.clusters:
             return f"metric 'cluster' must be a cluster id 0..{self.options.clusters - 1}, got {c!r}"
         return super().reply_problem(rnd, client_id, reply)
 
     def summary(self) -> dict:
+        """IFCA: each client's latest cluster."""
         return {"assignment": dict(self.assignment)}
 
     def state_dict(self) -> dict:
+        """IFCA: the cluster LoRAs and the assignment."""
         return {"tensors": {cluster_key(c): s for c, s in enumerate(self.cluster_loras)},
                 "meta": {"assignment": self.assignment}}
 
     def load_state_dict(self, state: dict) -> None:
+        """IFCA: restore the cluster LoRAs and the assignment."""
         self.cluster_loras = [state["tensors"][cluster_key(c)] for c in range(self.options.clusters)]
         self.assignment = dict(state["meta"]["assignment"])
 
@@ -73,7 +85,7 @@ class IFCAServer(ServerAlgorithm):
 class IFCAClient(ClientAlgorithm):
     """Pick the lowest-loss cluster LoRA on local training data, train it, send it with the cluster id."""
 
-    def choose(self, payload: Payload, trainer) -> int:
+    def choose(self, payload: Payload, trainer: Trainer) -> int:
         """The cluster to use: forced by the server, or argmin of the training loss."""
         if "cluster" in payload.config:
             return int(payload.config["cluster"])
@@ -86,14 +98,16 @@ class IFCAClient(ClientAlgorithm):
             losses.append(trainer.loss(data))
         return min(range(len(losses)), key=losses.__getitem__)
 
-    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
+        """IFCA: train the chosen cluster LoRA and send it, with the cluster id as a metric."""
         c = self.choose(payload, trainer)
         trainer.adapted.load_expert(0, payload.states[cluster_key(c)])
         metrics = trainer.train(experts=[0])
         metrics["cluster"] = c
         return Reply({"lora": trainer.adapted.expert_state(0)}, len(trainer.data.train), metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
+    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
+        """IFCA: the cluster LoRA with the lowest training loss."""
         c = self.choose(Payload(payload.states), trainer)  # evaluation always picks by loss
         trainer.adapted.load_expert(0, payload.states[cluster_key(c)])
         return Personalized(info={"cluster": c})

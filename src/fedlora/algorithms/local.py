@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 from ..core.seeding import generator
+from ..training import Trainer
 from .base import ClientAlgorithm, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
 
 
 class LocalOptions(Options):
+    """Options of local-only training: one shared LoRA init for every client, or one per client."""
+
     init: Literal["shared", "independent"] = "shared"  # same LoRA init on every client, or one per client
 
 
@@ -27,12 +30,14 @@ class LocalClient(ClientAlgorithm):
             state.states["lora"] = self.spec.init_lora(generator(self.seed, *names), r=trainer.adapted.rank)
         return state.states["lora"]
 
-    def fit(self, payload: Payload, state: ClientState, trainer) -> tuple[Reply, ClientState]:
+    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
+        """Local: train the client's own LoRA further; the reply carries only the example count."""
         trainer.adapted.load_expert(0, self._lora(state, trainer))
         metrics = trainer.train(experts=[0])
         state.states["lora"] = trainer.adapted.expert_state(0)
         return Reply(num_examples=len(trainer.data.train), metrics=metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer) -> Personalized:
+    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
+        """Local: the client's own LoRA."""
         trainer.adapted.load_expert(0, self._lora(state, trainer))
         return Personalized()

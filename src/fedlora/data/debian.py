@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ..core.errors import DataError
@@ -33,7 +34,7 @@ def find_installed(system_path: str, corpus: str) -> Path:
                     f"(or 'sudo apt-get install {packages}')")
 
 
-def prepare_packages(packages: list[str], log=print) -> None:
+def prepare_packages(packages: list[str], log: Callable[[str], None] = print) -> None:
     """Install Debian packages with apt-get when root, else download and unpack them into the cache."""
     if not shutil.which("apt-get"):
         raise DataError("apt-get is not available: install the packages "

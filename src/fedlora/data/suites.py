@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from ..core.seeding import derive_seed
 from .chatterbot import read_chatterbot
@@ -45,7 +46,8 @@ def balanced_sample(records: list[Record], n: int, key: str, rng: random.Random)
 
 
 # -- NLU ------------------------------------------------------------------------------------------------
-def nlu_records(pool_per_task: int, seed: int, wordnet_root=None, fortunes_root=None) -> list[Record]:
+def nlu_records(pool_per_task: int, seed: int, wordnet_root: str | Path | None = None,
+                fortunes_root: str | Path | None = None) -> list[Record]:
     """{"task", "text", "label"} records of the four NLU tasks, a class-balanced pool of each."""
     rng = lambda task: random.Random(derive_seed(seed, "suite", task))  # noqa: E731
     nouns = [{"text": s.definition, "label": s.lexname.split(".")[1]}
@@ -73,7 +75,7 @@ def _single_sense(synsets: Iterable[Synset]) -> set[str]:
     return {lemma for lemma, n in counts.items() if n == 1}
 
 
-def wordnet_generation_tasks(root=None) -> dict[str, list[Record]]:
+def wordnet_generation_tasks(root: str | Path | None = None) -> dict[str, list[Record]]:
     """The six WordNet instruction tasks, every usable example of each."""
     by_pos = {pos: list(read_synsets(pos, root)) for pos in ("noun", "verb", "adj")}
     index = {s.key: s for synsets in by_pos.values() for s in synsets}
@@ -106,8 +108,8 @@ def wordnet_generation_tasks(root=None) -> dict[str, list[Record]]:
     return dict(tasks)
 
 
-def nlg_records(pool_per_task: int, seed: int, wordnet_root=None, fortunes_root=None,
-                chatterbot_root=None) -> list[Record]:
+def nlg_records(pool_per_task: int, seed: int, wordnet_root: str | Path | None = None,
+                fortunes_root: str | Path | None = None, chatterbot_root: str | Path | None = None) -> list[Record]:
     """{"task", "prompt", "response"} records of the eight NLG tasks, `pool_per_task` sampled from each."""
     tasks = wordnet_generation_tasks(wordnet_root)
     tasks["chatterbot_qa"] = [_prompt(q["question"], q["answer"]) for q in read_chatterbot("english", chatterbot_root)]

@@ -6,11 +6,15 @@ import math
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..core.errors import DataError
 from .records import Record
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # positions the loss skips (prompt and padding tokens)
 
@@ -34,7 +38,8 @@ class Encoded:
         return Encoded(pick(self.input_ids), pick(self.targets), pick(self.prompts), pick(self.references))
 
 
-def encode_texts(texts: Sequence[str], tokenizer, max_length: int, targets: Sequence[int] | None = None) -> Encoded:
+def encode_texts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
+                 targets: Sequence[int] | None = None) -> Encoded:
     """Token ids of texts, cut to max_length keeping the final special token; targets default to 0."""
     full = tokenizer([str(t) for t in texts], truncation=False)["input_ids"] if texts else []
     ids = [x[:max_length - 1] + x[-1:] if len(x) > max_length else x for x in full]  # keep the final [SEP]
@@ -42,7 +47,8 @@ def encode_texts(texts: Sequence[str], tokenizer, max_length: int, targets: Sequ
                    n_truncated=sum(len(x) > max_length for x in full))
 
 
-def encode_classification(records: Sequence[Record], tokenizer, labels: Sequence[str], max_length: int) -> Encoded:
+def encode_classification(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, labels: Sequence[str],
+                          max_length: int) -> Encoded:
     """Token ids of each record's text and the index of its label in `labels`."""
     index = {name: i for i, name in enumerate(labels)}
     unknown = sorted({str(r["label"]) for r in records} - set(index))
@@ -51,13 +57,13 @@ def encode_classification(records: Sequence[Record], tokenizer, labels: Sequence
     return encode_texts([r["text"] for r in records], tokenizer, max_length, [index[str(r["label"])] for r in records])
 
 
-def encode_prompt(prompt: str, tokenizer, max_length: int) -> list[int]:
+def encode_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[int]:
     """A prompt's ids; a prompt of max_length tokens or more keeps its last max_length // 2 tokens."""
     ids = tokenizer(str(prompt), add_special_tokens=True)["input_ids"]
     return ids[-max(1, max_length // 2):] if len(ids) >= max_length else ids
 
 
-def encode_generation(records: Sequence[Record], tokenizer, max_length: int) -> Encoded:
+def encode_generation(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
     """Prompt+response+EOS ids with the prompt masked out of the loss (train_on_inputs=False)."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; causal-LM training needs one")

@@ -54,6 +54,12 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     return root / name
 
 
+def checkpoint_id(run_dir: Path) -> str | None:
+    """Which checkpoint is the latest, as a string that changes whenever a new one is written; None if none."""
+    latest = Path(run_dir) / "checkpoint" / "latest.json"
+    return f"{load_json(latest).get('dir')}@{latest.stat().st_mtime_ns}" if latest.is_file() else None
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     """Read the latest checkpoint of a run; anything missing or corrupt raises CheckpointError (nothing is changed)."""
     root = run_dir / CHECKPOINT_DIR

@@ -113,6 +113,7 @@ class RoundLoop(ABC):
         """Each client's metrics on its own test split, and the failure reason of each client that could not."""
 
     def show(self, what: str, done: int, total: int) -> None:
+        """Update the clients progress bar (if progress is shown) with a description and a count."""
         if self.progress:
             self.progress.update(self.client_bar, description=what, completed=done, total=total)
 

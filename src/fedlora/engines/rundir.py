@@ -23,8 +23,9 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         has_results = any(run_dir.glob("metrics.jsonl")) or any(run_dir.glob("*/metrics.jsonl")) \
             or (run_dir / "checkpoint").exists()
         if has_results and not overwrite:
-            raise ConfigError(f"run directory {run_dir} already holds a run; pass overwrite=True (--overwrite) "
-                              "or choose another output_dir")
+            raise ConfigError(f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
+                              "(resume_experiment), replace it with --overwrite (overwrite=True), or choose "
+                              "another output_dir")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 

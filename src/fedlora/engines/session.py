@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from ..data.federated import ClientData, build_clients
 from ..data.tokenize import encode_classification, encode_generation
 from ..training import ClientDataset
 from .runtime import ClientRuntime
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("fedlora")
 
@@ -60,7 +64,7 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     return Session(cfg, clients, base, adapted, server, runtime, infos)
 
 
-def encode_client(client: ClientData, tokenizer, task: str, max_length: int) -> ClientDataset:
+def encode_client(client: ClientData, tokenizer: PreTrainedTokenizerBase, task: str, max_length: int) -> ClientDataset:
     """Tokenize one client's splits for the model's task."""
     if not client.train:
         raise DataError(f"client {client.client_id} has no training examples; lower data.clients_per_task")
