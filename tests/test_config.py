@@ -32,8 +32,9 @@ def test_wrong_type_and_missing_value():
         build_config({})
     with pytest.raises(ConfigError, match="missing required value 'model.name'"):
         build_config({"model": {}})
-    with pytest.raises(ConfigError, match="either local_steps or local_epochs"):
+    with pytest.raises(ConfigError, match="either local_steps or local_epochs") as both:
         build_config({"model": {"name": "x"}, "training": {"local_steps": 2, "local_epochs": 1}})
+    assert "training.local_steps=null" in str(both.value) and "got {" not in str(both.value)  # not the whole section
 
 
 def test_bad_override_and_missing_file(tmp_path):

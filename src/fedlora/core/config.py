@@ -91,7 +91,8 @@ class TrainingConfig(Section):
         if self.local_steps is None and self.local_epochs is None:
             self.local_steps = 10
         if self.local_steps is not None and self.local_epochs is not None:
-            raise ValueError("set either local_steps or local_epochs, not both")
+            raise ValueError("set either local_steps or local_epochs, not both (to count epochs on a config "
+                             "that counts steps, also set training.local_steps=null)")
         return self
 
 
@@ -265,7 +266,9 @@ def _explain(exc: ValidationError) -> str:
         elif err["type"] == "missing":
             lines.append(f"missing required value '{where}'")
         else:
-            lines.append(f"invalid value for '{where}': {err['msg']} (got {err.get('input')!r})")
+            given = err.get("input")  # a whole section's check: its message says what is wrong, not the section
+            got = "" if isinstance(given, dict) else f" (got {given!r})"
+            lines.append(f"invalid value for '{where}': {err['msg']}{got}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
