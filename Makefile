@@ -12,11 +12,13 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(VENV)/.installed
 
-# torch first, pinned to the CPU build: an unpinned torch pulls a multi-GB CUDA build.
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build. Where pip resolves torch from public PyPI,
+# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" selects the CPU wheel.
+TORCH_PIP_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 

@@ -166,7 +166,7 @@ def read_texts(source: str | None) -> list[str]:
 
     if source in (None, "-"):
         text = sys.stdin.read()
-    elif not Path(source).is_file():
+    elif not Path(source).exists():
         raise DataError(f"text file {source} does not exist; give a file with one text per line, or '-' "
                         "(or no --file) to read standard input")
     else:
