@@ -118,6 +118,13 @@ def test_report_from_existing_runs_marks_missing_ones(tmp_path):
     assert "nlu ifca seed 0" in data["missing"]  # made with another config: not mixed into the table
     for suite in ("nlu", "nlg"):
         assert (tmp_path / "quality" / f"quality_{suite}.png").read_bytes()[:4] == b"\x89PNG"
+    # runs of seeds beyond the requested ones (e.g. made with --seeds 0 1 2) are shown, not hidden or flagged
+    md = q.write_report(tmp_path, "quick", {"nlu": ["fedit", "fedlease", "ifca"], "nlg": ["fedalt"]},
+                        {"nlu": [0], "nlg": [0]}, "cmd")
+    assert "| FedIT | 40.00 ± 1.41 | 42.00 ± 1.41 | **41.00 ± 1.41** | +0.00 |" in md.read_text()
+    assert "**50.00 ± – (1/2)**" in md.read_text()  # seed 1 exists for FedIT, so FedLEASE lacks it
+    assert json.loads((tmp_path / "quality" / "quality.json").read_text())["missing"] == [
+        "nlu ifca seed 0", "nlg fedalt seed 0"]  # only requested seeds count as missing
 
 
 @pytest.mark.slow
