@@ -668,6 +668,7 @@ def write_report(out: Path, profile: str, methods: dict[str, list[str]], seeds: 
         f"python benchmarks/quality.py --suite all{prof}   "
         "# runs what is missing, skips finished runs, resumes an interrupted one",
         f"python benchmarks/quality.py{prof} --jobs 2   # both cores: two sweeps sharing the runs (a lock per run)",
+        f"python benchmarks/quality.py --suite nlg --seeds 0 1 2{prof} --jobs 2   # NLG's spread over 3 seeds",
         f"python benchmarks/quality.py --report-only{prof}   # rebuild this file from the finished runs",
         f"python benchmarks/quality.py --estimate --suite all{prof}   # re-measure the time estimate"]
     lines += ["## Commands", "", "```", *commands, "```", "",
