@@ -20,7 +20,9 @@ import numpy as np
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import adjusted_rand_score
 
+from fedlora.algorithms import parse_options
 from fedlora.algorithms.clustering import b_distance_matrix, choose_clusters
+from fedlora.core.config import AlgorithmConfig
 from fedlora.engines.checkpoint import load_checkpoint
 
 
@@ -38,11 +40,10 @@ def client_loras(run_dir: Path) -> tuple[str, dict[str, dict], dict[str, int] | 
     return f"final client LoRAs (round {ckpt.round})", finals, None
 
 
-def max_experts(config: dict) -> int:
-    """FedLEASE's cap on M for this run: its own option, else the config's per-method FedLEASE entry, else 8."""
-    algorithm = config["algorithm"]
-    own = algorithm["options"] if algorithm["name"] == "fedlease" else algorithm.get("per_method", {}).get("fedlease", {})
-    return own.get("max_experts") or 8
+def max_clusters(config: dict) -> int:
+    """FedLEASE's cap on M with this run's config (its FedLEASE options, as a FedLEASE run would take them)."""
+    options = AlgorithmConfig.model_validate(config["algorithm"]).options_for("fedlease")
+    return parse_options("fedlease", options).max_clusters
 
 
 def probe(run_dir: Path) -> dict:
@@ -55,7 +56,7 @@ def probe(run_dir: Path) -> dict:
     dist = b_distance_matrix([loras[c] for c in ids])
     off_diagonal = ~np.eye(len(ids), dtype=bool)
     same = (tasks[:, None] == tasks[None, :]) & off_diagonal
-    chosen = choose_clusters(dist, max_experts(config))
+    chosen = choose_clusters(dist, max_clusters(config))
     n_tasks = len(set(tasks))
     at_tasks = AgglomerativeClustering(n_clusters=n_tasks, metric="precomputed", linkage="average").fit_predict(dist)
     return {"run": str(run_dir), "source": source, "method": config["algorithm"]["name"],

@@ -33,6 +33,11 @@ class FedLEASEOptions(Options):
     router: Literal["cluster", "private"] = "cluster"                   # router averaged in cluster (code) or kept
     weighting: Literal["uniform", "examples"] = "uniform"
 
+    @property
+    def max_clusters(self) -> int:
+        """The largest M the silhouette search tries (before the N-1 limit of the clustering)."""
+        return self.max_experts or 8
+
 
 def expert_key(e: int) -> str:
     """Payload name of expert e."""
@@ -108,8 +113,8 @@ class FedLEASEServer(ServerAlgorithm):
 
     def _allocate(self) -> None:
         ids = sorted(self.warm, key=list(self.clients).index)
-        n_max = self.options.max_experts or 8
-        result = choose_clusters(b_distance_matrix([self.warm[c] for c in ids]), min(n_max, max(len(ids) - 1, 2)))
+        result = choose_clusters(b_distance_matrix([self.warm[c] for c in ids]),
+                                 min(self.options.max_clusters, max(len(ids) - 1, 2)))
         self.silhouette = result.silhouette
         self.assignment = dict(zip(ids, result.labels))
         self.experts = cluster_means([self.warm[c] for c in ids], result.labels, [self.weight(c) for c in ids])
@@ -118,7 +123,9 @@ class FedLEASEServer(ServerAlgorithm):
         """Expert e as client cid receives it: the latest average, or under `expert_init = "own"`, until its
         cluster has trained it, the client's own warm-up LoRA in its slot and a fresh expert (B = 0) elsewhere."""
         if self.options.expert_init == "own" and e not in self.trained:
-            return self.warm[cid] if e == self.assignment[cid] else self.spec.init_lora(generator(self.seed, "lora-init"))
+            if e == self.assignment[cid]:
+                return self.warm[cid]
+            return self.spec.init_lora(generator(self.seed, "lora-init"))
         return self.experts[e]
 
     def _fresh_router(self, cid: str) -> StateDict:
