@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
+from fedlora.core.offline import use_offline
 
-for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                     "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_key, _value)
+use_offline()  # before transformers is imported
 
 import copy  # noqa: E402
 

@@ -1,10 +1,21 @@
 """fedlora: personalized federated LoRA fine-tuning (FedALT, FedLEASE, FDLoRA and baselines)."""
 
-from .api import compare, resume_experiment, run_experiment
-from .core.config import Config, load_config
-from .engines.results import RunResult
-from .serving import export_client, load_personalized
+from __future__ import annotations
 
-__all__ = ["Config", "RunResult", "compare", "export_client", "load_config", "load_personalized", "resume_experiment",
-           "run_experiment"]
+import importlib
+from typing import Any
+
+# Lazy (PEP 562): `import fedlora.core.offline` must not import transformers before the offline variables are set.
+_EXPORTS = {"compare": "api", "resume_experiment": "api", "run_experiment": "api", "Config": "core.config",
+            "load_config": "core.config", "RunResult": "engines.results", "export_client": "serving",
+            "load_personalized": "serving"}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """The public API, imported on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fedlora' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,4 +1,4 @@
-"""The Python API: run_experiment, resume_experiment, compare, prepare_data."""
+"""The Python API: run_experiment, resume_experiment, compare, evaluate_untrained, prepare_data."""
 
 from __future__ import annotations
 
@@ -79,6 +79,19 @@ def _run(cfg: Config, run_dir: Path, resume: Checkpoint | None = None, records: 
         result = InProcessEngine(cfg, s.server, s.runtime, s.infos, run_dir, resume, records).run()
     write_report(run_dir)
     return result
+
+
+def evaluate_untrained(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None = None) -> dict:
+    """The round-0 record of a run (every client's personalized model before any training, as `run` evaluates it),
+    without training; writes clients.json into the config's run directory."""
+    cfg = as_config(config, overrides)
+    s = build_session(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(cfg.run_dir / "clients.json", [c.to_json() for c in s.clients])
+    with s.runtime:
+        loop = InProcessEngine(cfg, s.server, s.runtime, s.infos, cfg.run_dir)
+        s.server.setup(s.infos, cfg.federation.rounds)
+        return {"round": 0, **loop.evaluate(0, [c.client_id for c in s.infos])}
 
 
 def prepare_data(corpora: list[str] | None = None, models: list[str] | None = None,

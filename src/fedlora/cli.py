@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from rich.console import Console
 from rich.table import Table
 
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+from .core.offline import use_offline
+
 
 
 def _results_table(results: dict, metric: str) -> Table:
@@ -221,8 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fedlora` console script."""
-    for key, value in OFFLINE.items():
-        os.environ.setdefault(key, value)
+    use_offline()
     args = build_parser().parse_args(argv)
     if getattr(args, "host", "") is None:
         args.host = ["127.0.0.1", "localhost"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .core.config import Config
 from .core.errors import FedloraError
+from .core.offline import OFFLINE_ENV
 
 APP_PYPROJECT = """\
 # A fedlora experiment as a Flower app: `flwr run {app_dir} <superlink connection> --stream`.
@@ -271,9 +272,7 @@ class LocalFederation:
         """The environment of every process: this Python's bin first, Flower home here, offline, no telemetry."""
         bin_dir = str(Path(sys.executable).parent)
         return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-                "FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-                "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "COLUMNS": "200"}
+                "FLWR_HOME": str(self.flwr_home), **OFFLINE_ENV, "COLUMNS": "200"}
 
     def log(self, name: str) -> str:
         """The output so far of process `name` (superlink, supernode-<name>)."""
