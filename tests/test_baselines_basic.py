@@ -102,5 +102,5 @@ def test_ifca_averages_within_chosen_clusters_only():
     torch.testing.assert_close(server.cluster_loras[0]["m.lora_B"], torch.full((2, 2), 3.0))
     torch.testing.assert_close(server.cluster_loras[1]["m.lora_A"], torch.full((2, 3), 7.0))
     assert server.cluster_loras[2] is untouched
-    assert server.summary()["assignment"] == {"w": 0, "x": 0, "y": 1}
+    assert server.diagnostics()["assignment"] == {"w": 0, "x": 0, "y": 1}
     assert all(p.config == {} for p in server.configure(2, list("wxyz")).values())  # later rounds: clients choose

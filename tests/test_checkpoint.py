@@ -12,7 +12,8 @@ from fedlora.engines.runtime import ClientRuntime
 from .conftest import tiny_config
 
 CASES = [("fedit", {}), ("fedalt", {}), ("fedlease", {"warmup_rounds": 2}),
-         ("fdlora", {"fusion_budget": 4, "fusion_examples": 8, "sync_every": 2}), ("flora", {"ranks": [2, 4, 2, 4]})]
+         ("fdlora", {"fusion_budget": 4, "fusion_examples": 8, "sync_every": 2}), ("flora", {})]
+CLIENTS = {"flora": {"clients": {"lora_r": [2, 4, 2, 4]}}}  # FLoRA with heterogeneous ranks
 
 
 def _without_times(records):
@@ -31,7 +32,7 @@ def _assert_same_states(a, b):
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, method, options):
     make = lambda out: tiny_config(tmp_path, output_dir=str(tmp_path / out), federation={"rounds": 4},  # noqa: E731
                                    training={"reset_optimizer": method != "fedit"},
-                                   algorithm={"name": method, "options": options})
+                                   algorithm={"name": method, "options": options}, **CLIENTS.get(method, {}))
     full = run_experiment(make("full"))
     original = ClientRuntime.fit
 

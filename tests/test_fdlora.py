@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedlora.adapters import AdapterSpec
-from fedlora.algorithms import ClientInfo, Reply, build
+from fedlora.algorithms import ClientContext, ClientInfo, Reply, build
 from fedlora.algorithms.fdlora import OuterOptimizer, fuse, fusion_objective
 
 SPEC = AdapterSpec((("m", 3, 2),), r=2, alpha=4)
@@ -60,11 +60,14 @@ class FakeTrainer:
     """loss = squared distance of the loaded LoRA to a target fused LoRA."""
 
     def __init__(self, target):
-        self.adapted, self.target, self.seed = FakeModel(), target, 0
-        self.data = type("D", (), {"few_shot": [0] * 4})()
+        self.adapted, self.target = FakeModel(), target
 
     def loss(self, data):
         return float(sum(((self.adapted.loaded[k] - self.target[k]) ** 2).sum() for k in self.target))
+
+
+def fake_context(target) -> ClientContext:
+    return ClientContext("a", 0, type("D", (), {"few_shot": [0] * 4})(), FakeTrainer(target))
 
 
 def test_adafusion_search_finds_the_best_weights():
@@ -72,9 +75,9 @@ def test_adafusion_search_finds_the_best_weights():
     g = torch.Generator().manual_seed(1)
     glob = {"m.lora_A": torch.randn(2, 3, generator=g), "m.lora_B": torch.randn(2, 2, generator=g)}
     personal = {"m.lora_A": torch.randn(2, 3, generator=g), "m.lora_B": torch.randn(2, 2, generator=g)}
-    w = client.search_fusion(glob, personal, FakeTrainer(fuse((0.7, -0.4), glob, personal)))
+    w = client.search_fusion(glob, personal, fake_context(fuse((0.7, -0.4), glob, personal)))
     np.testing.assert_allclose(w, [0.7, -0.4], atol=0.1)
-    again = client.search_fusion(glob, personal, FakeTrainer(fuse((0.7, -0.4), glob, personal)))
+    again = client.search_fusion(glob, personal, fake_context(fuse((0.7, -0.4), glob, personal)))
     np.testing.assert_array_equal(w, again)  # seeded: the same search gives the same weights
 
 
@@ -82,14 +85,14 @@ def test_stages_upload_and_sync_schedule():
     server, _ = build("fdlora", {"stage1_rounds": 1, "sync_every": 2}, SPEC, seed=0)
     server.setup([ClientInfo("a", 1), ClientInfo("b", 1)])
     p1 = server.configure(1, ["a", "b"])
-    assert p1["a"].config == {"stage": "local", "upload": True} and p1["a"].states == {}
+    assert p1["a"].config == {"stage": "local"} and p1["a"].expects == {"stage1"} and p1["a"].states == {}
     server.aggregate(1, {"a": Reply({"stage1": full(1.0, 1.0)}, 1), "b": Reply({"stage1": full(3.0, 5.0)}, 1)})
     p2 = server.configure(2, ["a"])["a"]
     torch.testing.assert_close(p2.states["global"]["m.lora_B"], torch.full((2, 2), 3.0))  # theta_g^0 = stage-1 mean
     assert [server.configure(r, ["a"])["a"].config["sync"] for r in (2, 3, 4, 5)] == [False, True, False, True]
     fresh, _ = build("fdlora", {"global_init": "fresh"}, SPEC, seed=0)
     fresh.setup([ClientInfo("a", 1)])
-    assert fresh.configure(1, ["a"])["a"].config["upload"] is False
+    assert fresh.configure(1, ["a"])["a"].expects == frozenset()
 
 
 def test_server_state_round_trip_keeps_momentum():

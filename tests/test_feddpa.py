@@ -32,7 +32,9 @@ def test_feddpa_t_end_to_end(tmp_path, spy, spy_trainable):  # noqa: F811
     assert trainable[:2] == [expert(1) | HEAD, expert(0) | HEAD]  # local first, then global, each round
     assert all(r["sent"] == {"global"} and r["received"] == {"global"} and r["up"] == r["down"] == LORA_BYTES for r in spy)
     assert set(result.client_states["noun_topic-0"].states) == {"local", "_head"}
-    assert all(-0.5 <= m["mean_expert0_weight"] <= 0.5 for m in result.final.values())
+    assert all(-0.5 <= d["mean_expert0_weight"] <= 0.5 for d in result.final_diagnostics.values())
+    assert set(result.final_diagnostics) == set(result.final)  # every client reports it, apart from its metrics
+    assert all("mean_expert0_weight" not in m for m in result.final.values())
 
 
 def test_last_prompt_hidden_is_the_prompt_state_in_every_batch_layout():

@@ -50,10 +50,10 @@ def run_warmup(options: dict, groups: list[int]):
     ids = [f"c{i}" for i in range(len(groups))]
     server.setup([ClientInfo(c, 10) for c in ids])
     loras = grouped_loras(groups)
-    assert all(p.config == {"phase": "warmup", "upload": False} for p in server.configure(1, ids).values())
+    assert all(p.config == {"phase": "warmup"} and not p.expects for p in server.configure(1, ids).values())
     server.aggregate(1, {c: Reply({}, 10) for c in ids})
     assert not server.clustered
-    assert all(p.config["upload"] for p in server.configure(2, ids).values())
+    assert all(p.expects == {"lora"} for p in server.configure(2, ids).values())
     server.aggregate(2, {c: Reply({"lora": lora}, 10) for c, lora in zip(ids, loras)})
     return server, ids, loras
 
@@ -68,6 +68,7 @@ def test_allocation_initialises_experts_as_cluster_means_and_a_fresh_router_per_
             torch.testing.assert_close(server.experts[e][k], torch.stack([loras[i][k] for i in members]).mean(0))
     first = server.configure(3, ids)
     assert first["c3"].config == {"phase": "clustered", "expert": 1, "n_experts": 3}
+    assert first["c3"].expects == {"expert", "router"}
     assert set(first["c3"].states) == {"expert_0", "expert_1", "expert_2", "router"}
     assert first["c3"].states["expert_1"] is server.experts[1]
     # the code's start: a kaiming router of 2M-1 slots per client, not yet shared within the cluster

@@ -31,10 +31,11 @@ def test_stacked_product_is_the_weighted_sum_of_products_with_different_ranks():
 
 
 def test_server_sends_each_client_the_stacks_it_has_not_merged():
-    server, _ = build("flora", {"ranks": [2, 4, 1], "weighting": "uniform"}, SPEC, seed=0)
+    server, _ = build("flora", {"weighting": "uniform"}, SPEC, seed=0)
     server.setup([ClientInfo(c, 1) for c in "abc"])
+    ranks = {"a": 2, "b": 4, "c": 1}  # clients.lora_r: the server takes each reply's rank as it comes
     first = server.configure(1, list("abc"))
-    assert [p.config["rank"] for p in first.values()] == [2, 4, 1] and all(p.states == {} for p in first.values())
+    assert all(p.states == {} and p.expects == {"lora"} for p in first.values())
     server.aggregate(1, {"a": Reply({"lora": random_lora(2, 0)}, 1), "b": Reply({"lora": random_lora(4, 1)}, 1)})
     server.aggregate(2, {"a": Reply({"lora": random_lora(2, 2)}, 1)})  # b and c missed round 2
     p = server.configure(3, list("abc"))
@@ -42,14 +43,13 @@ def test_server_sends_each_client_the_stacks_it_has_not_merged():
     assert set(p["b"].states) == {"stack_1", "stack_2"}   # b missed round 2, so it never received stack_1
     assert set(p["c"].states) == {"stack_1", "stack_2"}
     assert p["a"].states["stack_2"]["m.lora_A"].shape == (2, 5)
-    server.aggregate(3, {c: Reply({"lora": random_lora(server.ranks[c], 9)}, 1) for c in "abc"})
+    server.aggregate(3, {c: Reply({"lora": random_lora(ranks[c], 9)}, 1) for c in "abc"})
     assert set(server.stacks) == {3}                 # everyone has merged 1 and 2: they are dropped
 
 
-def test_ranks_must_match_the_clients():
-    server, _ = build("flora", {"ranks": [2, 4]}, SPEC, seed=0)
-    with pytest.raises(ConfigError, match="one rank per client"):
-        server.setup([ClientInfo(c, 1) for c in "abc"])
+def test_the_old_ranks_option_is_refused_in_favour_of_clients_lora_r():
+    with pytest.raises(ConfigError, match="invalid algorithm.options for 'flora'.*ranks"):
+        build("flora", {"ranks": [2, 4]}, SPEC, seed=0)
 
 
 def test_base_delta_is_undone_exactly_even_on_error(tiny_adapted):
@@ -66,8 +66,8 @@ def test_base_delta_is_undone_exactly_even_on_error(tiny_adapted):
 
 def test_flora_end_to_end_with_heterogeneous_ranks(tmp_path, spy):  # noqa: F811
     ranks = [2, 4, 8, 4]
-    result = run_experiment(tiny_config(tmp_path, federation={"rounds": 3},
-                                        algorithm={"name": "flora", "options": {"ranks": ranks}}))
+    result = run_experiment(tiny_config(tmp_path, federation={"rounds": 3}, algorithm={"name": "flora"},
+                                        clients={"lora_r": ranks}))
     ids = list(result.client_states)
     per_rank = len(PATHS) * (32 + 32) * 4  # bytes per unit of rank over all modules, fp32
     for r in spy:

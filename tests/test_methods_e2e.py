@@ -61,7 +61,9 @@ def test_fedalt_trains_individual_and_gate_sends_individual_receives_row(tmp_pat
     assert all(r["sent"] == {"individual"} and r["up"] == LORA_BYTES for r in spy)
     assert all(r["received"] == set() and r["down"] == 0 for r in spy if r["round"] == 1)
     assert all(r["received"] == {"row"} and r["down"] == LORA_BYTES for r in spy if r["round"] > 1)
-    assert "gate_individual" in result.final["noun_topic-0"]
+    gates = result.final_diagnostics["noun_topic-0"]
+    assert 0 < gates["gate_individual"] < 1 and set(gates["gate_individual_by_module"]) == set(PATHS)
+    assert "gate_individual" not in result.final["noun_topic-0"] and "gate_individual" not in result.final_mean
     states = result.client_states["noun_topic-0"].states
     assert set(states) == {"individual", "row", "gate", "_head"}
 
@@ -89,7 +91,7 @@ def test_fdlora_personal_never_leaves_after_stage1(tmp_path, spy):
     assert all(r["sent"] == {"stage1"} and r["down"] == 0 for r in spy if r["round"] == 1)
     assert all(r["sent"] == {"global"} and r["received"] == {"global"} and r["up"] == r["down"] == LORA_BYTES
                for r in spy if r["round"] > 1)
-    final = result.final["verb_class-1"]
+    final = result.final_diagnostics["verb_class-1"]
     assert {"fusion_w_global", "fusion_w_personal"} <= set(final)
     assert all(-1.5 <= final[k] <= 1.5 for k in ("fusion_w_global", "fusion_w_personal"))
     clients = result.client_states
@@ -134,4 +136,12 @@ def test_ifca_downloads_all_clusters_uploads_one(tmp_path, spy):
     assert all(r["trainable"] == expert(0) | HEAD for r in spy)
     assert all(r["received"] == {"cluster_0", "cluster_1"} and r["down"] == 2 * LORA_BYTES for r in spy)
     assert all(r["sent"] == {"lora"} and r["up"] == LORA_BYTES for r in spy)
-    assert all(m["cluster"] in (0, 1) for m in result.final.values())
+    assert all(d["cluster"] in (0, 1) for d in result.final_diagnostics.values())
+    assert "cluster" not in result.final_mean  # a cluster id is a diagnostic, never averaged into the metrics
+
+
+def test_fdlora_with_a_local_personal_lora_and_no_stage_1_still_trains_one(tmp_path):
+    result = run(tmp_path, "fdlora", rounds=2, stage1_rounds=0, personal="local", fusion_examples=8, fusion_budget=4)
+    assert all("personal" in s.states for s in result.client_states.values())
+    fits = [f for r in result.rounds for f in r.get("fit", {}).values()]
+    assert fits and all("personal_train_loss" in f for f in fits)

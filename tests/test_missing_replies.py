@@ -5,7 +5,7 @@ server's new state is checked against numbers computed by hand (FedIT and friend
 FedALT keeps the silent client's last Individual LoRA, FedLEASE averages each expert over the members that
 replied, FDLoRA's outer step uses the repliers' mean, ...).
 Part 2 runs the shared RoundLoop with scripted clients: a reply made malformed at random is rejected by
-`check_reply` and leaves the server exactly as if that client had not replied at all.
+`reply_problem` and leaves the server exactly as if that client had not replied at all.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from fedlora.algorithms.flora import stack_delta
 from fedlora.core.config import build_config
 from fedlora.core.errors import ClientFailure, ConfigError
 from fedlora.engines.loop import RoundLoop
-from fedlora.engines.runtime import ClientRuntime
-from fedlora.engines.validation import check_reply
+from fedlora.engines.runtime import ClientRuntime, Evaluation
+from fedlora.engines.validation import reply_problem
 
 from .conftest import tiny_config
 
@@ -143,7 +143,8 @@ def test_fedlease_clusters_only_the_clients_that_uploaded_a_warm_up_lora():
     assert s.assignment == {"c0": 0, "c1": 0, "c2": 1}
     assert_state(s.experts[0], warm(2, 1.5 * X))
     assert_state(s.experts[1], warm(5, Y))
-    assert s.configure(2, ["c3"])["c3"].config == {"phase": "warmup", "upload": True}  # it warms up when it returns
+    returning = s.configure(2, ["c3"])["c3"]  # it warms up when it returns, and uploads its warm-up LoRA
+    assert returning.config == {"phase": "warmup"} and returning.expects == {"lora"}
 
 
 def test_fdlora_outer_nesterov_step_uses_the_mean_over_the_repliers():
@@ -176,7 +177,7 @@ def test_ifca_averages_each_cluster_over_its_repliers_and_leaves_other_clusters_
     s.aggregate(3, {"c0": rep(2, 0, 1), "c1": rep(8, 0, 2)})  # cluster 1 silent
     assert_state(s.cluster_loras[0], lora(6, -6))
     assert s.cluster_loras[1] is cluster_1
-    assert s.summary()["assignment"] == {"c0": 0, "c1": 0, "c2": 1, "c3": 1}
+    assert s.diagnostics()["assignment"] == {"c0": 0, "c1": 0, "c2": 1, "c3": 1}
 
 
 def random_lora(r: int, seed: int) -> dict[str, torch.Tensor]:
@@ -185,13 +186,14 @@ def random_lora(r: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_flora_stacks_the_repliers_only_and_resends_what_the_silent_client_missed():
-    s = server("flora", {"ranks": [2, 1, 2, 1]})  # weighted by examples, alpha 4
-    s.aggregate(1, {cid: Reply({"lora": random_lora(s.ranks[cid], i)}, SIZES[cid]) for i, cid in enumerate(IDS)})
-    sent = {cid: random_lora(s.ranks[cid], 10 + i) for i, cid in enumerate(IDS) if cid != "c1"}
+    s = server("flora")  # weighted by examples, alpha 4
+    ranks = dict(zip(IDS, [2, 1, 2, 1]))  # clients.lora_r: the stack takes each reply's own rank
+    s.aggregate(1, {cid: Reply({"lora": random_lora(ranks[cid], i)}, SIZES[cid]) for i, cid in enumerate(IDS)})
+    sent = {cid: random_lora(ranks[cid], 10 + i) for i, cid in enumerate(IDS) if cid != "c1"}
     s.aggregate(2, {cid: Reply({"lora": lo}, SIZES[cid]) for cid, lo in sent.items()})  # c1 silent
     stacked = s.stacks[2]
     p = {"c0": 1 / 8, "c2": 3 / 8, "c3": 4 / 8}  # weights normalised over the repliers
-    scale = {cid: p[cid] * 4 / s.ranks[cid] for cid in p}  # p_k * alpha / r_k
+    scale = {cid: p[cid] * 4 / ranks[cid] for cid in p}  # p_k * alpha / r_k
     assert_state(stacked, {"m.lora_A": torch.cat([sent[c]["m.lora_A"] for c in p]),
                            "m.lora_B": torch.cat([scale[c] * sent[c]["m.lora_B"] for c in p], dim=1)})
     torch.testing.assert_close(stack_delta(stacked)["m"], sum(scale[c] * sent[c]["m.lora_B"] @ sent[c]["m.lora_A"]
@@ -240,16 +242,16 @@ def _states(method: str, payload: Payload, g: torch.Generator, cid: str) -> tupl
         c = int(cfg.get("cluster", IDS.index(cid) % 2))
         return {"lora": _moved(got[f"cluster_{c}"], g)}, {"cluster": c}
     if method == "flora":
-        return {"lora": _fresh(g, cfg.get("rank"))}, {}
+        return {"lora": _fresh(g)}, {}
     if method == "fedalt":
         return {"individual": _fresh(g)}, {}
     if method == "fedlease":
         if cfg["phase"] == "warmup":
-            return ({"lora": _fresh(g)} if cfg["upload"] else {}), {}
+            return ({"lora": _fresh(g)} if "lora" in payload.expects else {}), {}
         return {"expert": _moved(got[f"expert_{cfg['expert']}"], g), "router": _moved(got["router"], g)}, {}
     if method == "fdlora":
         if cfg["stage"] == "local":
-            return ({"stage1": _fresh(g)} if cfg["upload"] else {}), {}
+            return ({"stage1": _fresh(g)} if "stage1" in payload.expects else {}), {}
         return {"global": _moved(got["global"], g)}, {}
     assert method == "local"
     return {}, {}
@@ -288,7 +290,7 @@ class ScriptedLoop(RoundLoop):
 
     def evaluate_clients(self, rnd, payloads):  # called after every round's aggregate (eval_every = 1)
         self.snapshots.append(_copy(self.server.state_dict()))
-        return {cid: {"loss": 0.0} for cid in payloads}, {}
+        return {cid: Evaluation({"loss": 0.0}) for cid in payloads}, {}
 
 
 def _copy(state):
@@ -323,9 +325,9 @@ def test_a_round_without_replies_leaves_the_server_unchanged(method):
     """`aggregate` with no replies is a no-op for every method (the loop never calls it so: see below)."""
     loop = run_loop(method, {})
     before = loop.server.state_dict()
-    summary = loop.server.summary()
+    summary = loop.server.diagnostics()
     loop.server.aggregate(ROUNDS + 1, {})
-    assert same_state(loop.server.state_dict(), before) and loop.server.summary() == summary
+    assert same_state(loop.server.state_dict(), before) and loop.server.diagnostics() == summary
 
 
 def test_min_clients_cannot_be_zero(tmp_path):
@@ -413,7 +415,7 @@ def test_a_malformed_reply_is_rejected_and_counts_exactly_as_no_reply(method, mu
         return seen[-1]
 
     loop = run_loop(method, {(rnd, victim): bad})
-    assert check_reply(seen[0], TINY_SPEC) is not None
+    assert reply_problem(seen[0], Payload(), TINY_SPEC, any_rank=True) is not None
     assert loop.records[rnd - 1]["failures"][victim].startswith("update rejected: ")
     assert victim not in loop.records[rnd - 1]["fit"]
     snapshots, records = silent_run(method, victim, rnd)

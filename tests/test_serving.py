@@ -14,12 +14,14 @@ from fedlora.training.metrics import classification_metrics
 from .conftest import tiny_config
 
 CASES = [("fedit", {}), ("fedalt", {}), ("fedlease", {"warmup_rounds": 1}), ("fdlora", {"fusion_budget": 4, "fusion_examples": 8}),
-         ("feddpa", {}), ("flora", {"ranks": [2, 4, 2, 4]}), ("ifca", {"clusters": 2}), ("local", {})]
+         ("feddpa", {}), ("flora", {}), ("ifca", {"clusters": 2}), ("local", {})]
+CLIENTS = {"flora": {"clients": {"lora_r": [2, 4, 2, 4]}}}  # FLoRA with heterogeneous ranks
 
 
 @pytest.mark.parametrize("method,options", CASES)
 def test_export_reproduces_the_final_predictions(tmp_path, method, options):
-    result = run_experiment(tiny_config(tmp_path, federation={"rounds": 2}, algorithm={"name": method, "options": options}))
+    result = run_experiment(tiny_config(tmp_path, federation={"rounds": 2}, algorithm={"name": method, "options": options},
+                                        **CLIENTS.get(method, {})))
     client = json.loads((tmp_path / "run" / "clients.json").read_text())[1]
     out = export_client(tmp_path / "run", client["client_id"], tmp_path / "export")
     assert (out / "expert_0" / "adapter_config.json").is_file()
@@ -86,8 +88,11 @@ def test_compare_writes_one_table_with_every_method_and_valid_pngs(tmp_path):
     assert rows[:4] == ["local", "fedit", "fedalt", "fedlease"]  # every method, in the order asked
     pngs = list((tmp_path / "run" / "report").glob("*.png"))
     assert {p.name for p in pngs} >= {"metric_by_round.png", "per_client.png", "communication.png",
-                                      "fedlease_silhouette.png", "fedalt_gates.png"}
+                                      "fedlease_silhouette.png", "fedalt_gate_individual_by_module.png"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in pngs)
+    # diagnostics come from the methods' hooks, rendered generically: FedLEASE's groups, FedALT's gate per client
+    assert "## fedlease: client groups" in report and "| group | clients |" in report
+    assert "## fedalt: diagnostics at the last evaluation" in report and "| client | gate_individual |" in report
     table = json.loads((tmp_path / "run" / "report" / "comparison.json").read_text())
     assert set(table["methods"]) == {"local", "fedit", "fedalt", "fedlease"}
     assert table["methods"]["local"]["mb_up_per_client_round"] == 0

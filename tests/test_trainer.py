@@ -74,3 +74,14 @@ def test_an_epoch_budget_counts_steps_as_hf_trainer_and_sees_every_example():
     assert steps_for_epochs(0.5, 300, 8) == 19 and steps_for_epochs(0.01, 10, 8) == 1
     epoch = list(batch_indices(300, 8, None))
     assert len(epoch) == 38 and sorted(i for b in epoch for i in b) == list(range(300))
+
+
+@pytest.mark.timeout(60)
+def test_training_on_no_examples_is_refused_not_an_endless_loop(tiny_adapted):
+    from fedlora.data.tokenize import Encoded, encode_classification
+
+    adapted, tok = tiny_adapted
+    enc = encode_classification([{"text": "one", "label": "0"}], tok, ["0", "1"], 16)
+    trainer = Trainer(adapted, tok, ClientDataset(enc, enc, 2), TrainingConfig(local_steps=2), "classification", seed=0)
+    with pytest.raises(ValueError, match="no training examples"):
+        trainer.train(experts=[0], data=Encoded([], []))

@@ -11,13 +11,18 @@ from hypothesis import strategies as st
 
 from fedlora import run_experiment
 from fedlora.adapters import AdapterSpec
-from fedlora.algorithms import Reply
+from fedlora.algorithms import Payload, Reply
 from fedlora.engines.runtime import ClientRuntime
-from fedlora.engines.validation import check_reply
+from fedlora.engines.validation import reply_problem
 
 from .conftest import tiny_config
 
 SPEC = AdapterSpec((("m0", 6, 5), ("m1", 6, 5)), r=2, alpha=4)
+
+
+def check_reply(reply: Reply, spec: AdapterSpec, max_norm: float | None = None) -> str | None:
+    """The shape checks alone: a payload that expects nothing, any rank (as FLoRA's)."""
+    return reply_problem(reply, Payload(), spec, max_norm, any_rank=True)
 
 
 def expert(r: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -99,3 +104,12 @@ def test_a_nan_update_is_left_out_and_reaches_no_other_client(tmp_path, monkeypa
     glob = result.server_state["tensors"]["global"]
     assert all(bool(torch.isfinite(v).all()) for v in glob.values())
     assert all(math.isfinite(m["loss"]) for m in result.final.values())
+
+
+def test_a_reply_must_carry_what_its_payload_expects_at_the_method_rank():
+    wants_global = Payload(expects=frozenset({"global"}))
+    assert "lacks the state(s) ['global']" in reply_problem(Reply({"other": expert()}, 1), wants_global, SPEC)
+    assert reply_problem(Reply({"global": expert()}, 1), wants_global, SPEC) is None
+    low = Reply({"global": expert(r=1)}, 1)
+    assert "rank 1, but this method aggregates rank lora.r=2 only" in reply_problem(low, wants_global, SPEC)
+    assert reply_problem(low, wants_global, SPEC, any_rank=True) is None

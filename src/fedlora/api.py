@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from .engines.inprocess import InProcessEngine
 from .engines.results import RunResult
 from .engines.rundir import prepare_run_dir, run_log
 from .engines.session import build_session
-from .reporting import read_records, write_report
+from .reporting import write_report
 
 log = logging.getLogger("fedlora")
 
@@ -61,22 +62,26 @@ def resume_experiment(run_dir: str | Path) -> RunResult:
         return _run(cfg, run_dir, ckpt, records)
 
 
+# engine.name -> the function that runs a config into a run directory, as "module:function", every one with the
+# signature (cfg, run_dir, resume=None, records=None) -> RunResult. Imported on use: Flower (and Ray) take
+# seconds to import, and an in-process run needs neither.
+ENGINES = {
+    "inprocess": "fedlora.engines.inprocess:run_inprocess",
+    "flower-sim": "fedlora.engines.flower:run_flower_simulation",
+    "flower-local": "fedlora.deployment:run_local_deployment",
+}
+
+
+def engine_runner(name: str) -> Callable[..., RunResult]:
+    """The run function of engine `name`."""
+    if name not in ENGINES:
+        raise ConfigError(f"unknown engine.name {name!r}; available: {', '.join(ENGINES)}")
+    module, _, function = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def _run(cfg: Config, run_dir: Path, resume: Checkpoint | None = None, records: list[dict] | None = None) -> RunResult:
-    if cfg.engine.name in ("flower-sim", "flower-local"):
-        if cfg.engine.name == "flower-sim":
-            from .engines.flower import run_flower_simulation
-
-            run_flower_simulation(cfg)
-        else:
-            from .deployment import run_local_deployment
-
-            run_local_deployment(cfg, run_dir)
-        write_report(run_dir)
-        return RunResult(run_dir, cfg.algorithm.name, read_records(run_dir))  # client states stay on the nodes
-    s = build_session(cfg)
-    save_json(run_dir / "clients.json", [c.to_json() for c in s.clients])
-    with s.runtime:  # stops a client's data-parallel workers, also when the run fails
-        result = InProcessEngine(cfg, s.server, s.runtime, s.infos, run_dir, resume, records).run()
+    result = engine_runner(cfg.engine.name)(cfg, run_dir, resume, records)
     write_report(run_dir)
     return result
 

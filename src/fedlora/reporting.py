@@ -9,6 +9,7 @@ from typing import Any
 
 from .core.errors import ConfigError
 from .core.io import save_json, save_text
+from .engines.results import read_records
 
 MB = 1e6
 
@@ -27,11 +28,6 @@ def find_runs(path: str | Path) -> dict[str, Path]:
     return dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The round records of a run's metrics.jsonl."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def main_metric(records: list[dict[str, Any]]) -> str:
     """accuracy for classification runs, rouge1 for generation runs."""
     mean = next(r["summary"]["mean"] for r in reversed(records) if "summary" in r)
@@ -39,7 +35,7 @@ def main_metric(records: list[dict[str, Any]]) -> str:
 
 
 def summarize_run(records: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """Final per-task and average metric, mean bytes per client per round, wall time."""
+    """Final per-task and average metric, mean bytes per client per round, wall time, and the method's diagnostics."""
     evals = [r for r in records if "eval" in r]
     fits = [f for r in records for f in r.get("fit", {}).values()]
     final = evals[-1]
@@ -53,8 +49,7 @@ def summarize_run(records: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         "mb_down_per_client_round": sum(f["bytes_down"] for f in fits) / max(len(fits), 1) / MB,
         "seconds": sum(r.get("seconds") or 0.0 for r in records),
         "server": next((r["server"] for r in reversed(records) if r.get("server")), {}),
-        "gates": {k.split("@", 1)[1]: sum(m[k] for m in final["eval"].values()) / len(final["eval"])
-                  for k in next(iter(final["eval"].values())) if k.startswith("gate_individual@")},
+        "diagnostics": final.get("diagnostics", {}),
     }
 
 
@@ -63,7 +58,6 @@ def write_report(path: str | Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     runs = find_runs(path)
     out = Path(path) / "report"
@@ -72,17 +66,31 @@ def write_report(path: str | Path) -> Path:
     metric = main_metric(next(iter(records.values())))
     summary = {m: summarize_run(r, metric) for m, r in records.items()}
     save_json(out / "comparison.json", {"metric": metric, "methods": summary})
+    lines = [f"# fedlora report: {Path(path).resolve().name}", "", *_results_table(summary, metric),
+             *_plot_curves(summary, metric, out), *_plot_per_client(summary, metric, out),
+             *_plot_communication(summary, out)]
+    for m, s in summary.items():
+        lines += _server_diagnostics(m, s["server"], out) + _client_diagnostics(m, s["diagnostics"], out)
+    report = out / "report.md"
+    save_text(report, "\n".join(lines) + "\n")
+    return report
+
+
+def _results_table(summary: dict[str, dict[str, Any]], metric: str) -> list[str]:
     tasks = sorted({t for s in summary.values() for t in s["by_task"]})
-    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
-    lines = [f"# fedlora report: {Path(path).resolve().name}", "",
-             f"Personalized {metric} (x100) of each client on its own test split, averaged per task and then over "
+    lines = [f"Personalized {metric} (x100) of each client on its own test split, averaged per task and then over "
              "tasks, at the last evaluation. Communication is the mean per client per round.", "",
              "| method | " + " | ".join(tasks) + " | **Avg** | MB up | MB down | wall s |",
              "|---|" + "---|" * (len(tasks) + 4)]
     for m, s in summary.items():
-        lines.append(f"| {m} | " + " | ".join(pct(s["by_task"].get(t, float("nan"))) for t in tasks)
-                     + f" | **{pct(s['average'])}** | {s['mb_up_per_client_round']:.3f} | "
+        lines.append(f"| {m} | " + " | ".join(_pct(s["by_task"].get(t, float("nan"))) for t in tasks)
+                     + f" | **{_pct(s['average'])}** | {s['mb_up_per_client_round']:.3f} | "
                        f"{s['mb_down_per_client_round']:.3f} | {s['seconds']:.0f} |")
+    return lines
+
+
+def _plot_curves(summary: dict[str, dict[str, Any]], metric: str, out: Path) -> list[str]:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for m, s in summary.items():
@@ -91,7 +99,11 @@ def write_report(path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, out / "metric_by_round.png")
-    lines += ["", "![metric by round](metric_by_round.png)"]
+    return ["", "![metric by round](metric_by_round.png)"]
+
+
+def _plot_per_client(summary: dict[str, dict[str, Any]], metric: str, out: Path) -> list[str]:
+    import matplotlib.pyplot as plt
 
     clients = list(next(iter(summary.values()))["per_client"])
     if len(clients) <= MAX_CLIENT_BARS:
@@ -110,7 +122,11 @@ def write_report(path: str | Path) -> Path:
                title=f"final {metric} over {len(clients)} clients")
     ax.legend(fontsize=7)
     _save(fig, out / "per_client.png")
-    lines += ["", "![per client](per_client.png)"]
+    return ["", "![per client](per_client.png)"]
+
+
+def _plot_communication(summary: dict[str, dict[str, Any]], out: Path) -> list[str]:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(summary)
@@ -120,34 +136,63 @@ def write_report(path: str | Path) -> Path:
     ax.set(ylabel="MB per client per round", title="communication")
     ax.legend()
     _save(fig, out / "communication.png")
-    lines += ["", "![communication](communication.png)"]
+    return ["", "![communication](communication.png)"]
 
-    for m, s in summary.items():
-        sil = s["server"].get("silhouette")
-        if sil:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            ks = sorted(sil, key=int)
-            ax.plot([int(k) for k in ks], [sil[k] for k in ks], marker="o")
-            ax.set(xlabel="number of clusters K", ylabel="silhouette score", title=f"{m}: choice of M = {s['server']['n_experts']}")
-            ax.grid(alpha=0.3)
-            _save(fig, out / f"{m}_silhouette.png")
-            groups: dict[int, list[str]] = {}
-            for cid, e in s["server"]["assignment"].items():
-                groups.setdefault(e, []).append(cid)
-            lines += ["", f"## {m}: expert allocation", "", f"![silhouette]({m}_silhouette.png)", "",
-                      "| expert | clients |", "|---|---|"] + [f"| {e} | {', '.join(c)} |" for e, c in sorted(groups.items())]
-        if s["gates"]:
-            fig, ax = plt.subplots(figsize=(7, 3.5))
-            paths = list(s["gates"])
-            ax.bar(range(len(paths)), [s["gates"][p] for p in paths])
-            ax.set_xticks(range(len(paths)), [_short(p) for p in paths], rotation=60, ha="right", fontsize=7)
-            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-            ax.set(ylabel="gate weight, Individual LoRA", title=f"{m}: mean mixer weight per adapted module")
-            _save(fig, out / f"{m}_gates.png")
-            lines += ["", f"## {m}: mixer", "", f"![gates]({m}_gates.png)"]
-    report = out / "report.md"
-    save_text(report, "\n".join(lines) + "\n")
-    return report
+
+def _server_diagnostics(method: str, server: dict[str, Any], out: Path) -> list[str]:
+    """A method's server diagnostics: a silhouette curve (the choice of K) and a table of client groups."""
+    import matplotlib.pyplot as plt
+
+    lines = []
+    sil = server.get("silhouette")
+    if sil:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ks = sorted(sil, key=int)
+        ax.plot([int(k) for k in ks], [sil[k] for k in ks], marker="o")
+        chosen = f": choice of M = {server['n_experts']}" if "n_experts" in server else ""
+        ax.set(xlabel="number of clusters K", ylabel="silhouette score", title=f"{method}{chosen}")
+        ax.grid(alpha=0.3)
+        _save(fig, out / f"{method}_silhouette.png")
+        lines += ["", f"![silhouette]({method}_silhouette.png)"]
+    if server.get("assignment"):
+        groups: dict[int, list[str]] = {}
+        for cid, g in server["assignment"].items():
+            groups.setdefault(g, []).append(cid)
+        lines += ["", "| group | clients |", "|---|---|"] + [f"| {g} | {', '.join(c)} |" for g, c in sorted(groups.items())]
+    return ["", f"## {method}: client groups", *lines] if lines else []
+
+
+def _client_diagnostics(method: str, diagnostics: dict[str, dict[str, Any]], out: Path) -> list[str]:
+    """A method's per-client diagnostics at the last evaluation: numbers in a table of clients (never averaged:
+    a cluster id has no mean), per-module values as a bar plot of their mean over clients."""
+    import matplotlib.pyplot as plt
+
+    if not diagnostics:
+        return []
+    lines = ["", f"## {method}: diagnostics at the last evaluation"]
+    scalars = sorted({k for d in diagnostics.values() for k, v in d.items() if not isinstance(v, dict)})
+    if scalars and len(diagnostics) <= MAX_CLIENT_BARS:
+        lines += ["", "| client | " + " | ".join(scalars) + " |", "|---|" + "---|" * len(scalars)]
+        lines += [f"| {cid} | " + " | ".join(_number(d.get(k)) for k in scalars) + " |" for cid, d in diagnostics.items()]
+    for key in sorted({k for d in diagnostics.values() for k, v in d.items() if isinstance(v, dict)}):
+        per_client = [d[key] for d in diagnostics.values() if isinstance(d.get(key), dict)]
+        parts = list(per_client[0])
+        means = [sum(v[p] for v in per_client) / len(per_client) for p in parts]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.bar(range(len(parts)), means)
+        ax.set_xticks(range(len(parts)), [_short(p) for p in parts], rotation=60, ha="right", fontsize=7)
+        ax.set(ylabel=key, title=f"{method}: {key}, mean over {len(per_client)} clients")
+        _save(fig, out / f"{method}_{key}.png")
+        lines += ["", f"![{key}]({method}_{key}.png)"]
+    return lines
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def _number(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _short(path: str) -> str:

@@ -20,14 +20,14 @@ import torch
 from .adapters import AdaptedModel, Layout
 from .adapters.base_models import load_base_model
 from .adapters.peft_io import export_peft_adapter, import_peft_adapter
-from .algorithms import ClientState, Personalized
-from .core.config import TrainingConfig, load_config
+from .algorithms import Personalized
+from .core.config import Config, TrainingConfig, load_config
 from .core.errors import CheckpointError, ConfigError, DataError
 from .core.io import load_json, load_tensors, save_json, save_tensors
 from .data.suites import TEMPLATE
 from .data.tokenize import Encoded, encode_prompt, encode_texts
 from .engines.checkpoint import checkpoint_id, load_checkpoint
-from .engines.session import build_session
+from .engines.session import Session, build_session
 from .training import ClientDataset, InstanceWeighting, Trainer
 
 MANIFEST = "fedlora_personalized.json"
@@ -56,22 +56,29 @@ def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path) -> P
     s.server.setup(s.infos, cfg.federation.rounds)
     s.server.load_state_dict(ckpt.server_state)
     payload = s.server.configure_evaluate(ckpt.round, [client_id])[client_id]
-    state = ckpt.client_states[client_id]
-    trainer = s.runtime.trainer(client_id, ckpt.round, "evaluate")  # the final evaluation's random streams
-    s.runtime.enter(payload, state, trainer)
-    p: Personalized = s.runtime.algorithm.personalize(payload, ClientState(dict(state.states), dict(state.meta)), trainer)
+    # the final evaluation's turn: the same personalized model, random streams and base update
+    with s.runtime.personalize(client_id, ckpt.round, payload, ckpt.client_states[client_id]) as turn:
+        manifest = _write_export(s, cfg, client_id, ckpt.round, exported_from, turn.personalized, out)
+    save_json(out / MANIFEST, manifest)
+    return out
+
+
+def _write_export(s: Session, cfg: Config, client_id: str, rnd: int, exported_from: str | None, p: Personalized,
+                  out: Path) -> dict:
+    """Write the personalized model now in the shared model (PEFT experts, router, base update, hook) into `out`;
+    returns the manifest, to be saved last (its presence marks a complete export)."""
     adapted = s.adapted
     client = next(c for c in s.clients if c.client_id == client_id)
-    weights = adapted.layers[next(iter(adapted.layers))].expert_weights
+    first = adapted.layers[next(iter(adapted.layers))]
     manifest = {
-        "format": 1, "method": cfg.algorithm.name, "client_id": client_id, "round": ckpt.round, "seed": cfg.seed,
+        "format": 1, "method": cfg.algorithm.name, "client_id": client_id, "round": rnd, "seed": cfg.seed,
         "checkpoint": exported_from,
-        "model": {"name": cfg.model.name, "task": s.base.task, "dtype": cfg.model.dtype},
+        "model": {"name": cfg.model.name, "objective": s.base.objective, "dtype": cfg.model.dtype},
         "head_outputs": max((len(c.labels) for c in s.clients), default=2),
         "lora": {"r": adapted.spec.r, "alpha": adapted.spec.alpha, "targets": list(adapted.layers)},
         "layout": {"n_experts": adapted.layout.n_experts, "router": adapted.layout.router, "r": adapted.rank},
-        "own_expert": adapted.layers[next(iter(adapted.layers))].own_expert,
-        "expert_weights": weights.tolist() if weights.dim() == 1 else None,
+        "own_expert": first.own_expert,
+        "expert_weights": first.expert_weights.tolist() if first.expert_weights.dim() == 1 else None,
         "labels": client.labels, "max_length": cfg.data.max_length,
         "eval_batch_size": cfg.training.eval_batch_size, "max_new_tokens": cfg.training.max_new_tokens,
         "prompt_template": TEMPLATE if cfg.data.suite == "nlg" else None,
@@ -90,8 +97,7 @@ def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path) -> P
         tensors, meta = p.hook.to_state()
         save_tensors(out / "hook.safetensors", tensors)
         manifest["hook"] = meta
-    save_json(out / MANIFEST, manifest)
-    return out
+    return manifest
 
 
 @dataclass
@@ -100,7 +106,7 @@ class PersonalizedModel:
 
     adapted: AdaptedModel
     tokenizer: object
-    task: str
+    objective: str
     labels: list[str]
     manifest: dict
     hook: InstanceWeighting | None = None
@@ -113,14 +119,15 @@ class PersonalizedModel:
     def _trainer(self) -> Trainer:
         cfg = TrainingConfig(eval_batch_size=self.manifest["eval_batch_size"], max_new_tokens=self.manifest["max_new_tokens"])
         empty = Encoded([], [])
-        return Trainer(self.adapted, self.tokenizer, ClientDataset(empty, empty, len(self.labels)), cfg, self.task, seed=0)
+        return Trainer(self.adapted, self.tokenizer, ClientDataset(empty, empty, len(self.labels)), cfg, self.objective,
+                       seed=0)
 
     def predict(self, texts: Sequence[str]) -> list[str]:
         """Label names (classification) or greedy answers (generation; the run's prompt template is applied)."""
         if not texts:
             return []
         trainer = self._trainer()
-        if self.task == "classification":
+        if self.objective == "classification":
             preds, _ = trainer.predict_labels(encode_texts(texts, self.tokenizer, self.manifest["max_length"]), self.hook)
             return [self.labels[i] for i in preds]
         template = self.manifest.get("prompt_template")
@@ -135,7 +142,8 @@ def load_personalized(export_dir: str | Path) -> PersonalizedModel:
     if not (export_dir / MANIFEST).is_file():
         raise CheckpointError(f"{export_dir} is not a fedlora export (no {MANIFEST}); create one with 'fedlora export'")
     m = load_json(export_dir / MANIFEST)
-    base = load_base_model(m["model"]["name"], m["model"]["task"], m["head_outputs"], m["model"]["dtype"], m["seed"])
+    objective = m["model"].get("objective") or m["model"]["task"]  # "task" in exports written before 0.2
+    base = load_base_model(m["model"]["name"], objective, m["head_outputs"], m["model"]["dtype"], m["seed"])
     adapted = AdaptedModel(base.model, m["lora"]["r"], m["lora"]["alpha"], 0.0, m["lora"]["targets"])
     adapted.set_layout(Layout(**m["layout"]))
     for e in range(m["layout"]["n_experts"]):
@@ -149,15 +157,12 @@ def load_personalized(export_dir: str | Path) -> PersonalizedModel:
     if m["expert_weights"] is not None:
         adapted.set_expert_weights(m["expert_weights"])
     if m["base_delta"]:
-        delta = load_tensors(export_dir / "base_delta.safetensors")
-        with torch.no_grad():
-            for path, d in delta.items():
-                adapted.layers[path].base.weight.add_(d)
+        adapted.merge_base_delta(load_tensors(export_dir / "base_delta.safetensors"))
     hook = None
     if m["hook"] is not None:
         hook = InstanceWeighting.from_state(adapted, load_tensors(export_dir / "hook.safetensors"), m["hook"])
     adapted.model.eval()
-    return PersonalizedModel(adapted, base.tokenizer, m["model"]["task"], m["labels"], m, hook)
+    return PersonalizedModel(adapted, base.tokenizer, objective, m["labels"], m, hook)
 
 
 def read_texts(source: str | None) -> list[str]:

@@ -26,16 +26,16 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
-class BaseModel:
-    """A loaded base model, its tokenizer and the task it serves."""
+class LoadedModel:
+    """A loaded base model, its tokenizer and its objective ("classification" or "causal_lm")."""
 
     model: nn.Module
     tokenizer: object
-    task: str
+    objective: str
 
 
-def default_task(name: str) -> str:
-    """The task a named model serves when the config does not say."""
+def default_objective(name: str) -> str:
+    """The objective a named model serves when the config does not say."""
     return TINY.get(name) or PACKAGED.get(name) or "classification"
 
 
@@ -117,19 +117,19 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise
 
 
-def load_base_model(name: str, task: str | None, num_labels: int, dtype: str = "float32", seed: int = 0) -> BaseModel:
+def load_base_model(name: str, objective: str | None, num_labels: int, dtype: str = "float32", seed: int = 0) -> LoadedModel:
     """Load a base model by built-in name or local directory; classification models get `num_labels` outputs."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    task = task or default_task(name)
+    objective = objective or default_objective(name)
     torch_dtype = getattr(torch, dtype)
     if name in TINY:
-        if task != TINY[name]:
-            raise ConfigError(f"model {name!r} serves {TINY[name]!r}, not {task!r}")
+        if objective != TINY[name]:
+            raise ConfigError(f"model {name!r} serves {TINY[name]!r}, not {objective!r}")
         tok = byte_tokenizer()
         model = tiny_model(name, num_labels, len(tok), seed).to(torch_dtype)
-        return BaseModel(model, tok, task)
+        return LoadedModel(model, tok, objective)
     path = {"minilm": minilm_path, "smollm2": smollm2_path}.get(name, lambda: Path(name))()
     if not path.is_dir():
         raise ConfigError(f"model {name!r} is neither a built-in name ({sorted(TINY) + sorted(PACKAGED)}) "
@@ -139,7 +139,7 @@ def load_base_model(name: str, task: str | None, num_labels: int, dtype: str = "
     hf_logging.disable_progress_bar()
     try:
         torch.manual_seed(seed)  # the classification head's random init
-        if task == "classification":
+        if objective == "classification":
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
@@ -149,4 +149,4 @@ def load_base_model(name: str, task: str | None, num_labels: int, dtype: str = "
         hf_logging.enable_progress_bar()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return BaseModel(model, tok, task)
+    return LoadedModel(model, tok, objective)

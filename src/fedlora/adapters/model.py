@@ -163,7 +163,7 @@ class AdaptedModel:
 
     def load_expert(self, e: int, state: Mapping[str, torch.Tensor]) -> None:
         """Copy an expert state into slot e; keys and shapes must match exactly."""
-        check_state(state, self.spec.lora_shapes(self.rank), f"expert state for slot {e}")
+        require_shapes(state, self.spec.lora_shapes(self.rank), f"expert state for slot {e}")
         with torch.no_grad():
             for path, layer in self.layers.items():
                 layer.lora_A[e].copy_(state[f"{path}.lora_A"])
@@ -178,7 +178,7 @@ class AdaptedModel:
         n_out = router_outputs(self.layout.router, self.layout.n_experts)
         if n_out == 0:
             raise ValueError(f"layout {self.layout} has no router to load")
-        check_state(state, self.spec.router_shapes(n_out), "router state")
+        require_shapes(state, self.spec.router_shapes(n_out), "router state")
         with torch.no_grad():
             for path, layer in self.layers.items():
                 layer.router.weight.copy_(state[f"{path}.router"])
@@ -191,7 +191,7 @@ class AdaptedModel:
     def load_head(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore a task head saved by `head_state`."""
         params = dict(self.model.named_parameters())
-        check_state(state, {n: tuple(params[n].shape) for n in self.head_names}, "head state")
+        require_shapes(state, {n: tuple(params[n].shape) for n in self.head_names}, "head state")
         with torch.no_grad():
             for n, v in state.items():
                 params[n].copy_(v)
@@ -212,6 +212,12 @@ class AdaptedModel:
         self.load_head(saved)
         return fresh
 
+    def merge_base_delta(self, delta: Mapping[str, torch.Tensor]) -> None:
+        """Add delta[path] to the frozen base weight of each adapted module `path`, for good (a served model)."""
+        with torch.no_grad():
+            for path, weight in self._base_weights(delta).items():
+                weight.add_(delta[path].to(weight.dtype))
+
     @contextmanager
     def base_delta(self, delta: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
         """Within the block, the base weight of each adapted module `path` is W0 + delta[path].
@@ -222,22 +228,24 @@ class AdaptedModel:
         if not delta:
             yield
             return
+        saved = {p: w.detach().clone() for p, w in self._base_weights(delta).items()}
+        try:
+            self.merge_base_delta(delta)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in self._base_weights(delta).items():
+                    w.copy_(saved[p])
+
+    def _base_weights(self, delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The base weights a delta updates; refuses modules not adapted and quantized (non-float) weights."""
         unknown = sorted(set(delta) - set(self.layers))
         if unknown:
             raise CheckpointError(f"base update for modules the model does not adapt: {unknown[:3]}")
         weights = {p: self.layers[p].base.weight for p in delta}
         if any(not w.is_floating_point() for w in weights.values()):
             raise ValueError("cannot merge an update into a quantized base layer; use a float base model")
-        saved = {p: w.detach().clone() for p, w in weights.items()}
-        try:
-            with torch.no_grad():
-                for p, w in weights.items():
-                    w.add_(delta[p].to(w.dtype))
-            yield
-        finally:
-            with torch.no_grad():
-                for p, w in weights.items():
-                    w.copy_(saved[p])
+        return weights
 
     def adapter_state(self) -> StateDict:
         """Every adapter tensor (all experts and routers) under its full parameter name, for export."""
@@ -275,7 +283,7 @@ def lora_part(state: Mapping[str, torch.Tensor], part: str) -> StateDict:
     return {k: v for k, v in state.items() if k.endswith(f".lora_{part}")}
 
 
-def check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
+def require_shapes(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
     """Raise CheckpointError unless `state` has exactly the keys and shapes in `shapes`."""
     missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
     if missing or extra:
@@ -284,3 +292,6 @@ def check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[in
     for k, shape in shapes.items():
         if tuple(state[k].shape) != tuple(shape):
             raise CheckpointError(f"{what}: {k} has shape {tuple(state[k].shape)}, the model needs {tuple(shape)}")
+
+
+check_state = require_shapes  # TEMP-ALIAS: removed once peft_io imports require_shapes

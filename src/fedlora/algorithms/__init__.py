@@ -9,8 +9,8 @@ from pydantic import ValidationError
 from ..adapters import AdapterSpec
 from ..core.config import AlgorithmConfig
 from ..core.errors import ConfigError
-from .base import (AveragingOptions, ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Personalized, Reply,
-                   ServerAlgorithm, lora_rank)
+from .base import (AveragingOptions, ClientAlgorithm, ClientContext, ClientInfo, ClientState, Diagnostic, Options,
+                   Payload, Personalized, Reply, ServerAlgorithm, lora_rank)
 from .fdlora import FDLoRAClient, FDLoRAOptions, FDLoRAServer
 from .fedalt import FedALTClient, FedALTOptions, FedALTServer
 from .feddpa import FedDPAClient, FedDPAOptions, FedDPAServer
@@ -18,36 +18,41 @@ from .fedit import FedITClient, FedITServer
 from .fedlease import FedLEASEClient, FedLEASEOptions, FedLEASEServer
 from .fedsa import FedSAClient, FedSAServer
 from .ffa import FFAClient, FFAServer
-from .flora import FLoRAClient, FLoRAOptions, FLoRAServer
+from .flora import FLoRAClient, FLoRAServer
 from .hetlora import HetLoRAClient, HetLoRAServer
 from .ifca import IFCAClient, IFCAOptions, IFCAServer
 from .local import LocalClient, LocalOptions, LocalServer
 
 @dataclass(frozen=True)
 class Method:
-    """A method's name, options model and its server/client classes."""
+    """A method's name, options model, server/client classes, and whether its clients may train LoRAs of
+    different ranks (`clients.lora_r`; otherwise every client and every reply is at lora.r)."""
 
     name: str
     options: type[Options]
     server: type[ServerAlgorithm]
     client: type[ClientAlgorithm]
     summary: str
+    heterogeneous_ranks: bool = False
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("local", LocalOptions, LocalServer, LocalClient, "each client trains its own LoRA; no communication"),
+        Method("local", LocalOptions, LocalServer, LocalClient, "each client trains its own LoRA; no communication",
+               heterogeneous_ranks=True),
         Method("fedit", AveragingOptions, FedITServer, FedITClient, "FedAvg on LoRA A and B"),
         Method("ffa", AveragingOptions, FFAServer, FFAClient, "FFA-LoRA: A frozen at a shared random init, only B trained and averaged"),
         Method("fedsa", AveragingOptions, FedSAServer, FedSAClient, "FedSA-LoRA: A averaged, B kept local"),
         Method("feddpa", FedDPAOptions, FedDPAServer, FedDPAClient,
                "FedDPA: global (FedAvg) + local LoRA, instance-wise weighting at inference (T and F variants)"),
         Method("ifca", IFCAOptions, IFCAServer, IFCAClient, "IFCA: C cluster LoRAs, each client picks the lowest-loss one"),
-        Method("flora", FLoRAOptions, FLoRAServer, FLoRAClient,
-               "FLoRA: stacking aggregation (exact, heterogeneous ranks), clients merge into their base"),
+        Method("flora", AveragingOptions, FLoRAServer, FLoRAClient,
+               "FLoRA: stacking aggregation (exact, heterogeneous ranks), clients merge into their base",
+               heterogeneous_ranks=True),
         Method("hetlora", AveragingOptions, HetLoRAServer, HetLoRAClient,
-               "HetLoRA-style heterogeneous ranks: client LoRAs zero-padded to lora.r and averaged"),
+               "HetLoRA-style heterogeneous ranks: client LoRAs zero-padded to lora.r and averaged",
+               heterogeneous_ranks=True),
         Method("fedalt", FedALTOptions, FedALTServer, FedALTClient,
                "own LoRA + frozen Rest-of-World LoRA, mixed per token by a personal gate"),
         Method("fedlease", FedLEASEOptions, FedLEASEServer, FedLEASEClient,
@@ -92,5 +97,6 @@ def build(name: str, options: dict, spec: AdapterSpec, seed: int) -> tuple[Serve
     return method.server(opts, spec, seed), method.client(opts, spec, seed)
 
 
-__all__ = ["METHODS", "ClientAlgorithm", "ClientInfo", "ClientState", "Method", "Payload", "Personalized", "Reply",
-           "ServerAlgorithm", "build", "check_algorithm", "get_method", "lora_rank", "parse_options"]
+__all__ = ["METHODS", "ClientAlgorithm", "ClientContext", "ClientInfo", "ClientState", "Diagnostic", "Method", "Payload",
+           "Personalized", "Reply", "ServerAlgorithm", "build", "check_algorithm", "get_method", "lora_rank",
+           "parse_options"]

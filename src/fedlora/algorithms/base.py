@@ -1,10 +1,10 @@
 """The algorithm contract: a server object and a client object that know nothing about engines.
 
 An engine calls, each round:
-    payloads = server.configure(rnd, sampled)                       # what each client receives
-    reply, state = client.fit(payloads[cid], state, trainer)        # on the data owner
+    payloads = server.configure(rnd, sampled)                       # what each client receives and must send
+    reply, state = client.fit(payloads[cid], state, ctx)            # on the data owner
     server.aggregate(rnd, replies)                                  # replies may miss clients
-and at evaluation points `server.configure_evaluate` + `client.evaluate`.
+and at evaluation points `server.configure_evaluate` + `client.personalize`.
 Everything that crosses the boundary is a `Payload`/`Reply` of named adapter states (flat tensor dicts).
 """
 
@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ..adapters import AdapterSpec, Layout
+from ..adapters import AdaptedModel, AdapterSpec, Layout
 from ..core.seeding import generator
 from ..core.tensors import StateDict, num_bytes, weighted_mean
-from ..training import InstanceWeighting, Trainer
+from ..training import ClientDataset, InstanceWeighting, Trainer
 
 
 @dataclass
@@ -33,10 +33,12 @@ class ClientInfo:
 
 @dataclass
 class Payload:
-    """Server -> client: named adapter states plus a small JSON-able config."""
+    """Server -> client: named adapter states, a small JSON-able config, and the names of the states the reply
+    must carry (what `aggregate` will read: the client uploads exactly these, the loop refuses a reply without)."""
 
     states: dict[str, StateDict] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    expects: frozenset[str] = frozenset()
 
     @property
     def num_bytes(self) -> int:
@@ -67,12 +69,31 @@ class ClientState:
 
 
 @dataclass
+class ClientContext:
+    """What a method's client side works with in one turn: who the client is, its data, the shared model
+    (already given this client's layout, head and optimizer moments) and the trainer for it."""
+
+    client_id: str
+    seed: int              # this turn's seed: derived from (run seed, phase, client, round) only
+    data: ClientDataset
+    trainer: Trainer
+
+    @property
+    def model(self) -> AdaptedModel:
+        """The shared adapted model, for this client's turn."""
+        return self.trainer.adapted
+
+
+Diagnostic = float | dict[str, float]  # a number, or one number per adapted module / cluster / ...
+
+
+@dataclass
 class Personalized:
     """What a client's personalized model needs beyond the adapter slots `personalize` filled in."""
 
     hook: InstanceWeighting | None = None      # input-dependent expert weights (FedDPA)
     base_delta: StateDict | None = None        # updates merged into the frozen base weights (FLoRA)
-    info: dict[str, float] = field(default_factory=dict)  # diagnostics reported with the metrics
+    diagnostics: dict[str, Diagnostic] = field(default_factory=dict)  # kept apart from metrics, never averaged in
 
 
 class Options(BaseModel):
@@ -100,8 +121,6 @@ def lora_rank(state: StateDict) -> int | None:
 class ServerAlgorithm:
     """The server side of a method."""
 
-    heterogeneous_ranks = False  # can it aggregate LoRA states of different ranks (clients.lora_r)?
-
     def __init__(self, options: Options, spec: AdapterSpec, seed: int) -> None:
         self.options, self.spec, self.seed = options, spec, seed
         self.clients: dict[str, ClientInfo] = {}
@@ -122,7 +141,7 @@ class ServerAlgorithm:
         return weighted_mean(list(states.values()), [self.weight(cid) for cid in states])
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        """Payloads for the clients sampled in round `rnd` (1-based)."""
+        """Payloads for the clients sampled in round `rnd` (1-based), each naming the states its reply must carry."""
         return {cid: Payload() for cid in clients}
 
     def configure_evaluate(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
@@ -132,26 +151,16 @@ class ServerAlgorithm:
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
         """Fold the replies of round `rnd` into the server state; missing clients simply have no reply."""
 
-    def expected_states(self, rnd: int, client_id: str) -> set[str]:
-        """Names of the states a reply of round `rnd` must carry (what `aggregate` reads); none by default."""
-        return set()
-
     def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
-        """Why a reply cannot be aggregated by this method beyond the engine's shape checks, or None: it must
-        carry `expected_states`, and every LoRA state must have rank lora.r (unless heterogeneous_ranks)."""
-        missing = sorted(self.expected_states(rnd, client_id) - set(reply.states))
-        if missing:
-            return f"the reply lacks the state(s) {missing} this method aggregates in round {rnd}"
-        if self.heterogeneous_ranks:
-            return None
-        for name, state in reply.states.items():
-            rank = lora_rank(state)
-            if rank is not None and rank != self.spec.r:
-                return f"state {name!r} has LoRA rank {rank}, but this method aggregates rank lora.r={self.spec.r} only"
+        """Why this method cannot aggregate a reply beyond the loop's checks (shapes, finiteness, the states the
+        payload expects, the rank), or None."""
         return None
 
-    def summary(self) -> dict[str, Any]:
-        """Small JSON-able facts worth logging (cluster assignments, chosen M, ...)."""
+    def diagnostics(self) -> dict[str, Any]:
+        """Small JSON-able facts about the server's state, recorded each round and rendered by reports.
+
+        Keys reports know: `assignment` ({client: group}: a table of groups), `silhouette` ({K: score}: a plot
+        of the choice of K), `n_experts`; anything else is listed as it is."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -167,40 +176,26 @@ class ClientAlgorithm(ABC):
 
     layout: Layout = Layout()  # the adapter layout of every round, unless layout_for says otherwise
     few_shot: int = 0          # training examples each client holds out for a gradient-free search
-    heterogeneous_ranks = False  # can clients train LoRAs of different ranks (clients.lora_r)?
 
     def __init__(self, options: Options, spec: AdapterSpec, seed: int) -> None:
         self.options, self.spec, self.seed = options, spec, seed
 
     def rank_problem(self, ranks: dict[str, int]) -> str | None:
-        """Why these per-client LoRA ranks (client id -> rank) do not suit the method, or None; by default
-        every client must train rank lora.r, since the server averages or mixes same-shaped LoRAs."""
-        if self.heterogeneous_ranks:
-            return None
-        other = {cid: r for cid, r in ranks.items() if r != self.spec.r}
-        if not other:
-            return None
-        shown = ", ".join(f"{cid}: {r}" for cid, r in list(other.items())[:4]) + (", ..." if len(other) > 4 else "")
-        return f"it needs every client at rank lora.r={self.spec.r}, but {len(other)} differ ({shown})"
+        """Why these per-client LoRA ranks (client id -> rank) do not suit a method registered with
+        heterogeneous ranks, or None (methods without them need every client at lora.r: the runtime checks)."""
+        return None
 
     def layout_for(self, payload: Payload) -> Layout:
         """The adapter layout this payload needs (methods whose layout changes by phase override it)."""
         return self.layout
 
     @abstractmethod
-    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
-        """One local round; returns what to send and the state to keep."""
+    def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
+        """One local round; returns what to send (the states `payload.expects`) and the state to keep."""
 
     @abstractmethod
-    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
-        """Put the client's personalized model into `trainer.adapted` (used for evaluation and export)."""
-
-    def evaluate(self, payload: Payload, state: ClientState, trainer: Trainer) -> dict[str, float]:
-        """The client's metrics on its own test split with its personalized model."""
-        p = self.personalize(payload, state, trainer)
-        with trainer.adapted.base_delta(p.base_delta):
-            metrics = trainer.evaluate(before_batch=p.hook)
-        return {**metrics, **p.info, **(p.hook.summary() if p.hook else {})}
+    def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
+        """Put the client's personalized model into `ctx.model` (what evaluation, export and predict use)."""
 
 
 class BroadcastAverageServer(ServerAlgorithm):
@@ -223,17 +218,14 @@ class BroadcastAverageServer(ServerAlgorithm):
         self.global_state = self.initial_state()
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        """Send every sampled client the global state and this round's `payload_config`."""
-        return {cid: Payload({self.state_name: self.global_state}, self.payload_config(rnd)) for cid in clients}
+        """Send every sampled client the global state and this round's `payload_config`; the reply carries it back."""
+        return {cid: Payload({self.state_name: self.global_state}, self.payload_config(rnd), frozenset({self.state_name}))
+                for cid in clients}
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
         """Replace the global state by the weighted mean of the replies' states (kept if none replied)."""
         if replies:
             self.global_state = self.client_mean({cid: r.states[self.state_name] for cid, r in replies.items()})
-
-    def expected_states(self, rnd: int, client_id: str) -> set[str]:
-        """Every reply must carry the state under `state_name`."""
-        return {self.state_name}
 
     def state_dict(self) -> dict[str, Any]:
         """The global state, to resume from."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Literal
 
 import numpy as np
@@ -22,8 +23,8 @@ from pydantic import Field
 
 from ..core.seeding import derive_seed, generator
 from ..core.tensors import StateDict
-from ..training import Trainer
-from .base import ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
+from .base import (ClientAlgorithm, ClientContext, ClientInfo, ClientState, Options, Payload, Personalized, Reply,
+                   ServerAlgorithm)
 
 
 class FDLoRAOptions(Options):
@@ -41,6 +42,14 @@ class FDLoRAOptions(Options):
     fusion_l1: float = Field(0.05, ge=0)
     fusion_bound: float = Field(1.5, gt=0)
     weighting: Literal["uniform", "examples"] = "uniform"
+
+
+class Stage(StrEnum):
+    """What a payload asks for, as `Payload.config["stage"]` names it."""
+
+    LOCAL = "local"        # stage 1: train the personal LoRA
+    GLOBAL = "global"      # stage 2: inner steps on the global LoRA
+    EVALUATE = "evaluate"  # AdaFusion of the global and personal LoRAs
 
 
 def fuse(w: tuple[float, float] | np.ndarray, global_lora: StateDict, personal: StateDict) -> StateDict:
@@ -88,56 +97,53 @@ class FDLoRAServer(ServerAlgorithm):
     """Holds the global LoRA and the outer optimizer; never sees a personal LoRA after stage 1."""
 
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
-        """FDLoRA: also start the outer optimizer from the shared seeded LoRA init."""
+        """Also start the outer optimizer from the shared seeded LoRA init."""
         super().setup(clients, rounds)
-        self.outer = OuterOptimizer(self.spec.init_lora(generator(self.seed, "lora-init")),
-                                    self.options.outer_lr, self.options.outer_momentum, self.options.nesterov)
+        self._start_outer(self.spec.init_lora(generator(self.seed, "lora-init")))
 
-    def _stage(self, rnd: int) -> str:
-        return "local" if rnd <= self.options.stage1_rounds else "global"
+    def _start_outer(self, global_lora: StateDict) -> None:
+        self.outer = OuterOptimizer(global_lora, self.options.outer_lr, self.options.outer_momentum,
+                                    self.options.nesterov)
+
+    def _stage(self, rnd: int) -> Stage:
+        return Stage.LOCAL if rnd <= self.options.stage1_rounds else Stage.GLOBAL
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        """FDLoRA: stage 1 asks for local training (and the stage-1 upload); stage 2 sends the global LoRA."""
-        if self._stage(rnd) == "local":
+        """Stage 1 asks for local training (and, in its last round, the stage-1 upload); stage 2 sends the global LoRA."""
+        if self._stage(rnd) is Stage.LOCAL:
             upload = self.options.global_init == "stage1_mean" and rnd == self.options.stage1_rounds
-            return {cid: Payload(config={"stage": "local", "upload": upload}) for cid in clients}
+            expects = frozenset({"stage1"}) if upload else frozenset()
+            return {cid: Payload(config={"stage": Stage.LOCAL}, expects=expects) for cid in clients}
         t = rnd - self.options.stage1_rounds  # 1-based stage-2 round
         sync = self.options.personal == "sync" and t % self.options.sync_every == 0
         glob = self.outer.value()
-        return {cid: Payload({"global": glob}, {"stage": "global", "sync": sync}) for cid in clients}
+        return {cid: Payload({"global": glob}, {"stage": Stage.GLOBAL, "sync": sync}, frozenset({"global"}))
+                for cid in clients}
 
     def configure_evaluate(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        """FDLoRA: the global LoRA, for AdaFusion with each client's personal one."""
+        """The global LoRA, for AdaFusion with each client's personal one."""
         glob = self.outer.value()
-        return {cid: Payload({"global": glob}, {"stage": "evaluate"}) for cid in clients}
+        return {cid: Payload({"global": glob}, {"stage": Stage.EVALUATE}) for cid in clients}
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
-        """FDLoRA: stage 1 starts the global LoRA from the uploaded mean; stage 2 takes one outer step."""
+        """Stage 1 starts the global LoRA from the uploaded mean; stage 2 takes one outer step."""
         if not replies:
             return
-        if self._stage(rnd) == "local":
+        if self._stage(rnd) is Stage.LOCAL:
             if any("stage1" in r.states for r in replies.values()):
-                start = self.client_mean({cid: r.states["stage1"] for cid, r in replies.items()})
-                self.outer = OuterOptimizer(start, self.options.outer_lr, self.options.outer_momentum, self.options.nesterov)
+                self._start_outer(self.client_mean({cid: r.states["stage1"] for cid, r in replies.items()}))
             return
         glob = self.outer.value()
         mean_local = self.client_mean({cid: r.states["global"] for cid, r in replies.items()})
         self.outer.step({k: glob[k] - mean_local[k] for k in glob})  # mean of (theta_g - theta_k)
 
-    def expected_states(self, rnd: int, client_id: str) -> set[str]:
-        """FDLoRA: the global LoRA in stage 2, the stage-1 LoRA in the upload round, else none."""
-        if self._stage(rnd) == "global":
-            return {"global"}
-        return {"stage1"} if self.options.global_init == "stage1_mean" and rnd == self.options.stage1_rounds else set()
-
     def state_dict(self) -> dict:
-        """FDLoRA: the global LoRA and the outer momentum buffers."""
+        """The global LoRA and the outer momentum buffers."""
         return {"tensors": {"global": self.outer.value(), "momentum": self.outer.momentum()}, "meta": {}}
 
     def load_state_dict(self, state: dict) -> None:
-        """FDLoRA: rebuild the outer optimizer from the saved global LoRA and momentum."""
-        self.outer = OuterOptimizer(state["tensors"]["global"], self.options.outer_lr, self.options.outer_momentum,
-                                    self.options.nesterov)
+        """Rebuild the outer optimizer from the saved global LoRA and momentum."""
+        self._start_outer(state["tensors"]["global"])
         self.outer.load_momentum(state["tensors"].get("momentum", {}))
 
 
@@ -148,53 +154,55 @@ class FDLoRAClient(ClientAlgorithm):
         super().__init__(options, spec, seed)
         self.few_shot = options.fusion_examples
 
-    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
-        """FDLoRA: train the personal LoRA (stage 1) or the global one (stage 2, then sync or train the personal)."""
-        model, n = trainer.adapted, len(trainer.data.train)
-        if payload.config["stage"] == "local":
-            personal = state.states.get("personal") or self.spec.init_lora(generator(self.seed, "lora-init"))
-            model.load_expert(0, personal)
-            metrics = trainer.train(experts=[0])
-            state.states["personal"] = model.expert_state(0)
-            sent = {"stage1": state.states["personal"]} if payload.config.get("upload") else {}
+    def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
+        """Train the personal LoRA (stage 1) or the global one (stage 2, then sync or train the personal)."""
+        model, n = ctx.model, len(ctx.data.train)
+        if Stage(payload.config["stage"]) is Stage.LOCAL:
+            metrics = self._train_personal(state, ctx)
+            sent = {"stage1": state.states["personal"]} if "stage1" in payload.expects else {}
             return Reply(sent, n, metrics), state
         model.load_expert(0, payload.states["global"])
-        metrics = trainer.train(experts=[0])
+        metrics = ctx.trainer.train(experts=[0])
         theta_k = model.expert_state(0)
         if payload.config.get("sync"):
             state.states["personal"] = theta_k
-        elif self.options.personal == "local" and "personal" in state.states:
-            model.load_expert(0, state.states["personal"])
-            personal_metrics = trainer.train(experts=[0])
-            state.states["personal"] = model.expert_state(0)
-            metrics["personal_train_loss"] = personal_metrics["train_loss"]
+        elif self.options.personal == "local":  # from the shared init if stage 1 never ran (stage1_rounds = 0)
+            metrics["personal_train_loss"] = self._train_personal(state, ctx)["train_loss"]
         return Reply({"global": theta_k}, n, metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
-        """FDLoRA: the AdaFusion of the global and personal LoRAs (the global alone before a personal one)."""
+    def _train_personal(self, state: ClientState, ctx: ClientContext) -> dict[str, float]:
+        """One local round of the personal LoRA theta_p (started from the shared init the first time)."""
+        personal = state.states.get("personal") or self.spec.init_lora(generator(self.seed, "lora-init"))
+        ctx.model.load_expert(0, personal)
+        metrics = ctx.trainer.train(experts=[0])
+        state.states["personal"] = ctx.model.expert_state(0)
+        return metrics
+
+    def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
+        """The AdaFusion of the global and personal LoRAs (the global alone before a personal one)."""
         glob, personal = payload.states["global"], state.states.get("personal")
         if personal is None:  # before any local training there is nothing to fuse
-            trainer.adapted.load_expert(0, glob)
+            ctx.model.load_expert(0, glob)
             return Personalized()
-        w = self.search_fusion(glob, personal, trainer)
-        trainer.adapted.load_expert(0, fuse(w, glob, personal))
-        return Personalized(info={"fusion_w_global": float(w[0]), "fusion_w_personal": float(w[1])})
+        w = self.search_fusion(glob, personal, ctx)
+        ctx.model.load_expert(0, fuse(w, glob, personal))
+        return Personalized(diagnostics={"fusion_w_global": float(w[0]), "fusion_w_personal": float(w[1])})
 
-    def search_fusion(self, glob: StateDict, personal: StateDict, trainer: Trainer) -> np.ndarray:
+    def search_fusion(self, glob: StateDict, personal: StateDict, ctx: ClientContext) -> np.ndarray:
         """AdaFusion: NGOpt over w in [-bound, bound]^2 from 0, minimising few-shot loss + l1 * mean|w|."""
         import nevergrad as ng
 
         opts = self.options
-        few_shot = trainer.data.few_shot
+        few_shot = ctx.data.few_shot
         if few_shot is None or len(few_shot) == 0:
             raise ValueError("FDLoRA needs held-out few-shot examples (algorithm.options.fusion_examples)")
         space = ng.p.Array(init=np.zeros(2), lower=-opts.fusion_bound, upper=opts.fusion_bound)
-        space.random_state = np.random.RandomState(derive_seed(trainer.seed, "adafusion") % (2**32))
+        space.random_state = np.random.RandomState(derive_seed(ctx.seed, "adafusion") % (2**32))
         optimizer = ng.optimizers.NGOpt(parametrization=space, budget=opts.fusion_budget, num_workers=1)
 
         def objective(w: np.ndarray) -> float:
-            trainer.adapted.load_expert(0, fuse(w, glob, personal))
-            return fusion_objective(trainer.loss(few_shot), w, opts.fusion_l1)
+            ctx.model.load_expert(0, fuse(w, glob, personal))
+            return fusion_objective(ctx.trainer.loss(few_shot), w, opts.fusion_l1)
 
         with warnings.catch_warnings():  # NGOpt's internal COBYLA warns about its own tiny budgets
             warnings.filterwarnings("ignore", message="COBYLA", category=UserWarning)

@@ -16,8 +16,8 @@ import torch
 from ..adapters import Layout
 from ..core.seeding import generator
 from ..core.tensors import StateDict
-from ..training import Trainer
-from .base import ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
+from .base import (ClientAlgorithm, ClientContext, ClientInfo, ClientState, Diagnostic, Options, Payload, Personalized,
+                   Reply, ServerAlgorithm)
 
 ROW, INDIVIDUAL = 0, 1  # expert slots, as the official code's LoRA0 / LoRA1
 
@@ -35,7 +35,7 @@ class FedALTServer(ServerAlgorithm):
     """Caches every client's latest Individual LoRA and serves leave-one-out means."""
 
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
-        """FedALT: start with no known Individual LoRA."""
+        """Start with no known Individual LoRA."""
         super().setup(clients, rounds)
         self.individual: dict[str, StateDict] = {}  # latest known, stale allowed under partial participation
         self._sum: StateDict = {}
@@ -63,33 +63,29 @@ class FedALTServer(ServerAlgorithm):
                 for k, s in self._sum.items()}
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        """FedALT: each client's Rest-of-World LoRA, once another client's Individual LoRA is known."""
+        """Each client's Rest-of-World LoRA, once another client's Individual LoRA is known."""
         payloads = {}
         for cid in clients:
             row = self.rest_of_world(cid)
-            payloads[cid] = Payload({"row": row} if row is not None else {})
+            payloads[cid] = Payload({"row": row} if row is not None else {}, expects=frozenset({"individual"}))
         return payloads
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
-        """FedALT: keep the replies' Individual LoRAs and recompute the sum."""
+        """Keep the replies' Individual LoRAs and recompute the sum."""
         for cid, reply in replies.items():
             self.individual[cid] = reply.states["individual"]
         self._refresh_sum()
 
-    def expected_states(self, rnd: int, client_id: str) -> set[str]:
-        """FedALT: every reply carries the client's Individual LoRA."""
-        return {"individual"}
-
-    def summary(self) -> dict:
-        """FedALT: how many clients' Individual LoRAs are known."""
+    def diagnostics(self) -> dict:
+        """How many clients' Individual LoRAs are known."""
         return {"known_individual_loras": len(self.individual)}
 
     def state_dict(self) -> dict:
-        """FedALT: every known Individual LoRA."""
+        """Every known Individual LoRA."""
         return {"tensors": {f"individual.{cid}": s for cid, s in self.individual.items()}, "meta": {}}
 
     def load_state_dict(self, state: dict) -> None:
-        """FedALT: restore the Individual LoRAs and rebuild the sum."""
+        """Restore the Individual LoRAs and rebuild the sum."""
         self.individual = {name.removeprefix("individual."): s for name, s in state["tensors"].items()}
         self._refresh_sum()
 
@@ -101,8 +97,8 @@ class FedALTClient(ClientAlgorithm):
         super().__init__(options, spec, seed)
         self.layout = Layout(2, "dense" if options.mixer == "adaptive" else "none")
 
-    def _restore(self, payload: Payload, state: ClientState, trainer) -> None:
-        cid, s = trainer.client_id, state.states
+    def _restore(self, payload: Payload, state: ClientState, ctx: ClientContext) -> None:
+        cid, s = ctx.client_id, state.states
         if "individual" not in s:
             names = ("lora-init",) if self.options.init == "shared" else ("lora-init", cid)
             s["individual"] = self.spec.init_lora(generator(self.seed, *names))
@@ -110,7 +106,7 @@ class FedALTClient(ClientAlgorithm):
             s["gate"] = self.spec.init_router(2, generator(self.seed, "gate-init", cid), zero=self.options.gate_init == "zero")
         if "row" in payload.states:
             s["row"] = payload.states["row"]
-        model = trainer.adapted
+        model = ctx.model
         model.load_expert(ROW, s["row"])
         model.load_expert(INDIVIDUAL, s["individual"])
         if self.options.mixer == "adaptive":
@@ -118,43 +114,40 @@ class FedALTClient(ClientAlgorithm):
         else:
             model.set_expert_weights(torch.tensor([0.5, 0.5]))
 
-    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
-        """FedALT: train the Individual LoRA (and the gate) with the RoW frozen; send the Individual LoRA."""
-        self._restore(payload, state, trainer)
-        metrics = trainer.train(experts=[INDIVIDUAL], router=self.options.mixer == "adaptive")
-        state.states["individual"] = trainer.adapted.expert_state(INDIVIDUAL)
+    def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
+        """Train the Individual LoRA (and the gate) with the RoW frozen; send the Individual LoRA."""
+        self._restore(payload, state, ctx)
+        metrics = ctx.trainer.train(experts=[INDIVIDUAL], router=self.options.mixer == "adaptive")
+        state.states["individual"] = ctx.model.expert_state(INDIVIDUAL)
         if self.options.mixer == "adaptive":
-            state.states["gate"] = trainer.adapted.router_state()
-        return Reply({"individual": state.states["individual"]}, len(trainer.data.train), metrics), state
+            state.states["gate"] = ctx.model.router_state()
+        return Reply({"individual": state.states["individual"]}, len(ctx.data.train), metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
-        """FedALT: the RoW and Individual LoRAs mixed by the client's gate; mean gate weights as info."""
-        self._restore(payload, state, trainer)
-        info: dict[str, float] = {}
+    def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
+        """The RoW and Individual LoRAs mixed by the client's gate; mean gate weights as diagnostics."""
+        self._restore(payload, state, ctx)
+        info: dict[str, Diagnostic] = {}
         if self.options.mixer == "adaptive":
-            per_module = mean_gate_weights(trainer, INDIVIDUAL)
+            per_module = mean_gate_weights(ctx, INDIVIDUAL)
             info["gate_individual"] = sum(per_module.values()) / len(per_module)
-            info.update({f"gate_individual@{path}": w for path, w in per_module.items()})
-        return Personalized(info=info)
+            info["gate_individual_by_module"] = per_module
+        return Personalized(diagnostics=info)
 
 
 @torch.no_grad()
-def mean_gate_weights(trainer: Trainer, expert: int) -> dict[str, float]:
+def mean_gate_weights(ctx: ClientContext, expert: int) -> dict[str, float]:
     """Mean gate weight of one expert over the first test batch's real tokens, per adapted module (a diagnostic)."""
-    from ..data.tokenize import collate
-
-    data = trainer.data.test
-    batch = collate(data, list(range(min(len(data), trainer.cfg.eval_batch_size))), trainer.pad_id)
+    batch = ctx.trainer.first_batch(ctx.data.test)
     tokens = batch["attention_mask"].bool()
     weights: dict[str, float] = {}
 
     def record(path):
         return lambda mod, args, out: weights.__setitem__(path, float(mod.mixing_weights(args[0])[..., expert][tokens].mean()))
 
-    hooks = [layer.register_forward_hook(record(path)) for path, layer in trainer.adapted.layers.items()]
+    hooks = [layer.register_forward_hook(record(path)) for path, layer in ctx.model.layers.items()]
     try:
-        trainer.model.eval()
-        trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        ctx.model.model.eval()
+        ctx.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         for h in hooks:
             h.remove()

@@ -18,9 +18,9 @@ from pydantic import Field
 
 from ..adapters import Layout
 from ..core.seeding import generator
-from ..data.tokenize import collate
-from ..training import InstanceWeighting, Trainer
-from .base import AveragingOptions, BroadcastAverageServer, ClientAlgorithm, ClientState, Payload, Personalized, Reply
+from ..training import InstanceWeighting
+from .base import (AveragingOptions, BroadcastAverageServer, ClientAlgorithm, ClientContext, ClientState, Payload,
+                   Personalized, Reply)
 
 GLOBAL, LOCAL = 0, 1
 
@@ -42,7 +42,7 @@ class FedDPAServer(BroadcastAverageServer):
     """FedAvg of the global LoRA, as FedIT; tells clients when FedDPA-F's local fine-tuning is due."""
 
     def payload_config(self, rnd: int) -> dict:
-        """FedDPA: whether the local LoRA trains this round (every round for T, the last one for F)."""
+        """Whether the local LoRA trains this round (every round for T, the last one for F)."""
         return {"finetune_local": self.options.variant == "T" or rnd == self.rounds}
 
 
@@ -51,43 +51,43 @@ class FedDPAClient(ClientAlgorithm):
 
     layout = Layout(2, "none")
 
-    def _load(self, payload: Payload, state: ClientState, trainer) -> None:
+    def _load(self, payload: Payload, state: ClientState, ctx: ClientContext) -> None:
         if "local" not in state.states:
-            state.states["local"] = self.spec.init_lora(generator(self.seed, "local-init", trainer.client_id))
-        trainer.adapted.load_expert(GLOBAL, payload.states["global"])
-        trainer.adapted.load_expert(LOCAL, state.states["local"])
+            state.states["local"] = self.spec.init_lora(generator(self.seed, "local-init", ctx.client_id))
+        ctx.model.load_expert(GLOBAL, payload.states["global"])
+        ctx.model.load_expert(LOCAL, state.states["local"])
 
-    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
-        """FedDPA: train the global LoRA, and the local one when due (T: first, every round; F: last round)."""
-        self._load(payload, state, trainer)
-        model, mix = trainer.adapted, self.options.train_mix
+    def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
+        """Train the global LoRA, and the local one when due (T: first, every round; F: last round)."""
+        self._load(payload, state, ctx)
+        model, mix = ctx.model, self.options.train_mix
         metrics: dict[str, float] = {}
         local_steps = global_steps = None  # the whole budget for each pass
         if self.options.variant == "T" and self.options.split_budget:
-            total = trainer.num_steps()
+            total = ctx.trainer.num_steps()
             global_steps = max(1, total // 2)
             local_steps = max(1, total - global_steps)
         if self.options.variant == "T":
-            metrics["local_train_loss"] = self._train_local(trainer, mix, local_steps)
+            metrics["local_train_loss"] = self._train_local(ctx, mix, local_steps)
         model.set_expert_weights([1.0, 0.0])  # the global LoRA trains alone, as in FedIT
-        metrics.update(trainer.train(experts=[GLOBAL], steps=global_steps))
+        metrics.update(ctx.trainer.train(experts=[GLOBAL], steps=global_steps))
         if self.options.variant == "F" and payload.config.get("finetune_local"):
-            metrics["local_train_loss"] = self._train_local(trainer, mix)
+            metrics["local_train_loss"] = self._train_local(ctx, mix)
         state.states["local"] = model.expert_state(LOCAL)
-        return Reply({"global": model.expert_state(GLOBAL)}, len(trainer.data.train), metrics), state
+        return Reply({"global": model.expert_state(GLOBAL)}, len(ctx.data.train), metrics), state
 
     @staticmethod
-    def _train_local(trainer, mix: float, steps: int | None = None) -> float:
-        trainer.adapted.set_expert_weights([1.0 - mix, mix])
-        return trainer.train(experts=[LOCAL], steps=steps)["train_loss"]
+    def _train_local(ctx: ClientContext, mix: float, steps: int | None = None) -> float:
+        ctx.model.set_expert_weights([1.0 - mix, mix])
+        return ctx.trainer.train(experts=[LOCAL], steps=steps)["train_loss"]
 
-    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
-        """FedDPA: both LoRAs, mixed by instance-wise weights from a few local reference examples."""
-        self._load(payload, state, trainer)
-        data = trainer.data.train
-        g = generator(self.seed, "feddpa-reference", trainer.client_id)
+    def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
+        """Both LoRAs, mixed by instance-wise weights from a few local reference examples."""
+        self._load(payload, state, ctx)
+        data = ctx.data.train
+        g = generator(self.seed, "feddpa-reference", ctx.client_id)
         refs = torch.randperm(len(data), generator=g)[: self.options.reference_examples].tolist()
-        hook = InstanceWeighting.from_examples(trainer.adapted, collate(data, refs, trainer.pad_id),
+        hook = InstanceWeighting.from_examples(ctx.model, ctx.trainer.batch(data, refs),
                                                self.options.max_weight, GLOBAL if self.options.direction == "global_gets_w"
                                                else LOCAL, probe=LOCAL)
         return Personalized(hook=hook)

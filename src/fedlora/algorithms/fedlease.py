@@ -12,6 +12,7 @@ Phases:
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field
@@ -19,8 +20,8 @@ from pydantic import Field
 from ..adapters import Layout
 from ..core.seeding import generator
 from ..core.tensors import StateDict
-from ..training import Trainer
-from .base import ClientAlgorithm, ClientInfo, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
+from .base import (ClientAlgorithm, ClientContext, ClientInfo, ClientState, Options, Payload, Personalized, Reply,
+                   ServerAlgorithm)
 from .clustering import b_distance_matrix, b_distances, choose_clusters, cluster_means
 
 
@@ -39,6 +40,18 @@ class FedLEASEOptions(Options):
         return self.max_experts or 8
 
 
+class Phase(StrEnum):
+    """FedLEASE's phases, as `Payload.config["phase"]` names them."""
+
+    WARMUP = "warmup"
+    CLUSTERED = "clustered"
+
+
+def phase_of(payload: Payload) -> Phase:
+    """The phase a payload belongs to (an evaluation payload before any round is a warm-up one)."""
+    return Phase(payload.config.get("phase", Phase.WARMUP))
+
+
 def expert_key(e: int) -> str:
     """Payload name of expert e."""
     return f"expert_{e}"
@@ -48,7 +61,7 @@ class FedLEASEServer(ServerAlgorithm):
     """Warm-up cache, clustering, and per-cluster expert and router averages."""
 
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
-        """FedLEASE: start with an empty warm-up cache and no experts."""
+        """Start with an empty warm-up cache and no experts."""
         super().setup(clients, rounds)
         self.warm: dict[str, StateDict] = {}       # latest warm-up LoRA per client
         self.assignment: dict[str, int] = {}       # client -> own expert j(k)
@@ -63,22 +76,24 @@ class FedLEASEServer(ServerAlgorithm):
         return bool(self.experts)
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        """FedLEASE: warm-up config until a client is clustered, then every expert and its cluster's router."""
+        """Warm-up config until a client is clustered, then every expert and its cluster's router."""
         payloads = {}
         for cid in clients:
             if not self.clustered or cid not in self.assignment:
                 # the warm-up LoRA is uploaded once, for clustering: in the last warm-up round, or late
-                payloads[cid] = Payload(config={"phase": "warmup", "upload": rnd >= self.options.warmup_rounds})
+                upload = frozenset({"lora"}) if rnd >= self.options.warmup_rounds else frozenset()
+                payloads[cid] = Payload(config={"phase": Phase.WARMUP}, expects=upload)
                 continue
             j = self.assignment[cid]
             states = {expert_key(e): self._starting_expert(e, cid) for e in range(len(self.experts))}
             if self.options.router == "cluster":
                 states["router"] = self.routers[j] if j in self.routers else self._fresh_router(cid)
-            payloads[cid] = Payload(states, {"phase": "clustered", "expert": j, "n_experts": len(self.experts)})
+            payloads[cid] = Payload(states, {"phase": Phase.CLUSTERED, "expert": j, "n_experts": len(self.experts)},
+                                    frozenset({"expert", "router"} if self.options.router == "cluster" else {"expert"}))
         return payloads
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
-        """FedLEASE: keep warm-up LoRAs, cluster after the warm-up, then average experts and routers per cluster."""
+        """Keep warm-up LoRAs, cluster after the warm-up, then average experts and routers per cluster."""
         for cid, reply in replies.items():
             if "lora" in reply.states:
                 self.warm[cid] = reply.states["lora"]
@@ -98,18 +113,12 @@ class FedLEASEServer(ServerAlgorithm):
             if self.options.router == "cluster":
                 self.routers[e] = self.client_mean({c: r.states["router"] for c, r in members.items()})
 
-    def expected_states(self, rnd: int, client_id: str) -> set[str]:
-        """FedLEASE: the expert (and router) once clustered, before that the warm-up LoRA when it is uploaded."""
-        if self.clustered and client_id in self.assignment:
-            return {"expert", "router"} if self.options.router == "cluster" else {"expert"}
-        return {"lora"} if rnd >= self.options.warmup_rounds else set()
-
     def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
-        """FedLEASE: also rejects a router without 2M-1 slots."""
+        """A router without 2M-1 slots cannot be averaged with its cluster's."""
         router = reply.states.get("router")
         if router and self.clustered and any(v.shape[0] != 2 * len(self.experts) - 1 for v in router.values()):
             return f"the router must have 2M-1 = {2 * len(self.experts) - 1} slots for M = {len(self.experts)} experts"
-        return super().reply_problem(rnd, client_id, reply)
+        return None
 
     def _allocate(self) -> None:
         ids = sorted(self.warm, key=list(self.clients).index)
@@ -139,15 +148,15 @@ class FedLEASEServer(ServerAlgorithm):
         means = {e: dist[[i for i, c in enumerate(members) if self.assignment[c] == e]].mean() for e in range(len(self.experts))}
         self.assignment[cid] = min(means, key=means.get)
 
-    def summary(self) -> dict:
-        """FedLEASE: the phase and, once clustered, M, the assignment and silhouettes."""
+    def diagnostics(self) -> dict:
+        """The phase and, once clustered, M, the assignment and silhouettes."""
         if not self.clustered:
-            return {"phase": "warmup"}
-        return {"phase": "clustered", "n_experts": len(self.experts), "assignment": self.assignment,
+            return {"phase": str(Phase.WARMUP)}
+        return {"phase": str(Phase.CLUSTERED), "n_experts": len(self.experts), "assignment": self.assignment,
                 "silhouette": {str(k): v for k, v in self.silhouette.items()}}
 
     def state_dict(self) -> dict:
-        """FedLEASE: warm-up LoRAs, experts, routers and the clustering."""
+        """Warm-up LoRAs, experts, routers and the clustering."""
         tensors = {f"warm.{c}": s for c, s in self.warm.items()}
         tensors.update({f"expert.{e}": s for e, s in enumerate(self.experts)})
         tensors.update({f"router.{e}": s for e, s in self.routers.items()})
@@ -155,7 +164,7 @@ class FedLEASEServer(ServerAlgorithm):
                                              "trained": sorted(self.trained)}}
 
     def load_state_dict(self, state: dict) -> None:
-        """FedLEASE: restore what `state_dict` saved."""
+        """Restore what `state_dict` saved."""
         t = state["tensors"]
         self.warm = {k.removeprefix("warm."): v for k, v in t.items() if k.startswith("warm.")}
         self.experts = [t[f"expert.{e}"] for e in range(sum(k.startswith("expert.") for k in t))]
@@ -169,8 +178,8 @@ class FedLEASEClient(ClientAlgorithm):
     """Warm-up: one local LoRA. Clustered: M experts (own one trainable), adaptive top-M router."""
 
     def layout_for(self, payload: Payload) -> Layout:
-        """FedLEASE: M experts with adaptive top-M routing once clustered, one LoRA in the warm-up."""
-        if payload.config.get("phase") == "clustered":
+        """M experts with adaptive top-M routing once clustered, one LoRA in the warm-up."""
+        if phase_of(payload) is Phase.CLUSTERED:
             return Layout(payload.config["n_experts"], "adaptive_top_m")
         return Layout(1)
 
@@ -179,8 +188,8 @@ class FedLEASEClient(ClientAlgorithm):
             state.states["warm"] = self.spec.init_lora(generator(self.seed, "lora-init"))
         return state.states["warm"]
 
-    def _load_clustered(self, payload: Payload, state: ClientState, trainer) -> int:
-        model, j, m = trainer.adapted, payload.config["expert"], payload.config["n_experts"]
+    def _load_clustered(self, payload: Payload, state: ClientState, ctx: ClientContext) -> int:
+        model, j, m = ctx.model, payload.config["expert"], payload.config["n_experts"]
         for e in range(m):
             model.load_expert(e, payload.states[expert_key(e)])
         model.set_own_expert(j)
@@ -188,32 +197,32 @@ class FedLEASEClient(ClientAlgorithm):
             model.load_router(payload.states["router"])
         else:  # private router, created on the client the first time it joins the clustered phase
             if "router" not in state.states:
-                state.states["router"] = self.spec.init_router(2 * m - 1, generator(self.seed, "router", trainer.client_id))
+                state.states["router"] = self.spec.init_router(2 * m - 1, generator(self.seed, "router", ctx.client_id))
             model.load_router(state.states["router"])
         return j
 
-    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
-        """FedLEASE: train the warm-up LoRA, or the own expert and the router; send what the server averages."""
-        n = len(trainer.data.train)
-        if payload.config.get("phase") != "clustered":
-            trainer.adapted.load_expert(0, self._warm(state))
-            metrics = trainer.train(experts=[0])
-            state.states["warm"] = trainer.adapted.expert_state(0)
-            return Reply({"lora": state.states["warm"]} if payload.config.get("upload") else {}, n, metrics), state
-        j = self._load_clustered(payload, state, trainer)
-        metrics = trainer.train(experts=[j], router=True)
-        router = trainer.adapted.router_state()
-        sent = {"expert": trainer.adapted.expert_state(j)}
-        if "router" in payload.states:
+    def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
+        """Train the warm-up LoRA, or the own expert and the router; send what the server averages."""
+        n = len(ctx.data.train)
+        if phase_of(payload) is Phase.WARMUP:
+            ctx.model.load_expert(0, self._warm(state))
+            metrics = ctx.trainer.train(experts=[0])
+            state.states["warm"] = ctx.model.expert_state(0)
+            return Reply({"lora": state.states["warm"]} if "lora" in payload.expects else {}, n, metrics), state
+        j = self._load_clustered(payload, state, ctx)
+        metrics = ctx.trainer.train(experts=[j], router=True)
+        router = ctx.model.router_state()
+        sent = {"expert": ctx.model.expert_state(j)}
+        if "router" in payload.expects:
             sent["router"] = router
         else:
             state.states["router"] = router
         return Reply(sent, n, metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
-        """FedLEASE: the warm-up LoRA, or every expert with the router."""
-        if payload.config.get("phase") != "clustered":
-            trainer.adapted.load_expert(0, self._warm(state))
+    def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
+        """The warm-up LoRA, or every expert with the router."""
+        if phase_of(payload) is Phase.WARMUP:
+            ctx.model.load_expert(0, self._warm(state))
         else:
-            self._load_clustered(payload, state, trainer)
+            self._load_clustered(payload, state, ctx)
         return Personalized()

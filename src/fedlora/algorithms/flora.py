@@ -4,28 +4,16 @@ The server stacks the clients' weighted B column-wise and their A row-wise,
     B_stack = [p_1 s_1 B_1, ..., p_K s_K B_K],   A_stack = [A_1; ...; A_K],   s_k = alpha / r_k,
 so that B_stack A_stack = sum_k p_k s_k B_k A_k exactly (no cross terms). Clients merge every received
 stack into their frozen base weights and start a fresh LoRA of their own rank r_k each round
-(`clients.lora_r`, or the older `algorithm.options.ranks`; default lora.r).
+(`clients.lora_r`; default lora.r).
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
-from ..adapters import Layout
-from ..core.errors import ConfigError
 from ..core.seeding import generator
 from ..core.tensors import StateDict
-from ..training import Trainer
-from .base import (AveragingOptions, ClientAlgorithm, ClientInfo, ClientState, Payload, Personalized, Reply,
-                   ServerAlgorithm)
-
-
-class FLoRAOptions(AveragingOptions):
-    """Options of FLoRA: the weighting and the older per-client `ranks`."""
-
-    ranks: list[int] | None = Field(None, description="one LoRA rank per client, in client order (default lora.r); "
-                                   "clients.lora_r is the general spelling")
+from .base import ClientAlgorithm, ClientContext, ClientInfo, ClientState, Payload, Personalized, Reply, ServerAlgorithm
 
 
 def stack(loras: list[StateDict], weights: list[float], alpha: float) -> StateDict:
@@ -54,33 +42,25 @@ def stack_key(rnd: int) -> str:
 class FLoRAServer(ServerAlgorithm):
     """Keeps each round's stack until every client has merged it."""
 
-    heterogeneous_ranks = True
-
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
-        """FLoRA: check `options.ranks` against the clients and start with no stacks."""
+        """Start with no stacks."""
         super().setup(clients, rounds)
-        ranks = self.options.ranks or []
-        if ranks and len(ranks) != len(clients):
-            raise ConfigError(f"algorithm.options.ranks has {len(ranks)} entries for {len(clients)} clients; "
-                              "give one rank per client, in client order")
-        self.ranks = dict(zip(self.clients, ranks))  # sent to clients; without it they train their clients.lora_r
         self.stacks: dict[int, StateDict] = {}
         self.merged_up_to = {cid: 0 for cid in self.clients}  # the last round whose stack the client has merged
 
-    def _payload(self, cid: str) -> Payload:
-        pending = {stack_key(t): s for t, s in sorted(self.stacks.items()) if t > self.merged_up_to[cid]}
-        return Payload(pending, {"rank": self.ranks[cid]} if cid in self.ranks else {})
+    def _pending(self, cid: str) -> dict[str, StateDict]:
+        return {stack_key(t): s for t, s in sorted(self.stacks.items()) if t > self.merged_up_to[cid]}
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        """FLoRA: each client's unmerged stacks (and its rank, if `options.ranks` sets one)."""
-        return {cid: self._payload(cid) for cid in clients}
+        """Each client's unmerged stacks; the reply carries its fresh LoRA."""
+        return {cid: Payload(self._pending(cid), expects=frozenset({"lora"})) for cid in clients}
 
     def configure_evaluate(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        """FLoRA: the same unmerged stacks, for evaluation."""
-        return {cid: self._payload(cid) for cid in clients}
+        """The same unmerged stacks, for evaluation."""
+        return {cid: Payload(self._pending(cid)) for cid in clients}
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
-        """FLoRA: stack the replies' LoRAs into this round's stack; drop stacks every client has merged."""
+        """Stack the replies' LoRAs into this round's stack; drop stacks every client has merged."""
         for cid in replies:  # they merged every stack up to the previous round before training
             self.merged_up_to[cid] = max(self.stacks, default=0)
         if replies:
@@ -89,28 +69,18 @@ class FLoRAServer(ServerAlgorithm):
         oldest_needed = min(self.merged_up_to.values())
         self.stacks = {t: s for t, s in self.stacks.items() if t > oldest_needed}
 
-    def expected_states(self, rnd: int, client_id: str) -> set[str]:
-        """FLoRA: every reply carries the client's fresh LoRA."""
-        return {"lora"}
-
     def state_dict(self) -> dict:
-        """FLoRA: the stacks not merged everywhere and each client's last merged round."""
+        """The stacks not merged everywhere and each client's last merged round."""
         return {"tensors": {stack_key(t): s for t, s in self.stacks.items()}, "meta": {"merged_up_to": self.merged_up_to}}
 
     def load_state_dict(self, state: dict) -> None:
-        """FLoRA: restore what `state_dict` saved."""
+        """Restore what `state_dict` saved."""
         self.stacks = {int(k.removeprefix("stack_")): s for k, s in state["tensors"].items()}
         self.merged_up_to = dict(state["meta"]["merged_up_to"])
 
 
 class FLoRAClient(ClientAlgorithm):
     """Merge the received stacks into the local base, train a fresh rank-r_k LoRA on top, send it."""
-
-    heterogeneous_ranks = True
-
-    def layout_for(self, payload: Payload) -> Layout:
-        """FLoRA: one LoRA at the rank the payload gives (else the client's own)."""
-        return Layout(1, "none", payload.config.get("rank"))
 
     @staticmethod
     def _merged(payload: Payload, state: ClientState, record: bool = False) -> StateDict:
@@ -128,19 +98,19 @@ class FLoRAClient(ClientAlgorithm):
             state.meta["merged_stacks"] = sorted(done)
         return merged
 
-    def _fresh_lora(self, payload: Payload, trainer) -> StateDict:
-        return self.spec.init_lora(generator(trainer.seed, "flora-init"), r=trainer.adapted.rank)
+    def _fresh_lora(self, ctx: ClientContext) -> StateDict:
+        return self.spec.init_lora(generator(ctx.seed, "flora-init"), r=ctx.model.rank)
 
-    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
-        """FLoRA: merge the pending stacks into the base, train a fresh LoRA on top and send it."""
+    def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
+        """Merge the pending stacks into the base, train a fresh LoRA on top and send it."""
         state.states["merged"] = self._merged(payload, state, record=True)
-        with trainer.adapted.base_delta(state.states["merged"]):
-            trainer.adapted.load_expert(0, self._fresh_lora(payload, trainer))
-            metrics = trainer.train(experts=[0])
-            lora = trainer.adapted.expert_state(0)
-        return Reply({"lora": lora}, len(trainer.data.train), metrics), state
+        with ctx.model.base_delta(state.states["merged"]):
+            ctx.model.load_expert(0, self._fresh_lora(ctx))
+            metrics = ctx.trainer.train(experts=[0])
+            lora = ctx.model.expert_state(0)
+        return Reply({"lora": lora}, len(ctx.data.train), metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
-        """FLoRA: the merged base update under a fresh LoRA that has no effect yet."""
-        trainer.adapted.load_expert(0, self._fresh_lora(payload, trainer))  # B = 0: the merged model alone
+    def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
+        """The merged base update under a fresh LoRA that has no effect yet."""
+        ctx.model.load_expert(0, self._fresh_lora(ctx))  # B = 0: the merged model alone
         return Personalized(base_delta=self._merged(payload, state))

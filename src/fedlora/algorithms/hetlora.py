@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..core.tensors import StateDict
-from ..training import Trainer
-from .base import (BroadcastAverageServer, ClientAlgorithm, ClientInfo, ClientState, Payload, Personalized, Reply,
-                   ServerAlgorithm, lora_rank)
+from .base import (BroadcastAverageServer, ClientAlgorithm, ClientContext, ClientInfo, ClientState, Payload, Personalized,
+                   Reply, lora_rank)
 
 
 def resize(lora: StateDict, r: int) -> StateDict:
@@ -37,20 +36,18 @@ def resize(lora: StateDict, r: int) -> StateDict:
 class HetLoRAServer(BroadcastAverageServer):
     """The global LoRA at rank lora.r; a client receives it at its own rank once a reply has shown that rank."""
 
-    heterogeneous_ranks = True
-
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
-        """HetLoRA: also start with no known client ranks."""
+        """Also start with no known client ranks."""
         super().setup(clients, rounds)
         self.ranks: dict[str, int] = {}  # each client's rank, as its last reply showed
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        """HetLoRA: the global LoRA at each client's last shown rank (lora.r until then)."""
-        return {cid: Payload({"global": resize(self.global_state, self.ranks.get(cid, self.spec.r))})
-                for cid in clients}
+        """The global LoRA at each client's last shown rank (lora.r until then)."""
+        return {cid: Payload({"global": resize(self.global_state, self.ranks.get(cid, self.spec.r))},
+                             expects=frozenset({"global"})) for cid in clients}
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
-        """HetLoRA: record the replies' ranks, zero-pad them to lora.r and average."""
+        """Record the replies' ranks, zero-pad them to lora.r and average."""
         if not replies:
             return
         self.ranks.update({cid: lora_rank(r.states["global"]) for cid, r in replies.items()})
@@ -58,18 +55,18 @@ class HetLoRAServer(BroadcastAverageServer):
         self.global_state = self.client_mean(padded)
 
     def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
-        """HetLoRA: a rank above lora.r cannot be padded; otherwise the base checks."""
+        """A rank above lora.r cannot be padded; otherwise the base checks."""
         rank = lora_rank(reply.states.get("global", {}))
         if rank is not None and rank > self.spec.r:
             return f"state 'global' has LoRA rank {rank}, above the global rank lora.r={self.spec.r}"
-        return ServerAlgorithm.reply_problem(self, rnd, client_id, reply)
+        return None
 
     def state_dict(self) -> dict:
-        """HetLoRA: the global LoRA and the known client ranks."""
+        """The global LoRA and the known client ranks."""
         return {"tensors": {"global": self.global_state}, "meta": {"ranks": self.ranks}}
 
     def load_state_dict(self, state: dict) -> None:
-        """HetLoRA: restore the global LoRA and the client ranks."""
+        """Restore the global LoRA and the client ranks."""
         super().load_state_dict(state)
         self.ranks = dict(state["meta"].get("ranks", {}))
 
@@ -77,26 +74,24 @@ class HetLoRAServer(BroadcastAverageServer):
 class HetLoRAClient(ClientAlgorithm):
     """Train the first r_k components of the global LoRA (received at any rank, used at its own) and send them."""
 
-    heterogeneous_ranks = True
-
     def rank_problem(self, ranks: dict[str, int]) -> str | None:
-        """HetLoRA: any client rank up to lora.r; a larger one is the problem."""
+        """Any client rank up to lora.r; a larger one is the problem."""
         over = {cid: r for cid, r in ranks.items() if r > self.spec.r}
         if over:
             return (f"the global LoRA has rank lora.r={self.spec.r}, and {len(over)} client ranks exceed it "
                     f"({', '.join(f'{c}: {r}' for c, r in list(over.items())[:4])}); raise lora.r to the largest rank")
         return None
 
-    def _load(self, payload: Payload, trainer) -> None:
-        trainer.adapted.load_expert(0, resize(payload.states["global"], trainer.adapted.rank))
+    def _load(self, payload: Payload, ctx: ClientContext) -> None:
+        ctx.model.load_expert(0, resize(payload.states["global"], ctx.model.rank))
 
-    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
-        """HetLoRA: train the first r_k components of the global LoRA and send them."""
-        self._load(payload, trainer)
-        metrics = trainer.train(experts=[0])
-        return Reply({"global": trainer.adapted.expert_state(0)}, len(trainer.data.train), metrics), state
+    def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
+        """Train the first r_k components of the global LoRA and send them."""
+        self._load(payload, ctx)
+        metrics = ctx.trainer.train(experts=[0])
+        return Reply({"global": ctx.model.expert_state(0)}, len(ctx.data.train), metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
-        """HetLoRA: the global LoRA at the client's rank."""
-        self._load(payload, trainer)
+    def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
+        """The global LoRA at the client's rank."""
+        self._load(payload, ctx)
         return Personalized()

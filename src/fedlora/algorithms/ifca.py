@@ -10,9 +10,8 @@ from pydantic import Field
 
 from ..core.seeding import generator, numpy_rng
 from ..core.tensors import StateDict
-from ..training import Trainer
-from .base import (AveragingOptions, ClientAlgorithm, ClientInfo, ClientState, Payload, Personalized, Reply,
-                   ServerAlgorithm)
+from .base import (AveragingOptions, ClientAlgorithm, ClientContext, ClientInfo, ClientState, Payload, Personalized,
+                   Reply, ServerAlgorithm)
 
 
 class IFCAOptions(AveragingOptions):
@@ -33,51 +32,48 @@ class IFCAServer(ServerAlgorithm):
     """C cluster LoRAs from distinct seeds; within-cluster FedAvg."""
 
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
-        """IFCA: C cluster LoRAs from distinct seeds and no assignment yet."""
+        """C cluster LoRAs from distinct seeds and no assignment yet."""
         super().setup(clients, rounds)
         self.cluster_loras: list[StateDict] = [self.spec.init_lora(generator(self.seed, "ifca-init", c))
                                                for c in range(self.options.clusters)]
         self.assignment: dict[str, int] = {}
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        """IFCA: every cluster LoRA; in round 1 a seeded random cluster per client (first_round = random)."""
+        """Every cluster LoRA; in round 1 a seeded random cluster per client (first_round = random)."""
         states = {cluster_key(c): s for c, s in enumerate(self.cluster_loras)}
         forced = {}
         if rnd == 1 and self.options.first_round == "random":
             picks = numpy_rng(self.seed, "ifca-first").integers(self.options.clusters, size=len(self.clients))
             forced = {cid: int(p) for cid, p in zip(self.clients, picks)}
-        return {cid: Payload(states, {"cluster": forced[cid]} if cid in forced else {}) for cid in clients}
+        return {cid: Payload(states, {"cluster": forced[cid]} if cid in forced else {}, frozenset({"lora"}))
+                for cid in clients}
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
-        """IFCA: average each cluster LoRA over the replies that chose it; record the choices."""
+        """Average each cluster LoRA over the replies that chose it; record the choices."""
         for c in range(self.options.clusters):
             members = {cid: r for cid, r in replies.items() if int(r.metrics["cluster"]) == c}
             if members:
                 self.cluster_loras[c] = self.client_mean({cid: r.states["lora"] for cid, r in members.items()})
         self.assignment.update({cid: int(r.metrics["cluster"]) for cid, r in replies.items()})
 
-    def expected_states(self, rnd: int, client_id: str) -> set[str]:
-        """IFCA: every reply carries the trained cluster LoRA."""
-        return {"lora"}
-
     def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
-        """IFCA: also rejects a 'cluster' metric that is not a cluster id."""
+        """Also rejects a 'cluster' metric that is not a cluster id."""
         c = reply.metrics.get("cluster")
         if isinstance(c, bool) or not isinstance(c, (int, float)) or c != int(c) or not 0 <= c < self.options.clusters:
             return f"metric 'cluster' must be a cluster id 0..{self.options.clusters - 1}, got {c!r}"
-        return super().reply_problem(rnd, client_id, reply)
+        return None
 
-    def summary(self) -> dict:
-        """IFCA: each client's latest cluster."""
+    def diagnostics(self) -> dict:
+        """Each client's latest cluster."""
         return {"assignment": dict(self.assignment)}
 
     def state_dict(self) -> dict:
-        """IFCA: the cluster LoRAs and the assignment."""
+        """The cluster LoRAs and the assignment."""
         return {"tensors": {cluster_key(c): s for c, s in enumerate(self.cluster_loras)},
                 "meta": {"assignment": self.assignment}}
 
     def load_state_dict(self, state: dict) -> None:
-        """IFCA: restore the cluster LoRAs and the assignment."""
+        """Restore the cluster LoRAs and the assignment."""
         self.cluster_loras = [state["tensors"][cluster_key(c)] for c in range(self.options.clusters)]
         self.assignment = dict(state["meta"]["assignment"])
 
@@ -85,29 +81,29 @@ class IFCAServer(ServerAlgorithm):
 class IFCAClient(ClientAlgorithm):
     """Pick the lowest-loss cluster LoRA on local training data, train it, send it with the cluster id."""
 
-    def choose(self, payload: Payload, trainer: Trainer) -> int:
+    def choose(self, payload: Payload, ctx: ClientContext) -> int:
         """The cluster to use: forced by the server, or argmin of the training loss."""
         if "cluster" in payload.config:
             return int(payload.config["cluster"])
-        data = trainer.data.train
+        data = ctx.data.train
         if self.options.selection_examples and self.options.selection_examples < len(data):
             data = data.subset(range(self.options.selection_examples))
         losses = []
         for c in range(self.options.clusters):
-            trainer.adapted.load_expert(0, payload.states[cluster_key(c)])
-            losses.append(trainer.loss(data))
+            ctx.model.load_expert(0, payload.states[cluster_key(c)])
+            losses.append(ctx.trainer.loss(data))
         return min(range(len(losses)), key=losses.__getitem__)
 
-    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
-        """IFCA: train the chosen cluster LoRA and send it, with the cluster id as a metric."""
-        c = self.choose(payload, trainer)
-        trainer.adapted.load_expert(0, payload.states[cluster_key(c)])
-        metrics = trainer.train(experts=[0])
+    def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
+        """Train the chosen cluster LoRA and send it, with the cluster id as a metric."""
+        c = self.choose(payload, ctx)
+        ctx.model.load_expert(0, payload.states[cluster_key(c)])
+        metrics = ctx.trainer.train(experts=[0])
         metrics["cluster"] = c
-        return Reply({"lora": trainer.adapted.expert_state(0)}, len(trainer.data.train), metrics), state
+        return Reply({"lora": ctx.model.expert_state(0)}, len(ctx.data.train), metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
-        """IFCA: the cluster LoRA with the lowest training loss."""
-        c = self.choose(Payload(payload.states), trainer)  # evaluation always picks by loss
-        trainer.adapted.load_expert(0, payload.states[cluster_key(c)])
-        return Personalized(info={"cluster": c})
+    def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
+        """The cluster LoRA with the lowest training loss."""
+        c = self.choose(Payload(payload.states), ctx)  # evaluation always picks by loss
+        ctx.model.load_expert(0, payload.states[cluster_key(c)])
+        return Personalized(diagnostics={"cluster": c})

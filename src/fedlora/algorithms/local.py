@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..core.seeding import generator
-from ..training import Trainer
-from .base import ClientAlgorithm, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
+from .base import ClientAlgorithm, ClientContext, ClientState, Options, Payload, Personalized, Reply, ServerAlgorithm
 
 
 class LocalOptions(Options):
@@ -22,22 +21,20 @@ class LocalServer(ServerAlgorithm):
 class LocalClient(ClientAlgorithm):
     """Train the private LoRA (slot 0) from where it stopped; nothing is aggregated, so any rank per client."""
 
-    heterogeneous_ranks = True
-
-    def _lora(self, state: ClientState, trainer) -> dict:
+    def _lora(self, state: ClientState, ctx: ClientContext) -> dict:
         if "lora" not in state.states:
-            names = ("lora-init",) if self.options.init == "shared" else ("lora-init", trainer.client_id)
-            state.states["lora"] = self.spec.init_lora(generator(self.seed, *names), r=trainer.adapted.rank)
+            names = ("lora-init",) if self.options.init == "shared" else ("lora-init", ctx.client_id)
+            state.states["lora"] = self.spec.init_lora(generator(self.seed, *names), r=ctx.model.rank)
         return state.states["lora"]
 
-    def fit(self, payload: Payload, state: ClientState, trainer: Trainer) -> tuple[Reply, ClientState]:
-        """Local: train the client's own LoRA further; the reply carries only the example count."""
-        trainer.adapted.load_expert(0, self._lora(state, trainer))
-        metrics = trainer.train(experts=[0])
-        state.states["lora"] = trainer.adapted.expert_state(0)
-        return Reply(num_examples=len(trainer.data.train), metrics=metrics), state
+    def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
+        """Train the client's own LoRA further; the reply carries only the example count."""
+        ctx.model.load_expert(0, self._lora(state, ctx))
+        metrics = ctx.trainer.train(experts=[0])
+        state.states["lora"] = ctx.model.expert_state(0)
+        return Reply(num_examples=len(ctx.data.train), metrics=metrics), state
 
-    def personalize(self, payload: Payload, state: ClientState, trainer: Trainer) -> Personalized:
-        """Local: the client's own LoRA."""
-        trainer.adapted.load_expert(0, self._lora(state, trainer))
+    def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
+        """The client's own LoRA."""
+        ctx.model.load_expert(0, self._lora(state, ctx))
         return Personalized()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       model_validator)
 
 from .errors import ConfigError
@@ -31,7 +31,9 @@ class ModelConfig(Section):
 
     name: str = Field(description="'minilm', 'smollm2', 'tiny-bert', 'tiny-llama' or a local Hugging Face model "
                       "directory")
-    task: Literal["classification", "causal_lm"] | None = Field(None, description="inferred from the name when omitted")
+    objective: Literal["classification", "causal_lm"] | None = Field(
+        None, validation_alias=AliasChoices("objective", "task"),  # `task`: the name before 0.2, in older run dirs
+        description="classification head or causal LM; inferred from the name when omitted")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 

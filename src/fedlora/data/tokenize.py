@@ -81,22 +81,26 @@ def encode_generation(records: Sequence[Record], tokenizer: PreTrainedTokenizerB
     return Encoded(input_ids, targets, prompts, refs, truncated)
 
 
-def collate(examples: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """A right-padded training/eval batch of the examples at `idx`."""
-    seqs = [examples.input_ids[i] for i in idx]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False,
+        width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences padded with `value` on the right (or left) to `width` (default the longest): (ids, attention mask)."""
+    width = width or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, cols] = torch.tensor(s, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
+def collate(examples: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """A right-padded training/eval batch of the examples at `idx`."""
+    ids, mask = pad([examples.input_ids[i] for i in idx], pad_id)
     batch = {"input_ids": ids, "attention_mask": mask}
     first = examples.targets[idx[0]]
     if isinstance(first, list):
-        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-        for row, i in enumerate(idx):
-            labels[row, : len(examples.targets[i])] = torch.tensor(examples.targets[i])
-        batch["labels"] = labels
+        batch["labels"] = pad([examples.targets[i] for i in idx], IGNORE_INDEX, width=ids.shape[1])[0]
     else:
         batch["labels"] = torch.tensor([examples.targets[i] for i in idx], dtype=torch.long)
     return batch
@@ -104,12 +108,7 @@ def collate(examples: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, tor
 
 def collate_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """A left-padded batch of prompts for generation."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
+    ids, mask = pad(prompts, pad_id, left=True)
     return {"input_ids": ids, "attention_mask": mask}
 
 

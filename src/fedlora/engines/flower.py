@@ -22,13 +22,17 @@ from ..algorithms import ClientInfo, ClientState, Payload, Reply, ServerAlgorith
 from ..core.config import Config, build_config
 from ..data.federated import local_client
 from ..core.errors import ClientFailure, ConfigError
+from .checkpoint import Checkpoint
 from .loop import RoundLoop
+from .results import RunResult
+from .runtime import Evaluation
 from .rundir import run_log
 from .session import build_session
 from .wire import decode, encode, store_state
 
 log = logging.getLogger("fedlora")
 CLIENT_ID_KEY = "client-id"  # node config key of a SuperNode's data owner (deployment)
+ROUND, EXPECTS = "round", "expects"  # keys a server message adds to the payload's config on the wire
 
 
 class FlowerEngine(RoundLoop):
@@ -41,8 +45,9 @@ class FlowerEngine(RoundLoop):
         self.timeout = config.federation.round_timeout
 
     def _exchange(self, rnd: int, kind: str, payloads: dict[str, Payload]) -> tuple[dict[str, Message], dict[str, str]]:
-        messages = [Message(encode(p.states, {**p.config, "round": rnd}), dst_node_id=self.nodes[cid], message_type=kind,
-                            group_id=str(rnd)) for cid, p in payloads.items()]
+        messages = [Message(encode(p.states, {**p.config, ROUND: rnd, EXPECTS: sorted(p.expects)}),
+                            dst_node_id=self.nodes[cid], message_type=kind, group_id=str(rnd))
+                    for cid, p in payloads.items()]
         sent = dict(zip(payloads, messages))
         by_node = {node: cid for cid, node in self.nodes.items()}
         replies, failures = {}, {}
@@ -72,10 +77,11 @@ class FlowerEngine(RoundLoop):
             replies[cid] = Reply(states, int(info["num_examples"]), info["metrics"])
         return replies, failures
 
-    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, Evaluation], dict[str, str]]:
         self.show(f"round {rnd}: evaluating {len(payloads)} clients on Flower", 0, len(payloads))
         messages, failures = self._exchange(rnd, MessageType.EVALUATE, payloads)
-        return {cid: decode(m.content)[1]["metrics"] for cid, m in messages.items()}, failures
+        infos = {cid: decode(m.content)[1] for cid, m in messages.items()}
+        return {cid: Evaluation(info["metrics"], info.get("diagnostics", {})) for cid, info in infos.items()}, failures
 
 
 # -- the ServerApp ----------------------------------------------------------------------------------------
@@ -114,7 +120,7 @@ def server_main(cfg: Config, grid: Grid) -> None:
     save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
     with run_log(run_dir):
         # the server needs the adapted modules' shapes only: the base model without any client data
-        base = load_base_model(cfg.model.name, cfg.model.task, 2, cfg.model.dtype, cfg.seed)
+        base = load_base_model(cfg.model.name, cfg.model.objective, 2, cfg.model.dtype, cfg.seed)
         spec = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.target_modules).spec
         server, _ = build(cfg.algorithm.name, cfg.algorithm.active_options, spec, cfg.seed)
         found = handshake(grid, cfg.engine.num_clients or 1, cfg.engine.handshake_timeout)
@@ -187,6 +193,13 @@ def _client_id(context: Context, session) -> str:
     return session.infos[int(context.node_config["partition-id"])].client_id
 
 
+def _payload(message: Message) -> tuple[int, Payload]:
+    """The round and the payload of a server message written by `FlowerEngine._exchange`."""
+    states, info = decode(message.content)
+    rnd, expects = int(info.pop(ROUND)), frozenset(info.pop(EXPECTS, ()))
+    return rnd, Payload(states, info, expects)
+
+
 def _load_state(context: Context) -> ClientState:
     states, meta = decode(context.state) if "fedlora" in context.state else ({}, {})
     return ClientState(states, meta)
@@ -212,9 +225,8 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
     @app.train()
     def train(message: Message, context: Context) -> Message:
         session, cid = setup(context)
-        states, info = decode(message.content)
-        rnd = int(info.pop("round"))
-        reply, state = session.runtime.fit(cid, rnd, Payload(states, info), _load_state(context))
+        rnd, payload = _payload(message)
+        reply, state = session.runtime.fit(cid, rnd, payload, _load_state(context))
         store_state(context.state, state.states, state.meta)
         return Message(encode(reply.states, {"num_examples": reply.num_examples, "metrics": reply.metrics}),
                        reply_to=message)
@@ -222,15 +234,16 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         session, cid = setup(context)
-        states, info = decode(message.content)
-        rnd = int(info.pop("round"))
-        metrics = session.runtime.evaluate(cid, rnd, Payload(states, info), _load_state(context))
-        return Message(encode({}, {"metrics": metrics}), reply_to=message)
+        rnd, payload = _payload(message)
+        evaluation = session.runtime.evaluate(cid, rnd, payload, _load_state(context))
+        return Message(encode({}, {"metrics": evaluation.metrics, "diagnostics": evaluation.diagnostics}),
+                       reply_to=message)
 
     return app
 
 
-def run_flower_simulation(cfg: Config) -> None:
+def run_flower_simulation(cfg: Config, run_dir: Path, resume: Checkpoint | None = None,
+                          records: list[dict] | None = None) -> RunResult:
     """Run a config on Flower's simulation runtime (Ray), one virtual SuperNode per client."""
     import os
 
@@ -243,8 +256,11 @@ def run_flower_simulation(cfg: Config) -> None:
     cpus = cfg.engine.cpus or os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False}}
+    if resume is not None:
+        raise ConfigError("resume needs the in-process engine: on Flower the client states live on the nodes")
     run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg), num_supernodes=n_clients,
                    backend_config=backend)
+    return RunResult.from_run_dir(run_dir, cfg.algorithm.name)
 
 
 __all__ = ["FlowerEngine", "make_client_app", "make_server_app", "run_flower_simulation"]

@@ -6,9 +6,12 @@ from pathlib import Path
 
 from ..algorithms import ClientInfo, Payload, Reply, ServerAlgorithm
 from ..core.config import Config
+from ..core.io import save_json
 from .checkpoint import Checkpoint
 from .loop import RoundLoop
-from .runtime import ClientRuntime
+from .results import RunResult
+from .runtime import ClientRuntime, Evaluation
+from .session import build_session
 
 
 class InProcessEngine(RoundLoop):
@@ -30,7 +33,7 @@ class InProcessEngine(RoundLoop):
                 failures[cid] = f"{type(exc).__name__}: {exc}"
         return replies, failures
 
-    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, Evaluation], dict[str, str]]:
         metrics, failures = {}, {}
         for i, (cid, payload) in enumerate(payloads.items()):
             self.show(f"round {rnd}: evaluating {cid}", i, len(payloads))
@@ -39,3 +42,12 @@ class InProcessEngine(RoundLoop):
             except Exception as exc:  # recorded in the round's eval_failures, like a failed fit
                 failures[cid] = f"{type(exc).__name__}: {exc}"
         return metrics, failures
+
+
+def run_inprocess(cfg: Config, run_dir: Path, resume: Checkpoint | None = None,
+                  records: list[dict] | None = None) -> RunResult:
+    """Run (or, from a checkpoint and the records before it, continue) a config in this process."""
+    s = build_session(cfg)
+    save_json(run_dir / "clients.json", [c.to_json() for c in s.clients])
+    with s.runtime:  # stops a client's data-parallel workers, also when the run fails
+        return InProcessEngine(cfg, s.server, s.runtime, s.infos, run_dir, resume, records).run()

@@ -14,14 +14,15 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..algorithms import ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
+from ..algorithms import METHODS, ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
 from ..core.config import Config
 from ..core.errors import ClientFailure
 from ..core.io import append_jsonl
 from .checkpoint import Checkpoint, save_checkpoint
 from .results import RunResult, summarize
-from .validation import check_reply
+from .runtime import Evaluation
 from .sampling import sample_clients
+from .validation import reply_problem
 
 log = logging.getLogger("fedlora")
 
@@ -72,8 +73,10 @@ class RoundLoop(ABC):
         payloads = self.server.configure(rnd, sampled)
         payloads = {cid: payloads.get(cid, Payload()) for cid in sampled}
         replies, failures = self.fit_clients(rnd, payloads)
+        any_rank = METHODS[self.config.algorithm.name].heterogeneous_ranks
         for cid in list(replies):
-            problem = (check_reply(replies[cid], self.server.spec, self.config.federation.max_update_norm)
+            problem = (reply_problem(replies[cid], payloads[cid], self.server.spec,
+                                     self.config.federation.max_update_norm, any_rank)
                        or self.server.reply_problem(rnd, cid, replies[cid]))
             if problem:  # rejected: treated as a missing reply, never aggregated
                 failures[cid] = f"update rejected: {problem}"
@@ -89,17 +92,22 @@ class RoundLoop(ABC):
         return {"sampled": sampled, "fit": fit, "failures": failures,
                 "comm": {"bytes_up": sum(f["bytes_up"] for f in fit.values()),
                          "bytes_down": sum(f["bytes_down"] for f in fit.values())},
-                "server": self.server.summary()}
+                "server": self.server.diagnostics()}
 
     def evaluate(self, rnd: int, ids: list[str]) -> dict:
-        """Every client of `ids` on its own test split with what the server sends at `rnd`: {"eval", "summary"}."""
+        """Every client of `ids` on its own test split with what the server sends at `rnd`:
+        {"eval": metrics per client, "summary": their means, "diagnostics" per client when the method has any}."""
         payloads = self.server.configure_evaluate(rnd, ids)
-        per_client, failures = self.evaluate_clients(rnd, {cid: payloads.get(cid, Payload()) for cid in ids})
+        evaluations, failures = self.evaluate_clients(rnd, {cid: payloads.get(cid, Payload()) for cid in ids})
         for cid, reason in failures.items():
             log.warning("round %d: client %s failed to evaluate: %s", rnd, cid, reason)
-        if not per_client:
+        if not evaluations:
             raise ClientFailure(f"round {rnd}: no client could be evaluated: {failures}")
+        per_client = {cid: e.metrics for cid, e in evaluations.items()}
         out = {"eval": per_client, "summary": summarize(per_client, self.tasks)}
+        diagnostics = {cid: e.diagnostics for cid, e in evaluations.items() if e.diagnostics}
+        if diagnostics:
+            out["diagnostics"] = diagnostics
         return {**out, "eval_failures": failures} if failures else out
 
     @abstractmethod
@@ -109,8 +117,8 @@ class RoundLoop(ABC):
         A client's new state must be kept only when its fit succeeded."""
 
     @abstractmethod
-    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-        """Each client's metrics on its own test split, and the failure reason of each client that could not."""
+    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, Evaluation], dict[str, str]]:
+        """Each client's evaluation on its own test split, and the failure reason of each client that could not."""
 
     def show(self, what: str, done: int, total: int) -> None:
         """Update the clients progress bar (if progress is shown) with a description and a count."""

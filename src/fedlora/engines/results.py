@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,11 @@ def summarize(per_client: dict[str, dict[str, float]], tasks: dict[str, str]) ->
     return {"mean": mean, "by_task": task_means}
 
 
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The round records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 @dataclass
 class RunResult:
     """The outcome of one run: round records as written to metrics.jsonl, and the final per-client states."""
@@ -33,6 +39,15 @@ class RunResult:
     client_states: dict[str, ClientState] = field(default_factory=dict)
     server_state: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_run_dir(cls, run_dir: Path, method: str) -> "RunResult":
+        """A finished run's result from what its directory holds: the records and the server's final state (an
+        engine whose client states stay on the nodes has none here)."""
+        from .checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(run_dir)
+        return cls(run_dir, method, read_records(run_dir), ckpt.client_states, ckpt.server_state)
+
     def evaluations(self) -> list[dict[str, Any]]:
         """The records that carry an evaluation, in round order."""
         return [r for r in self.rounds if "eval" in r]
@@ -41,6 +56,11 @@ class RunResult:
     def final(self) -> dict[str, dict[str, float]]:
         """Per-client metrics at the last evaluation."""
         return self.evaluations()[-1]["eval"]
+
+    @property
+    def final_diagnostics(self) -> dict[str, dict[str, Any]]:
+        """Per-client diagnostics of the method at the last evaluation (empty when it reports none)."""
+        return self.evaluations()[-1].get("diagnostics", {})
 
     @property
     def final_mean(self) -> dict[str, float]:

@@ -1,20 +1,23 @@
-"""The client runtime both engines share: run a method's client side for one client on the shared model.
+"""The client runtime every engine shares: run a method's client side for one client on the shared model.
 
 It swaps in what every method keeps per client but no method should have to manage: the private
 classification head (trained locally, never shared, identical for every method) and, when
 `training.reset_optimizer` is off, the optimizer moments. It also gives each client its budget
 (`[clients]`: local steps or epochs, batch size, LoRA rank) and, for a client with several workers,
 data-parallel local training on a pool of helper processes that lives as long as the runtime.
+`personalize` is the one way to a client's personalized model: evaluation, export and predict use it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..adapters import AdaptedModel
-from ..algorithms import METHODS, ClientAlgorithm, ClientState, Payload, Reply
+from ..algorithms import METHODS, ClientAlgorithm, ClientContext, ClientState, Diagnostic, Payload, Personalized, Reply
 from ..core.config import Config
 from ..core.errors import ConfigError
 from ..core.seeding import derive_seed
@@ -25,6 +28,22 @@ HEAD, OPTIMIZER = "_head", "_optimizer"  # reserved ClientState names
 
 
 @dataclass
+class Evaluation:
+    """A client's evaluation: metrics (averaged over clients and tasks) and diagnostics (reported as they are)."""
+
+    metrics: dict[str, float]
+    diagnostics: dict[str, Diagnostic] = field(default_factory=dict)
+
+
+@dataclass
+class PersonalizedTurn:
+    """A client's personalized model, loaded into the shared model: the turn's context and what `personalize` gave."""
+
+    ctx: ClientContext
+    personalized: Personalized
+
+
+@dataclass
 class ClientRuntime:
     """A data owner's side of a run: the method's client object, the shared model and the clients' data."""
 
@@ -32,7 +51,7 @@ class ClientRuntime:
     adapted: AdaptedModel
     tokenizer: object
     config: Config
-    task: str
+    objective: str  # the model's: "classification" or "causal_lm"
     datasets: dict[str, ClientDataset]
     whole_split: bool = True  # False for a data owner that holds only its own data (per-client lists refused)
 
@@ -47,16 +66,16 @@ class ClientRuntime:
         """Refuse per-client ranks the method cannot aggregate, before any round (a ConfigError naming it)."""
         if self.config.clients.lora_r is None:
             return
-        method = self.config.algorithm.name
-        if getattr(self.algorithm.options, "ranks", None):
-            raise ConfigError(f"{method}: both clients.lora_r and algorithm.options.ranks set the client ranks; "
-                              "keep clients.lora_r")
-        problem = self.algorithm.rank_problem({cid: b.lora_r for cid, b in self.budgets.items()})
+        method = METHODS[self.config.algorithm.name]
+        ranks = {cid: b.lora_r for cid, b in self.budgets.items()}
+        if method.heterogeneous_ranks:
+            problem, hint = self.algorithm.rank_problem(ranks), ""
+        else:
+            problem = _rank_mismatch(ranks, self.adapted.spec.r)
+            takers = ", ".join(m.name for m in METHODS.values() if m.heterogeneous_ranks)
+            hint = f"; per-client ranks work with {takers}; otherwise set lora.r and drop clients.lora_r"
         if problem:
-            takers = ", ".join(m.name for m in METHODS.values() if m.client.heterogeneous_ranks)
-            hint = "" if self.algorithm.heterogeneous_ranks else (
-                f"; per-client ranks work with {takers}; otherwise set lora.r and drop clients.lora_r")
-            raise ConfigError(f"algorithm {method!r} cannot train the ranks in clients.lora_r: {problem}{hint}")
+            raise ConfigError(f"algorithm {method.name!r} cannot train the ranks in clients.lora_r: {problem}{hint}")
 
     def workers(self, n: int) -> Workers:
         """n data-parallel workers for a local round; the helper pool starts on first use and is reused
@@ -86,46 +105,66 @@ class ClientRuntime:
             self._initial_heads[task] = self.adapted.init_head(derive_seed(self.config.seed, "head", task))
         return self._initial_heads[task]
 
-    def trainer(self, client_id: str, rnd: int, phase: str) -> Trainer:
-        """A trainer on this client's data whose random streams depend only on (seed, client, round, phase)."""
+    def context(self, client_id: str, rnd: int, phase: str, payload: Payload, state: ClientState) -> ClientContext:
+        """This client's turn on the shared model: its layout (at its rank), private head and optimizer moments
+        loaded, and a trainer whose random streams depend only on (seed, phase, client, round)."""
         seed = derive_seed(self.config.seed, phase, client_id, rnd)
         budget = self.budgets[client_id]
         workers = self.workers(budget.workers) if phase == "fit" and budget.workers > 1 else None
-        return Trainer(self.adapted, self.tokenizer, self.datasets[client_id], budget.training, self.task, seed,
-                       client_id, workers)
-
-    def enter(self, payload: Payload, state: ClientState, trainer: Trainer) -> None:
-        """Give the shared model this client's layout (at its rank), private head and optimizer moments."""
-        layout, rank = self.algorithm.layout_for(payload), self.budgets[trainer.client_id].lora_r
-        if layout.r is None and rank != self.adapted.spec.r:  # a payload's own rank (FLoRA's options.ranks) wins
-            layout = replace(layout, r=rank)
-        self.adapted.set_layout(layout)
+        trainer = Trainer(self.adapted, self.tokenizer, self.datasets[client_id], budget.training, self.objective,
+                          seed, client_id, workers)
+        rank = budget.lora_r if budget.lora_r != self.adapted.spec.r else None
+        self.adapted.set_layout(replace(self.algorithm.layout_for(payload), r=rank))
         self.adapted.set_expert_weights(torch.ones(self.adapted.layout.n_experts))
         self.adapted.set_own_expert(0)
         if self.adapted.head_names:
-            self.adapted.load_head(state.states.get(HEAD) or self.initial_head(trainer.client_id))
+            self.adapted.load_head(state.states.get(HEAD) or self.initial_head(client_id))
         if OPTIMIZER in state.states:
             trainer.optimizer_state = _unflatten_optimizer(state.states[OPTIMIZER])
+        return ClientContext(client_id, seed, self.datasets[client_id], trainer)
 
     def fit(self, client_id: str, rnd: int, payload: Payload, state: ClientState) -> tuple[Reply, ClientState]:
         """One local round; the given state is not modified (a failed fit leaves the client as it was)."""
-        state = ClientState({k: dict(v) for k, v in state.states.items()}, dict(state.meta))
-        trainer = self.trainer(client_id, rnd, "fit")
-        self.enter(payload, state, trainer)
-        reply, state = self.algorithm.fit(payload, state, trainer)
+        state = _copy(state)
+        ctx = self.context(client_id, rnd, "fit", payload, state)
+        reply, state = self.algorithm.fit(payload, state, ctx)
         if self.adapted.head_names:
             state.states[HEAD] = self.adapted.head_state()
-        if trainer.optimizer_state is not None and not self.config.training.reset_optimizer:
-            state.states[OPTIMIZER] = _flatten_optimizer(trainer.optimizer_state)
+        if ctx.trainer.optimizer_state is not None and not self.config.training.reset_optimizer:
+            state.states[OPTIMIZER] = _flatten_optimizer(ctx.trainer.optimizer_state)
         reply.metrics.setdefault("num_examples", reply.num_examples)
         return reply, state
 
-    def evaluate(self, client_id: str, rnd: int, payload: Payload, state: ClientState) -> dict[str, float]:
-        """The client's personalized metrics on its own test split."""
-        trainer = self.trainer(client_id, rnd, "evaluate")
-        self.enter(payload, state, trainer)
-        return self.algorithm.evaluate(payload, ClientState({k: dict(v) for k, v in state.states.items()},
-                                                            dict(state.meta)), trainer)
+    @contextmanager
+    def personalize(self, client_id: str, rnd: int, payload: Payload, state: ClientState) -> Iterator[PersonalizedTurn]:
+        """Within the block the shared model is the client's personalized model after round `rnd` (its base
+        update merged, undone afterwards); the given state is not modified."""
+        ctx = self.context(client_id, rnd, "evaluate", payload, state)
+        personalized = self.algorithm.personalize(payload, _copy(state), ctx)
+        with self.adapted.base_delta(personalized.base_delta):
+            yield PersonalizedTurn(ctx, personalized)
+
+    def evaluate(self, client_id: str, rnd: int, payload: Payload, state: ClientState) -> Evaluation:
+        """The client's personalized metrics on its own test split, and the method's diagnostics."""
+        with self.personalize(client_id, rnd, payload, state) as turn:
+            hook = turn.personalized.hook
+            metrics = turn.ctx.trainer.evaluate(before_batch=hook)
+        return Evaluation(metrics, {**turn.personalized.diagnostics, **(hook.diagnostics() if hook else {})})
+
+
+def _copy(state: ClientState) -> ClientState:
+    """A copy whose dicts can be changed without touching the original's (tensors are shared, never modified)."""
+    return ClientState({k: dict(v) for k, v in state.states.items()}, dict(state.meta))
+
+
+def _rank_mismatch(ranks: dict[str, int], r: int) -> str | None:
+    """Why clients whose ranks differ from lora.r cannot take part in a method that averages or mixes same-shaped
+    LoRAs, or None."""
+    other = {cid: rank for cid, rank in ranks.items() if rank != r}
+    if not other:
+        return None
+    shown = ", ".join(f"{cid}: {rank}" for cid, rank in list(other.items())[:4]) + (", ..." if len(other) > 4 else "")
+    return f"it needs every client at rank lora.r={r}, but {len(other)} differ ({shown})"
 
 
 def _flatten_optimizer(opt: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapters import AdaptedModel
-from ..adapters.base_models import BaseModel, load_base_model
+from ..adapters.base_models import LoadedModel, load_base_model
 from ..algorithms import ClientInfo, ServerAlgorithm, build, check_algorithm
 from ..core.config import Config
 from ..core.errors import DataError
@@ -32,7 +32,7 @@ class Session:
 
     config: Config
     clients: list[ClientData]
-    base: BaseModel
+    base: LoadedModel
     adapted: AdaptedModel
     server: ServerAlgorithm
     runtime: ClientRuntime
@@ -48,27 +48,28 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     whole_split = clients is None  # a data owner's own clients: per-client lists/rules cannot be placed
     clients = build_clients(cfg.data, cfg.seed) if whole_split else clients
     num_labels = max((len(c.labels) for c in clients), default=0)
-    base = load_base_model(cfg.model.name, cfg.model.task, max(num_labels, 2), cfg.model.dtype, cfg.seed)
-    if base.task == "classification" and num_labels == 0:
+    base = load_base_model(cfg.model.name, cfg.model.objective, max(num_labels, 2), cfg.model.dtype, cfg.seed)
+    if base.objective == "classification" and num_labels == 0:
         raise DataError(f"model {cfg.model.name!r} classifies, but dataset {cfg.data.dataset!r} has no labels")
     adapted = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     server, client = build(cfg.algorithm.name, cfg.algorithm.active_options, adapted.spec, cfg.seed)
-    datasets = {c.client_id: encode_client(c, base.tokenizer, base.task, cfg.data.max_length) for c in clients}
+    datasets = {c.client_id: encode_client(c, base.tokenizer, base.objective, cfg.data.max_length) for c in clients}
     truncated = sum(d.train.n_truncated + d.test.n_truncated for d in datasets.values())
     if truncated:
         log.warning("%d texts were longer than data.max_length=%d and were truncated", truncated, cfg.data.max_length)
     if client.few_shot:
         datasets = {cid: d.hold_out(client.few_shot, generator(cfg.seed, "few-shot", cid)) for cid, d in datasets.items()}
-    runtime = ClientRuntime(client, adapted, base.tokenizer, cfg, base.task, datasets, whole_split=whole_split)
+    runtime = ClientRuntime(client, adapted, base.tokenizer, cfg, base.objective, datasets, whole_split=whole_split)
     infos = [ClientInfo(c.client_id, len(datasets[c.client_id].train), c.task) for c in clients]
     return Session(cfg, clients, base, adapted, server, runtime, infos)
 
 
-def encode_client(client: ClientData, tokenizer: PreTrainedTokenizerBase, task: str, max_length: int) -> ClientDataset:
-    """Tokenize one client's splits for the model's task."""
+def encode_client(client: ClientData, tokenizer: PreTrainedTokenizerBase, objective: str,
+                  max_length: int) -> ClientDataset:
+    """Tokenize one client's splits for the model's objective."""
     if not client.train:
         raise DataError(f"client {client.client_id} has no training examples; lower data.clients_per_task")
-    if task == "classification":
+    if objective == "classification":
         encode = lambda recs: encode_classification(recs, tokenizer, client.labels, max_length)  # noqa: E731
     else:
         encode = lambda recs: encode_generation(recs, tokenizer, max_length)  # noqa: E731

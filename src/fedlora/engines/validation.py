@@ -3,7 +3,8 @@
 Every named state in a reply must be one of the shapes an adapter state can take for this model: a whole
 LoRA expert (A and B for every adapted module, one rank), one half of it (A only or B only, as FFA-LoRA and
 FedSA-LoRA send), or a router (every module, one slot count); floating point, finite, and (optionally)
-within a norm bound. A reply that fails is treated like a missing one and never reaches another client.
+within a norm bound; it must carry the states its payload expects, and (unless the method takes heterogeneous
+ranks) every LoRA at rank lora.r. A reply that fails is treated like a missing one and never reaches another client.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import math
 import torch
 
 from ..adapters import AdapterSpec
-from ..algorithms import Reply
+from ..algorithms import Payload, Reply, lora_rank
 from ..core.tensors import StateDict
 
 
-def check_state(name: str, state: StateDict, spec: AdapterSpec, max_norm: float | None) -> str | None:
+def state_problem(name: str, state: StateDict, spec: AdapterSpec, max_norm: float | None) -> str | None:
     """Why this adapter state is unacceptable, or None."""
     dims = {path: (d_in, d_out) for path, d_in, d_out in spec.modules}
     suffixes = {k.rsplit(".", 1)[-1] for k in state}
@@ -58,15 +59,22 @@ def check_state(name: str, state: StateDict, spec: AdapterSpec, max_norm: float 
     return None
 
 
-def check_reply(reply: Reply, spec: AdapterSpec, max_norm: float | None = None) -> str | None:
-    """Why a client's reply must be rejected, or None when it is acceptable."""
+def reply_problem(reply: Reply, payload: Payload, spec: AdapterSpec, max_norm: float | None = None,
+                  any_rank: bool = False) -> str | None:
+    """Why a client's reply to `payload` must be rejected, or None when it is acceptable."""
     if not isinstance(reply.num_examples, int) or reply.num_examples < 0:
         return f"num_examples must be a non-negative integer, got {reply.num_examples!r}"
     for key, value in reply.metrics.items():
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"metric {key!r} is not a finite number: {value!r}"
+    missing = sorted(payload.expects - set(reply.states))
+    if missing:
+        return f"the reply lacks the state(s) {missing} this method aggregates this round"
     for name, state in reply.states.items():
-        problem = check_state(name, state, spec, max_norm)
+        problem = state_problem(name, state, spec, max_norm)
         if problem:
             return problem
+        rank = lora_rank(state)
+        if not any_rank and rank is not None and rank != spec.r:
+            return f"state {name!r} has LoRA rank {rank}, but this method aggregates rank lora.r={spec.r} only"
     return None

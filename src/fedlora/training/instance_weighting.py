@@ -47,7 +47,7 @@ class InstanceWeighting:
         hook.reference = last_prompt_hidden(adapted.model, batch)
         return hook
 
-    def summary(self) -> dict[str, float]:
+    def diagnostics(self) -> dict[str, float]:
         """The mean weight expert 0 received over the examples seen."""
         if not self.seen:
             return {}

@@ -68,8 +68,9 @@ class Trainer:
     """Trains and evaluates whatever adapter parts are trainable on one client's data."""
 
     def __init__(self, adapted: AdaptedModel, tokenizer, data: ClientDataset, cfg: TrainingConfig,
-                 task: str, seed: int, client_id: str = "", workers: Workers | None = None) -> None:
-        self.adapted, self.tokenizer, self.data, self.cfg, self.task, self.seed = adapted, tokenizer, data, cfg, task, seed
+                 objective: str, seed: int, client_id: str = "", workers: Workers | None = None) -> None:
+        self.adapted, self.tokenizer, self.data, self.cfg, self.seed = adapted, tokenizer, data, cfg, seed
+        self.objective = objective  # the model's: "classification" or "causal_lm" (not the dataset's task)
         self.client_id = client_id
         self.workers = workers  # data-parallel workers of train(); None: this process alone
         self.last_trainable: set[str] = set()  # parameter names trained by the last train() call
@@ -80,6 +81,14 @@ class Trainer:
     def model(self) -> torch.nn.Module:
         """The underlying HF model."""
         return self.adapted.model
+
+    def batch(self, data: Encoded, idx: Iterable[int]) -> dict[str, torch.Tensor]:
+        """The padded batch of the examples of `data` at `idx`."""
+        return collate(data, list(idx), self.pad_id)
+
+    def first_batch(self, data: Encoded) -> dict[str, torch.Tensor]:
+        """The first evaluation batch of a split (diagnostics look at it)."""
+        return self.batch(data, range(min(len(data), self.cfg.eval_batch_size)))
 
     def num_steps(self, steps: int | None = None, epochs: float | None = None) -> int:
         """Optimizer steps of one local round: `steps`, or `epochs` over the train split."""
@@ -95,7 +104,7 @@ class Trainer:
         With `n_items`, the sum of the per-item losses divided by n_items instead: a data-parallel shard's
         part of the global batch mean (items are examples, or predicted tokens for a causal LM).
         """
-        if self.task == "classification":
+        if self.objective == "classification":
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             if n_items is None:
                 return F.cross_entropy(logits[:, : self.data.n_labels].float(), batch["labels"])
@@ -115,16 +124,18 @@ class Trainer:
         the same call on their shards of every batch (the result is rank 0's, here).
         """
         data = data if data is not None else self.data.train
+        if len(data) == 0:  # an epoch of no batches would never reach the step count
+            raise ValueError("train() was given no training examples; give the client data (or fewer few-shot examples)")
         args = {"experts": list(experts), "router": router, "n_steps": self.num_steps(steps, epochs), "parts": parts}
         if self.workers is None or self.workers.n == 1:
             return self._train(data, **args)
-        job = TrainJob(replica_state(self.adapted), self.cfg, self.task, self.seed, self.client_id, self.data.n_labels,
+        job = TrainJob(replica_state(self.adapted), self.cfg, self.objective, self.seed, self.client_id, self.data.n_labels,
                        self.pad_id, Encoded(data.input_ids, data.targets), self.optimizer_state, args)
         return self.workers.run(job, lambda dp: self._train(data, dp=dp, **args))
 
     def _train(self, data: Encoded, experts: list[int], router: bool, n_steps: int, parts: str,
                dp: DataParallel | None = None) -> dict[str, float]:
-        self.adapted.set_trainable(experts, router, head=self.cfg.train_head and self.task == "classification",
+        self.adapted.set_trainable(experts, router, head=self.cfg.train_head and self.objective == "classification",
                                    parts=parts)
         self.last_trainable = self.adapted.trainable_names()
         params = self.adapted.trainable_parameters()
@@ -155,12 +166,12 @@ class Trainer:
         """Gradients of one global batch into `.grad`; returns its loss. Data-parallel: this worker's shard,
         normalised by the whole batch's item count, then summed over the workers."""
         if dp is None:
-            loss = self.batch_loss(collate(data, idx, self.pad_id))
+            loss = self.batch_loss(self.batch(data, idx))
             loss.backward()
             return float(loss.detach())
         shard, loss = dp.shard(idx), None
         if shard:
-            loss = self.batch_loss(collate(data, shard, self.pad_id), loss_items(data, idx, self.task))
+            loss = self.batch_loss(self.batch(data, shard), loss_items(data, idx, self.objective))
             loss.backward()
         return dp.all_reduce(params, loss)
 
@@ -197,7 +208,7 @@ class Trainer:
         self.model.eval()
         total, n = 0.0, 0
         for idx in batch_indices(len(data), self.cfg.eval_batch_size, None):
-            batch = collate(data, idx, self.pad_id)
+            batch = self.batch(data, idx)
             if before_batch:
                 before_batch(batch)
             total += float(self.batch_loss(batch)) * len(idx)
@@ -211,7 +222,7 @@ class Trainer:
         `before_batch(batch)` runs before every forward pass (instance-wise adapter weighting uses it).
         """
         data = data if data is not None else self.data.test
-        if self.task != "classification":
+        if self.objective != "classification":
             return {"loss": self.loss(data, before_batch),
                     **generation_metrics(self.generate(data.prompts, before_batch), data.references)}
         preds, loss = self.predict_labels(data, before_batch)
@@ -224,7 +235,7 @@ class Trainer:
         preds: list[int] = []
         total = 0.0
         for idx in batch_indices(len(data), self.cfg.eval_batch_size, None):
-            batch = collate(data, idx, self.pad_id)
+            batch = self.batch(data, idx)
             if before_batch:
                 before_batch(batch)
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -249,9 +260,9 @@ class Trainer:
         return [a.strip() for a in answers]
 
 
-def loss_items(data: Encoded, idx: list[int], task: str) -> int:
+def loss_items(data: Encoded, idx: list[int], objective: str) -> int:
     """How many items the loss of a batch averages over: examples, or predicted (non-masked) tokens."""
-    if task == "classification":
+    if objective == "classification":
         return len(idx)
     return sum(sum(t != IGNORE_INDEX for t in data.targets[i][1:]) for i in idx)
 
@@ -262,7 +273,7 @@ class TrainJob:
 
     replica: dict[str, Any]
     cfg: TrainingConfig
-    task: str
+    objective: str
     seed: int
     client_id: str
     n_labels: int
@@ -275,7 +286,7 @@ class TrainJob:
         """Bring the helper's model to rank 0's state, then train on this worker's shards."""
         load_replica_state(adapted, self.replica)
         data = ClientDataset(self.data, self.data, self.n_labels)
-        trainer = Trainer(adapted, SimpleNamespace(pad_token_id=self.pad_id), data, self.cfg, self.task, self.seed,
+        trainer = Trainer(adapted, SimpleNamespace(pad_token_id=self.pad_id), data, self.cfg, self.objective, self.seed,
                           self.client_id)
         trainer.optimizer_state = self.optimizer_state
         trainer._train(self.data, dp=dp, **self.args)
