@@ -17,14 +17,13 @@ Usage: python benchmarks/scale.py [--quick] [--out DIR] [--methods fedit,fedalt]
 
 from __future__ import annotations
 
-import os
+from fedlora.core.offline import use_offline
 
-for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                     "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_key, _value)  # before transformers is imported: a hub look-up blocks ~23 s
+use_offline()  # before transformers is imported: a hub look-up blocks ~23 s
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
@@ -90,6 +89,7 @@ def child(n_clients: int, method: str, per_round: int | None, out: Path) -> None
     import torch
 
     import fedlora.api as api
+    import fedlora.engines.inprocess as inprocess
     from fedlora.adapters.base_models import load_base_model
     from fedlora.core.tensors import num_bytes
     from fedlora.engines.loop import RoundLoop
@@ -104,7 +104,7 @@ def child(n_clients: int, method: str, per_round: int | None, out: Path) -> None
         fits.append(time.perf_counter() - start)
         return result
 
-    def measured_session(*args, _original=api.build_session, **kwargs):  # data split, model, tokenized data
+    def measured_session(*args, _original=inprocess.build_session, **kwargs):  # data split, model, tokenized data
         session = _original(*args, **kwargs)
         marks["rss_session"] = live_rss()
         return session
@@ -133,7 +133,7 @@ def child(n_clients: int, method: str, per_round: int | None, out: Path) -> None
                "engine": {"progress": False, "checkpoint_every": 0, "torch_threads": 1}}
         start = time.perf_counter()
         with patch.object(RoundLoop, "_fit_round", timed_fit_round), \
-                patch.object(api, "build_session", measured_session), patch.object(api, "write_report", measured_report):
+                patch.object(inprocess, "build_session", measured_session), patch.object(api, "write_report", measured_report):
             result = api.run_experiment(cfg)
         wall = time.perf_counter() - start
         last = result.rounds[-1]

@@ -18,15 +18,14 @@ Usage: python benchmarks/speed.py [--quick] [--out DIR] [--threads 1] [--model m
 
 from __future__ import annotations
 
-import os
+from fedlora.core.offline import use_offline
 
-for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                     "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_key, _value)  # before transformers is imported: a hub look-up blocks ~23 s
+use_offline()  # before transformers is imported: a hub look-up blocks ~23 s
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402

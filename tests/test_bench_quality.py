@@ -1,7 +1,9 @@
-"""benchmarks/quality.py: the table and ordering logic on hand-made results, and the --quick smoke run."""
+"""benchmarks/quality.py and its modules: the table and ordering logic on hand-made results, the run lock, and the
+--quick smoke run."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -11,14 +13,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
 
 
-def load_quality():
-    """The benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(name: str):
+    """A module of benchmarks/ (not a package: the quality modules import each other by name, as the script does)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
 
 
 def fake_run(method: str, seed: int, average: float, suite: str = "nlg", **extra) -> dict:
@@ -28,86 +30,86 @@ def fake_run(method: str, seed: int, average: float, suite: str = "nlg", **extra
             "tasks": {"c0": "t1", "c1": "t2"}, **extra}
 
 
-def table_of(q, means: dict[str, list[float]]) -> dict:
+def table_of(means: dict[str, list[float]]) -> dict:
     """aggregate() of runs whose per-seed averages are `means[method]`."""
-    return q.aggregate({m: {s: fake_run(m, s, v) for s, v in enumerate(vs)} for m, vs in means.items()})
+    return bench("quality_stats").aggregate({m: {s: fake_run(m, s, v) for s, v in enumerate(vs)} for m, vs in means.items()})
 
 
 def test_ordering_says_yes_only_when_the_means_follow_the_paper():
-    q = load_quality()
-    order = q.PAPER["nlg"]["order"]  # FedALT > FDLoRA > FedDPA > Local > FedIT
-    follows = table_of(q, {"fedalt": [0.50, 0.52], "fdlora": [0.48, 0.47], "feddpa": [0.45, 0.46],
+    setup, stats = bench("quality_setup"), bench("quality_stats")
+    order = setup.PAPER["nlg"]["order"]  # FedALT > FDLoRA > FedDPA > Local > FedIT
+    follows = table_of({"fedalt": [0.50, 0.52], "fdlora": [0.48, 0.47], "feddpa": [0.45, 0.46],
                            "local": [0.44, 0.43], "fedit": [0.40, 0.41]})
-    checks = [q.check_relation(r, follows) for r in q.relations(order)]
+    checks = [stats.check_relation(r, follows) for r in stats.relations(order)]
     assert len(checks) == 10 and all(c["holds"] == "yes" for c in checks)
-    assert q.verdict(checks).startswith("**Reproduced: yes.**")
+    assert stats.verdict(checks).startswith("**Reproduced: yes.**")
 
-    swapped = table_of(q, {"fedalt": [0.50, 0.52], "fdlora": [0.48, 0.47], "feddpa": [0.45, 0.46],
+    swapped = table_of({"fedalt": [0.50, 0.52], "fdlora": [0.48, 0.47], "feddpa": [0.45, 0.46],
                            "local": [0.40, 0.41], "fedit": [0.44, 0.43]})  # FedIT above Local
-    checks = {c["relation"]: c for c in (q.check_relation(r, swapped) for r in q.relations(order))}
+    checks = {c["relation"]: c for c in (stats.check_relation(r, swapped) for r in stats.relations(order))}
     assert checks["Local > FedIT"]["holds"] == "no" and checks["FedDPA > FedIT"]["holds"] == "yes"
     assert checks["Local > FedIT"]["delta"] == pytest.approx(-0.03)
     assert sum(c["holds"] == "yes" for c in checks.values()) == 9
-    assert q.verdict(list(checks.values())).startswith("**Reproduced: no.** 9 of 10")
+    assert stats.verdict(list(checks.values())).startswith("**Reproduced: no.** 9 of 10")
 
-    partial = table_of(q, {"fedalt": [0.5], "fedit": [0.4]})
-    checks = [q.check_relation(r, partial) for r in q.relations(order)]
+    partial = table_of({"fedalt": [0.5], "fedit": [0.4]})
+    checks = [stats.check_relation(r, partial) for r in stats.relations(order)]
     assert [c["holds"] for c in checks].count("yes") == 1 and [c["holds"] for c in checks].count("not run") == 9
-    text = q.verdict(checks)
+    text = stats.verdict(checks)
     assert "not decidable" in text and "FDLoRA" in text and "FedALT" not in text.split("Missing runs of:")[1]
 
 
 def test_ties_and_noise_within_a_group():
-    q = load_quality()
-    rels = q.relations(q.PAPER["nlu"]["order"])  # FedLEASE > FedSA ~ FedDPA ~ IFCA > FedIT
+    setup, stats = bench("quality_setup"), bench("quality_stats")
+    rels = stats.relations(setup.PAPER["nlu"]["order"])  # FedLEASE > FedSA ~ FedDPA ~ IFCA > FedIT
     assert ("fedsa", "~", "feddpa") in rels and ("fedlease", ">", "fedit") in rels and len(rels) == 10
-    table = table_of(q, {"fedsa": [0.800, 0.806], "feddpa": [0.798, 0.800], "ifca": [0.70, 0.71]})
-    assert q.check_relation(("fedsa", "~", "feddpa"), table)["holds"] == "yes"  # 0.4 points apart
-    far = q.check_relation(("fedsa", "~", "ifca"), table)
+    table = table_of({"fedsa": [0.800, 0.806], "feddpa": [0.798, 0.800], "ifca": [0.70, 0.71]})
+    assert stats.check_relation(("fedsa", "~", "feddpa"), table)["holds"] == "yes"  # 0.4 points apart
+    far = stats.check_relation(("fedsa", "~", "ifca"), table)
     assert far["holds"] == "no" and far["beyond_noise"] is True
     assert table["fedsa"]["average"]["n"] == 2
     assert table["fedsa"]["average"]["std"] == pytest.approx(0.006 / 2 ** 0.5)
 
 
 def test_seed_noise_is_paired_over_the_shared_splits():
-    q = load_quality()
+    stats = bench("quality_stats")
     # Seed 1's split is much harder for both methods, but FedLEASE is 2 points above FedIT on every split.
-    table = table_of(q, {"fedlease": [0.40, 0.30, 0.46], "fedit": [0.38, 0.28, 0.44]})
-    paired = q.check_relation(("fedlease", ">", "fedit"), table)
+    table = table_of({"fedlease": [0.40, 0.30, 0.46], "fedit": [0.38, 0.28, 0.44]})
+    paired = stats.check_relation(("fedlease", ">", "fedit"), table)
     assert paired["delta"] == pytest.approx(0.02) and paired["se"] == pytest.approx(0.0, abs=1e-12)
     assert paired["beyond_noise"] is True  # unpaired, the splits' spread (s.e. ~0.06) would hide it
 
-    uneven = table_of(q, {"fedlease": [0.40, 0.30, 0.46], "fedit": [0.38, 0.28]})  # a sweep still running
-    welch = q.check_relation(("fedlease", ">", "fedit"), uneven)
+    uneven = table_of({"fedlease": [0.40, 0.30, 0.46], "fedit": [0.38, 0.28]})  # a sweep still running
+    welch = stats.check_relation(("fedlease", ">", "fedit"), uneven)
     assert welch["se"] == pytest.approx((0.006533 / 3 + 0.005 / 2) ** 0.5, rel=1e-2)
     assert welch["beyond_noise"] is False
-    assert q.check_relation(("fedlease", ">", "fedit"), table_of(q, {"fedlease": [0.4], "fedit": [0.3]}))["se"] is None
+    assert stats.check_relation(("fedlease", ">", "fedit"), table_of({"fedlease": [0.4], "fedit": [0.3]}))["se"] is None
 
 
 def test_ari_on_a_planted_assignment():
-    q = load_quality()
+    runs = bench("quality_runs")
     tasks = {f"{t}-{i}": t for t in ("a", "b", "c", "d") for i in range(4)}
     exact = {c: "abcd".index(t) for c, t in tasks.items()}
-    assert q.task_ari(exact, tasks) == pytest.approx(1.0)
+    assert runs.task_ari(exact, tasks) == pytest.approx(1.0)
     relabelled = {c: 3 - e for c, e in exact.items()}  # cluster ids are arbitrary
-    assert q.task_ari(relabelled, tasks) == pytest.approx(1.0)
+    assert runs.task_ari(relabelled, tasks) == pytest.approx(1.0)
     merged = {c: min(e, 2) for c, e in exact.items()}  # tasks c and d share an expert
-    assert 0.5 < q.task_ari(merged, tasks) < 1.0
-    assert q.task_ari({c: 0 for c in tasks}, tasks) == pytest.approx(0.0)
+    assert 0.5 < runs.task_ari(merged, tasks) < 1.0
+    assert runs.task_ari({c: 0 for c in tasks}, tasks) == pytest.approx(0.0)
 
 
 def test_report_from_existing_runs_marks_missing_ones(tmp_path):
-    q = load_quality()
+    setup, runs, report = bench("quality_setup"), bench("quality_runs"), bench("quality_report")
     fl = {"n_experts": 2, "silhouette": {"2": 0.4, "3": 0.1}, "assignment": {"c0": 0, "c1": 1}, "ari": 1.0}
-    runs = [fake_run("fedit", 0, 0.40, "nlu"), fake_run("fedit", 1, 0.42, "nlu"),
-            fake_run("fedlease", 0, 0.50, "nlu", fedlease=fl), fake_run("ifca", 0, 0.99, "nlu", setup="an older config")]
-    for r in runs:
-        r.setdefault("setup", q.setup_id(q.config_for("nlu", "quick", r["method"], r["seed"], tmp_path)))
-        path = q.result_path(tmp_path, "nlu", "quick", r["method"], r["seed"])
+    results = [fake_run("fedit", 0, 0.40, "nlu"), fake_run("fedit", 1, 0.42, "nlu"),
+               fake_run("fedlease", 0, 0.50, "nlu", fedlease=fl), fake_run("ifca", 0, 0.99, "nlu", setup="an older config")]
+    for r in results:
+        r.setdefault("setup", setup.setup_id(setup.config_for("nlu", "quick", r["method"], r["seed"], tmp_path)))
+        path = runs.result_path(tmp_path, "nlu", "quick", r["method"], r["seed"])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(r))
-    md = q.write_report(tmp_path, "quick", {"nlu": ["fedit", "fedlease", "ifca"], "nlg": ["fedalt"]},
-                        {"nlu": [0, 1], "nlg": [0, 1]}, "cmd")
+    md = report.write_report(tmp_path, "quick", {"nlu": ["fedit", "fedlease", "ifca"], "nlg": ["fedalt"]},
+                             {"nlu": [0, 1], "nlg": [0, 1]}, "cmd")
     text = md.read_text()
     assert "| FedIT | 40.00 ± 1.41 | 42.00 ± 1.41 | **41.00 ± 1.41** | +0.00 |" in text
     assert "**50.00 ± – (1/2)**" in text and "| IFCA+LoRA | not run |" in text
@@ -119,8 +121,8 @@ def test_report_from_existing_runs_marks_missing_ones(tmp_path):
     for suite in ("nlu", "nlg"):
         assert (tmp_path / "quality" / f"quality_{suite}.png").read_bytes()[:4] == b"\x89PNG"
     # runs of seeds beyond the requested ones (e.g. made with --seeds 0 1 2) are shown, not hidden or flagged
-    md = q.write_report(tmp_path, "quick", {"nlu": ["fedit", "fedlease", "ifca"], "nlg": ["fedalt"]},
-                        {"nlu": [0], "nlg": [0]}, "cmd")
+    md = report.write_report(tmp_path, "quick", {"nlu": ["fedit", "fedlease", "ifca"], "nlg": ["fedalt"]},
+                             {"nlu": [0], "nlg": [0]}, "cmd")
     assert "| FedIT | 40.00 ± 1.41 | 42.00 ± 1.41 | **41.00 ± 1.41** | +0.00 |" in md.read_text()
     assert "**50.00 ± – (1/2)**" in md.read_text()  # seed 1 exists for FedIT, so FedLEASE lacks it
     assert json.loads((tmp_path / "quality" / "quality.json").read_text())["missing"] == [
@@ -149,36 +151,73 @@ def test_quality_benchmark_quick(tmp_path):
 
 
 def test_setup_id_ignores_engine_and_paths_but_not_the_setup(tmp_path):
-    q = load_quality()
-    base = q.config_for("nlu", "quick", "fedit", 0, tmp_path / "a")
-    same = q.config_for("nlu", "quick", "fedit", 0, tmp_path / "b", threads=1)
-    assert q.setup_id(base) == q.setup_id(same)
-    other_seed = q.config_for("nlu", "quick", "fedit", 1, tmp_path / "a")
-    other_budget = q.config_for("nlu", "quick", "fedit", 0, tmp_path / "a")
+    setup = bench("quality_setup")
+    base = setup.config_for("nlu", "quick", "fedit", 0, tmp_path / "a")
+    same = setup.config_for("nlu", "quick", "fedit", 0, tmp_path / "b", threads=1)
+    assert setup.setup_id(base) == setup.setup_id(same)
+    other_seed = setup.config_for("nlu", "quick", "fedit", 1, tmp_path / "a")
+    other_budget = setup.config_for("nlu", "quick", "fedit", 0, tmp_path / "a")
     other_budget.training.local_steps += 1
-    assert len({q.setup_id(base), q.setup_id(other_seed), q.setup_id(other_budget)}) == 3
+    assert len({setup.setup_id(base), setup.setup_id(other_seed), setup.setup_id(other_budget)}) == 3
 
 
 def test_summarize_run_reads_fedlease_allocation_and_any_clustering():
-    q = load_quality()
+    runs = bench("quality_runs")
     tasks = {"a0": "t1", "a1": "t1", "b0": "t2", "b1": "t2"}
     final = {"eval": {c: {"accuracy": 0.5} for c in tasks}, "summary": {"mean": {"accuracy": 0.5},
                                                                          "by_task": {"t1": {"accuracy": 0.5}}}}
-    ifca = q.summarize_run([{"round": 1, "server": {"assignment": {"a0": 0, "a1": 0, "b0": 1, "b1": 1}}, **final}],
-                           tasks, "accuracy")
+    ifca = runs.summarize_run([{"round": 1, "server": {"assignment": {"a0": 0, "a1": 0, "b0": 1, "b1": 1}}, **final}],
+                              tasks, "accuracy")
     assert "fedlease" not in ifca and ifca["clustering"]["ari"] == 1.0  # IFCA: no experts, still a grouping
     lease = {"n_experts": 2, "assignment": {"a0": 1, "a1": 0, "b0": 0, "b1": 1}, "silhouette": {"2": 0.3}}
-    fl = q.summarize_run([{"round": 1, "server": lease, **final}], tasks, "accuracy")
+    fl = runs.summarize_run([{"round": 1, "server": lease, **final}], tasks, "accuracy")
     assert fl["fedlease"]["n_experts"] == 2 and fl["fedlease"]["ari"] < 0.5
 
 
+def test_summarize_run_keeps_per_client_diagnostics_of_either_record_layout():
+    runs = bench("quality_runs")
+    tasks = {"a0": "t1", "b0": "t2"}
+    summary = {"mean": {"accuracy": 0.5}, "by_task": {"t1": {"accuracy": 0.4}, "t2": {"accuracy": 0.6}}}
+    old = {"round": 1, "summary": summary,
+           "eval": {"a0": {"accuracy": 0.4, "cluster": 1}, "b0": {"accuracy": 0.6, "cluster": 0}}}
+    new = {"round": 1, "summary": summary, "eval": {"a0": {"accuracy": 0.4}, "b0": {"accuracy": 0.6}},
+           "diagnostics": {"a0": {"cluster": 1}, "b0": {"cluster": 0}}}
+    assert runs.summarize_run([new], tasks, "accuracy")["per_client"] == old["eval"]
+    assert runs.summarize_run([old], tasks, "accuracy")["per_client"] == old["eval"]
+
+
+def test_a_run_is_held_by_one_sweep_and_free_again_once_its_holder_ends(tmp_path):
+    runs = bench("quality_runs")
+    path = runs.result_path(tmp_path, "nlu", "quick", "fedit", 0)
+    with runs.claim(path) as first, runs.claim(path) as second:
+        assert first and not second
+    with runs.claim(path) as again:
+        assert again  # released by the first holder
+    hold = ("import pathlib, sys, time; sys.path.insert(0, sys.argv[1]); import quality_runs; "
+            "held = quality_runs.claim(pathlib.Path(sys.argv[2])); held.__enter__(); "  # kept referenced: held till killed
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(BENCH), str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with runs.claim(path) as taken:
+            assert not taken  # another process runs it
+        holder.kill()  # dies holding the lock, leaving its lock file behind
+        holder.wait(timeout=30)
+        with runs.claim(path) as taken:
+            assert taken  # the OS dropped the dead holder's lock
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+
+
 def test_majority_class_is_each_clients_own_training_prior():
-    q = load_quality()
+    runs = bench("quality_runs")
     row = lambda label: {"label": label}  # noqa: E731
     clients = [{"client_id": "a0", "task": "t1", "train": [row("x"), row("x"), row("y")], "test": [row("x"), row("y")]},
                {"client_id": "a1", "task": "t1", "train": [row("y")], "test": [row("y"), row("y"), row("x"), row("y")]},
                {"client_id": "b0", "task": "t2", "train": [row(1), row(2), row(2)], "test": [row(1)]}]
-    out = q.majority_class(clients)
+    out = runs.majority_class(clients)
     assert out["per_client"] == {"a0": {"accuracy": 0.5}, "a1": {"accuracy": 0.75}, "b0": {"accuracy": 0.0}}
     assert out["by_task"] == {"t1": 0.625, "t2": 0.0} and out["average"] == 0.3125
 

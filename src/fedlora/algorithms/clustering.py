@@ -50,7 +50,8 @@ class Clustering:
 
 
 def choose_clusters(dist: np.ndarray, max_clusters: int) -> Clustering:
-    """Average-linkage agglomerative clustering for K = 2..max_clusters; M = argmax silhouette (smallest K on ties)."""
+    """Average-linkage agglomerative clustering for K = 2..min(max_clusters, N-1) (the silhouette's range);
+    M = argmax silhouette (smallest K on ties)."""
     n = dist.shape[0]
     if n < 3:  # silhouette needs 2 <= K <= n-1: with 1 or 2 clients each is its own cluster
         return Clustering(list(range(n)), n, {})

@@ -122,8 +122,7 @@ class FedLEASEServer(ServerAlgorithm):
 
     def _allocate(self) -> None:
         ids = sorted(self.warm, key=list(self.clients).index)
-        result = choose_clusters(b_distance_matrix([self.warm[c] for c in ids]),
-                                 min(self.options.max_clusters, max(len(ids) - 1, 2)))
+        result = choose_clusters(b_distance_matrix([self.warm[c] for c in ids]), self.options.max_clusters)
         self.silhouette = result.silhouette
         self.assignment = dict(zip(ids, result.labels))
         self.experts = cluster_means([self.warm[c] for c in ids], result.labels, [self.weight(c) for c in ids])
