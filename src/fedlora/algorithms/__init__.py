@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from ..adapters import AdapterSpec
 from ..core.config import AlgorithmConfig
 from ..core.errors import ConfigError
-from .base import (AveragingOptions, ClientAlgorithm, ClientContext, ClientInfo, ClientState, Diagnostic, Options,
+from .base import (Aggregation, AveragingOptions, ClientAlgorithm, ClientContext, ClientInfo, ClientState, Diagnostic, Options,
                    Payload, Personalized, Reply, ServerAlgorithm, lora_rank)
 from .fdlora import FDLoRAClient, FDLoRAOptions, FDLoRAServer
 from .fedalt import FedALTClient, FedALTOptions, FedALTServer
@@ -91,12 +91,13 @@ def check_algorithm(algorithm: AlgorithmConfig, methods: list[str] | None = None
         parse_options(name, algorithm.options_for(name))
 
 
-def build(name: str, options: dict, spec: AdapterSpec, seed: int) -> tuple[ServerAlgorithm, ClientAlgorithm]:
+def build(name: str, options: dict, spec: AdapterSpec, seed: int,
+          aggregation: Aggregation = Aggregation()) -> tuple[ServerAlgorithm, ClientAlgorithm]:
     """The server and client objects of a method, options validated."""
     method, opts = get_method(name), parse_options(name, options)
-    return method.server(opts, spec, seed), method.client(opts, spec, seed)
+    return method.server(opts, spec, seed, aggregation), method.client(opts, spec, seed)
 
 
-__all__ = ["METHODS", "ClientAlgorithm", "ClientContext", "ClientInfo", "ClientState", "Diagnostic", "Method", "Payload",
+__all__ = ["METHODS", "Aggregation", "ClientAlgorithm", "ClientContext", "ClientInfo", "ClientState", "Diagnostic", "Method", "Payload",
            "Personalized", "Reply", "ServerAlgorithm", "build", "check_algorithm", "get_method", "lora_rank",
            "parse_options"]

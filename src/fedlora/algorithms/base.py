@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..adapters import AdaptedModel, AdapterSpec, Layout
 from ..core.seeding import generator
-from ..core.tensors import StateDict, num_bytes, weighted_mean
+from ..core.tensors import StateDict, coordinate_median, num_bytes, trimmed_mean, weighted_mean
 from ..training import ClientDataset, InstanceWeighting, Trainer
 
 
@@ -108,6 +108,15 @@ class AveragingOptions(Options):
     weighting: Literal["examples", "uniform"] = "examples"
 
 
+@dataclass(frozen=True)
+class Aggregation:
+    """How a server combines client states key by key (`federation.aggregation`): the weighted mean, or an
+    unweighted robust statistic that a minority of poisoned updates cannot move far."""
+
+    rule: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_fraction: float = 0.1
+
+
 def lora_rank(state: StateDict) -> int | None:
     """The LoRA rank of an expert state (or of its A or B half), None for a state without LoRA tensors."""
     for key, value in state.items():
@@ -121,8 +130,8 @@ def lora_rank(state: StateDict) -> int | None:
 class ServerAlgorithm:
     """The server side of a method."""
 
-    def __init__(self, options: Options, spec: AdapterSpec, seed: int) -> None:
-        self.options, self.spec, self.seed = options, spec, seed
+    def __init__(self, options: Options, spec: AdapterSpec, seed: int, aggregation: Aggregation = Aggregation()) -> None:
+        self.options, self.spec, self.seed, self.aggregation = options, spec, seed, aggregation
         self.clients: dict[str, ClientInfo] = {}
 
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
@@ -137,8 +146,18 @@ class ServerAlgorithm:
         return 1.0
 
     def client_mean(self, states: dict[str, StateDict]) -> StateDict:
-        """The weighted mean of states keyed by client id (A and B averaged separately, key by key)."""
+        """The states keyed by client id combined key by key (A and B separately) by the aggregation rule: the
+        weighted mean, or the coordinate-wise median / trimmed mean."""
+        if self.aggregation.rule == "median":
+            return coordinate_median(list(states.values()))
+        if self.aggregation.rule == "trimmed_mean":
+            return trimmed_mean(list(states.values()), self.aggregation.trim_fraction)
         return weighted_mean(list(states.values()), [self.weight(cid) for cid in states])
+
+    def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """What reply state `name` is an update of, for update clipping: by default the payload's state of that
+        name; None when the client had nothing to start from that the server knows (the state is the update)."""
+        return payload.states.get(name)
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
         """Payloads for the clients sampled in round `rnd` (1-based), each naming the states its reply must carry."""

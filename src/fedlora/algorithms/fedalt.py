@@ -54,7 +54,11 @@ class FedALTServer(ServerAlgorithm):
                 self._sum[k] = self._sum[k] + w * v.double() if k in self._sum else w * v.double()
 
     def rest_of_world(self, cid: str) -> StateDict | None:
-        """(S - w_k theta_k) / (W - w_k): the weighted mean of everyone else's Individual LoRA, or None if none."""
+        """(S - w_k theta_k) / (W - w_k): the weighted mean of everyone else's Individual LoRA, or None if none
+        (under a robust `federation.aggregation`, their median or trimmed mean)."""
+        if self.aggregation.rule != "mean":
+            others = {c: lora for c, lora in self.individual.items() if c != cid}
+            return self.client_mean(others) if others else None
         own = self.individual.get(cid)
         w_own = self.weight(cid) if own is not None else 0.0
         if self._total - w_own <= 0:
@@ -75,6 +79,10 @@ class FedALTServer(ServerAlgorithm):
         for cid, reply in replies.items():
             self.individual[cid] = reply.states["individual"]
         self._refresh_sum()
+
+    def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """An Individual LoRA is an update of the client's previous one (None before its first upload)."""
+        return self.individual.get(client_id)
 
     def diagnostics(self) -> dict:
         """How many clients' Individual LoRAs are known."""

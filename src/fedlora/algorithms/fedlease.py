@@ -120,6 +120,12 @@ class FedLEASEServer(ServerAlgorithm):
             return f"the router must have 2M-1 = {2 * len(self.experts) - 1} slots for M = {len(self.experts)} experts"
         return None
 
+    def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """The own expert is an update of the expert j the client received; the router of its cluster's router."""
+        if name == "expert":
+            return payload.states.get(expert_key(payload.config["expert"]))
+        return payload.states.get(name)
+
     def _allocate(self) -> None:
         ids = sorted(self.warm, key=list(self.clients).index)
         result = choose_clusters(b_distance_matrix([self.warm[c] for c in ids]), self.options.max_clusters)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.errors import ConfigError
 from ..core.seeding import generator
 from ..core.tensors import StateDict
 from .base import ClientAlgorithm, ClientContext, ClientInfo, ClientState, Payload, Personalized, Reply, ServerAlgorithm
@@ -41,6 +42,12 @@ def stack_key(rnd: int) -> str:
 
 class FLoRAServer(ServerAlgorithm):
     """Keeps each round's stack until every client has merged it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.aggregation.rule != "mean":  # a stack keeps every client's LoRA exactly: there is nothing to vote on
+            raise ConfigError(f"flora stacks the client LoRAs and cannot take federation.aggregation="
+                              f"{self.aggregation.rule!r}; use 'mean' (and federation.update_clip against outliers)")
 
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
         """Start with no stacks."""

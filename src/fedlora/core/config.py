@@ -107,7 +107,16 @@ class FederationConfig(Section):
     eval_at_start: bool = Field(True, description="evaluate the untrained start as round 0")
     min_clients: int = Field(1, gt=0)
     max_update_norm: float | None = Field(None, gt=0, description="reject a client state whose L2 norm is larger")
-    round_timeout: float | None = Field(None, gt=0, description="seconds to wait for replies (Flower); None: no limit")
+    round_timeout: float | None = Field(3600.0, gt=0, description="seconds to wait for a round's replies (Flower); "
+                                        "a hung node then counts as failed; None: no limit")
+    update_clip: float | Literal["adaptive"] | None = Field(
+        "adaptive", description="clip each client's update (its state minus what it received) to this L2 norm; "
+        "'adaptive': to update_clip_factor x the round's median update norm (needs 3 or more replies); None: off")
+    update_clip_factor: float = Field(10.0, gt=1, description="the adaptive clip as a multiple of the median norm")
+    aggregation: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean", description="how servers combine client states key by key: the (weighted) mean, or the unweighted "
+        "coordinate-wise median / trimmed mean (robust to a minority of poisoned updates)")
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: the fraction cut from each end")
 
 
 class ProportionalRule(Section):

@@ -11,8 +11,7 @@ StateDict = dict[str, torch.Tensor]
 
 def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None) -> StateDict:
     """Key-wise weighted mean of state dicts with identical keys; weights are normalised to sum 1."""
-    if not states:
-        raise ValueError("weighted_mean needs at least one state")
+    keys = _same_keys(states)
     if weights is None:
         weights = [1.0] * len(states)
     if len(weights) != len(states):
@@ -20,10 +19,6 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
     total = float(sum(weights))
     if total <= 0:
         raise ValueError(f"weights must sum to a positive number, got {list(weights)}")
-    keys = list(states[0])
-    for s in states[1:]:
-        if set(s) != set(keys):
-            raise ValueError(f"states have different keys: {sorted(set(s) ^ set(keys))[:5]}")
     out: StateDict = {}
     for k in keys:
         acc = torch.zeros_like(states[0][k], dtype=torch.float64)
@@ -31,6 +26,40 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
             acc += s[k].to(torch.float64) * (w / total)
         out[k] = acc.to(states[0][k].dtype)
     return out
+
+
+def _same_keys(states: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
+    if not states:
+        raise ValueError("aggregation needs at least one state")
+    keys = list(states[0])
+    for s in states[1:]:
+        if set(s) != set(keys):
+            raise ValueError(f"states have different keys: {sorted(set(s) ^ set(keys))[:5]}")
+    return keys
+
+
+def coordinate_median(states: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
+    """Key-wise, element-wise median of state dicts (the mean of the two middle values for an even count)."""
+    keys = _same_keys(states)
+    return {k: torch.stack([s[k].to(torch.float64) for s in states]).quantile(0.5, dim=0).to(states[0][k].dtype)
+            for k in keys}
+
+
+def trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], fraction: float) -> StateDict:
+    """Key-wise, element-wise mean after dropping the floor(fraction * n) largest and smallest values of each
+    element (Yin et al. 2018); fraction 0 is the plain mean."""
+    keys = _same_keys(states)
+    n, cut = len(states), int(fraction * len(states))  # fraction < 0.5 always leaves at least one value
+    out: StateDict = {}
+    for k in keys:
+        values = torch.stack([s[k].to(torch.float64) for s in states]).sort(dim=0).values
+        out[k] = values[cut : n - cut].mean(0).to(states[0][k].dtype)
+    return out
+
+
+def norm(state: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of a whole state (every tensor as one vector)."""
+    return float(sum(float(v.double().pow(2).sum()) for v in state.values())) ** 0.5
 
 
 def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float = 1.0) -> StateDict:

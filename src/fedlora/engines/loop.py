@@ -19,6 +19,7 @@ from ..core.config import Config
 from ..core.errors import ClientFailure
 from ..core.io import append_jsonl
 from .checkpoint import Checkpoint, save_checkpoint
+from .clipping import clip_updates
 from .results import RunResult, summarize
 from .runtime import Evaluation
 from .sampling import sample_clients
@@ -88,11 +89,16 @@ class RoundLoop(ABC):
         if len(replies) < self.config.federation.min_clients:
             raise ClientFailure(f"round {rnd}: only {len(replies)} of {len(sampled)} clients replied, fewer than "
                                 f"federation.min_clients={self.config.federation.min_clients}; failures: {failures}")
+        replies, clipped = clip_updates(self.server, payloads, replies, self.config.federation)
+        for cid, factors in clipped.items():
+            log.warning("round %d: client %s's update clipped (%s)", rnd, cid,
+                        ", ".join(f"{name} x{f:.3g}" for name, f in factors.items()))
         self.server.aggregate(rnd, replies)
-        return {"sampled": sampled, "fit": fit, "failures": failures,
-                "comm": {"bytes_up": sum(f["bytes_up"] for f in fit.values()),
-                         "bytes_down": sum(f["bytes_down"] for f in fit.values())},
-                "server": self.server.diagnostics()}
+        record = {"sampled": sampled, "fit": fit, "failures": failures,
+                  "comm": {"bytes_up": sum(f["bytes_up"] for f in fit.values()),
+                           "bytes_down": sum(f["bytes_down"] for f in fit.values())},
+                  "server": self.server.diagnostics()}
+        return {**record, "clipped": clipped} if clipped else record
 
     def evaluate(self, rnd: int, ids: list[str]) -> dict:
         """Every client of `ids` on its own test split with what the server sends at `rnd`:

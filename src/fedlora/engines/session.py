@@ -11,7 +11,7 @@ import torch
 
 from ..adapters import AdaptedModel
 from ..adapters.base_models import LoadedModel, load_base_model
-from ..algorithms import ClientInfo, ServerAlgorithm, build, check_algorithm
+from ..algorithms import Aggregation, ClientInfo, ServerAlgorithm, build, check_algorithm
 from ..core.config import Config
 from ..core.errors import DataError
 from ..core.seeding import generator
@@ -52,7 +52,8 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     if base.objective == "classification" and num_labels == 0:
         raise DataError(f"model {cfg.model.name!r} classifies, but dataset {cfg.data.dataset!r} has no labels")
     adapted = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    server, client = build(cfg.algorithm.name, cfg.algorithm.active_options, adapted.spec, cfg.seed)
+    server, client = build(cfg.algorithm.name, cfg.algorithm.active_options, adapted.spec, cfg.seed,
+                           aggregation_of(cfg))
     datasets = {c.client_id: encode_client(c, base.tokenizer, base.objective, cfg.data.max_length) for c in clients}
     truncated = sum(d.train.n_truncated + d.test.n_truncated for d in datasets.values())
     if truncated:
@@ -62,6 +63,11 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     runtime = ClientRuntime(client, adapted, base.tokenizer, cfg, base.objective, datasets, whole_split=whole_split)
     infos = [ClientInfo(c.client_id, len(datasets[c.client_id].train), c.task) for c in clients]
     return Session(cfg, clients, base, adapted, server, runtime, infos)
+
+
+def aggregation_of(cfg: Config) -> Aggregation:
+    """The server's aggregation rule from `[federation]`."""
+    return Aggregation(cfg.federation.aggregation, cfg.federation.trim_fraction)
 
 
 def encode_client(client: ClientData, tokenizer: PreTrainedTokenizerBase, objective: str,
