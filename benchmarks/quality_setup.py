@@ -74,6 +74,9 @@ def config_for(suite: str, profile: str, method: str, seed: int, run_dir: Path, 
     return cfg
 
 
+LATER_DEFAULTS = {"update_clip": "adaptive", "update_clip_factor": 10.0, "aggregation": "mean", "trim_fraction": 0.1}
+
+
 def setup_id(cfg: Config) -> str:
     """A hash of everything in a run's config that can change its results (not its name, paths or engine)."""
     import hashlib
@@ -81,4 +84,11 @@ def setup_id(cfg: Config) -> str:
     setup = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("name", "output_dir", "engine")}
     setup["algorithm"].pop("per_method", None)  # its entry for this method is in algorithm.options; others don't matter
     setup["model"]["task"] = setup["model"].pop("objective")  # its name before 0.2: the stored runs keep their ids
+    # Settings added later enter the hash only when changed from their default, so the stored runs keep their ids:
+    # the round timeout cannot change a result, and the adaptive update clip clips no honest update (robustness.md)
+    federation = setup["federation"]
+    federation["round_timeout"] = None
+    for key, default in LATER_DEFAULTS.items():
+        if federation.get(key) == default:
+            federation.pop(key)
     return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
