@@ -18,7 +18,8 @@ import tomli_w
 from fedlora import run_experiment
 from fedlora.cli import main
 from fedlora.core.config import build_config
-from fedlora.core.errors import DataError
+from fedlora.core.errors import ConfigError, DataError
+from fedlora.data.federated import build_clients
 from fedlora.engines.session import build_session
 
 from .conftest import tiny_config
@@ -188,3 +189,23 @@ def test_target_modules_that_match_nothing_list_the_models_linear_modules(capsys
     assert expected in err
     if "regular expression" not in expected:
         assert "['classifier', 'dense', 'key', 'query', 'value']" in err and "bert.encoder.layer.0" in err
+
+
+def test_names_that_would_leave_a_directory_are_refused(tmp_path):
+    from fedlora.core.names import name_problem, safe_name, sanitize_name
+    from fedlora.serving import export_client, predict
+
+    for bad in ["../../x", "/home/user/.ssh/id", "a/b", "..", ".hidden", "x" * 101, "", "a b", 7]:
+        assert name_problem(bad) is not None, bad
+    assert name_problem("noun_topic-0") is None and name_problem("hospital.7") is None
+    assert sanitize_name("Alice & Bob/../x") == "Alice-Bob-.-x" and name_problem(sanitize_name("../../..")) is None
+    with pytest.raises(ConfigError, match="not a safe name"):
+        safe_name("../evil")
+    with pytest.raises(ConfigError, match="not a safe name"):
+        predict(tmp_path, "../../outside", ["text"])
+    with pytest.raises(ConfigError, match="not a safe name"):
+        export_client(tmp_path, "/abs/path", tmp_path / "out")
+    data = write_jsonl(tmp_path / "evil.jsonl", [{"text": f"t{i}", "label": "ab"[i % 2], "task": "../up"}
+                                                 for i in range(8)])
+    with pytest.raises(ConfigError, match="task '../up'"):
+        build_clients(build_config(tiny_config(tmp_path, data={"dataset": str(data), "tasks": None})).data, 0)

@@ -23,6 +23,7 @@ from .adapters.peft_io import export_peft_adapter, import_peft_adapter
 from .algorithms import Personalized
 from .core.config import Config, TrainingConfig, load_config
 from .core.errors import CheckpointError, ConfigError, DataError
+from .core.names import safe_name
 from .core.io import load_json, load_tensors, save_json, save_tensors
 from .data.suites import TEMPLATE
 from .data.tokenize import Encoded, encode_prompt, encode_texts
@@ -47,6 +48,7 @@ def run_config(run_dir: Path) -> Path:
 def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path) -> Path:
     """Write client `client_id`'s personalized model after the run's last checkpoint into `out_dir`."""
     run_dir, out = Path(run_dir), Path(out_dir)
+    safe_name(client_id)
     cfg = load_config(run_config(run_dir), [f"output_dir={run_dir}"])
     exported_from = checkpoint_id(run_dir)  # read before the checkpoint: a newer one then triggers a re-export
     ckpt = load_checkpoint(run_dir)
@@ -181,7 +183,7 @@ def read_texts(source: str | None) -> list[str]:
 
 def predict(run_dir: str | Path, client_id: str, texts: Sequence[str]) -> list[str]:
     """Predictions of a run's client, from its latest checkpoint (exported into `<run_dir>/exports/<client>`)."""
-    out = Path(run_dir) / "exports" / client_id
+    out = Path(run_dir) / "exports" / safe_name(client_id)
     # export again when the run has moved on since (resumed or re-run): never serve an older checkpoint
     if not (out / MANIFEST).is_file() or load_json(out / MANIFEST).get("checkpoint") != checkpoint_id(Path(run_dir)):
         export_client(run_dir, client_id, out)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..core.config import DataConfig
 from ..core.errors import DataError
+from ..core.names import safe_name
 from ..core.seeding import numpy_rng
 from .partition import by_key, dirichlet, iid, train_test_split
 from .records import Record, load_csv, load_hf, load_jsonl
@@ -64,6 +65,7 @@ def load_file(path: str | Path, fields: dict[str, str] | None = None) -> list[Re
 def local_client(client_id: str, task: str, train_file: str | Path, test_file: str | Path | None = None,
                  fields: dict[str, str] | None = None) -> ClientData:
     """A data owner's own client from its files (a deployment's SuperNode): labels are those its files hold."""
+    safe_name(client_id)
     train = load_file(train_file, fields)
     test = load_file(test_file, fields) if test_file else []
     if not train:
@@ -139,7 +141,7 @@ def build_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
         else:
             parts = iid(len(recs), cfg.clients_per_task, rng)
         for c, part in enumerate(parts):
-            cid = f"{task}-{c}"
+            cid = safe_name(f"{task}-{c}", f"client id (task {task!r} + index)")
             if len(part) < 2:
                 raise DataError(f"client {cid} gets {len(part)} of task {task!r}'s {len(recs)} records "
                                 f"(data.partition={cfg.partition!r}) but needs a train and a test example; lower "
