@@ -16,10 +16,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .core.config import Config
-from .core.errors import FedloraError
+from .core.errors import ConfigError, FedloraError
 from .core.offline import OFFLINE_ENV
+
+if TYPE_CHECKING:  # the engines import torch; a machine that only writes credentials or an app needs neither
+    from .engines.checkpoint import Checkpoint
+    from .engines.results import RunResult
 
 APP_PYPROJECT = """\
 # A fedlora experiment as a Flower app: `flwr run {app_dir} <superlink connection> --stream`.
@@ -109,7 +114,7 @@ def write_credentials(out_dir: str | Path, supernodes: list[str], hosts: list[st
 
     root = Path(out_dir)
     (root / "supernodes").mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def pem_key(key) -> bytes:
         return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -192,7 +197,8 @@ class LocalFederation:
         self.logs = self.workdir / "logs"
         self.credentials: Credentials | None = None
 
-    # the commands, also printed by `fedlora deploy local` and shown in docs/deployment.md
+    # `fedlora run ... --set engine.name=flower-local` runs these on 127.0.0.1; docs/deployment.md's many-machine
+    # steps give the same SuperLink and SuperNode flags by hand, so a change here belongs there too
     def superlink_command(self) -> list[str]:
         """The `flower-superlink` command line: TLS on, only registered SuperNodes admitted."""
         c = self.credentials
@@ -323,10 +329,15 @@ class LocalFederation:
         self.processes.clear()
 
 
-def run_local_deployment(cfg: Config, run_dir: Path, timeout: float | None = None) -> None:
+def run_local_deployment(cfg: Config, run_dir: Path, resume: Checkpoint | None = None,
+                         records: list[dict] | None = None, timeout: float | None = None) -> RunResult:
     """Run `cfg` on a local federation: one SuperNode process per client of its split, TLS and authentication on."""
     from .data.federated import build_clients
+    from .engines.results import RunResult
 
+    del records  # the engine signature's; there is no resumed history to carry on
+    if resume is not None:
+        raise ConfigError("resume needs the in-process engine: on Flower the client states live on the nodes")
     clients = [c.client_id for c in build_clients(cfg.data, cfg.seed)]
     cfg = cfg.with_overrides([f"engine.num_clients={len(clients)}", f"output_dir={Path(run_dir).resolve()}",
                               "engine.name=inprocess"])  # what the ServerApp runs is the plain round loop
@@ -334,6 +345,7 @@ def run_local_deployment(cfg: Config, run_dir: Path, timeout: float | None = Non
     app = write_app(workdir / "app", cfg)
     with LocalFederation(workdir, {cid: {"client-id": cid} for cid in clients}) as federation:
         federation.run(app, timeout=timeout)
+    return RunResult.from_run_dir(Path(run_dir), cfg.algorithm.name)
 
 
 __all__ = ["Credentials", "LocalFederation", "free_port", "run_local_deployment", "write_app", "write_credentials"]

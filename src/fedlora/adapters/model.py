@@ -293,5 +293,3 @@ def require_shapes(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple
         if tuple(state[k].shape) != tuple(shape):
             raise CheckpointError(f"{what}: {k} has shape {tuple(state[k].shape)}, the model needs {tuple(shape)}")
 
-
-check_state = require_shapes  # TEMP-ALIAS: removed once peft_io imports require_shapes

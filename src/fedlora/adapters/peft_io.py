@@ -13,14 +13,26 @@ from safetensors.torch import save_file
 from ..core.errors import CheckpointError
 from ..core.io import load_tensors
 from ..core.tensors import StateDict
-from .model import AdaptedModel, check_state
+from .model import AdaptedModel, require_shapes
 
 PREFIX = "base_model.model."
 
 
-def _target_modules(paths: list[str]) -> list[str] | str:
+def _base_module_names(adapted: AdaptedModel) -> list[str]:
+    """Module names of the base model as PEFT sees them: ours, less the insides of each injected layer."""
+    inside = tuple(f"{path}." for path in adapted.layers)
+    return [n for n, _ in adapted.model.named_modules() if n and not n.startswith(inside)]
+
+
+def _target_modules(adapted: AdaptedModel, paths: list[str]) -> list[str] | str:
+    """PEFT `target_modules` selecting exactly `paths`: suffixes where they cover nothing else, else a regex."""
     suffixes = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    return suffixes if all(p.rsplit(".", 1)[-1] in suffixes for p in paths) else "^(" + "|".join(map(re.escape, paths)) + ")$"
+    # PEFT takes a list entry t to mean every module named t or ending in ".t", of whatever type
+    covered = {n for n in _base_module_names(adapted) if n.rsplit(".", 1)[-1] in suffixes}
+    if covered == set(paths):
+        return suffixes
+    # a string is matched with re.fullmatch; the anchors keep it exact for tools that use re.match or re.search
+    return "^(?:" + "|".join(map(re.escape, paths)) + ")$"
 
 
 def export_peft_adapter(adapted: AdaptedModel, expert: Mapping[str, torch.Tensor], out_dir: str | Path,
@@ -34,7 +46,7 @@ def export_peft_adapter(adapted: AdaptedModel, expert: Mapping[str, torch.Tensor
         task_type = "SEQ_CLS" if adapted.head_names else "CAUSAL_LM"
     head_modules = sorted({n.rsplit(".", 1)[0] for n in (head or {})})
     config = LoraConfig(r=adapted.rank, lora_alpha=adapted.spec.alpha, lora_dropout=dropout,
-                        target_modules=_target_modules(paths), task_type=task_type,
+                        target_modules=_target_modules(adapted, paths), task_type=task_type,
                         modules_to_save=head_modules or None, base_model_name_or_path=base_model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,5 +83,5 @@ def import_peft_adapter(adapted: AdaptedModel, adapter_dir: str | Path) -> tuple
             expert[f"{match.group(1)}.{match.group(2)}"] = value.float()
         elif name in adapted.head_names:
             head[name] = value
-    check_state(expert, adapted.spec.lora_shapes(adapted.rank), f"PEFT adapter {adapter_dir}")
+    require_shapes(expert, adapted.spec.lora_shapes(adapted.rank), f"PEFT adapter {adapter_dir}")
     return expert, head
