@@ -207,6 +207,8 @@ class EngineConfig(Section):
     num_clients: int | None = Field(None, gt=0, description="SuperNodes the Flower server waits for (set by flower-sim)")
     cpus: int | None = Field(None, gt=0, description="CPUs Flower's simulation may use (default: all)")
     handshake_timeout: float = Field(600.0, gt=0, description="seconds the Flower server waits for every SuperNode")
+    clients: list[str] | None = Field(None, description="Flower: the client ids the operator admits; a node that "
+                                      "claims another id is left out (default: any id, up to num_clients nodes)")
 
 
 class Config(Section):
