@@ -12,10 +12,10 @@ from typing import Any
 from .algorithms import check_algorithm
 from .core.config import Config, build_config, load_config
 from .core.errors import CheckpointError, ConfigError, DataError
-from .core.io import save_json, save_text
-from .engines.checkpoint import Checkpoint, load_checkpoint
+from .core.io import json_text, save_json, save_text
+from .engines.checkpoint import Checkpoint, check_split, has_checkpoint, load_checkpoint
 from .engines.inprocess import InProcessEngine
-from .engines.results import RunResult
+from .engines.results import RunResult, read_records
 from .engines.rundir import prepare_run_dir, run_log
 from .engines.session import build_session
 from .reporting import write_report
@@ -53,13 +53,43 @@ def resume_experiment(run_dir: str | Path) -> RunResult:
     if cfg.engine.name != "inprocess":
         raise ConfigError(f"resume needs the in-process engine; with {cfg.engine.name!r} the client states live "
                           "on the SuperNodes, not in the run directory")
-    ckpt = load_checkpoint(run_dir)
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
-    records = [r for r in map(json.loads, filter(None, lines)) if r["round"] <= ckpt.round]
-    save_text(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records))
+    metrics = run_dir / "metrics.jsonl"
+    # the in-process engine writes clients.json before its first round: a run that has one but no checkpoint
+    # was stopped before its first checkpoint, and `run` would refuse it as a run with results
+    started = (run_dir / "clients.json").is_file() or metrics.is_file()
+    if not has_checkpoint(run_dir) and not started:
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from: the run stopped before its first round, "
+                              "so nothing is lost; start it again with `fedlora run` and its config")
     with run_log(run_dir):
+        if not has_checkpoint(run_dir):
+            recorded = len(metrics.read_bytes().splitlines()) if metrics.is_file() else 0
+            log.warning("%s has no checkpoint: the run stopped before its first one (%d line(s) in metrics.jsonl, "
+                        "no state saved), so there is nothing to continue from; starting it over from round 1",
+                        run_dir, recorded)
+            metrics.unlink(missing_ok=True)  # the loop appends: the stopped run's records would stay in front
+            return _run(cfg, run_dir)
+        ckpt = load_checkpoint(run_dir)
+        if ckpt.manifest.get("split") is not None:
+            check_split(run_dir, ckpt, _split_text(cfg))
+        records = [r for r in read_records(run_dir, drop_cut_off_tail=True) if r["round"] <= ckpt.round] \
+            if metrics.is_file() else []
+        save_text(metrics, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records))
         log.info("resuming after round %d", ckpt.round)
         return _run(cfg, run_dir, ckpt, records)
+
+
+def _split_text(cfg: Config) -> str:
+    """The clients.json text the in-process engine will write for `cfg` (the split, rebuilt from the data)."""
+    from .data.federated import build_clients
+
+    # the engine builds the same split again right after and logs its warnings then: once is enough
+    was = log.disabled
+    log.disabled = True
+    try:
+        clients = build_clients(cfg.data, cfg.seed)
+    finally:
+        log.disabled = was
+    return json_text([c.to_json() for c in clients])
 
 
 # engine.name -> the function that runs a config into a run directory, as "module:function", every one with the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -67,9 +68,25 @@ def save_text(path: str | Path, text: str) -> None:
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+def json_text(obj: Any) -> str:
+    """The text `save_json` writes for `obj` (so a hash of the file can be recomputed from the object)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def save_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically."""
-    save_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    save_text(path, json_text(obj))
+
+
+def sha256_text(text: str) -> str:
+    """The hex sha256 of a text's UTF-8 bytes."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def load_json(path: str | Path) -> Any:

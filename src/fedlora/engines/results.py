@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..algorithms import ClientState
+from ..core.errors import CheckpointError
+from .checkpoint import START_OVER, load_checkpoint
+
+log = logging.getLogger("fedlora")
 
 
 def summarize(per_client: dict[str, dict[str, float]], tasks: dict[str, str]) -> dict[str, Any]:
@@ -24,9 +29,38 @@ def summarize(per_client: dict[str, dict[str, float]], tasks: dict[str, str]) ->
     return {"mean": mean, "by_task": task_means}
 
 
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The round records of a run's metrics.jsonl."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def read_records(run_dir: Path, drop_cut_off_tail: bool = False) -> list[dict[str, Any]]:
+    """The round records of a run's metrics.jsonl; a line that is not one is a CheckpointError naming the line.
+    With `drop_cut_off_tail` (resume), a last line cut off mid-write, as a kill can leave it, is dropped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; the run recorded no round")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not text ({exc}); the file was damaged: {START_OVER}") from exc
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            # append_jsonl writes the newline last: only a line without one can be a write the kill interrupted
+            cut_off = number == len(lines) and not text.endswith("\n")
+            if cut_off and drop_cut_off_tail:
+                log.warning("%s line %d was cut off mid-write (the run was killed while recording it); dropped",
+                            path, number)
+                break
+            fix = ("it was cut off mid-write (the run was killed); `fedlora run --resume` drops it" if cut_off else
+                   f"the file was damaged: repair or remove that line, or {START_OVER}")
+            raise CheckpointError(f"{path} line {number} is not a JSON record ({exc.msg}); {fix}") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+            raise CheckpointError(f"{path} line {number} is not a round record (a JSON object with an integer "
+                                  f"'round'): the file was damaged: repair or remove that line, or {START_OVER}")
+        records.append(record)
+    return records
 
 
 @dataclass
@@ -43,8 +77,6 @@ class RunResult:
     def from_run_dir(cls, run_dir: Path, method: str) -> "RunResult":
         """A finished run's result from what its directory holds: the records and the server's final state (an
         engine whose client states stay on the nodes has none here)."""
-        from .checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(run_dir)
         return cls(run_dir, method, read_records(run_dir), ckpt.client_states, ckpt.server_state)
 

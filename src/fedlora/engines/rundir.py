@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,11 +13,35 @@ from ..core.errors import ConfigError
 log = logging.getLogger("fedlora")
 
 
+# every name fedlora writes at the top of a run (or compare) directory
+RUN_ENTRIES = frozenset({"config.json", "clients.json", "metrics.jsonl", "run.log", "checkpoint", "report",
+                         "exports", "federation", "compare.json"})
+# core/io's atomic writes: `.<name>.<mkstemp's random part>.tmp`, left behind when a process is killed mid-write
+_TEMP_FILE = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def _temp_of_ours(name: str) -> bool:
+    match = _TEMP_FILE.fullmatch(name)
+    return match is not None and match["name"] in RUN_ENTRIES
+
+
+def is_run_dir(run_dir: Path) -> bool:
+    """Whether a directory holds a fedlora run: a config.json (its own or its methods'), or only fedlora's own
+    files with at least one that nothing else writes (a temp file of ours, metrics.jsonl, a checkpoint): what a
+    run killed while writing its config.json, or while being replaced, leaves behind."""
+    if (run_dir / "config.json").is_file() or any(run_dir.glob("*/config.json")):
+        return True
+    names = [p.name for p in run_dir.iterdir()]
+    own = all(n in RUN_ENTRIES or _temp_of_ours(n) for n in names)
+    telling = any(_temp_of_ours(n) for n in names) or "metrics.jsonl" in names \
+        or (run_dir / "checkpoint" / "latest.json").is_file()
+    return own and telling
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Create the run directory; an existing run is replaced only with `overwrite`, anything else never."""
     if run_dir.exists() and any(run_dir.iterdir()):
-        is_run = (run_dir / "config.json").is_file() or any(run_dir.glob("*/config.json"))
-        if not is_run:
+        if not is_run_dir(run_dir):
             raise ConfigError(f"output_dir {run_dir} is not empty and is not a fedlora run directory; "
                               "choose an empty or new directory")
         # a run that failed before its first round holds nothing to lose: start it again without asking
