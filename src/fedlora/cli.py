@@ -122,11 +122,16 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
 def cmd_deploy_app(args: argparse.Namespace) -> None:
     """`fedlora deploy app`: write a Flower app directory for a config."""
     from .api import as_config
-    from .deployment import write_app
+    from .deployment import supernode_names, write_app
 
     cfg = as_config(args.config, args.set)
-    app = write_app(args.app_dir, cfg)
-    print(f"Flower app for {cfg.name!r} ({cfg.algorithm.name}) written to {app}/pyproject.toml\n"
+    if args.credentials:
+        clients = supernode_names(args.credentials)
+    else:
+        clients = [c.strip() for value in args.clients for c in value.split(",")] if args.clients else None
+    app = write_app(args.app_dir, cfg, clients=clients)
+    admitted = f"admits client ids {', '.join(clients)}" if clients else "admits any client id (no --clients given)"
+    print(f"Flower app for {cfg.name!r} ({cfg.algorithm.name}) written to {app}/pyproject.toml; it {admitted}\n"
           f"submit it with: flwr run {app} <superlink connection> --stream")
 
 
@@ -134,11 +139,18 @@ def cmd_deploy_credentials(args: argparse.Namespace) -> None:
     """`fedlora deploy credentials`: write a CA, SuperLink TLS files and SuperNode keys."""
     from .deployment import write_credentials
 
-    creds = write_credentials(args.out, args.supernode, args.host)
+    creds = write_credentials(args.out, args.supernode, args.host, overwrite=args.force)
     print(f"CA certificate {creds.ca_cert} (give it to every SuperNode and to the flwr CLI)\n"
-          f"SuperLink certificate and key {creds.server_cert}, {creds.server_key} (valid for {', '.join(args.host)})")
+          f"SuperLink certificate and key {creds.server_cert}, {creds.server_key} (valid for {', '.join(creds.hosts)})")
     for name, key in creds.supernode_keys.items():
         print(f"SuperNode {name}: private key {key} (give to that data owner only), register {creds.public_key(name)}")
+
+
+def cmd_deploy_fleet_gateway(args: argparse.Namespace) -> None:
+    """`fedlora deploy fleet-gateway`: serve a SuperLink's Fleet API, and only that, on a public address."""
+    from .deployment import serve_fleet_gateway
+
+    serve_fleet_gateway(args.credentials, args.listen, args.superlink)
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
@@ -206,13 +218,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("app_dir")
     q.add_argument("config", help="a TOML/YAML file or a built-in name")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    admitted = q.add_mutually_exclusive_group()
+    admitted.add_argument("--clients", action="append", default=[], metavar="ID[,ID...]",
+                          help="the client ids the server admits (engine.clients); a node claiming another is left out")
+    admitted.add_argument("--credentials", metavar="DIR",
+                          help="admit the SuperNode names of this `deploy credentials` directory as the client ids")
     q.set_defaults(func=cmd_deploy_app)
     q = deploy.add_parser("credentials", help="write a CA, a SuperLink TLS certificate and SuperNode key pairs")
     q.add_argument("out")
     q.add_argument("--supernode", action="append", required=True, metavar="NAME", help="one per data owner")
     q.add_argument("--host", action="append", default=None, metavar="HOST",
-                   help="the SuperLink's addresses as SuperNodes reach it (default: 127.0.0.1 and localhost)")
+                   help="the SuperLink's addresses as SuperNodes reach it (default: 127.0.0.1 and localhost; "
+                        "127.0.0.1 is always added)")
+    q.add_argument("--force", action="store_true",
+                   help="replace credentials already in OUT (a new CA: every certificate and key handed out is void)")
     q.set_defaults(func=cmd_deploy_credentials)
+    q = deploy.add_parser("fleet-gateway", help="serve a SuperLink's Fleet API (and nothing else) on a public "
+                          "address, HTTPS with the credentials' SuperLink certificate")
+    q.add_argument("credentials", help="the directory `deploy credentials` wrote (ca.crt, superlink.crt/.key)")
+    q.add_argument("--listen", default="0.0.0.0:9092", metavar="HOST:PORT",
+                   help="where SuperNodes connect (default: 0.0.0.0:9092)")
+    q.add_argument("--superlink", default="127.0.0.1:9093", metavar="HOST:PORT",
+                   help="the SuperLink's --host:--port on this machine (default: 127.0.0.1:9093)")
+    q.set_defaults(func=cmd_deploy_fleet_gateway)
 
     p = sub.add_parser("methods", help="list the methods and their options")
     p.set_defaults(func=cmd_methods)

@@ -1,6 +1,7 @@
 """Taking an experiment onto a Flower deployment: the app directory, TLS certificates and SuperNode keys,
-and a local federation (a SuperLink and SuperNodes as separate processes on this machine) for trying a
-deployment on one laptop and for the tests. docs/deployment.md walks through the same steps by hand."""
+the Fleet gateway that is a SuperLink's only public face, and a local federation (a SuperLink, its gateway
+and SuperNodes as separate processes on this machine) for trying a deployment on one laptop and for the
+tests. docs/deployment.md walks through the same steps by hand."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,71 +20,80 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .core.config import Config
+from .core.config import Config, build_config
 from .core.errors import ConfigError, FedloraError
+from .core.names import safe_name
 from .core.offline import OFFLINE_ENV
 
 if TYPE_CHECKING:  # the engines import torch; a machine that only writes credentials or an app needs neither
     from .engines.checkpoint import Checkpoint
     from .engines.results import RunResult
 
-APP_PYPROJECT = """\
-# A fedlora experiment as a Flower app: `flwr run {app_dir} <superlink connection> --stream`.
+APP_HEADER = """\
+# A fedlora experiment as a Flower app: `flwr run <this directory> <superlink connection> --stream`.
 # The ServerApp and ClientApp come from the installed fedlora package; the experiment travels inside the
-# app bundle (the `experiment` TOML below), so no machine needs a copy of the config file.
-# Submit with other settings: flwr run ... -c 'set.engine.num_clients=3 set.output_dir="/srv/runs/x"'
+# app bundle (tool.flwr.app.config.experiment, TOML), so no machine needs a copy of the config file.
+# [tool.flwr.app.config.set] holds the settings of a submission, which win over the experiment's:
+# engine.num_clients (SuperNodes to wait for before round 1) and output_dir (on the SuperLink's machine).
+# `flwr run` overrides only keys listed there: flwr run ... -c 'set.engine.num_clients=3 set.output_dir="/srv/x"'
 
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "{name}"
-version = "1.0.0"
-description = "fedlora experiment {experiment_name!r} ({method}) as a Flower app"
-license = "Apache-2.0"
-dependencies = ["fedlora"]
-
-[tool.flwr.app]
-publisher = "fedlora"
-
-[tool.flwr.app.components]
-serverapp = "fedlora.engines.flower:server_app"
-clientapp = "fedlora.engines.flower:client_app"
-
-[tool.flwr.app.config]
-experiment = '''
-{experiment}'''
-
-# Settings of this submission; they win over the experiment's (`flwr run` only overrides keys listed here).
-[tool.flwr.app.config.set]
-"engine.num_clients" = {num_clients}  # SuperNodes to wait for before round 1
-output_dir = "{output_dir}"  # on the SuperLink's machine
 """
 
 
-def write_app(app_dir: str | Path, cfg: Config) -> Path:
+def write_app(app_dir: str | Path, cfg: Config, clients: list[str] | None = None) -> Path:
     """Write a Flower app directory (its pyproject.toml) that runs `cfg` on a SuperLink.
 
-    It waits for `engine.num_clients` SuperNodes, by default one per client of the config's split."""
+    `clients` (default: the config's `engine.clients`) are the client ids the server admits, recorded as
+    `engine.clients`. It waits for `engine.num_clients` SuperNodes: by default one per admitted client,
+    else one per client of the config's split."""
     import tomli_w
 
     from .algorithms import check_algorithm
     from .data.federated import build_clients
 
     check_algorithm(cfg.algorithm)  # here, not first on the SuperLink
+    admitted = admitted_clients(cfg.engine.clients if clients is None else clients)
+    num_clients = cfg.engine.num_clients or (len(admitted) if admitted else len(build_clients(cfg.data, cfg.seed)))
+    if admitted and num_clients > len(admitted):
+        raise ConfigError(f"engine.num_clients={num_clients} SuperNodes to wait for, but only {len(admitted)} "
+                          f"client ids are admitted ({', '.join(admitted)}): the run could never start")
+    if admitted is not None:
+        cfg = build_config({**cfg.model_dump(), "engine": {**cfg.engine.model_dump(), "clients": admitted}})
     app_dir = Path(app_dir)
     app_dir.mkdir(parents=True, exist_ok=True)
-    experiment = tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))
-    if "'''" in experiment:
-        raise FedloraError("the config holds a triple single quote, which a TOML literal block cannot carry")
     name = re.sub(r"[^a-z0-9-]+", "-", f"fedlora-{cfg.name}".lower()).strip("-")
-    num_clients = cfg.engine.num_clients or len(build_clients(cfg.data, cfg.seed))
-    text = APP_PYPROJECT.format(app_dir=app_dir, name=name, experiment_name=cfg.name, method=cfg.algorithm.name,
-                                experiment=experiment, num_clients=num_clients,
-                                output_dir=json.dumps(str(cfg.run_dir))[1:-1])
-    (app_dir / "pyproject.toml").write_text(text)
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": name, "version": "1.0.0", "license": "Apache-2.0", "dependencies": ["fedlora"],
+                    "description": f"fedlora experiment {cfg.name!r} ({cfg.algorithm.name}) as a Flower app"},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedlora",
+            "components": {"serverapp": "fedlora.engines.flower:server_app",
+                           "clientapp": "fedlora.engines.flower:client_app"},
+            "config": {"experiment": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
+                       "set": {"engine.num_clients": num_clients, "output_dir": str(cfg.run_dir)}},
+        }}},
+    }
+    (app_dir / "pyproject.toml").write_text(APP_HEADER + tomli_w.dumps(project, multiline_strings=True))
     return app_dir
+
+
+def admitted_clients(clients: list[str] | None) -> list[str] | None:
+    """`clients` checked as the client ids a server admits: safe names, none twice (None stays None)."""
+    if clients is None:
+        return None
+    if not clients:
+        raise ConfigError("the list of admitted client ids is empty: no node could join")
+    _no_repeats([safe_name(c, "client id") for c in clients], "client id")
+    return list(clients)
+
+
+def _no_repeats(names: list[str], what: str) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"{what} {name!r} is given twice")
+        seen.add(name)
 
 
 # -- credentials ------------------------------------------------------------------------------------------
@@ -95,24 +106,33 @@ class Credentials:
     server_cert: Path
     server_key: Path
     supernode_keys: dict[str, Path]  # name -> private key (OpenSSH); the public key is the same path + ".pub"
+    hosts: list[str] = field(default_factory=list)  # the names and addresses the SuperLink certificate is valid for
 
     def public_key(self, name: str) -> Path:
         """The OpenSSH public key file to register for SuperNode `name`."""
         return self.supernode_keys[name].with_name(self.supernode_keys[name].name + ".pub")
 
 
-def write_credentials(out_dir: str | Path, supernodes: list[str], hosts: list[str] = ("127.0.0.1", "localhost"),
-                      days: int = 365) -> Credentials:
-    """A private CA, a SuperLink certificate for `hosts`, and one EC P-384 key pair per SuperNode.
+CA_FILES = ("ca.crt", "ca.key", "superlink.crt", "superlink.key")
 
-    Written with `cryptography` (Flower's own dependency) rather than by calling openssl and ssh-keygen,
-    so it works wherever fedlora is installed; docs/deployment.md gives the equivalent openssl commands."""
+
+def write_credentials(out_dir: str | Path, supernodes: list[str], hosts: list[str] = ("127.0.0.1", "localhost"),
+                      days: int = 365, overwrite: bool = False) -> Credentials:
+    """A private CA, a SuperLink certificate for `hosts` (and 127.0.0.1), and one EC P-384 key pair per SuperNode.
+
+    Refuses to replace existing credentials unless `overwrite`. Written with `cryptography` (Flower's own
+    dependency) rather than by calling openssl and ssh-keygen, so it works wherever fedlora is installed;
+    docs/deployment.md gives the equivalent openssl commands."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
+    names = _supernode_names(supernodes)  # before anything is written: a name becomes a path below
     root = Path(out_dir)
+    # the Fleet gateway reaches the SuperLink, and the operator its Control API, on 127.0.0.1
+    hosts = list(dict.fromkeys([*hosts, "127.0.0.1"]))
+    _clear_old_credentials(root, overwrite)
     (root / "supernodes").mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
 
@@ -140,14 +160,49 @@ def write_credentials(out_dir: str | Path, supernodes: list[str], hosts: list[st
     _write(root / "superlink.crt", server_cert.public_bytes(serialization.Encoding.PEM))
     _write(root / "superlink.key", pem_key(server_key), private=True)
     keys = {}
-    for name in supernodes:
+    for name in names:
         key = ec.generate_private_key(ec.SECP384R1())  # Flower accepts NIST curves; P-384 as in its guide
         keys[name] = root / "supernodes" / name
         _write(keys[name], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                              serialization.NoEncryption()), private=True)
         _write(keys[name].with_name(f"{name}.pub"),
                key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
-    return Credentials(root, root / "ca.crt", root / "superlink.crt", root / "superlink.key", keys)
+    return Credentials(root, root / "ca.crt", root / "superlink.crt", root / "superlink.key", keys, hosts)
+
+
+def _supernode_names(supernodes: list[str]) -> list[str]:
+    names = [safe_name(name, "SuperNode name") for name in supernodes]
+    _no_repeats(names, "SuperNode name")
+    for name in names:
+        if f"{name}.pub" in names:
+            raise ConfigError(f"SuperNode names {name!r} and '{name}.pub' collide: {name}'s public key is "
+                              f"{name}.pub; rename one")
+    return names
+
+
+def _clear_old_credentials(root: Path, overwrite: bool) -> None:
+    """Refuse to write over a deployment's credentials unless asked; then remove its old SuperNode keys too."""
+    old_keys = sorted((root / "supernodes").glob("*.pub"))
+    found = [root / f for f in CA_FILES if (root / f).exists()] + old_keys
+    if not found:
+        return
+    if not overwrite:
+        raise FedloraError(f"{root} already holds credentials ({', '.join(p.name for p in found[:6])}"
+                           f"{', ...' if len(found) > 6 else ''}); a new CA invalidates every certificate handed out "
+                           "and new keys must be registered again. To replace them pass overwrite=True "
+                           "(`fedlora deploy credentials --force`), or write to another directory")
+    for public in old_keys:  # so that `deploy app --credentials` lists only the SuperNodes of this generation
+        public.unlink()
+        public.with_name(public.name[:-len(".pub")]).unlink(missing_ok=True)
+
+
+def supernode_names(credentials_dir: str | Path) -> list[str]:
+    """The SuperNode names of a credentials directory (its supernodes/<name>.pub keys), sorted."""
+    keys = sorted(Path(credentials_dir, "supernodes").glob("*.pub"))
+    if not keys:
+        raise FedloraError(f"no SuperNode keys in {Path(credentials_dir) / 'supernodes'}: write them with "
+                           "`fedlora deploy credentials`")
+    return [safe_name(key.name[:-len(".pub")], "SuperNode name") for key in keys]
 
 
 def _san(host: str):
@@ -168,6 +223,103 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
         path.write_bytes(data)
 
 
+# -- the public face of a SuperLink -------------------------------------------------------------------------
+# Flower 1.42's SuperLink serves its Fleet API (SuperNodes), Control API (`flwr` CLI: register node keys, start
+# runs, read logs) and Runtime API (its SuperExec) on one host:port, and without account authentication
+# (OpenID Connect, a Flower Enterprise feature) the Control API trusts whoever reaches it. So the SuperLink
+# listens on 127.0.0.1 only and this gateway is what other machines reach: it forwards Fleet calls and refuses
+# every other path, so holding ca.crt lets a party connect a SuperNode (admitted only if its key was
+# registered) but not register a key, submit a run or pull a task.
+FLEET_PATH = re.compile(r"/v1/fleet/[a-z]+(?:-[a-z]+)*")  # no dots, slashes or escapes: nothing resolves elsewhere
+_NOT_FORWARDED = {b"host", b"connection", b"keep-alive", b"proxy-authorization", b"proxy-connection", b"te",
+                  b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"content-encoding"}
+
+
+class FleetGateway:
+    """An ASGI app forwarding Flower's Fleet API, and nothing else, to a SuperLink (HTTPS, checked with ca.crt)."""
+
+    def __init__(self, superlink: str, ca_cert: str | Path, timeout: float = 300.0) -> None:
+        self.superlink = superlink
+        self.ca_cert = Path(ca_cert)
+        self.timeout = timeout
+        self.client = None  # made in the server's event loop, at start-up
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        """Serve one ASGI connection: lifespan events, or one HTTP request."""
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._forward(scope, receive, send)
+
+    async def _lifespan(self, receive, send) -> None:
+        import httpx
+
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                context = ssl.create_default_context(cafile=str(self.ca_cert))
+                self.client = httpx.AsyncClient(verify=context, timeout=self.timeout)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.client.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _forward(self, scope: dict, receive, send) -> None:
+        import httpx
+
+        path = scope["path"]
+        if (scope["method"] != "POST" or not FLEET_PATH.fullmatch(path) or scope.get("raw_path", b"") != path.encode()
+                or scope.get("query_string")):
+            await _reply(send, 403, b"only the Flower Fleet API is served here\n")
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _NOT_FORWARDED]
+        try:
+            response = await self.client.post(f"https://{self.superlink}{path}", content=bytes(body), headers=headers)
+        except httpx.HTTPError as exc:
+            await _reply(send, 502, f"the SuperLink did not answer: {type(exc).__name__}\n".encode())
+            return
+        await _reply(send, response.status_code, response.content,
+                     [(k, v) for k, v in response.headers.raw if k.lower() not in _NOT_FORWARDED])
+
+
+async def _reply(send, status: int, body: bytes, headers: list | None = None) -> None:
+    headers = headers if headers is not None else [(b"content-type", b"text/plain")]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port` (or `[v6]:port`) as (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def serve_fleet_gateway(credentials: str | Path, listen: str, superlink: str) -> None:
+    """Serve a FleetGateway on `listen` (HTTPS with the credentials' SuperLink certificate) until stopped."""
+    import uvicorn
+
+    root = Path(credentials)
+    host, port = split_address(listen)
+    split_address(superlink)  # fail here, not on the first SuperNode's call
+    for name in ("ca.crt", "superlink.crt", "superlink.key"):
+        if not (root / name).is_file():
+            raise FedloraError(f"{root / name} not found: pass the directory `fedlora deploy credentials` wrote")
+    uvicorn.run(FleetGateway(superlink, root / "ca.crt"), host=host, port=port, lifespan="on", log_level="info",
+                ssl_certfile=str(root / "superlink.crt"), ssl_keyfile=str(root / "superlink.key"))
+
+
 # -- a federation of local processes ----------------------------------------------------------------------
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
@@ -178,17 +330,20 @@ def free_port() -> int:
 
 @dataclass
 class LocalFederation:
-    """A SuperLink (TLS, SuperNode authentication) and SuperNodes as separate processes on 127.0.0.1.
+    """A SuperLink (TLS, SuperNode authentication), its Fleet gateway and SuperNodes as processes on this machine.
 
     `with LocalFederation(workdir, {"noun_topic-0": {"client-id": "noun_topic-0"}, ...}) as fed: fed.run(app)`
     starts everything, registers each SuperNode's public key, submits the app with `flwr run`, and on exit
-    stops every process it started (their children included)."""
+    stops every process it started (their children included). The SuperLink listens on 127.0.0.1:superlink_port
+    (the operator's Control API); SuperNodes reach it through the FleetGateway on public_host:port."""
 
     workdir: Path
     supernodes: dict[str, dict[str, str]]  # SuperNode name -> its node config (client-id, data files)
     connection: str = "fedlora-local"
     startup_timeout: float = 120.0
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port)  # the Fleet gateway's, what SuperNodes connect to
+    superlink_port: int = field(default_factory=free_port)
+    public_host: str = "127.0.0.1"  # where the gateway listens (another loopback address stands in for a LAN one)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -197,20 +352,30 @@ class LocalFederation:
         self.logs = self.workdir / "logs"
         self.credentials: Credentials | None = None
 
-    # `fedlora run ... --set engine.name=flower-local` runs these on 127.0.0.1; docs/deployment.md's many-machine
-    # steps give the same SuperLink and SuperNode flags by hand, so a change here belongs there too
+    def client_ids(self) -> list[str]:
+        """The client ids the SuperNodes claim (their `client-id` node config), which the server should admit."""
+        return [node["client-id"] for node in self.supernodes.values()]
+
+    # `fedlora run ... --set engine.name=flower-local` runs these on this machine; docs/deployment.md's
+    # many-machine steps give the same SuperLink, gateway and SuperNode flags by hand, so a change here belongs
+    # there too
     def superlink_command(self) -> list[str]:
-        """The `flower-superlink` command line: TLS on, only registered SuperNodes admitted."""
+        """The `flower-superlink` command line: TLS on, only registered SuperNodes admitted, on 127.0.0.1 only."""
         c = self.credentials
         return ["flower-superlink", "--ssl-ca-certfile", str(c.ca_cert), "--ssl-certfile", str(c.server_cert),
                 "--ssl-keyfile", str(c.server_key), "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation", "--port", str(self.port),
+                "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.superlink_port),
                 "--database", str(self.workdir / "superlink.db")]
+
+    def gateway_command(self) -> list[str]:
+        """The `fedlora deploy fleet-gateway` command line: the SuperLink's Fleet API on public_host:port."""
+        return [sys.executable, "-m", "fedlora.cli", "deploy", "fleet-gateway", str(self.credentials.root),
+                "--listen", f"{self.public_host}:{self.port}", "--superlink", f"127.0.0.1:{self.superlink_port}"]
 
     def supernode_command(self, name: str, key: Path, node_config: dict[str, str], port: int) -> list[str]:
         """The `flower-supernode` command line of one data owner."""
         config = " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
-        return ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
+        return ["flower-supernode", "--superlink", f"{self.public_host}:{self.port}", "--root-certificates",
                 str(self.credentials.ca_cert), "--auth-supernode-private-key", str(key), "--node-config", config,
                 "--port", str(port), "--max-retries", "3", "--max-wait-time", "30"]
 
@@ -226,15 +391,19 @@ class LocalFederation:
         self.stop()
 
     def start(self) -> None:
-        """Write credentials and the Flower CLI's connection, start the SuperLink, register and start SuperNodes."""
+        """Write credentials and the Flower CLI's connection, start the SuperLink and its gateway, register and
+        start SuperNodes."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.credentials = write_credentials(self.workdir / "credentials", [*self.supernodes, "unregistered"])
+        self.credentials = write_credentials(self.workdir / "credentials", [*self.supernodes, "unregistered"],
+                                             hosts=["127.0.0.1", "localhost", self.public_host], overwrite=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.credentials.ca_cert}"\n')
+            f'address = "127.0.0.1:{self.superlink_port}"\nroot-certificates = "{self.credentials.ca_cert}"\n')
         self._spawn("superlink", self.superlink_command())
-        self._wait_for_port(self.port, "superlink")
+        self._spawn("fleet-gateway", self.gateway_command())
+        self._wait_for_port("127.0.0.1", self.superlink_port, "superlink")
+        self._wait_for_port(self.public_host, self.port, "fleet-gateway")
         for name in self.supernodes:
             self.flwr("supernode", "register", str(self.credentials.public_key(name)), self.connection,
                       retries=10)
@@ -293,16 +462,16 @@ class LocalFederation:
                                                     cwd=self.workdir, start_new_session=True)
         return self.processes[name]
 
-    def _wait_for_port(self, port: int, name: str) -> None:
+    def _wait_for_port(self, host: str, port: int, name: str) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.processes[name].poll() is not None:
                 raise FedloraError(f"{name} exited at start-up:\n{self.log(name)[-3000:]}")
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
+                if s.connect_ex((host, port)) == 0:
                     return
             time.sleep(0.2)
-        raise FedloraError(f"{name} did not open port {port} within {self.startup_timeout:.0f} s")
+        raise FedloraError(f"{name} did not open {host}:{port} within {self.startup_timeout:.0f} s")
 
     def stop(self) -> None:
         """Stop every process started here and their children (Flower's SuperExec and app processes)."""
@@ -342,10 +511,12 @@ def run_local_deployment(cfg: Config, run_dir: Path, resume: Checkpoint | None =
     cfg = cfg.with_overrides([f"engine.num_clients={len(clients)}", f"output_dir={Path(run_dir).resolve()}",
                               "engine.name=inprocess"])  # what the ServerApp runs is the plain round loop
     workdir = Path(run_dir) / "federation"
-    app = write_app(workdir / "app", cfg)
-    with LocalFederation(workdir, {cid: {"client-id": cid} for cid in clients}) as federation:
+    federation = LocalFederation(workdir, {cid: {"client-id": cid} for cid in clients})
+    app = write_app(workdir / "app", cfg, clients=federation.client_ids())
+    with federation:
         federation.run(app, timeout=timeout)
     return RunResult.from_run_dir(Path(run_dir), cfg.algorithm.name)
 
 
-__all__ = ["Credentials", "LocalFederation", "free_port", "run_local_deployment", "write_app", "write_credentials"]
+__all__ = ["Credentials", "FleetGateway", "LocalFederation", "admitted_clients", "free_port", "run_local_deployment",
+           "serve_fleet_gateway", "split_address", "supernode_names", "write_app", "write_credentials"]
