@@ -61,3 +61,27 @@ def test_a_methods_per_method_entry_applies_whenever_it_runs_and_options_win(tmp
     assert build_session(build_config(tiny_config(tmp_path, algorithm=algorithm))).server.options.warmup_rounds == 2
     session = build_session(build_config(tiny_config(tmp_path, algorithm={**algorithm, "options": {"warmup_rounds": 1}})))
     assert (session.server.options.warmup_rounds, session.server.options.max_experts) == (1, 3)
+
+
+def test_a_config_error_is_reported_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedlora.cli import main; rc = main(['run', 'demo', '--set', 'training.lrr=1']); "
+            "print(rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"] and "Did you mean 'lr'" in done.stderr
+
+
+@pytest.mark.parametrize("method,options,rounds,says", [
+    ("fedlease", {"warmup_rounds": 3}, 3, "no clustered round"),
+    ("fdlora", {"stage1_rounds": 2}, 2, "no stage-2 round"),
+    ("fdlora", {"stage1_rounds": 1, "sync_every": 5}, 3, "never synced")])
+def test_a_schedule_the_rounds_cannot_hold_is_warned_before_round_1(method, options, rounds, says):
+    from fedlora.adapters import AdapterSpec
+    from fedlora.algorithms import ClientInfo, build
+
+    server, _ = build(method, options, AdapterSpec((("m", 3, 2),), r=2, alpha=4), 0)
+    server.setup([ClientInfo("a", 1)], rounds)
+    assert any(says in p for p in server.schedule_problems(rounds))
+    assert server.schedule_problems(rounds + 5) == []

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .algorithms import check_algorithm
-from .core.config import Config, build_config, load_config
+from .core.config import Config, as_config, load_config
 from .core.errors import CheckpointError, ConfigError, DataError
 from .core.io import json_text, save_json, save_text
 from .engines.checkpoint import Checkpoint, check_split, has_checkpoint, load_checkpoint
@@ -21,15 +21,6 @@ from .engines.session import build_session
 from .reporting import write_report
 
 log = logging.getLogger("fedlora")
-
-
-def as_config(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None = None) -> Config:
-    """A validated Config from a Config, a dict or a file path, with overrides applied."""
-    if isinstance(config, Config):
-        return config.with_overrides(overrides) if overrides else config
-    if isinstance(config, dict):
-        return build_config(config).with_overrides(overrides or [])
-    return load_config(config, overrides)
 
 
 def run_experiment(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None = None,

@@ -37,8 +37,7 @@ def _metric(result) -> str:
 
 def cmd_run(args: argparse.Namespace) -> None:
     """`fedlora run`: run one experiment, or resume a stopped run, and print its results table."""
-    from .api import as_config, resume_experiment, run_experiment
-
+    from .core.config import as_config  # before the API: a config error is reported without importing torch
     from .core.errors import ConfigError
 
     if args.resume:
@@ -48,6 +47,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         if ignored:
             raise ConfigError(f"--resume continues a run with its own saved config; drop {', '.join(ignored)} "
                               "(to change settings, start a new run instead)")
+        from .api import resume_experiment
+
         result = resume_experiment(args.resume)
         Console().print(_results_table({result.method: result}, _metric(result)))
         print(f"run directory: {result.run_dir}")
@@ -57,6 +58,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = as_config(args.config, args.set)
     if args.quiet:
         cfg.engine.progress = False
+    from .api import run_experiment
+
     result = run_experiment(cfg, overwrite=args.overwrite)
     Console().print(_results_table({cfg.algorithm.name: result}, _metric(result)))
     print(f"run directory: {result.run_dir}")
@@ -64,7 +67,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """`fedlora compare`: run several methods on the same config and print one table."""
-    from .api import as_config, compare
+    from .api import compare
+    from .core.config import as_config
 
     cfg = as_config(args.config, args.set)
     if args.quiet:
@@ -76,7 +80,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """`fedlora demo`: compare methods on the built-in demo config and print the table."""
-    from .api import as_config, compare
+    from .api import compare
+    from .core.config import as_config
 
     cfg = as_config("demo", args.set)
     if args.quiet:
@@ -121,7 +126,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
 
 def cmd_deploy_app(args: argparse.Namespace) -> None:
     """`fedlora deploy app`: write a Flower app directory for a config."""
-    from .api import as_config
+    from .core.config import as_config
     from .deployment import supernode_names, write_app
 
     cfg = as_config(args.config, args.set)

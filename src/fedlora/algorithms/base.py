@@ -175,6 +175,10 @@ class ServerAlgorithm:
         payload expects, the rank), or None."""
         return None
 
+    def schedule_problems(self, rounds: int) -> list[str]:
+        """What of the method's schedule cannot happen within `rounds` rounds (warned before round 1)."""
+        return []
+
     def diagnostics(self) -> dict[str, Any]:
         """Small JSON-able facts about the server's state, recorded each round and rendered by reports.
 

@@ -101,6 +101,17 @@ class FDLoRAServer(ServerAlgorithm):
         super().setup(clients, rounds)
         self._start_outer(self.spec.init_lora(generator(self.seed, "lora-init")))
 
+    def schedule_problems(self, rounds: int) -> list[str]:
+        """Stage 2 and the personal LoRA's syncs must fall within the rounds."""
+        opts, problems = self.options, []
+        if opts.stage1_rounds >= rounds:
+            problems.append(f"stage1_rounds={opts.stage1_rounds} leaves no stage-2 round in federation.rounds={rounds}: "
+                            "the global LoRA is never trained; lower stage1_rounds")
+        elif opts.personal == "sync" and rounds - opts.stage1_rounds < opts.sync_every:
+            problems.append(f"sync_every={opts.sync_every} > the {rounds - opts.stage1_rounds} stage-2 rounds: the "
+                            "personal LoRA is never synced and stays the stage-1 LoRA; lower sync_every")
+        return problems
+
     def _start_outer(self, global_lora: StateDict) -> None:
         self.outer = OuterOptimizer(global_lora, self.options.outer_lr, self.options.outer_momentum,
                                     self.options.nesterov)

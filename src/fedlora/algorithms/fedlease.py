@@ -120,6 +120,13 @@ class FedLEASEServer(ServerAlgorithm):
             return f"the router must have 2M-1 = {2 * len(self.experts) - 1} slots for M = {len(self.experts)} experts"
         return None
 
+    def schedule_problems(self, rounds: int) -> list[str]:
+        """Clustering happens after the last warm-up round: with no round after it FedLEASE is Local."""
+        if self.options.warmup_rounds >= rounds:
+            return [f"warmup_rounds={self.options.warmup_rounds} leaves no clustered round in federation.rounds="
+                    f"{rounds}: every client trains alone, as Local; lower warmup_rounds or raise the rounds"]
+        return []
+
     def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
         """The own expert is an update of the expert j the client received; the router of its cluster's router."""
         if name == "expert":

@@ -336,3 +336,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     return build_config(apply_overrides(data, overrides or []))
+
+
+def as_config(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None = None) -> Config:
+    """A validated Config from a Config, a dict or a file path, with overrides applied."""
+    if isinstance(config, Config):
+        return config.with_overrides(overrides) if overrides else config
+    if isinstance(config, dict):
+        return build_config(config).with_overrides(overrides or [])
+    return load_config(config, overrides)

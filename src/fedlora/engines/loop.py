@@ -45,6 +45,8 @@ class RoundLoop(ABC):
         fed = self.config.federation
         ids = [c.client_id for c in self.clients]
         self.server.setup(self.clients, fed.rounds)
+        for warning in self.server.schedule_problems(fed.rounds):
+            log.warning("%s: %s", self.config.algorithm.name, warning)
         first = 1
         if self.resume is not None:
             self.server.load_state_dict(self.resume.server_state)
@@ -134,7 +136,7 @@ class RoundLoop(ABC):
     def _record(self, rnd: int, record: dict) -> None:
         self.records.append(record)
         append_jsonl(self.run_dir / "metrics.jsonl", record)
-        log.info("round %d: %s", rnd, _describe(record))
+        log.info("%s", _describe(record))
 
 
 def _describe(record: dict) -> str:
