@@ -69,3 +69,20 @@ def test_corrupt_checkpoint_is_refused_and_nothing_is_lost(tmp_path):
         resume_experiment(run_dir)
     with pytest.raises(CheckpointError, match="not a fedlora run directory"):
         resume_experiment(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["fedit", "fedlease"])
+def test_a_run_extended_on_resume_equals_a_run_started_with_the_rounds(tmp_path, method):
+    from fedlora.cli import main
+
+    options = {"warmup_rounds": 2} if method == "fedlease" else {}
+    make = lambda out, rounds: tiny_config(tmp_path, output_dir=str(tmp_path / out), federation={"rounds": rounds},  # noqa: E731
+                                           algorithm={"name": method, "options": options})
+    six = run_experiment(make("six", 6))
+    run_experiment(make("four", 4))
+    assert main(["run", "--resume", str(tmp_path / "four"), "--set", "federation.rounds=6", "--quiet"]) == 0
+    extended = resume_experiment(tmp_path / "four")  # a finished run resumes to itself
+    assert _without_times(extended.rounds) == _without_times(six.rounds)
+    _assert_same_states(extended.client_states, six.client_states)
+    with pytest.raises(Exception, match="cannot undo them"):
+        resume_experiment(tmp_path / "four", rounds=3)

@@ -35,12 +35,20 @@ def run_experiment(config: Config | dict[str, Any] | str | Path, overrides: list
         return _run(cfg, run_dir)
 
 
-def resume_experiment(run_dir: str | Path) -> RunResult:
-    """Continue a stopped run from its latest checkpoint; it ends exactly as an uninterrupted run would."""
+def resume_experiment(run_dir: str | Path, rounds: int | None = None) -> RunResult:
+    """Continue a stopped run from its latest checkpoint; it ends exactly as an uninterrupted run would.
+    With `rounds`, a run is extended (or its planned rounds changed) to that many rounds in all, as if it had
+    been started with them: nothing before the checkpoint depends on the number of rounds."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} is not a fedlora run directory (no config.json)")
     cfg = load_config(run_dir / "config.json", [f"output_dir={run_dir}"])
+    if rounds is not None and rounds != cfg.federation.rounds:
+        done = load_checkpoint(run_dir).round if has_checkpoint(run_dir) else 0
+        if rounds < done:
+            raise ConfigError(f"{run_dir} has finished {done} rounds; federation.rounds={rounds} cannot undo them")
+        cfg = cfg.with_overrides([f"federation.rounds={rounds}"])
+        save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
     if cfg.engine.name != "inprocess":
         raise ConfigError(f"resume needs the in-process engine; with {cfg.engine.name!r} the client states live "
                           "on the SuperNodes, not in the run directory")

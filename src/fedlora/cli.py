@@ -42,14 +42,19 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     if args.resume:
         # a run resumes exactly as it was configured: anything else given would be silently ignored
-        ignored = [flag for flag, given in (("CONFIG", args.config), ("--set", args.set), ("--overwrite", args.overwrite))
-                   if given]
+        rounds = [s for s in args.set or [] if s.startswith("federation.rounds=")]
+        others = [s for s in args.set or [] if s not in rounds]
+        ignored = [flag for flag, given in (("CONFIG", args.config), ("--set " + " ".join(others), others),
+                                            ("--overwrite", args.overwrite)) if given]
         if ignored:
             raise ConfigError(f"--resume continues a run with its own saved config; drop {', '.join(ignored)} "
-                              "(to change settings, start a new run instead)")
+                              "(only --set federation.rounds=N can extend it; to change settings, start a new run)")
         from .api import resume_experiment
 
-        result = resume_experiment(args.resume)
+        n = rounds[-1].partition("=")[2] if rounds else None
+        if n is not None and not n.isdigit():
+            raise ConfigError(f"--set federation.rounds={n}: give a whole number of rounds")
+        result = resume_experiment(args.resume, int(n) if n is not None else None)
         Console().print(_results_table({result.method: result}, _metric(result)))
         print(f"run directory: {result.run_dir}")
         return
