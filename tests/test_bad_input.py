@@ -142,7 +142,7 @@ def test_a_client_left_with_one_record_by_its_key_is_named(tmp_path):
     data = write_jsonl(tmp_path / "owners.jsonl", records)
     cfg = tiny_config(tmp_path, data={"dataset": str(data), "tasks": None, "partition": "by_key",
                                       "partition_key": "owner", "clients_per_task": 2})
-    with pytest.raises(DataError, match=r"client task-1 gets 1 of task 'task''s 6 records \(data.partition='by_key'\)"):
+    with pytest.raises(DataError, match=r"client y gets 1 of task 'task''s 6 records \(data.partition='by_key'\)"):
         run_experiment(cfg)
 
 
@@ -161,7 +161,7 @@ def test_test_labels_a_client_never_trained_on_are_counted_in_a_warning_and_the_
         "train_per_client": 1, "test_per_client": 1}))
     log = (result.run_dir / "run.log").read_text()
     assert "WARNING 2 client(s) have test examples whose label never occurs in their own training split" in log
-    assert "{'task-0': 1, 'task-1': 1}" in log
+    assert "{'x': 1, 'y': 1}" in log  # by_key clients are named by their owner
     assert all(math.isfinite(m["loss"]) and m["accuracy"] in (0.0, 1.0) for m in result.final.values())
 
 
@@ -208,4 +208,30 @@ def test_names_that_would_leave_a_directory_are_refused(tmp_path):
     data = write_jsonl(tmp_path / "evil.jsonl", [{"text": f"t{i}", "label": "ab"[i % 2], "task": "../up"}
                                                  for i in range(8)])
     with pytest.raises(ConfigError, match="task '../up'"):
+        build_clients(build_config(tiny_config(tmp_path, data={"dataset": str(data), "tasks": None})).data, 0)
+
+
+def test_by_key_clients_are_named_by_their_owner_and_merges_are_reported(tmp_path, caplog):
+    records = [{"text": f"t{i}", "label": "ab"[i % 2], "owner": owner} for owner in ["alice", "bob", "Carol D."]
+               for i in range(6)]
+    data = write_jsonl(tmp_path / "owners.jsonl", records)
+    make = lambda n: build_config(tiny_config(tmp_path, data={  # noqa: E731
+        "dataset": str(data), "tasks": None, "partition": "by_key", "partition_key": "owner", "clients_per_task": n,
+        "train_per_client": 3, "test_per_client": 2})).data
+    assert [c.client_id for c in build_clients(make(3), 0)] == ["Carol-D", "alice", "bob"]
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        clients = build_clients(make(2), 0)
+    assert [c.client_id for c in clients] == ["task-0", "alice"] and "holds the 2 owners ['Carol D.', 'bob']" in caplog.text
+
+
+def test_a_non_utf8_byte_names_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:2 is not UTF-8 text .* column 14.*iconv"):
+        build_clients(build_config(tiny_config(tmp_path, data={"dataset": str(path), "tasks": None})).data, 0)
+
+
+def test_labels_that_differ_only_in_type_are_refused_not_merged(tmp_path):
+    data = write_jsonl(tmp_path / "mixed.jsonl", [{"text": f"t{i}", "label": [0, "0", 1][i % 3]} for i in range(9)])
+    with pytest.raises(DataError, match=r"labels that differ only in type \('0' as int and str\)"):
         build_clients(build_config(tiny_config(tmp_path, data={"dataset": str(data), "tasks": None})).data, 0)

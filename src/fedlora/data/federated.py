@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..core.config import DataConfig
 from ..core.errors import DataError
-from ..core.names import safe_name
+from ..core.names import safe_name, sanitize_name
 from ..core.seeding import numpy_rng
 from .partition import by_key, dirichlet, iid, train_test_split
 from .records import Record, load_csv, load_hf, load_jsonl
@@ -107,6 +107,37 @@ def warn_unseen_test_labels(clients: list[ClientData]) -> dict[str, int]:
     return counts
 
 
+def label_names(records: list[Record], task: str) -> list[str]:
+    """A task's label set as strings; labels that differ only in type (0 and "0") are refused, not merged."""
+    by_name: dict[str, set[str]] = {}
+    for r in records:
+        by_name.setdefault(str(r["label"]), set()).add(type(r["label"]).__name__)
+    mixed = {name: sorted(types) for name, types in by_name.items() if len(types) > 1}
+    if mixed:
+        shown = ", ".join(f"{name!r} as {' and '.join(types)}" for name, types in list(mixed.items())[:3])
+        raise DataError(f"task {task!r} has labels that differ only in type ({shown}); fedlora compares labels as "
+                        "text, so they would merge into one class: write every label the same way")
+    return sorted(by_name)
+
+
+def owner_names(task: str, owners: list[list[str]], prefix: bool) -> list[str]:
+    """Client ids of a by_key split: a client holding one owner is named by it (sanitised; prefixed by the task
+    when there are several tasks), a client holding several is `<task>-<i>`; every merge is reported."""
+    names = []
+    for i, held in enumerate(owners):
+        if len(held) == 1:
+            name = sanitize_name(held[0])
+            names.append(sanitize_name(f"{task}-{name}") if prefix or name in names else name)
+        else:
+            names.append(safe_name(f"{task}-{i}", f"client id (task {task!r} + index)"))
+            log.warning("task %r: client %s holds the %d owners %s (more owners than data.clients_per_task)",
+                        task, names[-1], len(held), held)
+    renamed = {o[0]: n for o, n in zip(owners, names) if len(o) == 1 and n != o[0]}
+    if renamed:
+        log.info("task %r: owners named as client ids %s", task, renamed)
+    return names
+
+
 def build_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
     """Split the data into `clients_per_task` clients per task, each with disjoint train/test splits."""
     records = load_records(cfg, seed)
@@ -129,19 +160,22 @@ def build_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
                             f"{cfg.clients_per_task} clients with a train and a test example each; {fix}")
         check_fields(recs, f"task {task!r} of dataset {cfg.suite or cfg.dataset!r}")
         is_classification = "label" in recs[0]
-        labels = sorted({str(r["label"]) for r in recs}) if is_classification else []
+        labels = label_names(recs, task) if is_classification else []
         rng = numpy_rng(seed, "partition", task)
+        names = None
         if cfg.partition == "by_key":
             if cfg.partition_key not in recs[0]:
                 raise DataError(f"partition_key {cfg.partition_key!r} is not a field of task {task!r}: {sorted(recs[0])}")
-            parts = by_key([r[cfg.partition_key] for r in recs], cfg.clients_per_task)
+            keys = [r[cfg.partition_key] for r in recs]
+            parts = by_key(keys, cfg.clients_per_task)
+            names = owner_names(task, [sorted({str(keys[i]) for i in part}) for part in parts], len(tasks) > 1)
         elif cfg.partition == "dirichlet" and is_classification:
             size = min(cfg.train_per_client + cfg.test_per_client, len(recs) // cfg.clients_per_task)
             parts = dirichlet([r["label"] for r in recs], cfg.clients_per_task, cfg.dirichlet_alpha, size, rng)
         else:
             parts = iid(len(recs), cfg.clients_per_task, rng)
         for c, part in enumerate(parts):
-            cid = safe_name(f"{task}-{c}", f"client id (task {task!r} + index)")
+            cid = names[c] if names else safe_name(f"{task}-{c}", f"client id (task {task!r} + index)")
             if len(part) < 2:
                 raise DataError(f"client {cid} gets {len(part)} of task {task!r}'s {len(recs)} records "
                                 f"(data.partition={cfg.partition!r}) but needs a train and a test example; lower "

@@ -14,8 +14,18 @@ from ..core.errors import DataError
 Record = dict[str, Any]
 
 
-def _open(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def _lines(path: Path) -> list[str]:
+    """The file's lines as text, decoded line by line so that a byte that is not UTF-8 is reported by line."""
+    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    lines = []
+    for i, line in enumerate(raw.splitlines(keepends=True), 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{i} is not UTF-8 text (byte {line[exc.start:exc.start + 1]!r} at column "
+                            f"{exc.start + 1}); save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name}`"
+                            ) from None
+    return lines
 
 
 def load_jsonl(path: str | Path, fields: dict[str, str] | None = None) -> list[Record]:
@@ -24,15 +34,14 @@ def load_jsonl(path: str | Path, fields: dict[str, str] | None = None) -> list[R
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     out = []
-    with _open(path) as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{i} is not valid JSON: {exc}") from None
-            out.append(_rename(rec, fields, f"{path}:{i}"))
+    for i, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{i} is not valid JSON: {exc}") from None
+        out.append(_rename(rec, fields, f"{path}:{i}"))
     return out
 
 
@@ -41,8 +50,7 @@ def load_csv(path: str | Path, fields: dict[str, str] | None = None) -> list[Rec
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    with _open(path) as fh:
-        return [_rename(row, fields, f"{path}:{i}") for i, row in enumerate(csv.DictReader(fh), 2)]
+    return [_rename(row, fields, f"{path}:{i}") for i, row in enumerate(csv.DictReader(_lines(path)), 2)]
 
 
 def _rename(rec: Record, fields: dict[str, str] | None, where: str) -> Record:
