@@ -235,3 +235,9 @@ def test_labels_that_differ_only_in_type_are_refused_not_merged(tmp_path):
     data = write_jsonl(tmp_path / "mixed.jsonl", [{"text": f"t{i}", "label": [0, "0", 1][i % 3]} for i in range(9)])
     with pytest.raises(DataError, match=r"labels that differ only in type \('0' as int and str\)"):
         build_clients(build_config(tiny_config(tmp_path, data={"dataset": str(data), "tasks": None})).data, 0)
+
+
+def test_a_max_length_beyond_the_models_positions_is_refused_before_round_0(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.max_length=100000 exceeds .*256 positions.*at most 256"):
+        run_experiment(tiny_config(tmp_path, data={"max_length": 100000}))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -13,7 +13,7 @@ from ..adapters import AdaptedModel
 from ..adapters.base_models import LoadedModel, load_base_model
 from ..algorithms import Aggregation, ClientInfo, ServerAlgorithm, build, check_algorithm
 from ..core.config import Config
-from ..core.errors import DataError
+from ..core.errors import ConfigError, DataError
 from ..core.seeding import generator
 from ..data.federated import ClientData, build_clients
 from ..data.tokenize import encode_classification, encode_generation
@@ -49,6 +49,10 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     clients = build_clients(cfg.data, cfg.seed) if whole_split else clients
     num_labels = max((len(c.labels) for c in clients), default=0)
     base = load_base_model(cfg.model.name, cfg.model.objective, max(num_labels, 2), cfg.model.dtype, cfg.seed)
+    limit = getattr(base.model.config, "max_position_embeddings", None)
+    if limit and cfg.data.max_length > limit:  # else every batch with a longer text fails inside the model
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds what model {cfg.model.name!r} can read "
+                          f"({limit} positions); set data.max_length to at most {limit}")
     if base.objective == "classification" and num_labels == 0:
         raise DataError(f"model {cfg.model.name!r} classifies, but dataset {cfg.data.dataset!r} has no labels")
     adapted = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
