@@ -124,3 +124,18 @@ def test_failed_and_silent_nodes_are_recorded_and_left_out(tmp_path, monkeypatch
     assert set(records[2]["fit"]) == {"noun_topic-0", "verb_class-0"}
     assert set(records[2]["eval"]) == {"noun_topic-0", "noun_topic-1", "verb_class-0"}
     assert "no reply" in records[2]["eval_failures"]["verb_class-1"]
+
+
+def test_a_node_claiming_a_client_the_operator_did_not_list_is_left_out(tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.engines.flower import server_main
+
+    cfg = build_config(tiny_config(tmp_path, federation={"rounds": 1},
+                                   engine={"name": "flower-sim", "num_clients": 4, "progress": False,
+                                           "clients": ["noun_topic-0", "noun_topic-1", "verb_class-0"]}))
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+    server_main(cfg, FakeGrid(make_client_app(cfg), 4))
+    records = [__import__("json").loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert set(records[-1]["fit"]) == set(records[-1]["eval"]) == {"noun_topic-0", "noun_topic-1", "verb_class-0"}

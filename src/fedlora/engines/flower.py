@@ -27,7 +27,7 @@ from .loop import RoundLoop
 from .results import RunResult
 from .runtime import Evaluation
 from .rundir import run_log
-from .session import build_session
+from .session import aggregation_of, build_session
 from .wire import decode, encode, store_state
 
 log = logging.getLogger("fedlora")
@@ -122,8 +122,12 @@ def server_main(cfg: Config, grid: Grid) -> None:
         # the server needs the adapted modules' shapes only: the base model without any client data
         base = load_base_model(cfg.model.name, cfg.model.objective, 2, cfg.model.dtype, cfg.seed)
         spec = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.target_modules).spec
-        server, _ = build(cfg.algorithm.name, cfg.algorithm.active_options, spec, cfg.seed)
+        server, _ = build(cfg.algorithm.name, cfg.algorithm.active_options, spec, cfg.seed, aggregation_of(cfg))
         found = handshake(grid, cfg.engine.num_clients or 1, cfg.engine.handshake_timeout)
+        if cfg.engine.clients is not None:  # only the operator's data owners take part
+            for cid in sorted(set(found) - set(cfg.engine.clients)):
+                log.warning("node %s claims client %r, which engine.clients does not admit: left out", found[cid][0], cid)
+                del found[cid]
         # the split's order where nodes use it, then client id (nodes with their own data all report 0)
         order = sorted(found, key=lambda cid: (found[cid][1]["order"], cid))
         clients = [ClientInfo(cid, int(found[cid][1]["num_examples"]), found[cid][1]["task"]) for cid in order]
