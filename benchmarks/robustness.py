@@ -53,6 +53,7 @@ def poisoned_fit(factor: float):
 def run(method: str, attack: str, defence: str, quick: bool) -> dict:
     """One run: the honest clients' final accuracy and the clipping it saw."""
     from fedlora import run_experiment
+    from fedlora.core.errors import ClientFailure
     from fedlora.engines.runtime import ClientRuntime
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,15 +68,19 @@ def run(method: str, attack: str, defence: str, quick: bool) -> dict:
         if method == "fedlease":
             overrides.append("algorithm.options={\"warmup_rounds\": 2}")
         start = time.perf_counter()
-        with patch.object(ClientRuntime, "fit", poisoned_fit(ATTACKS[attack])):
-            result = run_experiment("demo", overrides)
+        row = {"method": method, "attack": attack, "defence": defence}
+        try:
+            with patch.object(ClientRuntime, "fit", poisoned_fit(ATTACKS[attack])):
+                result = run_experiment("demo", overrides)
+        except ClientFailure as exc:  # every client diverged: the loop stops the run (min_clients)
+            return {**row, "honest_accuracy": 0.0, "stopped": str(exc)[:200], "honest_clipped": 0,
+                    "attacker_clipped": 0, "seconds": time.perf_counter() - start}
         honest = {c: m for c, m in result.final.items() if c != ATTACKER}
         by_task: dict[str, list[float]] = {}
         for cid, m in honest.items():
             by_task.setdefault(cid.rsplit("-", 1)[0], []).append(m["accuracy"] if math.isfinite(m["loss"]) else 0.0)
         clipped = [c for r in result.rounds for c in r.get("clipped", {})]
-        return {"method": method, "attack": attack, "defence": defence,
-                "honest_accuracy": statistics.fmean(statistics.fmean(v) for v in by_task.values()),
+        return {**row, "honest_accuracy": statistics.fmean(statistics.fmean(v) for v in by_task.values()),
                 "honest_nonfinite": sum(not math.isfinite(m["loss"]) for m in honest.values()),
                 "honest_clipped": sum(c != ATTACKER for c in clipped), "attacker_clipped": clipped.count(ATTACKER),
                 "seconds": time.perf_counter() - start}
@@ -104,8 +109,8 @@ def write(rows: list[dict], out: Path, command: str, quick: bool) -> None:
             parts = []
             for d in DEFENCES:
                 r = cell.get((m, a, d))
-                parts.append("" if r is None else f"{100 * r['honest_accuracy']:.1f} "
-                             f"({r['honest_clipped']} / {r['attacker_clipped']})")
+                parts.append("" if r is None else "stopped: every client diverged" if "stopped" in r else
+                             f"{100 * r['honest_accuracy']:.1f} ({r['honest_clipped']} / {r['attacker_clipped']})")
             lines.append(f"| {a} | " + " | ".join(parts) + " |")
         lines.append("")
     lines += [f"![robustness]({stem}.png)", "", f"Command: `{command}`", ""]
