@@ -110,3 +110,20 @@ def test_a_1e6_update_poisons_fedit_only_without_the_default_clip(tmp_path, monk
 
 def test_round_timeout_has_a_default():
     assert FederationConfig().round_timeout == 3600.0
+
+
+def test_an_in_process_evaluation_that_diverged_is_a_failure_not_a_nan_summary(tmp_path, monkeypatch):
+    from fedlora.engines.runtime import Evaluation
+
+    original = ClientRuntime.evaluate
+
+    def diverged(self, cid, rnd, payload, state):
+        got = original(self, cid, rnd, payload, state)
+        return Evaluation({**got.metrics, "loss": float("nan")}, got.diagnostics) if cid == "verb_class-1" else got
+
+    monkeypatch.setattr(ClientRuntime, "evaluate", diverged)
+    result = run_experiment(tiny_config(tmp_path, federation={"rounds": 1}))
+    last = result.rounds[-1]
+    assert "loss" in last["eval_failures"]["verb_class-1"] and "verb_class-1" not in last["eval"]
+    assert math.isfinite(result.final_mean["loss"])
+    assert "NaN" not in (tmp_path / "run" / "metrics.jsonl").read_text()

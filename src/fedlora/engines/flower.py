@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,25 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..algorithms import ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
 from ..core.config import Config, build_config
-from ..data.federated import local_client
 from ..core.errors import ClientFailure, ConfigError
+from ..core.names import MAX_NAME_LENGTH, name_problem, safe_name
+from ..data.federated import local_client
 from .checkpoint import Checkpoint
 from .loop import RoundLoop
 from .results import RunResult
-from .runtime import Evaluation
 from .rundir import run_log
+from .runtime import Evaluation
 from .session import aggregation_of, build_session
-from .wire import decode, encode, store_state
+from .validation import count_problem, evaluation_problem, metrics_problem
+from .wire import (
+    INFO_BYTES,
+    WireError,
+    content_bytes,
+    decode,
+    encode,
+    max_reply_bytes,
+    store_state,
+)
 
 log = logging.getLogger("fedlora")
 CLIENT_ID_KEY = "client-id"  # node config key of a SuperNode's data owner (deployment)
@@ -36,13 +47,25 @@ ROUND, EXPECTS = "round", "expects"  # keys a server message adds to the payload
 
 
 class FlowerEngine(RoundLoop):
-    """The round loop with clients reached as Flower nodes; client states stay on the nodes."""
+    """The round loop with clients reached as Flower nodes; client states stay on the nodes.
+
+    Every reply is read as hostile: one that is too large, cannot be decoded or carries ill-typed fields is
+    that client's failure (a reason in `failures`), never an exception of the server."""
 
     def __init__(self, config: Config, server: ServerAlgorithm, clients: list[ClientInfo], run_dir: Path,
                  grid: Grid, nodes: dict[str, int]) -> None:
         super().__init__(config, server, clients, run_dir)
         self.grid, self.nodes = grid, nodes
         self.timeout = config.federation.round_timeout
+        spec = server.spec
+        self.lora_numel = spec.lora_numel(max_rank(config))
+        # the widest router a method sends: FedLEASE's 2M-1 slots, with M experts at most one per client
+        self.router_numel = (2 * max(len(clients), 1) - 1) * sum(d_in for _, d_in, _ in spec.modules)
+
+    def train_limit(self, payload: Payload) -> int:
+        """The largest train reply to `payload` the server reads (bytes; see `wire.max_reply_bytes`):
+        no method sends more than two states (FedLEASE's expert and router) or than its payload expects."""
+        return max_reply_bytes(self.lora_numel, self.router_numel, max(2, len(payload.expects)))
 
     def _exchange(self, rnd: int, kind: str, payloads: dict[str, Payload]) -> tuple[dict[str, Message], dict[str, str]]:
         messages = [Message(encode(p.states, {**p.config, ROUND: rnd, EXPECTS: sorted(p.expects)}),
@@ -73,39 +96,130 @@ class FlowerEngine(RoundLoop):
         messages, failures = self._exchange(rnd, MessageType.TRAIN, payloads)
         replies = {}
         for cid, message in messages.items():
-            states, info = decode(message.content)
-            replies[cid] = Reply(states, int(info["num_examples"]), info["metrics"])
+            (states, info), problem = _read(message, self.train_limit(payloads[cid]))
+            if not problem:
+                problem = count_problem(info.get("num_examples")) or metrics_problem(info.get("metrics"))
+                problem = problem and f"malformed reply: {problem}"
+            if problem:
+                failures[cid] = problem
+            else:
+                replies[cid] = Reply(states, info["num_examples"], info["metrics"])
         return replies, failures
 
     def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, Evaluation], dict[str, str]]:
         self.show(f"round {rnd}: evaluating {len(payloads)} clients on Flower", 0, len(payloads))
         messages, failures = self._exchange(rnd, MessageType.EVALUATE, payloads)
-        infos = {cid: decode(m.content)[1] for cid, m in messages.items()}
-        return {cid: Evaluation(info["metrics"], info.get("diagnostics", {})) for cid, info in infos.items()}, failures
+        evaluations = {}
+        for cid, message in messages.items():
+            (_, info), problem = _read(message, INFO_BYTES)  # an evaluation carries no tensors
+            evaluation = Evaluation(info.get("metrics"), info.get("diagnostics", {}))
+            if not problem:
+                problem = evaluation_problem(evaluation)
+                problem = problem and f"evaluation rejected: {problem}"
+            if problem:
+                failures[cid] = problem
+            else:
+                evaluations[cid] = evaluation
+        return evaluations, failures
+
+
+def _read(message: Message, limit: int) -> tuple[tuple[dict[str, Any], dict[str, Any]], str | None]:
+    """((states, info), None) of a node's reply, or (({}, {}), why it cannot be read): too large or malformed."""
+    try:
+        size = content_bytes(message.content)
+        if size > limit:
+            return ({}, {}), f"reply refused: it holds {size} bytes, more than the {limit} this reply may hold"
+        return decode(message.content), None
+    except WireError as exc:
+        return ({}, {}), f"malformed reply: {exc}"
+    except Exception as exc:  # the bytes come from a party we do not control: whatever they break is its failure
+        log.debug("unreadable reply from node %s", message.metadata.src_node_id, exc_info=True)
+        return ({}, {}), f"unreadable reply: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def max_rank(config: Config) -> int:
+    """The largest LoRA rank any client may train: lora.r, or the largest clients.lora_r can give (FLoRA)."""
+    ranks = config.clients.lora_r
+    if ranks is None or isinstance(ranks, int):
+        values = [ranks or config.lora.r]
+    elif isinstance(ranks, list):
+        values = list(ranks)
+    elif isinstance(ranks, dict):
+        values = list(ranks.values())
+    else:  # the proportional rule: round(base * n / n_max) clipped to [min, max], max defaulting to base
+        values = [ranks.min, ranks.max or ranks.base or config.lora.r]
+    return max(config.lora.r, *(math.ceil(v) for v in values))
 
 
 # -- the ServerApp ----------------------------------------------------------------------------------------
-def handshake(grid: Grid, expected: int, wait: float = 600.0) -> dict[str, tuple[int, dict[str, Any]]]:
-    """Ask every connected node for its client id: {client_id: (node_id, {"num_examples", "task"})}."""
+def handshake(grid: Grid, expected: int, wait: float = 600.0, needed: int = 1,
+              admitted: list[str] | None = None) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Ask every connected node for its client id: {client_id: (node_id, {"num_examples", "task", "order"})}.
+
+    A node whose answer is an error or malformed, claims an unsafe id or one outside `admitted`, or shares its
+    id with another node, is left out with a warning; fewer than `needed` proper answers is a ClientFailure."""
     deadline = time.monotonic() + wait
     while len(list(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
             raise ClientFailure(f"only {len(list(grid.get_node_ids()))} of {expected} SuperNodes connected in {wait:.0f} s")
         time.sleep(0.5)
-    messages = [Message(encode({}, {}), dst_node_id=node, message_type=MessageType.QUERY, group_id="handshake")
-                for node in grid.get_node_ids()]
-    found: dict[str, tuple[int, dict[str, Any]]] = {}
-    for reply in grid.send_and_receive(messages, timeout=max(deadline - time.monotonic(), 1.0)):
-        if reply.has_error():
-            raise ClientFailure(f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}")
-        info = decode(reply.content)[1]
-        if info["client_id"] in found:
-            raise ClientFailure(f"two nodes claim client {info['client_id']!r}; give each SuperNode its own client-id")
-        found[info["client_id"]] = (reply.metadata.src_node_id, info)
-    if len(found) < len(messages):
-        raise ClientFailure(f"only {len(found)} of {len(messages)} SuperNodes answered the handshake within {wait:.0f} s "
+    asked = {node: Message(encode({}, {}), dst_node_id=node, message_type=MessageType.QUERY, group_id="handshake")
+             for node in grid.get_node_ids()}
+    received = grid.send_and_receive(list(asked.values()), timeout=max(deadline - time.monotonic(), 1.0))
+    by_id = {m.metadata.message_id: node for node, m in asked.items() if m.metadata.message_id}
+    answered: set[int] = set()
+    left_out: dict[int, str] = {}
+    claims: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for reply in received:
+        node = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if node not in asked or node in answered:
+            log.warning("handshake: ignoring a reply from node %s, which was not asked or already answered", node)
+            continue
+        answered.add(node)
+        info, problem = _hello(reply, admitted)
+        if problem:
+            left_out[node] = problem
+        else:
+            claims.setdefault(info["client_id"], []).append((node, info))
+    found = {}
+    for cid, claimants in claims.items():
+        if len(claimants) == 1:
+            found[cid] = claimants[0]
+        else:  # neither can be told from an impostor
+            for node, _ in claimants:
+                left_out[node] = (f"{len(claimants)} nodes claim client {cid!r}; give each SuperNode its own "
+                                  "client-id")
+    for node, reason in sorted(left_out.items()):
+        log.warning("handshake: node %s left out: %s", node, reason)
+    if len(answered) < len(asked):
+        raise ClientFailure(f"only {len(answered)} of {len(asked)} SuperNodes answered the handshake within {wait:.0f} s "
                             "(each loads the model and its data first); raise engine.handshake_timeout")
+    if len(found) < needed:
+        raise ClientFailure(f"only {len(found)} of {len(asked)} SuperNodes answered the handshake properly, fewer than "
+                            f"federation.min_clients={needed}; left out: {dict(sorted(left_out.items()))}")
     return found
+
+
+def _hello(reply: Message, admitted: list[str] | None) -> tuple[dict[str, Any], str | None]:
+    """A node's handshake answer and why it cannot be used (None when it can)."""
+    if reply.has_error():
+        return {}, f"it failed the handshake: {reply.error.reason}"
+    (_, info), problem = _read(reply, INFO_BYTES)  # a handshake answer carries no tensors
+    if problem:
+        return info, problem
+    cid, task = info.get("client_id"), info.get("task")
+    problem = name_problem(cid)
+    if problem:
+        return info, f"its client id {cid!r:.120} is not a safe name: {problem}"
+    if admitted is not None and cid not in admitted:
+        return info, f"it claims client {cid!r}, which engine.clients does not admit"
+    if not isinstance(task, str) or not 0 < len(task) <= MAX_NAME_LENGTH:
+        return info, f"its task {task!r:.120} is not a string of 1 to {MAX_NAME_LENGTH} characters"
+    order = info.get("order")
+    if isinstance(order, bool) or not isinstance(order, int):
+        return info, f"its order {order!r:.120} is not an integer"
+    problem = count_problem(info.get("num_examples"))
+    return info, problem and f"malformed reply: {problem}"
 
 
 def server_main(cfg: Config, grid: Grid) -> None:
@@ -123,14 +237,12 @@ def server_main(cfg: Config, grid: Grid) -> None:
         base = load_base_model(cfg.model.name, cfg.model.objective, 2, cfg.model.dtype, cfg.seed)
         spec = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.target_modules).spec
         server, _ = build(cfg.algorithm.name, cfg.algorithm.active_options, spec, cfg.seed, aggregation_of(cfg))
-        found = handshake(grid, cfg.engine.num_clients or 1, cfg.engine.handshake_timeout)
-        if cfg.engine.clients is not None:  # only the operator's data owners take part
-            for cid in sorted(set(found) - set(cfg.engine.clients)):
-                log.warning("node %s claims client %r, which engine.clients does not admit: left out", found[cid][0], cid)
-                del found[cid]
+        # engine.clients: only the operator's data owners take part
+        found = handshake(grid, cfg.engine.num_clients or 1, cfg.engine.handshake_timeout,
+                          cfg.federation.min_clients, cfg.engine.clients)
         # the split's order where nodes use it, then client id (nodes with their own data all report 0)
         order = sorted(found, key=lambda cid: (found[cid][1]["order"], cid))
-        clients = [ClientInfo(cid, int(found[cid][1]["num_examples"]), found[cid][1]["task"]) for cid in order]
+        clients = [ClientInfo(cid, found[cid][1]["num_examples"], found[cid][1]["task"]) for cid in order]
         FlowerEngine(cfg, server, clients, run_dir, grid, {cid: found[cid][0] for cid in order}).run()
 
 
@@ -173,7 +285,7 @@ LOCAL_DATA_KEYS = ("train-file", "test-file", "task")  # node config of a data o
 def _session(cfg: Config, node_config: dict[str, Any]):
     """The session of this node: the config's split, or (deployment) only the data owner's own files."""
     own = {k: str(node_config[k]) for k in LOCAL_DATA_KEYS if k in node_config}
-    owner = str(node_config.get(CLIENT_ID_KEY, "")) if own else ""
+    owner = (_node_client_id(node_config) or "") if own else ""
     key = cfg.model_dump_json() + json.dumps([owner, own], sort_keys=True)
     if key not in _SESSIONS:
         clients = None
@@ -187,9 +299,16 @@ def _session(cfg: Config, node_config: dict[str, Any]):
     return _SESSIONS[key]
 
 
+def _node_client_id(node_config: dict[str, Any]) -> str | None:
+    """The node config's client id, if it sets one: it names files on the server, so only a safe name."""
+    if CLIENT_ID_KEY not in node_config:
+        return None
+    return safe_name(str(node_config[CLIENT_ID_KEY]), "SuperNode client-id")
+
+
 def _client_id(context: Context, session) -> str:
-    if CLIENT_ID_KEY in context.node_config:
-        cid = str(context.node_config[CLIENT_ID_KEY])
+    cid = _node_client_id(context.node_config)
+    if cid is not None:
         if cid not in {i.client_id for i in session.infos}:
             raise ConfigError(f"SuperNode client-id {cid!r} is not a client of this experiment's split "
                               f"({', '.join(i.client_id for i in session.infos)}); give it 'train-file' for own data")

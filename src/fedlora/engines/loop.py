@@ -23,7 +23,7 @@ from .clipping import clip_updates
 from .results import RunResult, summarize
 from .runtime import Evaluation
 from .sampling import sample_clients
-from .validation import reply_problem
+from .validation import evaluation_problem, reply_problem
 
 log = logging.getLogger("fedlora")
 
@@ -107,6 +107,11 @@ class RoundLoop(ABC):
         {"eval": metrics per client, "summary": their means, "diagnostics" per client when the method has any}."""
         payloads = self.server.configure_evaluate(rnd, ids)
         evaluations, failures = self.evaluate_clients(rnd, {cid: payloads.get(cid, Payload()) for cid in ids})
+        for cid in list(evaluations):  # a diverged (NaN) or out-of-range evaluation never reaches the summary
+            problem = evaluation_problem(evaluations[cid])
+            if problem:
+                failures[cid] = f"evaluation rejected: {problem}"
+                del evaluations[cid]
         for cid, reason in failures.items():
             log.warning("round %d: client %s failed to evaluate: %s", rnd, cid, reason)
         if not evaluations:

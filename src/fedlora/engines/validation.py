@@ -5,17 +5,79 @@ LoRA expert (A and B for every adapted module, one rank), one half of it (A only
 FedSA-LoRA send), or a router (every module, one slot count); floating point, finite, and (optionally)
 within a norm bound; it must carry the states its payload expects, and (unless the method takes heterogeneous
 ranks) every LoRA at rank lora.r. A reply that fails is treated like a missing one and never reaches another client.
+
+A client's evaluation is checked too (`evaluation_problem`): its metrics are averaged into the run's summary
+and written to metrics.jsonl, so one NaN, infinite or out-of-range value would spoil both.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..adapters import AdapterSpec
 from ..algorithms import Payload, Reply, lora_rank
 from ..core.tensors import StateDict
+
+if TYPE_CHECKING:  # only an annotation; the runtime pulls in the training stack
+    from .runtime import Evaluation
+
+UNIT_METRICS = ("accuracy", "macro_f1", "exact_match")  # fractions, like every rouge* score
+
+
+def _number_problem(what: str, value: object) -> str | None:
+    # bool is an int subclass, but a JSON `true` is no measurement
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{what} is not a number: {value!r:.80}"
+    if not math.isfinite(value):
+        return f"{what} is not a finite number: {value!r}"
+    return None
+
+
+def metrics_problem(metrics: object, what: str = "metric") -> str | None:
+    """Why `metrics` is not a dict of str -> finite number, or None."""
+    if not isinstance(metrics, dict):
+        return f"the {what}s are a {type(metrics).__name__}, not a mapping"
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            return f"{what} name {key!r:.80} is not a string"
+        problem = _number_problem(f"{what} {key!r:.80}", value)
+        if problem:
+            return problem
+    return None
+
+
+def count_problem(value: object) -> str | None:
+    """Why `value` is not a usable example count (a non-negative int), or None."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return f"num_examples must be a non-negative integer, got {value!r:.80}"
+    return None
+
+
+def evaluation_problem(evaluation: Evaluation) -> str | None:
+    """Why a client's evaluation cannot enter the run's records: a metric that is not a finite number or
+    lies outside its range (accuracy, macro_f1, exact_match, rouge* in [0, 1]; loss >= 0), or diagnostics
+    that are not numbers or {name: number} dicts; None when it is acceptable."""
+    problem = metrics_problem(evaluation.metrics)
+    if problem:
+        return problem
+    for key, value in evaluation.metrics.items():
+        if (key in UNIT_METRICS or key.startswith("rouge")) and not 0 <= value <= 1:
+            return f"metric {key!r} is {value!r}, outside [0, 1]"
+        if key == "loss" and value < 0:
+            return f"metric 'loss' is {value!r}, negative"
+    if not isinstance(evaluation.diagnostics, dict):
+        return f"the diagnostics are a {type(evaluation.diagnostics).__name__}, not a mapping"
+    for key, value in evaluation.diagnostics.items():
+        what = f"diagnostic {key!r:.80}"
+        if not isinstance(key, str):
+            return f"{what} has a name that is not a string"
+        problem = metrics_problem(value, what) if isinstance(value, dict) else _number_problem(what, value)
+        if problem:
+            return problem
+    return None
 
 
 def state_problem(name: str, state: StateDict, spec: AdapterSpec, max_norm: float | None) -> str | None:
@@ -62,11 +124,9 @@ def state_problem(name: str, state: StateDict, spec: AdapterSpec, max_norm: floa
 def reply_problem(reply: Reply, payload: Payload, spec: AdapterSpec, max_norm: float | None = None,
                   any_rank: bool = False) -> str | None:
     """Why a client's reply to `payload` must be rejected, or None when it is acceptable."""
-    if not isinstance(reply.num_examples, int) or reply.num_examples < 0:
-        return f"num_examples must be a non-negative integer, got {reply.num_examples!r}"
-    for key, value in reply.metrics.items():
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"metric {key!r} is not a finite number: {value!r}"
+    problem = count_problem(reply.num_examples) or metrics_problem(reply.metrics)
+    if problem:
+        return problem
     missing = sorted(payload.expects - set(reply.states))
     if missing:
         return f"the reply lacks the state(s) {missing} this method aggregates this round"
