@@ -165,16 +165,16 @@ def test_another_method_in_config_json_is_refused_with_or_without_hashes(run_dir
 
 
 def test_a_split_that_no_longer_rebuilds_the_same_is_refused(run_dir, monkeypatch):
-    from fedlora.data import federated
+    from fedlora.engines import session
 
-    original = federated.build_clients
+    original = session.build_clients
 
     def one_record_less(cfg, seed):  # the corpus on disk changed under the run
         clients = original(cfg, seed)
         clients[0].test.pop()
         return clients
 
-    monkeypatch.setattr(federated, "build_clients", one_record_less)
+    monkeypatch.setattr(session, "build_clients", one_record_less)
     with pytest.raises(CheckpointError, match=r"split.*clients\.json.*--overwrite"):
         resume_experiment(run_dir)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +11,8 @@ from typing import Any
 from .algorithms import check_algorithm
 from .core.config import Config, as_config, load_config
 from .core.errors import CheckpointError, ConfigError, DataError
-from .core.io import json_text, save_json, save_text
-from .engines.checkpoint import Checkpoint, check_split, has_checkpoint, load_checkpoint
+from .core.io import save_json
+from .engines.checkpoint import Checkpoint, has_checkpoint, load_checkpoint
 from .engines.inprocess import InProcessEngine
 from .engines.results import RunResult, read_records
 from .engines.rundir import prepare_run_dir, run_log
@@ -43,12 +42,6 @@ def resume_experiment(run_dir: str | Path, rounds: int | None = None) -> RunResu
     if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} is not a fedlora run directory (no config.json)")
     cfg = load_config(run_dir / "config.json", [f"output_dir={run_dir}"])
-    if rounds is not None and rounds != cfg.federation.rounds:
-        done = load_checkpoint(run_dir).round if has_checkpoint(run_dir) else 0
-        if rounds < done:
-            raise ConfigError(f"{run_dir} has finished {done} rounds; federation.rounds={rounds} cannot undo them")
-        cfg = cfg.with_overrides([f"federation.rounds={rounds}"])
-        save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
     if cfg.engine.name != "inprocess":
         raise ConfigError(f"resume needs the in-process engine; with {cfg.engine.name!r} the client states live "
                           "on the SuperNodes, not in the run directory")
@@ -66,29 +59,24 @@ def resume_experiment(run_dir: str | Path, rounds: int | None = None) -> RunResu
                         "no state saved), so there is nothing to continue from; starting it over from round 1",
                         run_dir, recorded)
             metrics.unlink(missing_ok=True)  # the loop appends: the stopped run's records would stay in front
-            return _run(cfg, run_dir)
-        ckpt = load_checkpoint(run_dir)
-        if ckpt.manifest.get("split") is not None:
-            check_split(run_dir, ckpt, _split_text(cfg))
+            return _run(_with_rounds(cfg, rounds, 0), run_dir)
+        ckpt = load_checkpoint(run_dir)  # the split is checked against it when the engine has rebuilt it
         records = [r for r in read_records(run_dir, drop_cut_off_tail=True) if r["round"] <= ckpt.round] \
             if metrics.is_file() else []
-        save_text(metrics, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records))
+        cfg = _with_rounds(cfg, rounds, ckpt.round)
         log.info("resuming after round %d", ckpt.round)
         return _run(cfg, run_dir, ckpt, records)
 
 
-def _split_text(cfg: Config) -> str:
-    """The clients.json text the in-process engine will write for `cfg` (the split, rebuilt from the data)."""
-    from .data.federated import build_clients
-
-    # the engine builds the same split again right after and logs its warnings then: once is enough
-    was = log.disabled
-    log.disabled = True
-    try:
-        clients = build_clients(cfg.data, cfg.seed)
-    finally:
-        log.disabled = was
-    return json_text([c.to_json() for c in clients])
+def _with_rounds(cfg: Config, rounds: int | None, done: int) -> Config:
+    """`cfg` with federation.rounds = `rounds` (saved into its config.json), when given and not below `done`."""
+    if rounds is None or rounds == cfg.federation.rounds:
+        return cfg
+    if rounds < done:
+        raise ConfigError(f"{cfg.run_dir} has finished {done} rounds; federation.rounds={rounds} cannot undo them")
+    cfg = cfg.with_overrides([f"federation.rounds={rounds}"])
+    save_json(cfg.run_dir / "config.json", cfg.model_dump(mode="json"))
+    return cfg
 
 
 # engine.name -> the function that runs a config into a run directory, as "module:function", every one with the

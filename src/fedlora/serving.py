@@ -27,7 +27,7 @@ from .core.names import safe_name
 from .core.io import load_json, load_tensors, save_json, save_tensors
 from .data.suites import TEMPLATE
 from .data.tokenize import Encoded, encode_prompt, encode_texts
-from .engines.checkpoint import checkpoint_id, load_checkpoint
+from .engines.checkpoint import checkpoint_id, load_checkpoint, restore_server
 from .engines.session import Session, build_session
 from .training import ClientDataset, InstanceWeighting, Trainer
 
@@ -56,7 +56,7 @@ def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path) -> P
         raise ConfigError(f"no client {client_id!r} in {run_dir}; clients: {', '.join(sorted(ckpt.client_states))}")
     s = build_session(cfg)
     s.server.setup(s.infos, cfg.federation.rounds)
-    s.server.load_state_dict(ckpt.server_state)
+    restore_server(s.server, ckpt)
     payload = s.server.configure_evaluate(ckpt.round, [client_id])[client_id]
     # the final evaluation's turn: the same personalized model, random streams and base update
     with s.runtime.personalize(client_id, ckpt.round, payload, ckpt.client_states[client_id]) as turn:

@@ -100,8 +100,13 @@ def load_json(path: str | Path) -> Any:
         raise CheckpointError(f"file {path} is not valid JSON ({exc}); it may be truncated") from exc
 
 
+def jsonl_line(obj: Any) -> str:
+    """One JSON line as `append_jsonl` writes it."""
+    return json.dumps(obj, sort_keys=True, default=str) + "\n"
+
+
 def append_jsonl(path: str | Path, obj: Any) -> None:
     """Append one JSON line (flushed, so a crash loses at most the line being written)."""
     with open(path, "a") as fh:
-        fh.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+        fh.write(jsonl_line(obj))
         fh.flush()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..algorithms import ClientState
+from ..algorithms import ClientState, ServerAlgorithm
 from ..core.errors import CheckpointError
 from ..core.io import file_sha256, load_json, load_tensors, save_json, save_tensors, sha256_text
 from ..core.names import name_problem, safe_name
@@ -141,9 +141,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     meta = load_json(directory / "server.json")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{directory / 'server.json'} is not a JSON object; {START_OVER}")
-    where = f"checkpoint {directory}"
-    server = {"tensors": _ServerState(unflatten(load_tensors(directory / "server.safetensors")), where, run_dir),
-              "meta": _ServerState(meta, where, run_dir)}
+    server = {"tensors": unflatten(load_tensors(directory / "server.safetensors")), "meta": meta}
     return Checkpoint(int(latest["round"]), server, clients, manifest, directory)
 
 
@@ -193,24 +191,13 @@ def _verify_config(run_dir: Path, directory: Path, manifest: dict[str, Any]) -> 
                           f"put the original values back, or {START_OVER}")
 
 
-class MissingServerState(CheckpointError, KeyError):
-    """The server looked for a key its checkpoint lacks: another method or config wrote the checkpoint."""
-
-    def __str__(self) -> str:  # KeyError would show the message quoted, as a repr
-        return str(self.args[0])
-
-
-class _ServerState(dict):
-    """A loaded server state whose missing key says what it means. The method's `load_state_dict` indexes it
-    directly, and a checkpoint of another method (one an older fedlora wrote, which records no config to
-    compare) would otherwise stop the run with a bare KeyError traceback."""
-
-    def __init__(self, items: dict[str, Any], where: str, run_dir: Path) -> None:
-        super().__init__(items)
-        self.where, self.run_dir = where, run_dir
-
-    def __missing__(self, key: str) -> Any:
-        raise MissingServerState(
-            f"the server state in {self.where} has no {key!r}: the checkpoint was written by another method or "
-            f"config than {self.run_dir / 'config.json'} now holds; resume with the config it was written with, "
-            f"or {START_OVER}")
+def restore_server(server: ServerAlgorithm, ckpt: Checkpoint) -> None:
+    """Load a checkpoint's server state into `server`. A key it lacks means another method or config wrote it
+    (a checkpoint of an older fedlora records no config to compare): a CheckpointError, not a bare KeyError."""
+    try:
+        server.load_state_dict(ckpt.server_state)
+    except KeyError as exc:
+        raise CheckpointError(
+            f"the server state in checkpoint {ckpt.directory} has no {exc.args[0]!r}: the checkpoint was written by "
+            f"another method or config than config.json now holds; resume with the config it was written with, "
+            f"or {START_OVER}") from None

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ..algorithms import ClientInfo, Payload, Reply, ServerAlgorithm
 from ..core.config import Config
-from ..core.io import save_json
-from .checkpoint import Checkpoint
+from ..core.io import json_text, save_text
+from .checkpoint import Checkpoint, check_split
 from .loop import RoundLoop
 from .results import RunResult
 from .runtime import ClientRuntime, Evaluation
@@ -48,6 +48,9 @@ def run_inprocess(cfg: Config, run_dir: Path, resume: Checkpoint | None = None,
                   records: list[dict] | None = None) -> RunResult:
     """Run (or, from a checkpoint and the records before it, continue) a config in this process."""
     s = build_session(cfg)
-    save_json(run_dir / "clients.json", [c.to_json() for c in s.clients])
+    split = json_text([c.to_json() for c in s.clients])
+    if resume is not None:  # the data on disk may have changed under a stopped run
+        check_split(run_dir, resume, split)
+    save_text(run_dir / "clients.json", split)
     with s.runtime:  # stops a client's data-parallel workers, also when the run fails
         return InProcessEngine(cfg, s.server, s.runtime, s.infos, run_dir, resume, records).run()

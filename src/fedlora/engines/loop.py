@@ -17,8 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..algorithms import METHODS, ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
 from ..core.config import Config
 from ..core.errors import ClientFailure
-from ..core.io import append_jsonl
-from .checkpoint import Checkpoint, save_checkpoint
+from ..core.io import append_jsonl, jsonl_line, save_text
+from .checkpoint import Checkpoint, restore_server, save_checkpoint
 from .clipping import clip_updates
 from .results import RunResult, summarize
 from .runtime import Evaluation
@@ -49,7 +49,9 @@ class RoundLoop(ABC):
             log.warning("%s: %s", self.config.algorithm.name, warning)
         first = 1
         if self.resume is not None:
-            self.server.load_state_dict(self.resume.server_state)
+            restore_server(self.server, self.resume)
+            # the records up to the checkpoint, without what a stopped run recorded after it
+            save_text(self.run_dir / "metrics.jsonl", "".join(map(jsonl_line, self.records)))
             self.states.update(self.resume.client_states)
             first = self.resume.round + 1
         progress = self.progress = _progress(self.config.engine.progress)
