@@ -14,6 +14,7 @@ from .core.errors import CheckpointError, ConfigError, DataError
 from .core.io import save_json
 from .engines.checkpoint import Checkpoint, has_checkpoint, load_checkpoint
 from .engines.inprocess import InProcessEngine
+from .engines.privacy import check_privacy
 from .engines.results import RunResult, read_records
 from .engines.rundir import prepare_run_dir, run_log
 from .engines.session import build_session
@@ -27,6 +28,7 @@ def run_experiment(config: Config | dict[str, Any] | str | Path, overrides: list
     """Run one federated experiment end to end and write its run directory."""
     cfg = as_config(config, overrides)
     check_algorithm(cfg.algorithm)  # before the run directory exists: a typo leaves nothing behind
+    check_privacy(cfg)
     run_dir = cfg.run_dir
     prepare_run_dir(run_dir, overwrite)
     save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
@@ -156,6 +158,7 @@ def compare(config: Config | dict[str, Any] | str | Path, methods: list[str], ov
     if not methods:
         raise ConfigError("compare needs at least one method, e.g. --methods local,fedit")
     check_algorithm(cfg.algorithm, methods)  # every name and option checked before the first run starts
+    check_privacy(cfg, methods)
     results = {}
     for method in methods:
         sub = cfg.model_copy(deep=True)

@@ -21,10 +21,13 @@ def _results_table(results: dict, metric: str) -> Table:
         table.add_column(method, justify="right")
     for cid in clients:
         table.add_row(cid, *(f"{r.final[cid].get(metric, float('nan')):.3f}" for r in results.values()))
-    for task in first.evaluations()[-1]["summary"]["by_task"]:
+    from .engines.results import informative_tasks  # here: the module imports torch
+
+    tasks = informative_tasks(first.evaluations()[-1]["summary"], len(clients))  # none for a by_key split
+    for task in tasks:
         table.add_row(f"[bold]mean {task}", *(f"{r.evaluations()[-1]['summary']['by_task'][task][metric]:.3f}"
                                               for r in results.values()))
-    table.add_row("[bold]average over tasks", *(f"{r.final_mean[metric]:.3f}" for r in results.values()))
+    table.add_row("[bold]average over tasks" if tasks else "[bold]average", *(f"{r.final_mean[metric]:.3f}" for r in results.values()))
     start = [r.evaluations()[0] for r in results.values()]
     if start and start[0]["round"] == 0:
         table.add_row("[dim]untrained start", *(f"{s['summary']['mean'][metric]:.3f}" for s in start))
@@ -116,8 +119,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     """`fedlora report`: write the Markdown report of a run or comparison directory."""
-    from .reporting import write_report
+    from .reporting import group_runs, write_report
 
+    groups = group_runs(args.run_dir)
+    if len(groups) > 1:  # never merged into one table: say so, and in what the configs differ
+        print(f"{args.run_dir} holds runs of {len(groups)} different configs (differing in "
+              f"{', '.join(groups[0].differs)}): one section each")
     print(f"report: {write_report(args.run_dir)}")
 
 

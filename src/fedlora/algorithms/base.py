@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from ..adapters import AdaptedModel, AdapterSpec, Layout
+from ..core.privacy import SumNoise
 from ..core.seeding import generator
 from ..core.tensors import StateDict, coordinate_median, num_bytes, trimmed_mean, weighted_mean
 from ..training import ClientDataset, InstanceWeighting, Trainer
@@ -130,6 +131,11 @@ def lora_rank(state: StateDict) -> int | None:
 class ServerAlgorithm:
     """The server side of a method."""
 
+    # privacy.dp = client_clipping: the noise every sum the server forms gets (set by the round loop), and whether
+    # a round's sums hold only that round's replies, so that client sampling hides who took part
+    noise: SumNoise | None = None
+    dp_amplified: bool = True
+
     def __init__(self, options: Options, spec: AdapterSpec, seed: int, aggregation: Aggregation = Aggregation()) -> None:
         self.options, self.spec, self.seed, self.aggregation = options, spec, seed, aggregation
         self.clients: dict[str, ClientInfo] = {}
@@ -140,24 +146,34 @@ class ServerAlgorithm:
         self.rounds = rounds
 
     def weight(self, client_id: str) -> float:
-        """A client's aggregation weight: its example count if `options.weighting == "examples"`, else 1."""
-        if getattr(self.options, "weighting", "uniform") == "examples":
+        """A client's aggregation weight: its example count if `options.weighting == "examples"`, else 1 (always 1
+        under central DP, whose noise is calibrated to a uniform mean)."""
+        if self.noise is None and getattr(self.options, "weighting", "uniform") == "examples":
             return float(self.clients[client_id].num_examples)
         return 1.0
 
     def client_mean(self, states: dict[str, StateDict]) -> StateDict:
         """The states keyed by client id combined key by key (A and B separately) by the aggregation rule: the
-        weighted mean, or the coordinate-wise median / trimmed mean."""
+        weighted mean (noised under central DP), or the coordinate-wise median / trimmed mean."""
+        if self.noise is not None:  # the uniform mean, noised as the sum of the clipped states is
+            mean = weighted_mean(list(states.values()), [1.0] * len(states))
+            return self.noise.noised_mean(mean, len(states), *sorted(states), min(mean, default=""))
         if self.aggregation.rule == "median":
             return coordinate_median(list(states.values()))
         if self.aggregation.rule == "trimmed_mean":
             return trimmed_mean(list(states.values()), self.aggregation.trim_fraction)
         return weighted_mean(list(states.values()), [self.weight(cid) for cid in states])
 
-    def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
-        """What reply state `name` is an update of, for update clipping: by default the payload's state of that
-        name; None when the client had nothing to start from that the server knows (the state is the update)."""
+    @staticmethod
+    def upload_start(name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """Which of the payload's states reply state `name` started from (the client clips its update against
+        it under DP): by default the payload's state of that name; None when the payload sent none."""
         return payload.states.get(name)
+
+    def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """What reply state `name` is an update of, for update clipping: by default `upload_start`; None when
+        the client had nothing to start from that the server knows (the state is the update)."""
+        return self.upload_start(name, payload, reply)
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
         """Payloads for the clients sampled in round `rnd` (1-based), each naming the states its reply must carry."""

@@ -34,6 +34,8 @@ class FedALTOptions(Options):
 class FedALTServer(ServerAlgorithm):
     """Caches every client's latest Individual LoRA and serves leave-one-out means."""
 
+    dp_amplified = False  # the sum holds every known Individual LoRA, also of clients not sampled this round
+
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
         """Start with no known Individual LoRA."""
         super().setup(clients, rounds)
@@ -52,6 +54,8 @@ class FedALTServer(ServerAlgorithm):
             lora, w = self.individual[cid], self.weight(cid)
             for k, v in lora.items():
                 self._sum[k] = self._sum[k] + w * v.double() if k in self._sum else w * v.double()
+        if self.noise is not None and self._sum:  # central DP: noised once, before every leave-one-out
+            self._sum = {k: v.double() for k, v in self.noise.noised_sum(self._sum, "row-sum").items()}
 
     def rest_of_world(self, cid: str) -> StateDict | None:
         """(S - w_k theta_k) / (W - w_k): the weighted mean of everyone else's Individual LoRA, or None if none

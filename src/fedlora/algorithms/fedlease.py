@@ -95,8 +95,9 @@ class FedLEASEServer(ServerAlgorithm):
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
         """Keep warm-up LoRAs, cluster after the warm-up, then average experts and routers per cluster."""
         for cid, reply in replies.items():
-            if "lora" in reply.states:
-                self.warm[cid] = reply.states["lora"]
+            if "lora" in reply.states:  # clustered on one by one: under central DP each is noised on its own
+                lora = reply.states["lora"]
+                self.warm[cid] = self.noise.noised_state(lora, cid) if self.noise is not None else lora
         if not self.clustered:
             if rnd >= self.options.warmup_rounds and self.warm:
                 self._allocate()
@@ -127,8 +128,9 @@ class FedLEASEServer(ServerAlgorithm):
                     f"{rounds}: every client trains alone, as Local; lower warmup_rounds or raise the rounds"]
         return []
 
-    def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
-        """The own expert is an update of the expert j the client received; the router of its cluster's router."""
+    @staticmethod
+    def upload_start(name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """The own expert started as the expert j the client received; the router as its cluster's router."""
         if name == "expert":
             return payload.states.get(expert_key(payload.config["expert"]))
         return payload.states.get(name)

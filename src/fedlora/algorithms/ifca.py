@@ -63,8 +63,9 @@ class IFCAServer(ServerAlgorithm):
             return f"metric 'cluster' must be a cluster id 0..{self.options.clusters - 1}, got {c!r}"
         return None
 
-    def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
-        """The trained LoRA is an update of the cluster LoRA the client chose."""
+    @staticmethod
+    def upload_start(name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """The trained LoRA started as the cluster LoRA the client chose."""
         return payload.states.get(cluster_key(int(reply.metrics["cluster"])))
 
     def diagnostics(self) -> dict:

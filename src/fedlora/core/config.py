@@ -211,6 +211,28 @@ class EngineConfig(Section):
                                       "claims another id is left out (default: any id, up to num_clients nodes)")
 
 
+class PrivacyConfig(Section):
+    """Client-level differential privacy of every upload (docs/privacy.md)."""
+
+    dp: Literal["none", "client_clipping", "local"] = Field(
+        "none", description="client_clipping: clients clip their updates, the server noises every sum it forms "
+        "(central DP, a trusted server); local: clients also noise what they upload (no trusted server)")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound of a client's whole upload update per round")
+    noise_multiplier: float | None = Field(None, ge=0, description="noise std / clip_norm (set this or "
+                                           "target_epsilon)")
+    target_epsilon: float | None = Field(None, gt=0, description="calibrate noise_multiplier so that the "
+                                         "whole run spends this epsilon")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta of the reported (epsilon, delta)")
+    max_epsilon: float | None = Field(None, gt=0, description="stop the run before a round would spend more")
+
+    @model_validator(mode="after")
+    def _one_noise(self) -> "PrivacyConfig":
+        if self.dp != "none" and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(f"privacy.dp={self.dp!r} needs exactly one of noise_multiplier (noise std / clip_norm) "
+                             "and target_epsilon (the run's whole budget)")
+        return self
+
+
 class Config(Section):
     """A whole experiment."""
 
@@ -225,6 +247,9 @@ class Config(Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    tracking: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="experiment trackers that get every round's metrics (HF's report_to)")
 
     @property
     def run_dir(self) -> Path:

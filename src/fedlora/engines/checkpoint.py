@@ -35,7 +35,7 @@ log = logging.getLogger("fedlora")
 CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "round.json"
 # what the saved state was trained with: resuming under other values would silently continue another experiment
-VERIFIED_SECTIONS = ("data", "seed", "model", "lora", "training", "clients", "algorithm")
+VERIFIED_SECTIONS = ("data", "seed", "model", "lora", "training", "clients", "algorithm", "privacy")
 START_OVER = "start the run over with --overwrite (fedlora run CONFIG --overwrite)"
 _ROUND_DIR = re.compile(r"round-\d{5,}")
 
@@ -181,7 +181,8 @@ def _verify_config(run_dir: Path, directory: Path, manifest: dict[str, Any]) -> 
         return  # nothing recorded to compare, or no config to compare it with (the caller needs one and says so)
     config = load_json(path)
     config = config if isinstance(config, dict) else {}
-    changed = [s for s, digest in config_hashes(config).items() if recorded.get(s) != digest]
+    # a section the manifest does not record was added to fedlora after the checkpoint was written
+    changed = [s for s, digest in config_hashes(config).items() if s in recorded and recorded[s] != digest]
     if not changed:
         return
     then, now = manifest.get("method"), (config.get("algorithm") or {}).get("name")

@@ -20,9 +20,11 @@ from ..core.errors import ClientFailure
 from ..core.io import append_jsonl, jsonl_line, save_text
 from .checkpoint import Checkpoint, restore_server, save_checkpoint
 from .clipping import clip_updates
+from .privacy import PrivacyBudgetSpent, PrivacyLedger
 from .results import RunResult, summarize
 from .runtime import Evaluation
 from .sampling import sample_clients
+from .tracking import open_tracker
 from .validation import evaluation_problem, reply_problem
 
 log = logging.getLogger("fedlora")
@@ -47,32 +49,64 @@ class RoundLoop(ABC):
         self.server.setup(self.clients, fed.rounds)
         for warning in self.server.schedule_problems(fed.rounds):
             log.warning("%s: %s", self.config.algorithm.name, warning)
+        self.ledger = PrivacyLedger(self.config, len(ids), self.server)
         first = 1
         if self.resume is not None:
+            if self.server.noise is not None:  # a server rebuilding its noised sums draws that round's noise
+                self.server.noise.start_round(self.resume.round)
             restore_server(self.server, self.resume)
+            self.ledger.restore(self.records)
             # the records up to the checkpoint, without what a stopped run recorded after it
             save_text(self.run_dir / "metrics.jsonl", "".join(map(jsonl_line, self.records)))
             self.states.update(self.resume.client_states)
             first = self.resume.round + 1
+        if first <= fed.rounds:
+            self.ledger.check_next(first)  # a budget spent before this command did anything is an error
         progress = self.progress = _progress(self.config.engine.progress)
+        self.tracker = open_tracker(self.config, self.run_dir)
+        try:
+            self._rounds(first, ids, progress)
+        finally:
+            self.tracker.close()
+        return RunResult(self.run_dir, self.config.algorithm.name, self.records, self.states, self.server.state_dict())
+
+    def _rounds(self, first: int, ids: list[str], progress: Progress | None) -> None:
+        fed = self.config.federation
         with progress or nullcontext():
             bar = progress.add_task("rounds", total=fed.rounds, completed=first - 1) if progress else None
             self.client_bar = progress.add_task("clients", total=len(ids)) if progress else None
             if fed.eval_at_start and first == 1:
                 self._record(0, {"round": 0, **self.evaluate(0, ids)})
             for rnd in range(first, fed.rounds + 1):
+                try:
+                    self.ledger.check_next(rnd)
+                except PrivacyBudgetSpent as exc:
+                    log.warning("%s", exc)
+                    self._finish_early(rnd - 1, ids)
+                    break
                 start = time.perf_counter()
                 record = {"round": rnd, **self._fit_round(rnd, sample_clients(ids, fed.clients_per_round, self.config.seed, rnd))}
                 if rnd % fed.eval_every == 0 or rnd == fed.rounds:
                     record.update(self.evaluate(rnd, ids))
                 record["seconds"] = time.perf_counter() - start
+                privacy = self.ledger.after_round(record["comm"]["bytes_up"] > 0, self.server.noise is not None
+                                                  and self.server.noise.released_individually)
+                if privacy:
+                    record["privacy"] = privacy
                 self._record(rnd, record)
                 every = self.config.engine.checkpoint_every
                 if rnd == fed.rounds or (every and rnd % every == 0):  # the last one holds the final adapters
                     save_checkpoint(self.run_dir, Checkpoint(rnd, self.server.state_dict(), self.states))
                 if progress:
                     progress.update(bar, advance=1, description=_describe(record))
-        return RunResult(self.run_dir, self.config.algorithm.name, self.records, self.states, self.server.state_dict())
+
+    def _finish_early(self, rnd: int, ids: list[str]) -> None:
+        """End a run stopped after round `rnd` as its last round ends: evaluated and checkpointed."""
+        last = self.records[-1]
+        if "eval" not in last:
+            last.update(self.evaluate(rnd, ids))
+            save_text(self.run_dir / "metrics.jsonl", "".join(map(jsonl_line, self.records)))
+        save_checkpoint(self.run_dir, Checkpoint(rnd, self.server.state_dict(), self.states))
 
     def _fit_round(self, rnd: int, sampled: list[str]) -> dict:
         payloads = self.server.configure(rnd, sampled)
@@ -97,6 +131,8 @@ class RoundLoop(ABC):
         for cid, factors in clipped.items():
             log.warning("round %d: client %s's update clipped (%s)", rnd, cid,
                         ", ".join(f"{name} x{f:.3g}" for name, f in factors.items()))
+        if self.server.noise is not None:
+            self.server.noise.start_round(rnd)
         self.server.aggregate(rnd, replies)
         record = {"sampled": sampled, "fit": fit, "failures": failures,
                   "comm": {"bytes_up": sum(f["bytes_up"] for f in fit.values()),
@@ -143,12 +179,16 @@ class RoundLoop(ABC):
     def _record(self, rnd: int, record: dict) -> None:
         self.records.append(record)
         append_jsonl(self.run_dir / "metrics.jsonl", record)
+        self.tracker.log_record(record)
         log.info("%s", _describe(record))
 
 
 def _describe(record: dict) -> str:
     mean = record.get("summary", {}).get("mean", {})
     shown = ", ".join(f"{k}={mean[k]:.3f}" for k in ("accuracy", "rouge1", "loss") if k in mean)
+    if "privacy" in record:
+        eps = record["privacy"]["epsilon"]
+        shown += f"{', ' if shown else ''}epsilon={'inf' if eps is None else f'{eps:.3g}'}"
     return f"round {record['round']}" + (f": {shown}" if shown else "")
 
 

@@ -29,6 +29,14 @@ def summarize(per_client: dict[str, dict[str, float]], tasks: dict[str, str]) ->
     return {"mean": mean, "by_task": task_means}
 
 
+def informative_tasks(summary: dict[str, Any], n_clients: int) -> list[str]:
+    """The tasks of a `summarize` result worth a row (or column) of their own, in its order: none when one task
+    holds every client or every client is its own task (as by_key partitions give), whose mean is then only a
+    repeat of the mean over tasks or of a client's own value."""
+    tasks = list(summary.get("by_task", {}))
+    return tasks if 1 < len(tasks) < n_clients else []
+
+
 def read_records(run_dir: Path, drop_cut_off_tail: bool = False) -> list[dict[str, Any]]:
     """The round records of a run's metrics.jsonl; a line that is not one is a CheckpointError naming the line.
     With `drop_cut_off_tail` (resume), a last line cut off mid-write, as a kill can leave it, is dropped."""

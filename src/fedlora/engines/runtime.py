@@ -20,9 +20,10 @@ from ..adapters import AdaptedModel
 from ..algorithms import METHODS, ClientAlgorithm, ClientContext, ClientState, Diagnostic, Payload, Personalized, Reply
 from ..core.config import Config
 from ..core.errors import ConfigError
-from ..core.seeding import derive_seed
+from ..core.seeding import derive_seed, generator
 from ..training import ClientDataset, Trainer, WorkerPool, Workers, client_budgets
 from ..training.distributed import worker_threads
+from .privacy import privatize
 
 HEAD, OPTIMIZER = "_head", "_optimizer"  # reserved ClientState names
 
@@ -132,6 +133,9 @@ class ClientRuntime:
             state.states[HEAD] = self.adapted.head_state()
         if ctx.trainer.optimizer_state is not None and not self.config.training.reset_optimizer:
             state.states[OPTIMIZER] = _flatten_optimizer(ctx.trainer.optimizer_state)
+        if self.config.privacy.dp != "none":  # the upload's bound (and local noise) before anything leaves
+            init = self.adapted.spec.init_lora(generator(self.config.seed, "lora-init"))
+            reply, state = privatize(reply, payload, state, self.config, ctx.seed, init)
         reply.metrics.setdefault("num_examples", reply.num_examples)
         return reply, state
 

@@ -18,6 +18,7 @@ from ..core.seeding import generator
 from ..data.federated import ClientData, build_clients
 from ..data.tokenize import encode_classification, encode_generation
 from ..training import ClientDataset
+from .privacy import check_privacy
 from .runtime import ClientRuntime
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     if cfg.engine.torch_threads:
         torch.set_num_threads(cfg.engine.torch_threads)
     check_algorithm(cfg.algorithm)  # fail on a bad method or option before any loading
+    check_privacy(cfg)
     whole_split = clients is None  # a data owner's own clients: per-client lists/rules cannot be placed
     clients = build_clients(cfg.data, cfg.seed) if whole_split else clients
     num_labels = max((len(c.labels) for c in clients), default=0)

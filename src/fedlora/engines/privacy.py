@@ -1,0 +1,160 @@
+"""Differential privacy in a run (`[privacy]`, docs/privacy.md): which methods it covers, the client's clipping
+and local noise (run by the shared `ClientRuntime`, so every engine does the same), the server's noise
+(`ServerAlgorithm.noise`) and the budget (`PrivacyLedger`, kept by the shared `RoundLoop`)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import replace
+
+from ..algorithms import METHODS, ClientState, Payload, Reply, ServerAlgorithm
+from ..core import privacy as dp
+from ..core.config import Config
+from ..core.errors import ConfigError, FedloraError
+from ..core.seeding import generator
+from ..core.tensors import StateDict
+
+log = logging.getLogger("fedlora")
+UPLOAD = "_upload."  # ClientState names of the previous uploads of states the server never sends back
+
+# Why a method cannot run under a DP mode: a release the mechanism does not cover, or a sum whose sensitivity
+# is not the clip norm. Under `local` every server computation is post-processing of noised uploads.
+REFUSED = {
+    ("ifca", "client_clipping"): "each client reports the cluster its data fits best, a release no noise covers",
+    ("ifca", "local"): "each client reports the cluster its data fits best, a release no noise covers",
+    ("flora", "client_clipping"): "the server stacks every client's LoRA unaveraged, so there is no sum to noise; "
+                                  "use privacy.dp='local'",
+    ("hetlora", "client_clipping"): "zero-padding rescales B by r_max / r_k, so a padded update's norm is not "
+                                    "bounded by clip_norm; use privacy.dp='local'",
+}
+
+
+class PrivacyBudgetSpent(FedloraError):
+    """The next round would spend more than `privacy.max_epsilon`."""
+
+
+def check_privacy(cfg: Config, methods: list[str] | None = None) -> None:
+    """Refuse a DP setting the methods cannot honour, before any work (a ConfigError that says why)."""
+    p = cfg.privacy
+    if p.dp == "none":
+        return
+    for name in methods or [cfg.algorithm.name]:
+        reason = REFUSED.get((name, p.dp))
+        if reason:
+            raise ConfigError(f"privacy.dp={p.dp!r} cannot protect {name!r}: {reason}")
+        if p.dp == "client_clipping" and cfg.algorithm.options_for(name).get("weighting") == "examples":
+            raise ConfigError(f"privacy.dp='client_clipping' needs uniform weights (an example-weighted mean lets "
+                              f"one client move it by more than clip_norm / n); drop {name}'s weighting='examples'")
+    if p.dp == "client_clipping" and cfg.federation.aggregation != "mean":
+        raise ConfigError(f"privacy.dp='client_clipping' noises means; federation.aggregation="
+                          f"{cfg.federation.aggregation!r} has another sensitivity: set it to 'mean'")
+
+
+def sampling_rate(cfg: Config, num_clients: int) -> float:
+    """The fraction of clients sampled per round."""
+    per_round = cfg.federation.clients_per_round or num_clients
+    return min(1.0, per_round / max(num_clients, 1))
+
+
+@functools.lru_cache(maxsize=32)
+def _calibrated(target: float, rate: float, delta: float, rounds: int, amplified: bool) -> float:
+    return dp.calibrate_noise(target, rate, delta, rounds, amplified)
+
+
+def noise_multiplier(cfg: Config, rate: float = 1.0, amplified: bool = False) -> float:
+    """The noise std / clip_norm: as configured, or calibrated so the configured rounds spend target_epsilon."""
+    p = cfg.privacy
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    return _calibrated(p.target_epsilon, rate, p.delta, cfg.federation.rounds, amplified)
+
+
+def privatize(reply: Reply, payload: Payload, state: ClientState, cfg: Config, seed: int,
+              init: StateDict) -> tuple[Reply, ClientState]:
+    """A client's reply under DP: its whole update clipped to clip_norm (against where each state started: what
+    the payload gave, else the previous upload of it, else `init`, the shared seeded LoRA init, where shapes
+    match), under `local` noised and without training metrics; uploads the server never sends back are kept in
+    the client's state as their next start."""
+    p = cfg.privacy
+    upload_start = METHODS[cfg.algorithm.name].server.upload_start
+    given = {name: upload_start(name, payload, reply) for name in reply.states}
+    starts = {name: given[name] or state.states.get(UPLOAD + name) or _if_same_shapes(init, s)
+              for name, s in reply.states.items()}
+    states, factor = dp.clip_uploads(reply.states, starts, p.clip_norm)
+    metrics = dict(reply.metrics)
+    if p.dp == "local":
+        std = noise_multiplier(cfg) * p.clip_norm
+        states = {name: dp.add_noise(s, std, generator(seed, "dp-local", name)) for name, s in states.items()}
+        metrics = {}  # data-dependent numbers no noise covers never leave the client
+    else:
+        metrics["dp_clip_factor"] = factor
+    kept = {**state.states, **{UPLOAD + name: {k: v.clone() for k, v in s.items()}  # own storage: checkpoints
+                                for name, s in states.items() if given[name] is None}}
+    return replace(reply, states=states, metrics=metrics), ClientState(kept, state.meta)
+
+
+def _if_same_shapes(init: StateDict, state: StateDict) -> StateDict | None:
+    """The init as the start of a state of its keys and shapes (a first upload of a fresh LoRA), else None."""
+    return init if set(state) == set(init) and all(state[k].shape == init[k].shape for k in state) else None
+
+
+class PrivacyLedger:
+    """The run's privacy budget: installs the server's noise (client_clipping), and after every round gives
+    epsilon at privacy.delta; `check_next` refuses a round that would spend more than max_epsilon."""
+
+    def __init__(self, cfg: Config, num_clients: int, server: ServerAlgorithm) -> None:
+        self.cfg, self.p = cfg, cfg.privacy
+        self.active = self.p.dp != "none"
+        self.rate = sampling_rate(cfg, num_clients)
+        # a local client's noise hides nothing by sampling (the server sees who took part); a server whose sums
+        # hold clients that did not take part (FedALT's stale Individual LoRAs) releases them every round
+        self.amplified = self.p.dp == "client_clipping" and server.dp_amplified
+        self.rounds = self.plain_rounds = 0
+        if not self.active:
+            return
+        self.z = noise_multiplier(cfg, self.rate, self.amplified)
+        if self.p.dp == "client_clipping":
+            server.noise = dp.SumNoise(self.z * self.p.clip_norm, cfg.seed)
+        log.info("privacy: %s, clip_norm %.3g, noise multiplier %.4g, sampling rate %.3g", self.p.dp,
+                 self.p.clip_norm, self.z, self.rate)
+
+    def restore(self, records: list[dict]) -> None:
+        """Continue the count of the records a resumed run keeps."""
+        last = next((r["privacy"] for r in reversed(records) if "privacy" in r), None)
+        if last:
+            self.rounds, self.plain_rounds = int(last["rounds"]), int(last["plain_rounds"])
+
+    def epsilon(self, rounds: int, plain_rounds: int) -> float:
+        """Epsilon after that many private rounds (of which plain_rounds released individual noised states)."""
+        if rounds == 0:
+            return 0.0
+        if self.z == 0:
+            return math.inf
+        return dp.epsilon(self.z, self.rate, self.p.delta, rounds, plain_rounds, self.amplified)
+
+    def check_next(self, rnd: int) -> None:
+        """Raise PrivacyBudgetSpent when round `rnd` could take epsilon past max_epsilon (counted as the costlier,
+        unamplified kind of round, since which kind it is shows only after it)."""
+        if not self.active or self.p.max_epsilon is None:
+            return
+        worst = self.epsilon(self.rounds + 1, self.plain_rounds + 1)
+        if worst > self.p.max_epsilon:
+            spent = self.epsilon(self.rounds, self.plain_rounds)
+            raise PrivacyBudgetSpent(
+                f"round {rnd} would spend epsilon up to {worst:.3f} > privacy.max_epsilon={self.p.max_epsilon} "
+                f"(spent so far: {spent:.3f} at delta={self.p.delta}); the run stops with what it has. To train on, "
+                "start a run with a larger budget or noise_multiplier")
+
+    def after_round(self, released: bool, plain: bool) -> dict | None:
+        """The round's record["privacy"] (None without DP): epsilon so far (null: no guarantee, noise 0) and what
+        it was computed from. A round in which no client uploaded a state released nothing and costs nothing."""
+        if not self.active:
+            return None
+        self.rounds += int(released)
+        self.plain_rounds += int(released and plain)
+        eps = self.epsilon(self.rounds, self.plain_rounds)
+        return {"epsilon": eps if math.isfinite(eps) else None, "delta": self.p.delta,
+                "noise_multiplier": self.z, "clip_norm": self.p.clip_norm, "sampling_rate": self.rate,
+                "rounds": self.rounds, "plain_rounds": self.plain_rounds}
