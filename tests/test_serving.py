@@ -35,20 +35,19 @@ def test_export_reproduces_the_final_predictions(tmp_path, method, options):
 
 
 def test_single_adapter_export_is_a_plain_peft_adapter(tmp_path):
+    import torch
     from peft import PeftModel
-
-    from fedlora.adapters.base_models import load_base_model
+    from transformers import AutoModelForSequenceClassification
 
     run_experiment(tiny_config(tmp_path, federation={"rounds": 1}))
     out = export_client(tmp_path / "run", "noun_topic-0", tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == ["expert_0", "fedlora_personalized.json"]
-    base = load_base_model("tiny-bert", None, 8, seed=0)
-    peft_model = PeftModel.from_pretrained(base.model, str(out / "expert_0")).eval()
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "base", "expert_0", "fedlora_personalized.json"]
+    base = AutoModelForSequenceClassification.from_pretrained(str(out / "base"))  # a tiny model's base travels along
+    peft_model = PeftModel.from_pretrained(base, str(out / "expert_0")).eval()
     ours = load_personalized(out)
     ids = ours.tokenizer(["a small furry animal"], return_tensors="pt")
-    import torch
-
-    torch.testing.assert_close(peft_model(**ids).logits, ours.model(**ids).logits, atol=1e-5, rtol=1e-5)
+    n = base.config.num_labels
+    torch.testing.assert_close(peft_model(**ids).logits, ours.model(**ids).logits[:, :n], atol=1e-5, rtol=1e-5)
 
 
 def test_predict_cli_and_bad_export_dir(tmp_path, capsys):

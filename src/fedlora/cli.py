@@ -106,7 +106,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     """`fedlora export`: write a client's personalized model to a directory."""
     from .serving import export_client
 
-    print(f"exported {args.client} to {export_client(args.run_dir, args.client, args.out)}")
+    out = export_client(args.run_dir, args.client, args.out, save_base=False if args.no_base else None)
+    print(f"exported {args.client} to {out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--client", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--no-base", action="store_true", help="never save the base model into the export (by default "
+                   "it is saved when PEFT could not load that exact base otherwise; docs/models.md)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="a client's predictions for texts read from a file or standard input")

@@ -2,29 +2,41 @@
 
 An export directory holds:
     fedlora_personalized.json   base model, LoRA settings, layout, own expert, fixed weights, labels, template
-    expert_<e>/                 one standard PEFT LoRA adapter per expert (expert_0 also carries the private
-                                head as `modules_to_save`): a single-adapter result is a plain PEFT adapter
-    router.safetensors          the router / gate weights (mixtures only)
+    README.md                   how to load it, with plain PEFT where that gives the same model, else with fedlora
+    expert_<e>/                 one standard PEFT LoRA adapter per expert, each with the private head as
+                                `modules_to_save` (sliced to the client's labels); a fixed-weight mixture is written
+                                as ONE equivalent LoRA (rank E*r), so a plain PEFT adapter whenever there is no router
+    base/                       the base model (save_pretrained, with num_labels/id2label) when nothing else PEFT can
+                                load is that base: tiny random models, a GGUF-built model, a base with FLoRA's update
+    router.safetensors          the router / gate weights (input-dependent mixtures only)
     base_delta.safetensors      updates merged into the base weights (FLoRA only)
     hook.safetensors            reference states of instance-wise weighting (FedDPA only)
+An export replaces an earlier one completely (written next to it, then swapped in).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .adapters import AdaptedModel, Layout
-from .adapters.base_models import load_base_model
-from .adapters.peft_io import export_peft_adapter, import_peft_adapter
+from .adapters.base_models import load_base_model, peft_base_reference
+from .adapters.peft_io import export_peft_adapter, fold_fixed_mixture, import_peft_adapter
 from .algorithms import Personalized
 from .core.config import Config, TrainingConfig, load_config
 from .core.errors import CheckpointError, ConfigError, DataError
 from .core.names import safe_name
-from .core.io import load_json, load_tensors, save_json, save_tensors
+from .core.io import load_json, load_tensors, save_json, save_tensors, save_text, umask
+from .core.tensors import StateDict
 from .data.suites import TEMPLATE
 from .data.tokenize import Encoded, encode_prompt, encode_texts
 from .engines.checkpoint import checkpoint_id, load_checkpoint, restore_server
@@ -32,6 +44,12 @@ from .engines.session import Session, build_session
 from .training import ClientDataset, InstanceWeighting, Trainer
 
 MANIFEST = "fedlora_personalized.json"
+# every name an export writes: only a directory holding nothing else may be replaced by an export
+EXPORT_ENTRY = re.compile(r"fedlora_personalized\.json|README\.md|expert_\d+|base|router\.safetensors|"
+                          r"base_delta\.safetensors|hook\.safetensors")
+INPUT_DEPENDENT = {"dense": "a softmax gate per token (FedALT's adaptive mixer)",
+                   "adaptive_top_m": "a top-M router per token (FedLEASE)",
+                   "hook": "instance-wise weights computed per input from reference examples (FedDPA)"}
 
 
 def run_config(run_dir: Path) -> Path:
@@ -45,52 +63,108 @@ def run_config(run_dir: Path) -> Path:
     return run_dir / "config.json"
 
 
-def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path) -> Path:
-    """Write client `client_id`'s personalized model after the run's last checkpoint into `out_dir`."""
+def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path, save_base: bool | None = None) -> Path:
+    """Write client `client_id`'s personalized model after the run's last checkpoint into `out_dir`, replacing an
+    earlier export there; `save_base` (default: when PEFT could not load the exact base otherwise) adds `base/`."""
     run_dir, out = Path(run_dir), Path(out_dir)
     safe_name(client_id)
     cfg = load_config(run_config(run_dir), [f"output_dir={run_dir}"])
     exported_from = checkpoint_id(run_dir)  # read before the checkpoint: a newer one then triggers a re-export
     ckpt = load_checkpoint(run_dir)
     if client_id not in ckpt.client_states:
-        raise ConfigError(f"no client {client_id!r} in {run_dir}; clients: {', '.join(sorted(ckpt.client_states))}")
+        raise ConfigError(f"no client {client_id!r} in run {run_dir}; its clients: {', '.join(sorted(ckpt.client_states))}")
+    check_replaceable(out)  # before the model is built: refusing after it would waste the whole export
     s = build_session(cfg)
     s.server.setup(s.infos, cfg.federation.rounds)
     restore_server(s.server, ckpt)
     payload = s.server.configure_evaluate(ckpt.round, [client_id])[client_id]
-    # the final evaluation's turn: the same personalized model, random streams and base update
-    with s.runtime.personalize(client_id, ckpt.round, payload, ckpt.client_states[client_id]) as turn:
-        manifest = _write_export(s, cfg, client_id, ckpt.round, exported_from, turn.personalized, out)
-    save_json(out / MANIFEST, manifest)
+    with staged_directory(out) as tmp:
+        # the final evaluation's turn: the same personalized model, random streams and base update
+        with s.runtime.personalize(client_id, ckpt.round, payload, ckpt.client_states[client_id]) as turn:
+            manifest = _write_export(s, cfg, client_id, ckpt.round, exported_from, turn.personalized, tmp, out,
+                                     save_base)
+        save_text(tmp / "README.md", export_readme(manifest, out))
+        save_json(tmp / MANIFEST, manifest)
     return out
 
 
+def check_replaceable(out: Path) -> None:
+    """ConfigError unless `out` is absent, empty, or holds only what an export writes (an earlier export)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"export directory {out} is a file; give a new directory or an earlier export")
+    foreign = sorted(p.name for p in out.iterdir() if not EXPORT_ENTRY.fullmatch(p.name))
+    if foreign:
+        raise ConfigError(f"{out} is not empty and not a fedlora export (it holds {', '.join(foreign[:3])}"
+                          f"{' ...' if len(foreign) > 3 else ''}); give a new or empty directory, or an earlier "
+                          "export to replace")
+
+
+@contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """A fresh directory next to `out`, swapped in for `out` when the block succeeds (removed when it fails), so
+    nothing of an earlier export survives and a failed export leaves the earlier one intact."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
+    try:
+        yield tmp
+        normalize_modes(tmp)
+        check_replaceable(out)  # again: something may have been written there meanwhile
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-")) if out.exists() else None
+        if old is not None:
+            os.replace(out, old)  # replaces the empty placeholder directory
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def normalize_modes(root: Path) -> None:
+    """Give every file 0666 and every directory 0777 less the umask: mkdtemp and some writers use 0600/0700."""
+    mask = umask()
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _write_export(s: Session, cfg: Config, client_id: str, rnd: int, exported_from: str | None, p: Personalized,
-                  out: Path) -> dict:
-    """Write the personalized model now in the shared model (PEFT experts, router, base update, hook) into `out`;
-    returns the manifest, to be saved last (its presence marks a complete export)."""
+                  out: Path, final: Path, save_base: bool | None) -> dict:
+    """Write the personalized model now in the shared model (PEFT experts, base, router, base update, hook) into
+    `out` (to become `final`); returns the manifest, to be saved last (its presence marks a complete export)."""
     adapted = s.adapted
     client = next(c for c in s.clients if c.client_id == client_id)
     first = adapted.layers[next(iter(adapted.layers))]
+    head_outputs = max((len(c.labels) for c in s.clients), default=2)
+    head, num_labels = client_head(adapted, adapted.head_state(), len(client.labels), head_outputs)
+    experts, layout, lora = _adapter_experts(adapted, first.expert_weights, p.hook is not None)
+    reference, exact = peft_base_reference(cfg.model.name)
+    if save_base is None:
+        save_base = not exact or bool(p.base_delta)
+    if save_base:
+        save_base_model(adapted, s.base.tokenizer, out / "base", head, label_names(client.labels, num_labels))
+        reference = str(final.resolve() / "base")
     manifest = {
         "format": 1, "method": cfg.algorithm.name, "client_id": client_id, "round": rnd, "seed": cfg.seed,
         "checkpoint": exported_from,
         "model": {"name": cfg.model.name, "objective": s.base.objective, "dtype": cfg.model.dtype},
-        "head_outputs": max((len(c.labels) for c in s.clients), default=2),
-        "lora": {"r": adapted.spec.r, "alpha": adapted.spec.alpha, "targets": list(adapted.layers)},
-        "layout": {"n_experts": adapted.layout.n_experts, "router": adapted.layout.router, "r": adapted.rank},
-        "own_expert": first.own_expert,
-        "expert_weights": first.expert_weights.tolist() if first.expert_weights.dim() == 1 else None,
+        "head_outputs": head_outputs, "lora": lora, "layout": layout,
+        "own_expert": first.own_expert if layout["n_experts"] > 1 else 0,
+        "expert_weights": (first.expert_weights.tolist() if first.expert_weights.dim() == 1 and layout["n_experts"] > 1
+                           else None),
         "labels": client.labels, "max_length": cfg.data.max_length,
         "eval_batch_size": cfg.training.eval_batch_size, "max_new_tokens": cfg.training.max_new_tokens,
         "prompt_template": TEMPLATE if cfg.data.suite == "nlg" else None,
         "hook": None, "base_delta": bool(p.base_delta),
+        "peft": {"base_model_name_or_path": reference, "base_saved": save_base, "num_labels": num_labels,
+                 "exact": (save_base or (exact and not p.base_delta)) and _is_plain(layout, p)},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    head = adapted.head_state()
-    for e in range(adapted.layout.n_experts):
-        export_peft_adapter(adapted, adapted.expert_state(e), out / f"expert_{e}", head=head if e == 0 else None,
-                            base_model=cfg.model.name)
+    for e, expert in enumerate(experts):
+        # every expert carries the head: any one of them then loads on its own in PEFT
+        export_peft_adapter(adapted, expert, out / f"expert_{e}", head=head, base_model=reference,
+                            r=layout["r"], alpha=lora["alpha"])
     if adapted.layout.router != "none":
         save_tensors(out / "router.safetensors", adapted.router_state())
     if p.base_delta:
@@ -100,6 +174,129 @@ def _write_export(s: Session, cfg: Config, client_id: str, rnd: int, exported_fr
         save_tensors(out / "hook.safetensors", tensors)
         manifest["hook"] = meta
     return manifest
+
+
+def _is_plain(layout: Mapping, p: Personalized) -> bool:
+    """Whether the exported adapters are one plain LoRA (no router, no instance-wise weights)."""
+    return layout["n_experts"] == 1 and layout["router"] == "none" and p.hook is None
+
+
+def _adapter_experts(adapted: AdaptedModel, weights: torch.Tensor, hooked: bool) -> tuple[list[StateDict], dict, dict]:
+    """The experts to export with their layout and LoRA settings: a fixed-weight mixture folded into one LoRA."""
+    n, r, alpha = adapted.layout.n_experts, adapted.rank, adapted.spec.alpha
+    experts = [adapted.expert_state(e) for e in range(n)]
+    fixed = adapted.layout.router == "none" and not hooked and weights.dim() == 1
+    if not fixed or (n == 1 and float(weights[0]) == 1.0):
+        layout = {"n_experts": n, "router": adapted.layout.router, "r": adapted.rank}
+        return experts, layout, {"r": adapted.spec.r, "alpha": alpha, "targets": list(adapted.layers)}
+    folded, rank, folded_alpha = fold_fixed_mixture(experts, weights.tolist(), r, alpha)
+    layout = {"n_experts": 1, "router": "none", "r": rank}
+    lora = {"r": rank, "alpha": folded_alpha, "targets": list(adapted.layers),
+            "folded": {"experts": n, "r": r, "alpha": alpha, "weights": weights.tolist()}}
+    return [folded], layout, lora
+
+
+def client_head(adapted: AdaptedModel, head: StateDict, n_labels: int, head_outputs: int) -> tuple[StateDict, int]:
+    """(the head cut to the client's own labels, its number of outputs): the output rows of its final linear
+    layer (the shared model's head has one row per label of the largest task; fedlora never reads the rest)."""
+    if not head:
+        return {}, 0
+    out: StateDict = {}
+    for name, value in head.items():
+        module = adapted.model.get_submodule(name.rsplit(".", 1)[0])
+        is_output = isinstance(module, torch.nn.Linear) and module.out_features == head_outputs
+        out[name] = value[:n_labels].clone() if is_output else value
+    cut = any(out[n].shape != head[n].shape for n in head)
+    return out, n_labels if cut else head_outputs
+
+
+def label_names(labels: list[str], n: int) -> list[str]:
+    """The names of a head's n outputs: the client's labels, then placeholders for outputs it does not use."""
+    return labels + [f"unused_{i}" for i in range(len(labels), n)]
+
+
+def save_base_model(adapted: AdaptedModel, tokenizer: object, out: Path, head: StateDict, labels: list[str]) -> None:
+    """Save the base model as it is in `adapted` (without the LoRA layers, with the client's head and one label
+    name per head output) and its tokenizer with save_pretrained: transformers then loads it with the right
+    num_labels/id2label from `out` alone."""
+    model = adapted.model
+    config = copy.deepcopy(model.config)
+    if head:
+        config.id2label = dict(enumerate(labels))  # sets num_labels too
+        config.label2id = {name: i for i, name in enumerate(labels)}
+    with torch.random.fork_rng(devices=[]):  # the throwaway init must not move anyone's random stream
+        fresh = type(model)(config).to(next(model.parameters()).dtype)
+    state = plain_base_state(adapted)
+    state.update(head)
+    fresh.load_state_dict(state, strict=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per shard would interleave with fedlora's own output
+    try:
+        fresh.save_pretrained(out)
+    finally:
+        hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(out)
+
+
+def plain_base_state(adapted: AdaptedModel) -> StateDict:
+    """The HF model's own state dict from `adapted`: each injected layer's `base.` weights under the layer's name,
+    its LoRA experts and router left out."""
+    state: StateDict = {}
+    for key, value in adapted.model.state_dict().items():
+        path = next((p for p in adapted.layers if key.startswith(p + ".")), None)
+        if path is None:
+            state[key] = value
+        elif key.startswith(f"{path}.base."):
+            state[path + key[len(path) + len(".base"):]] = value
+    return state
+
+
+def export_readme(m: dict, out: Path) -> str:
+    """The export's README.md: what it holds and the exact lines that load it (plain PEFT when that is exact)."""
+    where = str(out.resolve())
+    peft_info = m["peft"]
+    lines = [f"# Client {m['client_id']}'s personalized model ({m['method']}, round {m['round']})", "",
+             "Written by `fedlora export`; see fedlora's docs/models.md.", "",
+             "## With fedlora (always the model fedlora evaluated)", "", "```python", "import fedlora", "",
+             f"model = fedlora.load_personalized({where!r})", "print(model.predict([\"some text\"]))", "```", ""]
+    lines += ["## With plain transformers + PEFT", ""]
+    why = INPUT_DEPENDENT["hook"] if m["hook"] is not None else INPUT_DEPENDENT.get(m["layout"]["router"])
+    if why:
+        lines += [f"This model mixes {m['layout']['n_experts']} LoRA experts with {why}. PEFT has no such mixture: "
+                  "a plain `PeftModel` of `expert_0/` (or of any expert) is a different model and gives different "
+                  "predictions (each `expert_<e>/` alone is a valid PEFT adapter, of that one expert). Load the "
+                  "model with `fedlora.load_personalized` as above."]
+        return "\n".join(lines) + "\n"
+    lines += _peft_lines(m, where)
+    if peft_info["base_model_name_or_path"] is not None and not peft_info["exact"]:
+        lines += ["", "Caution: " + ("the base update FLoRA merged into the base weights is not in that base (export "
+                                     "with the base saved to include it)" if m["base_delta"] else
+                                     "that base is not bit-identical to the one fedlora trained on (the packaged copy "
+                                     "is de-quantized from GGUF); predictions may differ slightly") + "."]
+    if m["prompt_template"]:
+        lines += ["", f"fedlora's predict wraps each text in the run's prompt template: {m['prompt_template']!r}."]
+    return "\n".join(lines) + "\n"
+
+
+def _peft_lines(m: dict, where: str) -> list[str]:
+    """The exact code that loads expert_0 with transformers + PEFT (num_labels and id2label for a head)."""
+    base = m["peft"]["base_model_name_or_path"]
+    if base is None:
+        return ["No base model PEFT can load was saved with this export (export it with save_base=True)."]
+    if m["model"]["objective"] == "classification":
+        labels = dict(enumerate(label_names(m["labels"], m["peft"]["num_labels"])))
+        cls, extra = "AutoModelForSequenceClassification", (
+            f", num_labels={len(labels)},\n    id2label={labels!r},\n    label2id={ {v: k for k, v in labels.items()}!r}")
+    else:
+        cls, extra = "AutoModelForCausalLM", ""
+    same = "; plain PEFT gives fedlora's logits" if m["peft"]["exact"] else ""
+    return [f"One LoRA (a fixed-weight mixture is already folded into it){same}:", "", "```python", "from peft import PeftModel", f"from transformers import AutoTokenizer, {cls}",
+            "", f"base = {cls}.from_pretrained(\n    {base!r}{extra})",
+            f"model = PeftModel.from_pretrained(base, {where + '/expert_0'!r}).eval()",
+            f"tokenizer = AutoTokenizer.from_pretrained({base!r})", "```", "",
+            ("The logits have one column per label, in id2label's order; fedlora predicts their argmax."
+             if extra else "fedlora generates greedily (do_sample=False).")]
 
 
 @dataclass
@@ -138,6 +335,18 @@ class PersonalizedModel:
         return trainer.generate(prompts, self.hook)
 
 
+def full_head(adapted: AdaptedModel, head: Mapping[str, torch.Tensor]) -> StateDict:
+    """A head cut to the client's labels (`client_head`) padded back to the model's head size; the padding rows
+    are outputs fedlora never reads."""
+    params = dict(adapted.model.named_parameters())
+    out: StateDict = {}
+    for name, value in head.items():
+        target = params[name].detach()
+        short = value.dim() and value.shape[1:] == target.shape[1:] and value.shape[0] < target.shape[0]
+        out[name] = torch.cat([value.to(target.dtype), target[value.shape[0]:]]) if short else value
+    return out
+
+
 def load_personalized(export_dir: str | Path) -> PersonalizedModel:
     """Rebuild a personalized model from an export directory (see the module docstring)."""
     export_dir = Path(export_dir)
@@ -152,7 +361,7 @@ def load_personalized(export_dir: str | Path) -> PersonalizedModel:
         expert, head = import_peft_adapter(adapted, export_dir / f"expert_{e}")
         adapted.load_expert(e, expert)
         if head:
-            adapted.load_head(head)
+            adapted.load_head(full_head(adapted, head))
     if m["layout"]["router"] != "none":
         adapted.load_router(load_tensors(export_dir / "router.safetensors"))
     adapted.set_own_expert(m["own_expert"])
@@ -186,7 +395,7 @@ def predict(run_dir: str | Path, client_id: str, texts: Sequence[str]) -> list[s
     out = Path(run_dir) / "exports" / safe_name(client_id)
     # export again when the run has moved on since (resumed or re-run): never serve an older checkpoint
     if not (out / MANIFEST).is_file() or load_json(out / MANIFEST).get("checkpoint") != checkpoint_id(Path(run_dir)):
-        export_client(run_dir, client_id, out)
+        export_client(run_dir, client_id, out, save_base=False)  # fedlora's own cache: it never reads base/
     return load_personalized(out).predict(texts)
 
 

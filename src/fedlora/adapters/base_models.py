@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 TINY = {"tiny-bert": "classification", "tiny-llama": "causal_lm"}
 PACKAGED = {"minilm": "classification", "smollm2": "causal_lm"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the Hugging Face Hub model each packaged copy is; its Hub id is accepted as another name for the copy
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+ALIASES = {hub: alias for alias, hub in HUB_IDS.items()}
+# packaged copies whose weights are exactly the Hub model's: SmolLM2's is de-quantized from a Q4_1 GGUF file
+EXACT_HUB_COPY = {"minilm"}
 
 
 @dataclass
@@ -34,9 +39,34 @@ class LoadedModel:
     objective: str
 
 
+def canonical_name(name: str) -> str:
+    """fedlora's own name for a model: a Hub id of a packaged copy becomes its alias; other names stay."""
+    return ALIASES.get(name, name)
+
+
+def model_names() -> list[str]:
+    """Every built-in model name: tiny models, packaged aliases, and the Hub ids of the packaged copies."""
+    return sorted(TINY) + sorted(PACKAGED) + sorted(ALIASES)
+
+
 def default_objective(name: str) -> str:
     """The objective a named model serves when the config does not say."""
+    name = canonical_name(name)
     return TINY.get(name) or PACKAGED.get(name) or "classification"
+
+
+def peft_base_reference(name: str) -> tuple[str | None, bool]:
+    """(base_model_name_or_path for a PEFT adapter, whether loading it gives exactly fedlora's base weights).
+
+    A packaged copy is referred to by its Hub id, a local directory by its absolute path; a tiny random
+    model has no reference (None): an export must then carry the base model itself.
+    """
+    name = canonical_name(name)
+    if name in TINY:
+        return None, False
+    if name in HUB_IDS:
+        return HUB_IDS[name], name in EXACT_HUB_COPY
+    return str(Path(name).resolve()), True  # as load_base_model reads it
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -118,10 +148,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def load_base_model(name: str, objective: str | None, num_labels: int, dtype: str = "float32", seed: int = 0) -> LoadedModel:
-    """Load a base model by built-in name or local directory; classification models get `num_labels` outputs."""
+    """Load a base model by built-in name, Hub id of a packaged copy or local directory (docs/models.md);
+    classification models get `num_labels` outputs."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    name = canonical_name(name)
     objective = objective or default_objective(name)
     torch_dtype = getattr(torch, dtype)
     if name in TINY:
@@ -132,8 +164,8 @@ def load_base_model(name: str, objective: str | None, num_labels: int, dtype: st
         return LoadedModel(model, tok, objective)
     path = {"minilm": minilm_path, "smollm2": smollm2_path}.get(name, lambda: Path(name))()
     if not path.is_dir():
-        raise ConfigError(f"model {name!r} is neither a built-in name ({sorted(TINY) + sorted(PACKAGED)}) "
-                          "nor a local Hugging Face model directory")
+        raise ConfigError(f"model {name!r} is neither a built-in name ({', '.join(model_names())}) "
+                          "nor a local Hugging Face model directory (see docs/models.md)")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
     hf_logging.disable_progress_bar()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..core.errors import CheckpointError
-from ..core.io import load_tensors
+from ..core.io import load_tensors, save_tensors
 from ..core.tensors import StateDict
 from .model import AdaptedModel, require_shapes
 
@@ -35,17 +34,39 @@ def _target_modules(adapted: AdaptedModel, paths: list[str]) -> list[str] | str:
     return "^(?:" + "|".join(map(re.escape, paths)) + ")$"
 
 
+def fold_fixed_mixture(experts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], r: int,
+                       alpha: float) -> tuple[StateDict, int, float]:
+    """One LoRA equal to a fixed weighted sum of rank-r LoRAs: (state, rank, alpha) for PEFT.
+
+    s * sum_e w_e B_e A_e = s * [B_1 .. B_E] [w_1 A_1; ..; w_E A_E], so A's rows (scaled by w_e) and B's columns
+    are concatenated to rank E*r; alpha grows with the rank so that PEFT's scaling alpha/rank stays s = alpha/r.
+    Experts of weight 0 add nothing and are left out (at least one is kept, so the state is never empty).
+    """
+    kept = [(e, float(w)) for e, w in enumerate(weights) if float(w) != 0.0] or [(0, 0.0)]
+    out: StateDict = {}
+    for key in experts[0]:
+        if key.endswith(".lora_A"):
+            out[key] = torch.cat([experts[e][key].float() * w for e, w in kept], dim=0)
+        else:
+            out[key] = torch.cat([experts[e][key].float() for e, _ in kept], dim=1)
+    rank = r * len(kept)
+    return out, rank, alpha * rank / r
+
+
 def export_peft_adapter(adapted: AdaptedModel, expert: Mapping[str, torch.Tensor], out_dir: str | Path,
                         head: Mapping[str, torch.Tensor] | None = None, base_model: str | None = None,
-                        task_type: str | None = None, dropout: float = 0.0) -> Path:
-    """Write one expert (and optionally the private head, as `modules_to_save`) as a PEFT LoRA adapter directory."""
+                        task_type: str | None = None, dropout: float = 0.0, r: int | None = None,
+                        alpha: float | None = None) -> Path:
+    """Write one expert (and optionally the private head, as `modules_to_save`) as a PEFT LoRA adapter directory;
+    `r` and `alpha` default to the model's (a folded mixture has its own)."""
     from peft import LoraConfig
 
     paths = [p for p, _, _ in adapted.spec.modules]
     if task_type is None:
         task_type = "SEQ_CLS" if adapted.head_names else "CAUSAL_LM"
     head_modules = sorted({n.rsplit(".", 1)[0] for n in (head or {})})
-    config = LoraConfig(r=adapted.rank, lora_alpha=adapted.spec.alpha, lora_dropout=dropout,
+    config = LoraConfig(r=r or adapted.rank, lora_alpha=adapted.spec.alpha if alpha is None else alpha,
+                        lora_dropout=dropout,
                         target_modules=_target_modules(adapted, paths), task_type=task_type,
                         modules_to_save=head_modules or None, base_model_name_or_path=base_model)
     out = Path(out_dir)
@@ -55,9 +76,10 @@ def export_peft_adapter(adapted: AdaptedModel, expert: Mapping[str, torch.Tensor
     for path in paths:
         tensors[f"{PREFIX}{path}.lora_A.weight"] = expert[f"{path}.lora_A"].contiguous()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = expert[f"{path}.lora_B"].contiguous()
+    # PEFT saves a modules_to_save copy under the wrapped module's own name (no `modules_to_save.default.`)
     for name, value in (head or {}).items():
         tensors[f"{PREFIX}{name}"] = value.contiguous()
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_tensors(out / "adapter_model.safetensors", tensors, metadata={"format": "pt"})  # atomic, 0644 like the rest
     return out
 
 

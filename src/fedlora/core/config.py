@@ -29,8 +29,9 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """The frozen base model."""
 
-    name: str = Field(description="'minilm', 'smollm2', 'tiny-bert', 'tiny-llama' or a local Hugging Face model "
-                      "directory")
+    name: str = Field(description="'minilm' (or 'sentence-transformers/all-MiniLM-L6-v2'), 'smollm2' (or "
+                      "'HuggingFaceTB/SmolLM2-135M-Instruct'), 'tiny-bert', 'tiny-llama' or a local Hugging Face "
+                      "model directory (docs/models.md)")
     objective: Literal["classification", "causal_lm"] | None = Field(
         None, validation_alias=AliasChoices("objective", "task"),  # `task`: the name before 0.2, in older run dirs
         description="classification head or causal LM; inferred from the name when omitted")

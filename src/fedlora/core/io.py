@@ -31,6 +31,11 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def umask() -> int:
+    """The process's umask (read once at import)."""
+    return _UMASK
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
