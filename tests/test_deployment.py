@@ -39,7 +39,8 @@ def test_app_carries_the_experiment_and_takes_overrides(tmp_path):
     assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "fedlora.engines.flower:server_app",
                                                             "clientapp": "fedlora.engines.flower:client_app"}
     run_config = _app_run_config(app)
-    expected = cfg.with_overrides(["engine.num_clients=2", f"output_dir={cfg.run_dir}"])  # 2 clients in the split
+    # 2 clients in the split; the run directory is the submission's, never the config's (see test_deployment_lifecycle)
+    expected = cfg.with_overrides(["engine.num_clients=2", "output_dir=null"])
     assert config_from_run_config(run_config) == expected  # lists (tasks, target modules) survive, unlike flat keys
     # what `flwr run -c` does with submission-time settings: only keys the app lists may be overridden
     submitted = fuse_dicts(run_config, parse_config_args(["set.engine.num_clients=5 set.output_dir='/srv/x'"]))
@@ -121,6 +122,11 @@ def test_deployment_with_tls_and_node_auth_equals_in_process(tmp_path):
         for cid, metrics in a["eval"].items():
             for key, value in metrics.items():
                 assert b["eval"][cid][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (a["round"], cid, key)
+    run_dir = tmp_path / "deployed"
+    # the ServerApp wrote into a fresh directory of its own, whose results are the run's; a report as for any run
+    assert json.loads((run_dir / "config.json").read_text())["engine"]["name"] == "flower-local"
+    assert (run_dir / "report" / "report.md").is_file() and (run_dir / "federation" / "server" / "run.log").is_file()
+    assert not (run_dir / "federation" / "server" / "metrics.jsonl").exists()
     superlink_log = (tmp_path / "deployed" / "federation" / "logs" / "superlink.log").read_text()
     assert "https://127.0.0.1" in superlink_log and superlink_log.count("Activated node_id") == 2
     assert _no_process_mentions(tmp_path / "deployed")  # SuperLink, SuperNodes, SuperExecs and apps all stopped

@@ -8,14 +8,17 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,12 +32,14 @@ if TYPE_CHECKING:  # the engines import torch; a machine that only writes creden
     from .engines.checkpoint import Checkpoint
     from .engines.results import RunResult
 
+log = logging.getLogger("fedlora")
 APP_HEADER = """\
 # A fedlora experiment as a Flower app: `flwr run <this directory> <superlink connection> --stream`.
 # The ServerApp and ClientApp come from the installed fedlora package; the experiment travels inside the
 # app bundle (tool.flwr.app.config.experiment, TOML), so no machine needs a copy of the config file.
 # [tool.flwr.app.config.set] holds the settings of a submission, which win over the experiment's:
-# engine.num_clients (SuperNodes to wait for before round 1) and output_dir (on the SuperLink's machine).
+# engine.num_clients (SuperNodes to wait for before round 1) and output_dir (the run directory on the
+# SuperLink's machine, new or empty: every submission must give it, the ServerApp refuses to run without).
 # `flwr run` overrides only keys listed there: flwr run ... -c 'set.engine.num_clients=3 set.output_dir="/srv/x"'
 
 """
@@ -70,8 +75,11 @@ def write_app(app_dir: str | Path, cfg: Config, clients: list[str] | None = None
             "publisher": "fedlora",
             "components": {"serverapp": "fedlora.engines.flower:server_app",
                            "clientapp": "fedlora.engines.flower:client_app"},
-            "config": {"experiment": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
-                       "set": {"engine.num_clients": num_clients, "output_dir": str(cfg.run_dir)}},
+            # output_dir is the submission's, never the config's: a path of the machine that wrote the app,
+            # which may hold a run already; "" (no value) makes the ServerApp ask for one
+            "config": {"experiment": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True,
+                                                                  exclude={"output_dir"})),
+                       "set": {"engine.num_clients": num_clients, "output_dir": ""}},
         }}},
     }
     (app_dir / "pyproject.toml").write_text(APP_HEADER + tomli_w.dumps(project, multiline_strings=True))
@@ -328,6 +336,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel SIGKILL the child when this process dies (Linux); None elsewhere.
+
+    Only the processes started here need it: Flower's own children (SuperExec, ServerApp, ClientApp) are
+    started with `--parent-pid` and exit when their parent does. The signal follows the thread that started
+    the child, so start them from a thread that lives as long as the federation (the main one)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(70)  # no parent-death signal, or the parent died before it was set: never run unwatched
+
+    return preexec
+
+
 @dataclass
 class LocalFederation:
     """A SuperLink (TLS, SuperNode authentication), its Fleet gateway and SuperNodes as processes on this machine.
@@ -435,8 +466,9 @@ class LocalFederation:
     def flwr(self, *args: str, timeout: float | None = 120.0, retries: int = 1) -> str:
         """Run the Flower CLI against this federation and return its output (raises with the output on failure)."""
         for attempt in range(retries):
-            done = subprocess.run(["flwr", *args], env=self.env(), capture_output=True, text=True, timeout=timeout,
-                                  cwd=self.workdir)
+            # `flwr run --stream` must not outlive us either
+            done = subprocess.run(["flwr", *args], check=False, env=self.env(), capture_output=True, text=True,
+                                  timeout=timeout, cwd=self.workdir, preexec_fn=die_with_parent())
             if done.returncode == 0:
                 return done.stdout
             time.sleep(1.0)
@@ -457,9 +489,13 @@ class LocalFederation:
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         if shutil.which(command[0], path=self.env()["PATH"]) is None:
             raise FedloraError(f"{command[0]} not found: install Flower (pip install 'flwr[simulation]')")
-        with open(self.logs / f"{name}.log", "w") as log:
-            self.processes[name] = subprocess.Popen(command, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                                    cwd=self.workdir, start_new_session=True)
+        # a session of its own: a Ctrl-C at the terminal reaches only us, and stop() takes the processes down
+        # in order; dying with us (even by SIGKILL, which runs no clean-up here) is the kernel's job
+        with open(self.logs / f"{name}.log", "w") as out:
+            self.processes[name] = subprocess.Popen(command, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                                                    cwd=self.workdir, start_new_session=True,
+                                                    # it only calls prctl and getppid between fork and exec
+                                                    preexec_fn=die_with_parent())  # noqa: PLW1509
         return self.processes[name]
 
     def _wait_for_port(self, host: str, port: int, name: str) -> None:
@@ -507,15 +543,36 @@ def run_local_deployment(cfg: Config, run_dir: Path, resume: Checkpoint | None =
     del records  # the engine signature's; there is no resumed history to carry on
     if resume is not None:
         raise ConfigError("resume needs the in-process engine: on Flower the client states live on the nodes")
+    run_dir = Path(run_dir)
     clients = [c.client_id for c in build_clients(cfg.data, cfg.seed)]
-    cfg = cfg.with_overrides([f"engine.num_clients={len(clients)}", f"output_dir={Path(run_dir).resolve()}",
+    cfg = cfg.with_overrides([f"engine.num_clients={len(clients)}",
                               "engine.name=inprocess"])  # what the ServerApp runs is the plain round loop
-    workdir = Path(run_dir) / "federation"
+    workdir = run_dir / "federation"
+    # the ServerApp refuses a directory that holds anything (run_experiment's config.json, this federation), so
+    # it writes a fresh one of its own, whose results become the run's once every process has stopped
+    server_dir = (workdir / "server").resolve()  # the ServerApp runs in the SuperLink's working directory
     federation = LocalFederation(workdir, {cid: {"client-id": cid} for cid in clients})
     app = write_app(workdir / "app", cfg, clients=federation.client_ids())
-    with federation:
-        federation.run(app, timeout=timeout)
-    return RunResult.from_run_dir(Path(run_dir), cfg.algorithm.name)
+    try:
+        with federation:
+            federation.run(app, {"set.output_dir": str(server_dir)}, timeout=timeout)
+    finally:  # what a failed run got to write is the run's too
+        adopt_server_results(server_dir, run_dir)
+    return RunResult.from_run_dir(run_dir, cfg.algorithm.name)
+
+
+# what the round loop and its trackers write; the ServerApp's config.json (engine.name=inprocess, its own
+# output_dir), run.log and report stay in federation/server: run_experiment's config.json says what ran
+SERVER_RESULTS = ("metrics.jsonl", "clients.json", "checkpoint", "tensorboard", "wandb", "mlruns", "tracking.json")
+
+
+def adopt_server_results(server_dir: Path, run_dir: Path) -> None:
+    """Move a local ServerApp's results from its own run directory to the top of `run_dir`."""
+    for name in SERVER_RESULTS:
+        if (server_dir / name).exists():
+            os.replace(server_dir / name, run_dir / name)
+    if (server_dir / "run.log").is_file():
+        log.info("the ServerApp's log: %s", server_dir / "run.log")
 
 
 __all__ = ["Credentials", "FleetGateway", "LocalFederation", "admitted_clients", "free_port", "run_local_deployment",

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -27,7 +28,7 @@ from ..data.federated import local_client
 from .checkpoint import Checkpoint
 from .loop import RoundLoop
 from .results import RunResult
-from .rundir import run_log
+from .rundir import is_run_dir, prepare_run_dir, run_log
 from .runtime import Evaluation
 from .session import aggregation_of, build_session
 from .validation import count_problem, evaluation_problem, metrics_problem
@@ -222,37 +223,75 @@ def _hello(reply: Message, admitted: list[str] | None) -> tuple[dict[str, Any], 
     return info, problem and f"malformed reply: {problem}"
 
 
-def server_main(cfg: Config, grid: Grid) -> None:
-    """Build the method's server side, map nodes to clients, and run the round loop over Flower."""
-    from ..adapters import AdaptedModel
-    from ..adapters.base_models import load_base_model
-    from ..algorithms import build
+def server_main(cfg: Config, grid: Grid, run_dir_ready: bool = False) -> None:
+    """Build the method's server side, map nodes to clients, and run the round loop over Flower.
+
+    A deployment's ServerApp (`run_dir_ready` False) creates its run directory with the CLI's guard, so it
+    never writes into an existing run, and writes the report at the end; the simulation engine's caller
+    (run_experiment) has done both already."""
     from ..core.io import save_json
 
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not run_dir_ready:
+        _claim_run_dir(cfg)
     save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
     with run_log(run_dir):
-        # the server needs the adapted modules' shapes only: the base model without any client data
-        base = load_base_model(cfg.model.name, cfg.model.objective, 2, cfg.model.dtype, cfg.seed)
-        spec = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.target_modules).spec
-        server, _ = build(cfg.algorithm.name, cfg.algorithm.active_options, spec, cfg.seed, aggregation_of(cfg))
-        # engine.clients: only the operator's data owners take part
-        found = handshake(grid, cfg.engine.num_clients or 1, cfg.engine.handshake_timeout,
-                          cfg.federation.min_clients, cfg.engine.clients)
-        # the split's order where nodes use it, then client id (nodes with their own data all report 0)
-        order = sorted(found, key=lambda cid: (found[cid][1]["order"], cid))
-        clients = [ClientInfo(cid, found[cid][1]["num_examples"], found[cid][1]["task"]) for cid in order]
-        FlowerEngine(cfg, server, clients, run_dir, grid, {cid: found[cid][0] for cid in order}).run()
+        _serve(cfg, grid, run_dir)
+    if not run_dir_ready:
+        from ..reporting import write_report
+
+        write_report(run_dir)
+
+
+def _claim_run_dir(cfg: Config) -> None:
+    """Create a deployment's run directory; refuse one that is not empty, changing nothing in it."""
+    if cfg.output_dir is None:  # a default under whatever directory the SuperExec runs in is no place to look
+        raise ConfigError(f"the submission gives no output_dir: {NO_OUTPUT_DIR}")
+    run_dir = cfg.run_dir
+    # stricter than the CLI, which replaces a run that never finished a round: nobody at the SuperLink's
+    # machine confirmed that, and a submission cannot pass --overwrite
+    if run_dir.exists() and any(run_dir.iterdir()):
+        what = "holds a fedlora run" if is_run_dir(run_dir) else "is not empty"
+        raise ConfigError(f"output_dir {run_dir} {what}; the ServerApp writes only into a new or empty directory and "
+                          f"left it untouched: {NO_OUTPUT_DIR}")
+    prepare_run_dir(run_dir, overwrite=False)
+
+
+NO_OUTPUT_DIR = ("give the run directory (on the SuperLink's machine; a new or empty one) when submitting the app: "
+                 "flwr run APP_DIR CONNECTION --stream -c 'set.output_dir=\"/srv/fedlora/runs/NAME\"'")
+
+
+def _serve(cfg: Config, grid: Grid, run_dir: Path) -> None:
+    """The server side of the method, the handshake and the round loop, into `run_dir`."""
+    from ..adapters import AdaptedModel
+    from ..adapters.base_models import LoadOptions, load_base_model
+    from ..algorithms import build
+
+    # the server needs the adapted modules' shapes only: the base model without any client data, on the CPU
+    base = load_base_model(cfg.model.name, cfg.model.objective, 2, cfg.model.dtype, cfg.seed,
+                           LoadOptions("cpu", cfg.model.revision, cfg.model.trust_remote_code))
+    spec = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.target_modules).spec
+    server, _ = build(cfg.algorithm.name, cfg.algorithm.active_options, spec, cfg.seed, aggregation_of(cfg))
+    # engine.clients: only the operator's data owners take part
+    found = handshake(grid, cfg.engine.num_clients or 1, cfg.engine.handshake_timeout,
+                      cfg.federation.min_clients, cfg.engine.clients)
+    # the split's order where nodes use it, then client id (nodes with their own data all report 0)
+    order = sorted(found, key=lambda cid: (found[cid][1]["order"], cid))
+    clients = [ClientInfo(cid, found[cid][1]["num_examples"], found[cid][1]["task"]) for cid in order]
+    FlowerEngine(cfg, server, clients, run_dir, grid, {cid: found[cid][0] for cid in order}).run()
 
 
 def make_server_app(cfg: Config | None = None) -> ServerApp:
-    """A ServerApp running `cfg`, or (deployment) the config named in the run config's `config` key."""
+    """A ServerApp running `cfg` (simulation: its run directory is prepared already), or (deployment) the
+    experiment of the run config, into the run directory the submission names."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server_main(cfg or config_from_run_config(context.run_config), grid)
+        if cfg is not None:
+            server_main(cfg, grid, run_dir_ready=True)
+        else:
+            server_main(config_from_run_config(context.run_config), grid)
 
     return app
 
@@ -377,8 +416,12 @@ def run_flower_simulation(cfg: Config, run_dir: Path, resume: Checkpoint | None 
     n_clients = len(build_clients(cfg.data, cfg.seed))
     cfg = build_config({**cfg.model_dump(), "engine": {**cfg.engine.model_dump(), "num_clients": n_clients}})
     cpus = cfg.engine.cpus or os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False}}
+    gpus = torch.cuda.device_count() if cfg.engine.client_gpus else 0
+    if cfg.engine.client_gpus and not gpus:
+        raise ConfigError(f"engine.client_gpus={cfg.engine.client_gpus}, but torch sees no CUDA device here")
+    # client_gpus < 1: that many ClientApps share one GPU (Ray schedules them by this fraction)
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": float(cfg.engine.client_gpus)},
+               "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False}}
     if resume is not None:
         raise ConfigError("resume needs the in-process engine: on Flower the client states live on the nodes")
     run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg), num_supernodes=n_clients,

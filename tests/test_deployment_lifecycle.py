@@ -1,0 +1,152 @@
+"""Issue #23 item 5: a deployment never damages a run and never outlives its command. The ServerApp writes only
+into a new or empty run directory that the submission names (never one baked into the app), and reports it at the
+end; a SIGKILLed `fedlora run` under flower-local takes every Flower process with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+
+import psutil
+import pytest
+from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+
+from fedlora.core.config import build_config
+from fedlora.core.errors import ConfigError
+from fedlora.deployment import write_app
+from fedlora.engines.flower import config_from_run_config, make_client_app, server_main
+
+from .conftest import tiny_config
+
+
+def _run_config(app_dir) -> dict:
+    """The run config Flower builds from an app's pyproject (flattened [tool.flwr.app.config])."""
+    project = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    return flatten_dict(project["tool"]["flwr"]["app"]["config"])
+
+
+def _snapshot(root) -> dict[str, tuple[bytes, int]]:
+    """Every file under `root` with its bytes and mtime, and every directory."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else (b"", 0)
+            for p in sorted(root.rglob("*"))}
+
+
+def _fake_run(run_dir) -> None:
+    """A finished run as the CLI leaves it: config, metrics, a checkpoint."""
+    (run_dir / "checkpoint").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"name": "earlier"}))
+    (run_dir / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1}\n')
+    (run_dir / "checkpoint" / "latest.json").write_text('{"round": 1, "dir": "round-00001"}')
+
+
+def test_the_app_carries_no_output_dir_and_a_submission_gives_it(tmp_path):
+    cfg = build_config(tiny_config(tmp_path, output_dir=str(tmp_path / "where-the-app-was-written")))
+    app = write_app(tmp_path / "app", cfg)
+    assert "where-the-app-was-written" not in (app / "pyproject.toml").read_text()
+    run_config = _run_config(app)
+    assert config_from_run_config(run_config).output_dir is None
+    submitted = fuse_dicts(run_config, parse_config_args(["set.output_dir='/srv/fedlora/runs/a'"]))
+    assert config_from_run_config(submitted).output_dir == "/srv/fedlora/runs/a"
+
+
+def test_a_submission_without_output_dir_is_refused_with_the_command_to_give_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a default runs/<name> would land
+    cfg = config_from_run_config(_run_config(write_app(tmp_path / "app", build_config(tiny_config(tmp_path)))))
+    with pytest.raises(ConfigError, match=r"no output_dir: .*flwr run .* -c 'set\.output_dir="):
+        server_main(cfg, grid=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app"]  # nothing written anywhere
+
+
+@pytest.mark.parametrize("existing", ["a finished run", "a stranger's files"])
+def test_a_server_app_refuses_an_existing_run_directory_and_leaves_it_untouched(tmp_path, existing):
+    run_dir = tmp_path / "run"
+    if existing == "a finished run":
+        _fake_run(run_dir)
+    else:
+        run_dir.mkdir()
+        (run_dir / "notes.txt").write_text("mine")
+    before = _snapshot(run_dir)
+    cfg = build_config(tiny_config(tmp_path, output_dir=str(run_dir)))
+    what = "holds a fedlora run" if existing == "a finished run" else "is not empty"
+    with pytest.raises(ConfigError, match=f"{what}; the ServerApp writes only into a new or empty directory"):
+        server_main(cfg, grid=None)  # refused before the grid is used
+    assert _snapshot(run_dir) == before
+
+
+def test_a_deployment_server_app_writes_its_report_at_the_end(tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import (
+        TaskIdentity,  # what Flower's runtime sets for a ServerApp
+    )
+
+    from .test_flower import FakeGrid
+
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+    cfg = build_config(tiny_config(tmp_path, federation={"rounds": 1, "eval_at_start": False},
+                                   engine={"name": "flower-sim", "num_clients": 4, "progress": False}))
+    server_main(cfg, FakeGrid(make_client_app(cfg), 4))
+    assert (cfg.run_dir / "metrics.jsonl").is_file()
+    assert "fedlora report" in (cfg.run_dir / "report" / "report.md").read_text()
+
+
+# -- a SIGKILL of `fedlora run` under flower-local --------------------------------------------------------------
+def _tree(parent: psutil.Process) -> list[psutil.Process]:
+    try:
+        return parent.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _names(procs: dict[int, psutil.Process]) -> str:
+    out = []
+    for proc in procs.values():
+        try:
+            out.append(" ".join(proc.cmdline()[:2]))
+        except psutil.Error:
+            out.append(str(proc.pid))
+    return "; ".join(out)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_local_deployment_takes_every_flower_process_with_it(tmp_path):
+    config = tmp_path / "exp.json"
+    config.write_text(json.dumps(tiny_config(tmp_path, federation={"rounds": 20}, data={"clients_per_task": 1},
+                                             engine={"name": "flower-local", "progress": False})))
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    cli = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "run", str(config)], env=env, cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(cli.pid)
+    seen: dict[int, psutil.Process] = {}
+    deadline = time.monotonic() + 300
+    try:
+        # until the ServerApp and a ClientApp run: every kind of process the issue found left behind exists
+        while not ({"flwr-serverapp", "flwr-clientapp"} <= {os.path.basename(c) for p in seen.values()
+                                                            for c in _cmdline(p)[:2]}):
+            assert cli.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, f"no ServerApp and ClientApp within 300 s: {_names(seen)}"
+            seen.update({p.pid: p for p in _tree(parent)})
+            time.sleep(0.2)
+        seen.update({p.pid: p for p in _tree(parent)})
+    finally:
+        cli.send_signal(signal.SIGKILL)
+        cli.wait(timeout=30)
+    _, alive = psutil.wait_procs(list(seen.values()), timeout=30)
+    try:
+        assert not alive, f"left running after the SIGKILL: {_names({p.pid: p for p in alive})}"
+    finally:
+        for proc in alive:  # never leave them to the next test
+            proc.kill()
+    assert len(seen) >= 7  # SuperLink, gateway, 2 SuperNodes, their SuperExecs, the ServerApp, a ClientApp
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
