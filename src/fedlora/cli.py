@@ -150,7 +150,8 @@ def cmd_deploy_app(args: argparse.Namespace) -> None:
     app = write_app(args.app_dir, cfg, clients=clients)
     admitted = f"admits client ids {', '.join(clients)}" if clients else "admits any client id (no --clients given)"
     print(f"Flower app for {cfg.name!r} ({cfg.algorithm.name}) written to {app}/pyproject.toml; it {admitted}\n"
-          f"submit it with: flwr run {app} <superlink connection> --stream")
+          f"submit it with: flwr run {app} <superlink connection> --stream "
+          f"-c 'set.output_dir=\"/srv/fedlora/runs/{cfg.name}\"' (a new or empty directory on the SuperLink's machine)")
 
 
 def cmd_deploy_credentials(args: argparse.Namespace) -> None:

@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from .adapters import AdaptedModel, Layout
-from .adapters.base_models import load_base_model, peft_base_reference
+from .adapters.base_models import LoadOptions, load_base_model, peft_base_reference
 from .adapters.peft_io import export_peft_adapter, fold_fixed_mixture, import_peft_adapter
 from .algorithms import Personalized
 from .core.config import Config, TrainingConfig, load_config
+from .core.devices import resolve_device
 from .core.errors import CheckpointError, ConfigError, DataError
 from .core.names import safe_name
 from .core.io import load_json, load_tensors, save_json, save_tensors, save_text, umask
@@ -149,7 +150,8 @@ def _write_export(s: Session, cfg: Config, client_id: str, rnd: int, exported_fr
     manifest = {
         "format": 1, "method": cfg.algorithm.name, "client_id": client_id, "round": rnd, "seed": cfg.seed,
         "checkpoint": exported_from,
-        "model": {"name": cfg.model.name, "objective": s.base.objective, "dtype": cfg.model.dtype},
+        "model": {"name": cfg.model.name, "objective": s.base.objective, "dtype": cfg.model.dtype,
+                  "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code},
         "head_outputs": head_outputs, "lora": lora, "layout": layout,
         "own_expert": first.own_expert if layout["n_experts"] > 1 else 0,
         "expert_weights": (first.expert_weights.tolist() if first.expert_weights.dim() == 1 and layout["n_experts"] > 1
@@ -343,18 +345,20 @@ def full_head(adapted: AdaptedModel, head: Mapping[str, torch.Tensor]) -> StateD
     for name, value in head.items():
         target = params[name].detach()
         short = value.dim() and value.shape[1:] == target.shape[1:] and value.shape[0] < target.shape[0]
-        out[name] = torch.cat([value.to(target.dtype), target[value.shape[0]:]]) if short else value
+        out[name] = torch.cat([value.to(target.device, target.dtype), target[value.shape[0]:]]) if short else value
     return out
 
 
-def load_personalized(export_dir: str | Path) -> PersonalizedModel:
-    """Rebuild a personalized model from an export directory (see the module docstring)."""
+def load_personalized(export_dir: str | Path, device: str = "auto") -> PersonalizedModel:
+    """Rebuild a personalized model from an export directory (see the module docstring) on `device` (auto: CUDA
+    when present)."""
     export_dir = Path(export_dir)
     if not (export_dir / MANIFEST).is_file():
         raise CheckpointError(f"{export_dir} is not a fedlora export (no {MANIFEST}); create one with 'fedlora export'")
     m = load_json(export_dir / MANIFEST)
     objective = m["model"].get("objective") or m["model"]["task"]  # "task" in exports written before 0.2
-    base = load_base_model(m["model"]["name"], objective, m["head_outputs"], m["model"]["dtype"], m["seed"])
+    options = LoadOptions(resolve_device(device), m["model"].get("revision"), m["model"].get("trust_remote_code", False))
+    base = load_base_model(m["model"]["name"], objective, m["head_outputs"], m["model"]["dtype"], m["seed"], options)
     adapted = AdaptedModel(base.model, m["lora"]["r"], m["lora"]["alpha"], 0.0, m["lora"]["targets"])
     adapted.set_layout(Layout(**m["layout"]))
     for e in range(m["layout"]["n_experts"]):

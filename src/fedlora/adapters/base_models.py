@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -147,10 +148,28 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise
 
 
-def load_base_model(name: str, objective: str | None, num_labels: int, dtype: str = "float32", seed: int = 0) -> LoadedModel:
-    """Load a base model by built-in name, Hub id of a packaged copy or local directory (docs/models.md);
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells model ids
+QUANTIZED = {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a pretrained base beyond its name: device, Hub revision and code, bitsandbytes quantization."""
+
+    device: str | torch.device = "cpu"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    quantization: str = "none"       # "none" | "8bit" | "4bit"
+    quant_type: str = "nf4"          # 4bit: "nf4" | "fp4"
+    double_quant: bool = True        # 4bit: quantize the quantization constants
+    compute_dtype: torch.dtype = torch.float32  # 4bit: the dtype of its matmuls
+
+
+def load_base_model(name: str, objective: str | None, num_labels: int, dtype: str = "float32", seed: int = 0,
+                    options: LoadOptions = LoadOptions()) -> LoadedModel:
+    """Load a base model by built-in name, Hub id or local directory (docs/models.md) onto `options.device`;
     classification models get `num_labels` outputs."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     name = canonical_name(name)
@@ -159,26 +178,89 @@ def load_base_model(name: str, objective: str | None, num_labels: int, dtype: st
     if name in TINY:
         if objective != TINY[name]:
             raise ConfigError(f"model {name!r} serves {TINY[name]!r}, not {objective!r}")
+        if options.quantization != "none":
+            raise ConfigError(f"model.quantization={options.quantization!r} needs a pretrained model loaded with "
+                              f"from_pretrained; {name!r} is built in memory (save it to a directory first)")
         tok = byte_tokenizer()
-        model = tiny_model(name, num_labels, len(tok), seed).to(torch_dtype)
+        model = tiny_model(name, num_labels, len(tok), seed).to(torch_dtype).to(options.device)
         return LoadedModel(model, tok, objective)
-    path = {"minilm": minilm_path, "smollm2": smollm2_path}.get(name, lambda: Path(name))()
-    if not path.is_dir():
-        raise ConfigError(f"model {name!r} is neither a built-in name ({', '.join(model_names())}) "
-                          "nor a local Hugging Face model directory (see docs/models.md)")
+    source = _source(name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
     hf_logging.disable_progress_bar()
     try:
         torch.manual_seed(seed)  # the classification head's random init
-        if objective == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch_dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        tok = AutoTokenizer.from_pretrained(path)
+        model = _from_pretrained(source, objective, num_labels, torch_dtype, options)
+        tok = AutoTokenizer.from_pretrained(source, revision=options.revision,
+                                            trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if isinstance(source, Path):
+            raise
+        raise ConfigError(f"model {name!r} (a Hugging Face Hub id) could not be loaded: {_first_line(exc)}. Offline "
+                          f"(HF_HUB_OFFLINE=1) a Hub model must be in the Hugging Face cache: download it once with "
+                          f"`hf download {name}{f' --revision {options.revision}' if options.revision else ''}` on a "
+                          "machine with network (the same HF_HOME), or give a local model directory") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:  # sequence classification finds the last token by it
+        model.config.pad_token_id = tok.pad_token_id
     return LoadedModel(model, tok, objective)
+
+
+def _source(name: str) -> Path | str:
+    """A packaged copy's or local model's directory, or the Hub id to resolve through the HF cache."""
+    packaged = {"minilm": minilm_path, "smollm2": smollm2_path}.get(name)
+    if packaged:
+        return packaged()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if HUB_ID.fullmatch(name) and not name.startswith((".", "/", "~")):
+        return name
+    raise ConfigError(f"model {name!r} is neither a built-in name ({', '.join(model_names())}), a local Hugging Face "
+                      "model directory, nor a Hub id (owner/name); see docs/models.md")
+
+
+def _from_pretrained(source: Path | str, objective: str, num_labels: int, torch_dtype: torch.dtype,
+                     options: LoadOptions) -> nn.Module:
+    """The HF model on its device: quantized by bitsandbytes as it loads, or loaded and moved."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if objective == "classification" else AutoModelForCausalLM
+    # a checkpoint's own classification head (another label count) is replaced: every client trains its own
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if objective == "classification" else {}
+    kwargs.update(dtype=torch_dtype, revision=options.revision, trust_remote_code=options.trust_remote_code)
+    if options.quantization == "none":
+        return auto.from_pretrained(source, **kwargs).to(options.device)
+    model = auto.from_pretrained(source, quantization_config=bnb_config(options),
+                                 device_map={"": str(options.device)}, **kwargs)
+    for module in model.modules():
+        # bitsandbytes repacks a 4-bit weight for CPU inference on the first eval forward, and its packed path then
+        # fails in training (an in-place add on an autograd view): federated clients alternate both, so keep one
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def bnb_config(options: LoadOptions):
+    """The transformers BitsAndBytesConfig of `model.quantization` (a ConfigError naming the extra without it)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization={options.quantization!r} needs bitsandbytes: "
+                          "pip install 'fedlora[quantization]' (or pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    # heads stay float: a client trains its own classification head, and the LM head is the output layer
+    keep = ["classifier", "score", "lm_head"]
+    if options.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.quant_type,
+                              bnb_4bit_use_double_quant=options.double_quant,
+                              bnb_4bit_compute_dtype=options.compute_dtype, llm_int8_skip_modules=keep)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

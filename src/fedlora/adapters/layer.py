@@ -65,7 +65,8 @@ class MixtureLoRALinear(nn.Module):
             self.scaling = self.alpha / self.r
         ref = next(iter(self.base.parameters()), None)
         device = ref.device if ref is not None else torch.device("cpu")
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        # fp32 master copies under a half-precision or quantized base, as PEFT's autocast_adapter_dtype
+        dtype = ref.dtype if ref is not None and ref.dtype in (torch.float32, torch.float64) else torch.float32
         self.lora_A = nn.ParameterList(
             nn.Parameter(nn.init.kaiming_uniform_(torch.empty(self.r, self.in_features, device=device, dtype=dtype), a=math.sqrt(5)))
             for _ in range(n_experts))

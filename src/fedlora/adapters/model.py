@@ -22,7 +22,7 @@ from ..core.errors import CheckpointError, ConfigError
 from ..core.tensors import StateDict
 from .layer import MixtureLoRALinear, RouterKind, router_outputs
 
-DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))
+DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))  # when PEFT has no mapping for the architecture
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def find_targets(model: nn.Module, targets: list[str] | str | None) -> list[str]
     """Paths of the linear-like modules to adapt: by name suffix (a list) or by a regex over full paths (a string)."""
     linears = [n for n, m in model.named_modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
     if targets is None:
-        for names in DEFAULT_TARGETS:
+        for names in (*architecture_targets(model), *DEFAULT_TARGETS):
             found = [n for n in linears if n.rsplit(".", 1)[-1] in names]
             if found:
                 return found
@@ -104,6 +104,14 @@ def find_targets(model: nn.Module, targets: list[str] | str | None) -> list[str]
                           f"{suffixes[:30]}{' ...' if len(suffixes) > 30 else ''}; set lora.target_modules to some of "
                           f"these suffixes, or to a regex over full module names{hint}")
     return found
+
+
+def architecture_targets(model: nn.Module) -> list[tuple[str, ...]]:
+    """PEFT's default LoRA target modules for the model's architecture (config.model_type), if it knows it."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+
+    names = MAPPING.get(getattr(getattr(model, "config", None), "model_type", None))
+    return [tuple(names)] if names else []
 
 
 class AdaptedModel:
@@ -150,15 +158,15 @@ class AdaptedModel:
         if w.shape[-1] != self.layout.n_experts:
             raise ValueError(f"need {self.layout.n_experts} expert weights, got shape {tuple(w.shape)}")
         for layer in self.layers.values():
-            layer.expert_weights = w.to(layer.lora_A[0].dtype)
+            layer.expert_weights = w.to(layer.lora_A[0].device, layer.lora_A[0].dtype)
 
     # -- state --------------------------------------------------------------------------------------
     def expert_state(self, e: int) -> StateDict:
-        """A detached copy of expert e as an expert state (keys {path}.lora_A / .lora_B)."""
+        """A detached CPU copy of expert e as an expert state (keys {path}.lora_A / .lora_B)."""
         out: StateDict = {}
         for path, layer in self.layers.items():
-            out[f"{path}.lora_A"] = layer.lora_A[e].detach().float().clone()
-            out[f"{path}.lora_B"] = layer.lora_B[e].detach().float().clone()
+            out[f"{path}.lora_A"] = _cpu_copy(layer.lora_A[e]).float()
+            out[f"{path}.lora_B"] = _cpu_copy(layer.lora_B[e]).float()
         return out
 
     def load_expert(self, e: int, state: Mapping[str, torch.Tensor]) -> None:
@@ -170,8 +178,8 @@ class AdaptedModel:
                 layer.lora_B[e].copy_(state[f"{path}.lora_B"])
 
     def router_state(self) -> StateDict:
-        """A detached copy of every module's router weight."""
-        return {f"{p}.router": l.router.weight.detach().float().clone() for p, l in self.layers.items() if l.router is not None}
+        """A detached CPU copy of every module's router weight."""
+        return {f"{p}.router": _cpu_copy(l.router.weight).float() for p, l in self.layers.items() if l.router is not None}
 
     def load_router(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copy a router state into every module's router."""
@@ -184,9 +192,9 @@ class AdaptedModel:
                 layer.router.weight.copy_(state[f"{path}.router"])
 
     def head_state(self) -> StateDict:
-        """A copy of the task head (classification layer), which stays private to each client."""
+        """A CPU copy of the task head (classification layer), which stays private to each client."""
         params = dict(self.model.named_parameters())
-        return {n: params[n].detach().clone() for n in self.head_names}
+        return {n: _cpu_copy(params[n]) for n in self.head_names}
 
     def load_head(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore a task head saved by `head_state`."""
@@ -216,7 +224,7 @@ class AdaptedModel:
         """Add delta[path] to the frozen base weight of each adapted module `path`, for good (a served model)."""
         with torch.no_grad():
             for path, weight in self._base_weights(delta).items():
-                weight.add_(delta[path].to(weight.dtype))
+                weight.add_(delta[path].to(weight.device, weight.dtype))
 
     @contextmanager
     def base_delta(self, delta: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
@@ -249,7 +257,7 @@ class AdaptedModel:
 
     def adapter_state(self) -> StateDict:
         """Every adapter tensor (all experts and routers) under its full parameter name, for export."""
-        return {n: p.detach().clone() for n, p in self.model.named_parameters()
+        return {n: _cpu_copy(p) for n, p in self.model.named_parameters()
                 if ".lora_A." in n or ".lora_B." in n or n.endswith(".router.weight")}
 
     # -- trainability -------------------------------------------------------------------------------
@@ -276,6 +284,12 @@ class AdaptedModel:
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that currently require grad, in model order."""
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy on the CPU: adapter states cross boundaries (payloads, checkpoints, the wire) there."""
+    t = t.detach()
+    return t.clone() if t.device.type == "cpu" else t.cpu()
 
 
 def lora_part(state: Mapping[str, torch.Tensor], part: str) -> StateDict:

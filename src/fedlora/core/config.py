@@ -35,7 +35,15 @@ class ModelConfig(Section):
     objective: Literal["classification", "causal_lm"] | None = Field(
         None, validation_alias=AliasChoices("objective", "task"),  # `task`: the name before 0.2, in older run dirs
         description="classification head or causal LM; inferred from the name when omitted")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the frozen base's storage dtype")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps")
+    revision: str | None = Field(None, description="a Hub model's branch, tag or commit")
+    trust_remote_code: bool = Field(False, description="let a Hub model run its own modelling code")
+    quantization: Literal["none", "8bit", "4bit"] = Field("none", description="a bitsandbytes-quantized base "
+                                                           "(QLoRA; pip install 'fedlora[quantization]')")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4bit: the data type")
+    double_quant: bool = Field(True, description="4bit: quantize the quantization constants too")
 
 
 class LoRAConfig(Section):
@@ -88,6 +96,11 @@ class TrainingConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     train_head: bool = Field(True, description="train each client's private classification head")
     max_new_tokens: int = Field(32, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the forward pass; trainable parameters stay fp32 (fp16: with a "
+        "gradient scaler, CUDA only)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
+                                         "memory, about a third more compute)")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainingConfig":
@@ -207,6 +220,8 @@ class EngineConfig(Section):
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0: only the final one)")
     num_clients: int | None = Field(None, gt=0, description="SuperNodes the Flower server waits for (set by flower-sim)")
     cpus: int | None = Field(None, gt=0, description="CPUs Flower's simulation may use (default: all)")
+    client_gpus: float = Field(0.0, ge=0, description="flower-sim: GPUs per ClientApp (0.25: four clients share "
+                               "one GPU); 0: none")
     handshake_timeout: float = Field(600.0, gt=0, description="seconds the Flower server waits for every SuperNode")
     clients: list[str] | None = Field(None, description="Flower: the client ids the operator admits; a node that "
                                       "claims another id is left out (default: any id, up to num_clients nodes)")

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..algorithms import METHODS, ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
 from ..core.config import Config
+from ..core.devices import peak_cuda_memory
 from ..core.errors import ClientFailure
 from ..core.io import append_jsonl, jsonl_line, save_text
 from .checkpoint import Checkpoint, restore_server, save_checkpoint
@@ -89,6 +90,9 @@ class RoundLoop(ABC):
                 if rnd % fed.eval_every == 0 or rnd == fed.rounds:
                     record.update(self.evaluate(rnd, ids))
                 record["seconds"] = time.perf_counter() - start
+                peak = peak_cuda_memory()
+                if peak is not None:
+                    record["peak_device_memory"] = peak
                 privacy = self.ledger.after_round(record["comm"]["bytes_up"] > 0, self.server.noise is not None
                                                   and self.server.noise.released_individually)
                 if privacy:

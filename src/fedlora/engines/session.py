@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapters import AdaptedModel
-from ..adapters.base_models import LoadedModel, load_base_model
+from ..adapters.base_models import LoadedModel, LoadOptions, load_base_model
 from ..algorithms import Aggregation, ClientInfo, ServerAlgorithm, build, check_algorithm
 from ..core.config import Config
+from ..core.devices import AUTOCAST_DTYPES, check_precision, resolve_device
 from ..core.errors import ConfigError, DataError
 from ..core.seeding import generator
 from ..data.federated import ClientData, build_clients
@@ -50,7 +51,8 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     whole_split = clients is None  # a data owner's own clients: per-client lists/rules cannot be placed
     clients = build_clients(cfg.data, cfg.seed) if whole_split else clients
     num_labels = max((len(c.labels) for c in clients), default=0)
-    base = load_base_model(cfg.model.name, cfg.model.objective, max(num_labels, 2), cfg.model.dtype, cfg.seed)
+    base = load_base_model(cfg.model.name, cfg.model.objective, max(num_labels, 2), cfg.model.dtype, cfg.seed,
+                           load_options(cfg))
     limit = getattr(base.model.config, "max_position_embeddings", None)
     if limit and cfg.data.max_length > limit:  # else every batch with a longer text fails inside the model
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds what model {cfg.model.name!r} can read "
@@ -69,6 +71,16 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     runtime = ClientRuntime(client, adapted, base.tokenizer, cfg, base.objective, datasets, whole_split=whole_split)
     infos = [ClientInfo(c.client_id, len(datasets[c.client_id].train), c.task) for c in clients]
     return Session(cfg, clients, base, adapted, server, runtime, infos)
+
+
+def load_options(cfg: Config, device: str | None = None) -> LoadOptions:
+    """How `[model]` says to load the base: on its device (checked to exist, with the training precision), from
+    the Hub revision, quantized; `device` overrides it (a server needs only the shapes, on the CPU)."""
+    where = resolve_device(device or cfg.model.device)
+    check_precision(cfg.training.precision, where)
+    m = cfg.model
+    return LoadOptions(where, m.revision, m.trust_remote_code, m.quantization, m.quant_type, m.double_quant,
+                       AUTOCAST_DTYPES.get(cfg.training.precision, torch.float32))
 
 
 def aggregation_of(cfg: Config) -> Aggregation:

@@ -33,7 +33,8 @@ class InstanceWeighting:
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> None:
         self._only(self.probe)
         h = last_prompt_hidden(self.adapted.model, batch)
-        w = self.max_weight * F.cosine_similarity(h[:, None, :], self.reference[None, :, :], dim=-1).mean(1)
+        reference = self.reference.to(h.device, h.dtype)
+        w = self.max_weight * F.cosine_similarity(h[:, None, :], reference[None, :, :], dim=-1).mean(1)
         self.seen.extend(w.tolist())
         pair = (w, 1 - w) if self.gets_w == 0 else (1 - w, w)
         self.adapted.set_expert_weights(torch.stack(pair, dim=1))
@@ -56,7 +57,7 @@ class InstanceWeighting:
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON-able settings) for an export."""
-        return {"reference": self.reference}, {"max_weight": self.max_weight, "gets_w": self.gets_w, "probe": self.probe}
+        return {"reference": self.reference.cpu()}, {"max_weight": self.max_weight, "gets_w": self.gets_w, "probe": self.probe}
 
     @classmethod
     def from_state(cls, adapted: AdaptedModel, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> "InstanceWeighting":

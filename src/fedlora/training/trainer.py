@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..adapters import AdaptedModel
 from ..core.config import TrainingConfig
+from ..core.devices import autocast, model_device
 from ..core.seeding import generator, seed_everything
 from ..data.tokenize import IGNORE_INDEX, Encoded, batch_indices, collate, collate_prompts, steps_for_epochs
 from .distributed import DataParallel, Workers, load_replica_state, replica_state
@@ -37,12 +38,12 @@ def last_prompt_hidden(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     mask = batch["attention_mask"]
     if bool(mask[:, -1].all()) and not bool(mask[:, 0].all()):  # left padding
-        last = torch.full((mask.shape[0],), mask.shape[1] - 1)
+        last = torch.full((mask.shape[0],), mask.shape[1] - 1, device=mask.device)
     elif "labels" in batch and batch["labels"].dim() == 2:
         last = (batch["labels"] == IGNORE_INDEX).long().cumprod(1).sum(1) - 1
     else:
         last = mask.sum(1) - 1
-    return out.hidden_states[-1][torch.arange(mask.shape[0]), last]
+    return out.hidden_states[-1][torch.arange(mask.shape[0], device=mask.device), last]
 
 
 @dataclass
@@ -76,6 +77,8 @@ class Trainer:
         self.last_trainable: set[str] = set()  # parameter names trained by the last train() call
         self.optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None  # kept across rounds if not reset
         self.pad_id = tokenizer.pad_token_id
+        self.device = model_device(adapted.model)  # batches go where the model is; states stay on the CPU
+        self.scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling, during train()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -83,8 +86,13 @@ class Trainer:
         return self.adapted.model
 
     def batch(self, data: Encoded, idx: Iterable[int]) -> dict[str, torch.Tensor]:
-        """The padded batch of the examples of `data` at `idx`."""
-        return collate(data, list(idx), self.pad_id)
+        """The padded batch of the examples of `data` at `idx`, on the model's device."""
+        return {k: v.to(self.device) for k, v in collate(data, list(idx), self.pad_id).items()}
+
+    def forward(self, **inputs: torch.Tensor):
+        """The model's forward pass in the training precision (autocast; trainable parameters stay fp32)."""
+        with autocast(self.device, self.cfg.precision):
+            return self.model(**inputs)
 
     def first_batch(self, data: Encoded) -> dict[str, torch.Tensor]:
         """The first evaluation batch of a split (diagnostics look at it)."""
@@ -105,13 +113,13 @@ class Trainer:
         part of the global batch mean (items are examples, or predicted tokens for a causal LM).
         """
         if self.objective == "classification":
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = self.forward(**_inputs(batch)).logits
             if n_items is None:
                 return F.cross_entropy(logits[:, : self.data.n_labels].float(), batch["labels"])
             return F.cross_entropy(logits[:, : self.data.n_labels].float(), batch["labels"], reduction="sum") / n_items
         if n_items is None:
-            return self.model(**batch).loss
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return self.forward(**batch).loss.float()
+        logits = self.forward(**_inputs(batch)).logits
         # token t predicts label t+1, as the HF loss: the last position predicts nothing
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum") / max(n_items, 1)
@@ -145,15 +153,24 @@ class Trainer:
         order = generator(self.seed, "order")  # the same batches on every worker
         optimizer = self._optimizer()
         schedule = self._schedule(optimizer, n_steps)
+        self._checkpointing(self.cfg.gradient_checkpointing)
+        # fp16's narrow range underflows small gradients: scale the loss (CUDA only: check_precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.cfg.precision == "fp16" else None
         self.model.train()
         losses: list[float] = []
         while len(losses) < n_steps:
             for idx in batch_indices(len(data), self.cfg.batch_size, order):
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(self._backward(data, idx, params, dp))
+                if self.scaler is not None:
+                    self.scaler.unscale_(optimizer)
                 if self.cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-                optimizer.step()
+                if self.scaler is not None:
+                    self.scaler.step(optimizer)
+                    self.scaler.update()
+                else:
+                    optimizer.step()
                 schedule.step()
                 if len(losses) == n_steps:
                     break
@@ -167,13 +184,34 @@ class Trainer:
         normalised by the whole batch's item count, then summed over the workers."""
         if dp is None:
             loss = self.batch_loss(self.batch(data, idx))
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             return float(loss.detach())
         shard, loss = dp.shard(idx), None
         if shard:
             loss = self.batch_loss(self.batch(data, shard), loss_items(data, idx, self.objective))
             loss.backward()
         return dp.all_reduce(params, loss)
+
+    def _checkpointing(self, enabled: bool) -> None:
+        """HF activation (gradient) checkpointing on or off for this train call; non-reentrant, so the frozen
+        embeddings' outputs need no grad. transformers >= 5.x names it activation_checkpointing_*."""
+        model = self.model
+        active = getattr(model, "is_activation_checkpointing", None)
+        active = getattr(model, "is_gradient_checkpointing", False) if active is None else active
+        if enabled == bool(active):
+            return
+        if enabled and not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; set "
+                             "training.gradient_checkpointing=false")
+        if hasattr(model, "activation_checkpointing_enable"):
+            if enabled:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.activation_checkpointing_disable()
+        elif enabled:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
 
     def _optimizer(self) -> torch.optim.Optimizer:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -184,15 +222,17 @@ class Trainer:
                                        {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr)
         if self.optimizer_state and not self.cfg.reset_optimizer:
             for n, p in named:
-                if n in self.optimizer_state:
-                    optimizer.state[p] = {k: v.clone() for k, v in self.optimizer_state[n].items()}
+                if n in self.optimizer_state:  # moments move to the parameter's device; AdamW keeps `step` on the CPU
+                    optimizer.state[p] = {k: v.to(p.device) if v.dim() else v.clone()
+                                          for k, v in self.optimizer_state[n].items()}
         return optimizer
 
     def _save_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         names = {id(p): n for n, p in self.model.named_parameters()}
         kept = dict(self.optimizer_state or {})
         for p, st in optimizer.state.items():
-            kept[names[id(p)]] = {k: v.detach().clone() if torch.is_tensor(v) else torch.tensor(v) for k, v in st.items()}
+            kept[names[id(p)]] = {k: v.detach().cpu().clone() if torch.is_tensor(v) else torch.tensor(v)
+                                  for k, v in st.items()}
         self.optimizer_state = kept
 
     def _schedule(self, optimizer: torch.optim.Optimizer, n_steps: int):
@@ -238,7 +278,7 @@ class Trainer:
             batch = self.batch(data, idx)
             if before_batch:
                 before_batch(batch)
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = self.forward(**_inputs(batch)).logits
             logits = logits[:, : self.data.n_labels].float()
             total += float(F.cross_entropy(logits, batch["labels"])) * len(idx)
             preds += logits.argmax(-1).tolist()
@@ -251,13 +291,19 @@ class Trainer:
         answers: list[str] = []
         for start in range(0, len(prompts), self.cfg.eval_batch_size):
             chunk = prompts[start : start + self.cfg.eval_batch_size]
-            batch = collate_prompts(chunk, self.pad_id)
+            batch = {k: v.to(self.device) for k, v in collate_prompts(chunk, self.pad_id).items()}
             if before_batch:
                 before_batch(batch)
-            out = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+            with autocast(self.device, self.cfg.precision):
+                out = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
                                       pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
-            answers += self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            answers += self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
         return [a.strip() for a in answers]
+
+
+def _inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a classification forward reads (token type ids mark a sentence pair's segments)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
 
 def loss_items(data: Encoded, idx: list[int], objective: str) -> int:
