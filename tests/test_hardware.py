@@ -41,6 +41,14 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(tmp_path):
     assert all(t.dtype == torch.float32 for d in lora.values() for t in d.values())
 
 
+@pytest.mark.parametrize("method", ["fedalt", "fedlease"])
+def test_routed_methods_run_on_a_bf16_base(tmp_path, method):
+    cfg = tiny_config(tmp_path, model={"name": "tiny-bert", "dtype": "bfloat16"},
+                      algorithm={"name": method, "options": {"warmup_rounds": 1} if method == "fedlease" else {}})
+    result = run_experiment(cfg)  # the gate reads bf16 activations with an fp32 router (no autocast)
+    assert all(math.isfinite(m["loss"]) for m in result.final.values()) and not result.rounds[-1].get("eval_failures")
+
+
 def _grads(adapted: AdaptedModel, batch: dict, checkpointing: bool) -> dict[str, torch.Tensor]:
     model = adapted.model
     if checkpointing:
@@ -116,6 +124,13 @@ def test_bad_devices_and_precisions_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="no CUDA device"):
         build_session(build_config(tiny_config(tmp_path, model={"name": "tiny-bert", "device": "cuda"})))
+
+
+def test_flora_refuses_a_quantized_base_before_anything_loads(tmp_path):
+    cfg = build_config(tiny_config(tmp_path, model={"name": "tiny-bert", "quantization": "4bit"},
+                                   algorithm={"name": "flora"}))
+    with pytest.raises(ConfigError, match="merges each client's update"):
+        build_session(cfg)
 
 
 def test_quantization_without_bitsandbytes_names_the_extra(tmp_path, monkeypatch):

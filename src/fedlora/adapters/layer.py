@@ -94,7 +94,8 @@ class MixtureLoRALinear(nn.Module):
             if w.dim() == 2 and x.dim() == 3:  # instance-wise weights [batch, E] over [batch, seq, d]
                 w = w[:, None, :]
             return w
-        probs = torch.softmax(self.router(x).float(), dim=-1)
+        # the router is an fp32 master copy; under a bf16 base without autocast x is bf16
+        probs = torch.softmax(self.router(x.to(self.router.weight.dtype)).float(), dim=-1)
         if self.router_kind == "dense":
             return probs.to(x.dtype)
         top_p, top_slot = probs.topk(self.n_experts, dim=-1)

@@ -34,6 +34,7 @@ class Method:
     client: type[ClientAlgorithm]
     summary: str
     heterogeneous_ranks: bool = False
+    merges_into_base: bool = False  # its personalized model adds an update to the frozen base weights
 
 
 METHODS: dict[str, Method] = {
@@ -49,7 +50,7 @@ METHODS: dict[str, Method] = {
         Method("ifca", IFCAOptions, IFCAServer, IFCAClient, "IFCA: C cluster LoRAs, each client picks the lowest-loss one"),
         Method("flora", AveragingOptions, FLoRAServer, FLoRAClient,
                "FLoRA: stacking aggregation (exact, heterogeneous ranks), clients merge into their base",
-               heterogeneous_ranks=True),
+               heterogeneous_ranks=True, merges_into_base=True),
         Method("hetlora", AveragingOptions, HetLoRAServer, HetLoRAClient,
                "HetLoRA-style heterogeneous ranks: client LoRAs zero-padded to lora.r and averaged",
                heterogeneous_ranks=True),

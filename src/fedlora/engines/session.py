@@ -11,7 +11,7 @@ import torch
 
 from ..adapters import AdaptedModel
 from ..adapters.base_models import LoadedModel, LoadOptions, load_base_model
-from ..algorithms import Aggregation, ClientInfo, ServerAlgorithm, build, check_algorithm
+from ..algorithms import Aggregation, ClientInfo, ServerAlgorithm, build, check_algorithm, get_method
 from ..core.config import Config
 from ..core.devices import AUTOCAST_DTYPES, check_precision, resolve_device
 from ..core.errors import ConfigError, DataError
@@ -48,6 +48,9 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
         torch.set_num_threads(cfg.engine.torch_threads)
     check_algorithm(cfg.algorithm)  # fail on a bad method or option before any loading
     check_privacy(cfg)
+    if cfg.model.quantization != "none" and get_method(cfg.algorithm.name).merges_into_base:
+        raise ConfigError(f"{cfg.algorithm.name!r} merges each client's update into the base weights, which a "
+                          f"{cfg.model.quantization} base cannot hold; set model.quantization='none'")
     whole_split = clients is None  # a data owner's own clients: per-client lists/rules cannot be placed
     clients = build_clients(cfg.data, cfg.seed) if whole_split else clients
     num_labels = max((len(c.labels) for c in clients), default=0)

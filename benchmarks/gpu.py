@@ -1,0 +1,202 @@
+"""fedlora on a CUDA GPU: CPU equality, bf16 and 4-bit cost per client turn, and the largest decoder whose round fits.
+
+(a) fp32 on CUDA equals the CPU: one FedIT round of the tiny BERT on both, TF32 off; the largest absolute
+    difference of the trained LoRA and of the evaluation loss (tolerance 1e-4).
+(b) Per method (fedit, fedalt, fedlease, fdlora) and base (Qwen2.5-0.5B and Llama-3.2-1B shapes, random weights
+    built from the architecture's config: no download), in bf16 and with a 4-bit nf4 base: seconds per client turn
+    (one local round of `STEPS` steps, batch 8 x `LENGTH` tokens) and the round's peak GPU memory.
+(c) The largest Llama-shaped decoder (1B, 3B, 8B) whose FedIT round fits, in bf16 and in 4-bit, within the time
+    left of `--budget` seconds.
+Without CUDA it prints so and measures nothing (exit 0); `--dry-run` runs (b) and (c) on the CPU with tiny shapes,
+to check the script itself. Results: benchmarks/results/gpu.{md,json}.
+Usage: python benchmarks/gpu.py [--budget 420] [--out DIR] [--dry-run]
+"""
+
+from __future__ import annotations
+
+from fedlora.core.offline import use_offline
+
+use_offline()  # before transformers is imported
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = {"fedit": {}, "fedalt": {}, "fedlease": {"warmup_rounds": 1}, "fdlora": {"stage1_rounds": 1}}
+STEPS, LENGTH = 4, 128
+# (hidden, intermediate, layers, heads, kv heads, vocab): the published configs' shapes
+SHAPES = {"qwen2.5-0.5b": ("qwen2", 896, 4864, 24, 14, 2, 151936),
+          "llama-3.2-1b": ("llama", 2048, 8192, 16, 32, 8, 128256),
+          "llama-3.2-3b": ("llama", 3072, 8192, 28, 24, 8, 128256),
+          "llama-3.1-8b": ("llama", 4096, 14336, 32, 32, 8, 128256)}
+TINY_SHAPES = {"tiny-qwen": ("qwen2", 64, 128, 2, 2, 1, 512), "tiny-llama": ("llama", 64, 128, 2, 2, 1, 512)}
+
+
+def build_decoder(shape: tuple, out: Path, device: str) -> str:
+    """A sequence-classification decoder of that shape with random weights, saved (bf16) with a byte tokenizer."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from fedlora.adapters.base_models import byte_tokenizer
+
+    kind, hidden, inter, layers, heads, kv, vocab = shape
+    config = AutoConfig.for_model(kind, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                                  max_position_embeddings=2048, num_labels=2, pad_token_id=0, tie_word_embeddings=False)
+    with torch.device(device):  # random init on the GPU: seconds, where the CPU needs minutes for 8B
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    del model
+    return str(out)
+
+
+def config(model: str, method: str, out: str, device: str, precision: str, quantization: str, clients: int = 2) -> dict:
+    """One short run: `clients` clients, 2 rounds (so FedLEASE and FDLoRA reach their second phase)."""
+    return {"name": "gpu", "output_dir": out, "seed": 0,
+            "model": {"name": model, "device": device, "quantization": quantization,
+                      "dtype": "float32" if precision == "fp32" else "bfloat16"},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
+            "data": {"dataset": "wordnet-demo", "tasks": ["noun_topic", "verb_class"][:clients],
+                     "clients_per_task": max(1, clients // 2), "train_per_client": 48, "test_per_client": 16,
+                     "max_length": LENGTH},
+            "training": {"lr": 5e-4, "local_steps": STEPS, "batch_size": 8, "eval_batch_size": 16,
+                         "precision": precision},
+            "federation": {"rounds": 2, "eval_every": 2, "eval_at_start": False},
+            "algorithm": {"name": method, "options": METHODS.get(method, {})},
+            "engine": {"progress": False, "checkpoint_every": 0}}
+
+
+def turn_cost(cfg: dict) -> dict:
+    """Seconds per client turn (round 2's fit, no evaluation) and the peak GPU memory of the run's rounds."""
+    from fedlora import run_experiment
+    from fedlora.engines.loop import RoundLoop
+
+    fit_seconds: list[float] = []
+    original = RoundLoop._fit_round
+
+    def timed(self, rnd, sampled):
+        start = time.perf_counter()
+        out = original(self, rnd, sampled)
+        fit_seconds.append((time.perf_counter() - start) / max(len(sampled), 1))
+        return out
+
+    RoundLoop._fit_round = timed
+    try:
+        result = run_experiment(cfg)
+    finally:
+        RoundLoop._fit_round = original
+    peaks = [r["peak_device_memory"] for r in result.rounds if "peak_device_memory" in r]
+    return {"seconds_per_turn": fit_seconds[-1], "peak_gib": max(peaks) / 2**30 if peaks else None,
+            "accuracy": result.rounds[-1]["summary"]["mean"].get("accuracy")}
+
+
+def cuda_equals_cpu(tmp: Path) -> dict:
+    """(a): one FedIT round of the tiny BERT in fp32 on the CPU and on CUDA."""
+    from fedlora import run_experiment
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    runs = {}
+    for device in ("cpu", "cuda"):
+        cfg = config("tiny-bert", "fedit", str(tmp / f"eq-{device}"), device, "fp32", "none")
+        cfg["federation"] = {"rounds": 1, "eval_at_start": False}
+        runs[device] = run_experiment(cfg)
+    diffs = [float((a - runs["cuda"].client_states[cid].states["global"][k]).abs().max())
+             for cid, s in runs["cpu"].client_states.items() for k, a in s.states.get("global", {}).items()]
+    if not diffs:  # fedit keeps no global state per client: compare the server's
+        glob = runs["cpu"].server_state["tensors"]["global"]
+        diffs = [float((v - runs["cuda"].server_state["tensors"]["global"][k]).abs().max()) for k, v in glob.items()]
+    loss = [abs(runs["cpu"].final[c]["loss"] - runs["cuda"].final[c]["loss"]) for c in runs["cpu"].final]
+    return {"max_lora_diff": max(diffs), "max_loss_diff": max(loss), "tolerance": 1e-4}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole script (it must fit in 8 min)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script, measures nothing")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    if not torch.cuda.is_available() and not args.dry_run:
+        print("benchmarks/gpu.py: no CUDA device here; nothing measured (run it on a GPU machine)")
+        return
+    device = "cuda" if not args.dry_run else "cpu"
+    shapes = TINY_SHAPES if args.dry_run else SHAPES
+    precisions = [("bf16", "none"), ("bf16", "4bit")]
+    report: dict = {"command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+                    "steps": STEPS, "length": LENGTH, "turns": [], "largest": []}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if device == "cuda":
+            report["cuda_equals_cpu"] = cuda_equals_cpu(tmp)
+            print("cuda = cpu:", report["cuda_equals_cpu"], flush=True)
+        for name in list(shapes)[:2]:
+            model = build_decoder(shapes[name], tmp / name, device)
+            for precision, quant in precisions:
+                for method in METHODS:
+                    row = {"model": name, "precision": precision, "quantization": quant, "method": method}
+                    try:
+                        row.update(turn_cost(config(model, method, str(tmp / f"{name}-{method}-{quant}"), device,
+                                                    precision, quant)))
+                    except Exception as exc:  # an OOM or a missing bitsandbytes is a result, not a crash
+                        row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                    report["turns"].append(row)
+                    print(row, flush=True)
+                    _write(report, args.out, args.dry_run)
+        for name in list(shapes)[1:] if not args.dry_run else list(shapes)[:1]:
+            for precision, quant in precisions:
+                if time.perf_counter() - start > args.budget * 0.8:
+                    report["largest"].append({"model": name, "quantization": quant, "skipped": "out of time"})
+                    continue
+                model = str(tmp / name) if (tmp / name).is_dir() else build_decoder(shapes[name], tmp / name, device)
+                row = {"model": name, "precision": precision, "quantization": quant}
+                try:
+                    row.update(turn_cost(config(model, "fedit", str(tmp / f"big-{name}-{quant}"), device, precision,
+                                                quant)))
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                report["largest"].append(row)
+                print(row, flush=True)
+                _write(report, args.out, args.dry_run)
+    report["seconds"] = time.perf_counter() - start
+    _write(report, args.out, args.dry_run)
+
+
+def _write(report: dict, out: Path, dry_run: bool) -> None:
+    """gpu.md + gpu.json (gpu_dry_run.* for a CPU check of the script)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "gpu_dry_run" if dry_run else "gpu"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    lines = [f"# fedlora on {report['device']}{' (dry run on the CPU: tiny shapes, nothing measured)' if dry_run else ''}",
+             "", f"torch {report['torch']}; {report['steps']} local steps of batch 8 x {report['length']} tokens per "
+             "client turn; LoRA r=8 on q_proj/v_proj; random weights of the published shapes.", ""]
+    if "cuda_equals_cpu" in report:
+        eq = report["cuda_equals_cpu"]
+        lines += [f"fp32 CUDA vs CPU (TF32 off): max |LoRA diff| {eq['max_lora_diff']:.2e}, max |loss diff| "
+                  f"{eq['max_loss_diff']:.2e} (tolerance {eq['tolerance']:g})", ""]
+    lines += ["| model | base | method | s / client turn | peak GiB | note |", "|---|---|---|---|---|---|"]
+    for r in report["turns"]:
+        base = "4-bit nf4" if r["quantization"] == "4bit" else r["precision"]
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
+        secs = f"{r['seconds_per_turn']:.3f}" if "seconds_per_turn" in r else "-"
+        lines.append(f"| {r['model']} | {base} | {r['method']} | {secs} | {peak} | {r.get('error', '')} |")
+    lines += ["", "Largest decoder whose FedIT round fits:", "", "| model | base | s / client turn | peak GiB | note |",
+              "|---|---|---|---|---|"]
+    for r in report["largest"]:
+        base = "4-bit nf4" if r["quantization"] == "4bit" else r.get("precision", "")
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
+        secs = f"{r['seconds_per_turn']:.3f}" if "seconds_per_turn" in r else "-"
+        lines.append(f"| {r['model']} | {base} | {secs} | {peak} | {r.get('error', r.get('skipped', ''))} |")
+    lines += ["", f"Command: `{report['command']}`", ""]
+    (out / f"{stem}.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
