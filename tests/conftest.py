@@ -71,7 +71,7 @@ def spy_trainable(monkeypatch):
 # SuperLink, SuperNodes, ClientApp processes) go to one worker, one after another: each of them already keeps
 # the second core busy, and two at once would make their round timeouts race each other.
 FLOWER_FILES = {"test_deployment.py", "test_deployment_security.py", "test_deployment_lifecycle.py", "test_flower.py",
-                "test_flower_hostile.py", "test_benchmarks.py"}
+                "test_flower_hostile.py", "test_benchmarks.py", "test_node_state.py"}
 
 
 # tryfirst: xdist's worker reads the xdist_group marks in its own modifyitems hook, which pluggy would otherwise

@@ -21,6 +21,7 @@ from fedlora.core.errors import ConfigError
 from fedlora.data.federated import build_clients
 from fedlora.deployment import LocalFederation, write_app, write_credentials
 from fedlora.engines.flower import _client_id, _session, config_from_run_config
+from fedlora.serving import predict
 
 from .conftest import tiny_config
 
@@ -130,6 +131,19 @@ def test_deployment_with_tls_and_node_auth_equals_in_process(tmp_path):
     superlink_log = (tmp_path / "deployed" / "federation" / "logs" / "superlink.log").read_text()
     assert "https://127.0.0.1" in superlink_log and superlink_log.count("Activated node_id") == 2
     assert _no_process_mentions(tmp_path / "deployed")  # SuperLink, SuperNodes, SuperExecs and apps all stopped
+    # issue #23: the ServerApp records the engine; every SuperNode kept its state and wrote its personalized model
+    assert json.loads((run_dir / "federation" / "server" / "config.json").read_text())["engine"]["name"] == "flower-local"
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    assert nodes["engine"] == "flower-local" and set(nodes["nodes"]) == {"noun_topic-0", "noun_topic-1"}
+    cfg = build_config(tiny_config(tmp_path, **base))
+    final = deployed.evaluations()[-1]["eval"]
+    for client in build_clients(cfg.data, cfg.seed):
+        node = run_dir / "nodes" / client.client_id
+        assert nodes["nodes"][client.client_id] == str(node.resolve())
+        answers = predict(node, client.client_id, [r["text"] for r in client.test])  # the owner's machine alone
+        accuracy = sum(a == r["label"] for a, r in zip(answers, client.test)) / len(client.test)
+        assert accuracy == pytest.approx(final[client.client_id]["accuracy"])
+        assert predict(run_dir, client.client_id, [r["text"] for r in client.test]) == answers
 
 
 @pytest.mark.slow

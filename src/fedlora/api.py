@@ -44,9 +44,7 @@ def resume_experiment(run_dir: str | Path, rounds: int | None = None) -> RunResu
     if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} is not a fedlora run directory (no config.json)")
     cfg = load_config(run_dir / "config.json", [f"output_dir={run_dir}"])
-    if cfg.engine.name != "inprocess":
-        raise ConfigError(f"resume needs the in-process engine; with {cfg.engine.name!r} the client states live "
-                          "on the SuperNodes, not in the run directory")
+    _check_resumable(run_dir)
     metrics = run_dir / "metrics.jsonl"
     # the in-process engine writes clients.json before its first round: a run that has one but no checkpoint
     # was stopped before its first checkpoint, and `run` would refuse it as a run with results
@@ -68,6 +66,17 @@ def resume_experiment(run_dir: str | Path, rounds: int | None = None) -> RunResu
         cfg = _with_rounds(cfg, rounds, ckpt.round)
         log.info("resuming after round %d", ckpt.round)
         return _run(cfg, run_dir, ckpt, records)
+
+
+def _check_resumable(run_dir: Path) -> None:
+    """Refuse a run whose client states are out of this machine's reach: a Flower deployment's (its nodes.json
+    says so); flower-sim and flower-local keep theirs under the run directory and resume like in-process runs."""
+    from .engines.nodestate import DEPLOYMENT, read_nodes
+
+    nodes = read_nodes(run_dir)
+    if nodes is not None and nodes.get("engine") == DEPLOYMENT:
+        raise ConfigError(f"{run_dir} ran on a Flower deployment: its client states live on the SuperNodes (their "
+                          "state-dirs, see nodes.json); submit the app again to the SuperLink instead")
 
 
 def _with_rounds(cfg: Config, rounds: int | None, done: int) -> Config:
@@ -93,6 +102,10 @@ ENGINES = {
 
 def engine_runner(name: str) -> Callable[..., RunResult]:
     """The run function of engine `name`."""
+    if name == "flower-deployment":
+        raise ConfigError("engine.name='flower-deployment' is what a Flower deployment's run directory records: a "
+                          "deployment runs through `flwr run` on the SuperLink (docs/deployment.md), not `fedlora run`; "
+                          "to try one on this machine use engine.name='flower-local'")
     if name not in ENGINES:
         raise ConfigError(f"unknown engine.name {name!r}; available: {', '.join(ENGINES)}")
     module, _, function = ENGINES[name].partition(":")

@@ -45,12 +45,15 @@ APP_HEADER = """\
 """
 
 
-def write_app(app_dir: str | Path, cfg: Config, clients: list[str] | None = None) -> Path:
+def write_app(app_dir: str | Path, cfg: Config, clients: list[str] | None = None, local: bool = False,
+              resume: Path | None = None) -> Path:
     """Write a Flower app directory (its pyproject.toml) that runs `cfg` on a SuperLink.
 
     `clients` (default: the config's `engine.clients`) are the client ids the server admits, recorded as
     `engine.clients`. It waits for `engine.num_clients` SuperNodes: by default one per admitted client,
-    else one per client of the config's split."""
+    else one per client of the config's split. `local`: the federation of `engine.name = "flower-local"`
+    (its nodes keep their states under the run directory); else a deployment's nodes are on other machines.
+    `resume`: the (local) run directory whose latest checkpoint the ServerApp continues from."""
     import tomli_w
 
     from .algorithms import check_algorithm
@@ -62,8 +65,11 @@ def write_app(app_dir: str | Path, cfg: Config, clients: list[str] | None = None
     if admitted and num_clients > len(admitted):
         raise ConfigError(f"engine.num_clients={num_clients} SuperNodes to wait for, but only {len(admitted)} "
                           f"client ids are admitted ({', '.join(admitted)}): the run could never start")
+    # what the ServerApp records as the engine that ran (its nodes.json says "flower-deployment" for any other)
+    engine = {**cfg.engine.model_dump(), "name": "flower-local" if local else "inprocess"}
     if admitted is not None:
-        cfg = build_config({**cfg.model_dump(), "engine": {**cfg.engine.model_dump(), "clients": admitted}})
+        engine["clients"] = admitted
+    cfg = build_config({**cfg.model_dump(), "engine": engine})
     app_dir = Path(app_dir)
     app_dir.mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^a-z0-9-]+", "-", f"fedlora-{cfg.name}".lower()).strip("-")
@@ -79,7 +85,8 @@ def write_app(app_dir: str | Path, cfg: Config, clients: list[str] | None = None
             # which may hold a run already; "" (no value) makes the ServerApp ask for one
             "config": {"experiment": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True,
                                                                   exclude={"output_dir"})),
-                       "set": {"engine.num_clients": num_clients, "output_dir": ""}},
+                       "set": {"engine.num_clients": num_clients, "output_dir": ""},
+                       **({"resume": str(resume.resolve())} if resume is not None else {})},
         }}},
     }
     (app_dir / "pyproject.toml").write_text(APP_HEADER + tomli_w.dumps(project, multiline_strings=True))
@@ -540,19 +547,22 @@ def run_local_deployment(cfg: Config, run_dir: Path, resume: Checkpoint | None =
     from .data.federated import build_clients
     from .engines.results import RunResult
 
-    del records  # the engine signature's; there is no resumed history to carry on
-    if resume is not None:
-        raise ConfigError("resume needs the in-process engine: on Flower the client states live on the nodes")
+    del records  # resumed, the ServerApp reads them from the run directory itself (it is another process)
     run_dir = Path(run_dir)
     clients = [c.client_id for c in build_clients(cfg.data, cfg.seed)]
-    cfg = cfg.with_overrides([f"engine.num_clients={len(clients)}",
-                              "engine.name=inprocess"])  # what the ServerApp runs is the plain round loop
+    # engine.name stays flower-local: the ServerApp records the engine that ran it
+    cfg = cfg.with_overrides([f"engine.num_clients={len(clients)}"])
     workdir = run_dir / "federation"
     # the ServerApp refuses a directory that holds anything (run_experiment's config.json, this federation), so
     # it writes a fresh one of its own, whose results become the run's once every process has stopped
     server_dir = (workdir / "server").resolve()  # the ServerApp runs in the SuperLink's working directory
-    federation = LocalFederation(workdir, {cid: {"client-id": cid} for cid in clients})
-    app = write_app(workdir / "app", cfg, clients=federation.client_ids())
+    # every SuperNode keeps its state under the run directory, where export/predict of the run find it
+    nodes = (run_dir / "nodes").resolve()
+    if resume is not None:
+        set_aside_federation(workdir)
+    federation = LocalFederation(workdir, {cid: {"client-id": cid, "state-dir": str(nodes)} for cid in clients})
+    app = write_app(workdir / "app", cfg, clients=federation.client_ids(), local=True,
+                    resume=run_dir if resume is not None else None)
     try:
         with federation:
             federation.run(app, {"set.output_dir": str(server_dir)}, timeout=timeout)
@@ -561,16 +571,37 @@ def run_local_deployment(cfg: Config, run_dir: Path, resume: Checkpoint | None =
     return RunResult.from_run_dir(run_dir, cfg.algorithm.name)
 
 
-# what the round loop and its trackers write; the ServerApp's config.json (engine.name=inprocess, its own
-# output_dir), run.log and report stay in federation/server: run_experiment's config.json says what ran
-SERVER_RESULTS = ("metrics.jsonl", "clients.json", "checkpoint", "tensorboard", "wandb", "mlruns", "tracking.json")
+# what the round loop and its trackers write (nodes.json: the engine and where the nodes keep their states); the
+# ServerApp's config.json (its own output_dir), run.log and report stay in federation/server: run_experiment's
+# config.json says what ran
+SERVER_RESULTS = ("metrics.jsonl", "clients.json", "checkpoint", "nodes.json", "tensorboard", "wandb", "mlruns",
+                  "tracking.json")
+
+
+def set_aside_federation(workdir: Path) -> None:
+    """Before a resumed local run: keep the stopped ServerApp's directory as server-<n>/ (the new one must be
+    new) and drop the SuperLink's database (a fresh SuperLink registers the SuperNodes' new keys)."""
+    server = workdir / "server"
+    if server.exists():
+        n = 1
+        while (workdir / f"server-{n}").exists():
+            n += 1
+        os.replace(server, workdir / f"server-{n}")
+    for path in workdir.glob("superlink.db*"):
+        path.unlink()
 
 
 def adopt_server_results(server_dir: Path, run_dir: Path) -> None:
-    """Move a local ServerApp's results from its own run directory to the top of `run_dir`."""
+    """Move a local ServerApp's results from its own run directory to the top of `run_dir` (a resumed run's
+    replace the stopped run's: they hold its records and a newer checkpoint)."""
     for name in SERVER_RESULTS:
         if (server_dir / name).exists():
+            old = run_dir / f".{name}.replaced"
+            if (run_dir / name).is_dir():  # os.replace cannot replace a directory that holds anything
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(run_dir / name, old)
             os.replace(server_dir / name, run_dir / name)
+            shutil.rmtree(old, ignore_errors=True)
     if (server_dir / "run.log").is_file():
         log.info("the ServerApp's log: %s", server_dir / "run.log")
 

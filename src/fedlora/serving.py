@@ -53,6 +53,14 @@ INPUT_DEPENDENT = {"dense": "a softmax gate per token (FedALT's adaptive mixer)"
                    "hook": "instance-wise weights computed per input from reference examples (FedDPA)"}
 
 
+def _node_side(run_dir: Path, client_id: str) -> Path | None:
+    """A Flower node's own personalized model when `run_dir` is its node directory (or the state-dir holding it);
+    None for a server run directory, whose client states (if on nodes) `client_state_of` finds or refuses."""
+    from .engines.nodestate import node_model
+
+    return node_model(run_dir, client_id) if run_dir.is_dir() else None
+
+
 def run_config(run_dir: Path) -> Path:
     """The config.json of a run directory; CheckpointError says what to give instead when there is none."""
     if not run_dir.is_dir():
@@ -67,13 +75,22 @@ def run_config(run_dir: Path) -> Path:
 def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path, save_base: bool | None = None) -> Path:
     """Write client `client_id`'s personalized model after the run's last checkpoint into `out_dir`, replacing an
     earlier export there; `save_base` (default: when PEFT could not load the exact base otherwise) adds `base/`."""
+    from .engines.nodestate import client_state_of, copy_export
+
     run_dir, out = Path(run_dir), Path(out_dir)
     safe_name(client_id)
+    node = _node_side(run_dir, client_id)
+    if node is not None:  # a data owner's node directory: the model its node wrote at the end of the run
+        return copy_export(node, out)
     cfg = load_config(run_config(run_dir), [f"output_dir={run_dir}"])
     exported_from = checkpoint_id(run_dir)  # read before the checkpoint: a newer one then triggers a re-export
     ckpt = load_checkpoint(run_dir)
     if client_id not in ckpt.client_states:
         raise ConfigError(f"no client {client_id!r} in run {run_dir}; its clients: {', '.join(sorted(ckpt.client_states))}")
+    # a Flower run's checkpoint holds no client states: its nodes kept them (here in simulation, else refused)
+    on_node = client_state_of(run_dir, client_id, ckpt.round)
+    if on_node is not None:
+        ckpt.client_states[client_id] = on_node
     check_replaceable(out)  # before the model is built: refusing after it would waste the whole export
     s = build_session(cfg)
     s.server.setup(s.infos, cfg.federation.rounds)
@@ -396,6 +413,9 @@ def read_texts(source: str | None) -> list[str]:
 
 def predict(run_dir: str | Path, client_id: str, texts: Sequence[str]) -> list[str]:
     """Predictions of a run's client, from its latest checkpoint (exported into `<run_dir>/exports/<client>`)."""
+    node = _node_side(Path(run_dir), safe_name(client_id))
+    if node is not None:  # a data owner's node directory
+        return load_personalized(node).predict(texts)
     out = Path(run_dir) / "exports" / safe_name(client_id)
     # export again when the run has moved on since (resumed or re-run): never serve an older checkpoint
     if not (out / MANIFEST).is_file() or load_json(out / MANIFEST).get("checkpoint") != checkpoint_id(Path(run_dir)):

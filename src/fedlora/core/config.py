@@ -213,8 +213,9 @@ class AlgorithmConfig(Section):
 class EngineConfig(Section):
     """Where the round loop runs."""
 
-    # flower-local: a SuperLink and one SuperNode process per client on this machine (TLS, node authentication)
-    name: Literal["inprocess", "flower-sim", "flower-local"] = "inprocess"
+    # flower-local: a SuperLink and one SuperNode process per client on this machine (TLS, node authentication);
+    # flower-deployment: what a deployment's ServerApp records in its run directory (it runs through `flwr run`)
+    name: Literal["inprocess", "flower-sim", "flower-local", "flower-deployment"] = "inprocess"
     torch_threads: int | None = Field(None, gt=0)
     progress: bool = True
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0: only the final one)")

@@ -12,11 +12,12 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Context, Message, MessageType
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -27,6 +28,22 @@ from ..core.names import MAX_NAME_LENGTH, name_problem, safe_name
 from ..data.federated import local_client
 from .checkpoint import Checkpoint
 from .loop import RoundLoop
+from .nodestate import (
+    DEFAULT_STATE_DIR,
+    DEPLOYMENT,
+    LOCAL_ENGINES,
+    MODEL_DIR,
+    SIMULATION_NODES,
+    STATE_DIR_KEY,
+    claim_node_dir,
+    export_live,
+    load_node_state,
+    new_run_id,
+    node_dir,
+    read_nodes,
+    save_node_state,
+    write_nodes,
+)
 from .results import RunResult
 from .rundir import is_run_dir, prepare_run_dir, run_log
 from .runtime import Evaluation
@@ -45,6 +62,9 @@ from .wire import (
 log = logging.getLogger("fedlora")
 CLIENT_ID_KEY = "client-id"  # node config key of a SuperNode's data owner (deployment)
 ROUND, EXPECTS = "round", "expects"  # keys a server message adds to the payload's config on the wire
+RUN, FINAL = "run", "final"  # the run's id (nodes keep it with their states); the last message: write the model
+NODE_ROUND = "fedlora.round"  # Context.state record: the round the kept state was trained in
+MAX_PATH_LENGTH = 4096  # a state-dir a node reports is only recorded, never opened: a bound on what is kept
 
 
 class FlowerEngine(RoundLoop):
@@ -54,9 +74,14 @@ class FlowerEngine(RoundLoop):
     that client's failure (a reason in `failures`), never an exception of the server."""
 
     def __init__(self, config: Config, server: ServerAlgorithm, clients: list[ClientInfo], run_dir: Path,
-                 grid: Grid, nodes: dict[str, int]) -> None:
-        super().__init__(config, server, clients, run_dir)
-        self.grid, self.nodes = grid, nodes
+                 grid: Grid, nodes: dict[str, int], run_id: str | None = None, resume: Checkpoint | None = None,
+                 records: list[dict] | None = None) -> None:
+        # the server state is checkpointed every round: a resumed run must find the round its nodes last trained
+        config = config.with_overrides(["engine.checkpoint_every=1"])
+        super().__init__(config, server, clients, run_dir, resume, records)
+        self.grid, self.nodes, self.run_id = grid, nodes, run_id
+        # nodes that are no client of this run (left out at the handshake, or asked since): never asked again
+        self.strangers: set[int] = set(grid.get_node_ids()) - set(nodes.values())
         self.timeout = config.federation.round_timeout
         spec = server.spec
         self.lora_numel = spec.lora_numel(max_rank(config))
@@ -68,8 +93,44 @@ class FlowerEngine(RoundLoop):
         no method sends more than two states (FedLEASE's expert and router) or than its payload expects."""
         return max_reply_bytes(self.lora_numel, self.router_numel, max(2, len(payload.expects)))
 
+    def run(self) -> RunResult:
+        """The rounds, then each node writes its personalized model after the last one into its state-dir."""
+        result = super().run()
+        if self.records:
+            self.write_node_models(self.records[-1]["round"])
+        return result
+
+    def write_node_models(self, rnd: int) -> None:
+        """Ask every node to write its personalized model after round `rnd` (the final evaluation's payload)."""
+        ids = list(self.nodes)
+        payloads = self.server.configure_evaluate(rnd, ids)
+        final = {cid: replace(p, config={**p.config, FINAL: True})
+                 for cid, p in ((cid, payloads.get(cid, Payload())) for cid in ids)}
+        _, failures = self._exchange(rnd, MessageType.EVALUATE, final)
+        for cid, reason in sorted(failures.items()):
+            log.warning("client %s did not write its personalized model: %s", cid, reason)
+
+    def rejoin(self) -> None:
+        """Map a client's SuperNode anew when it came back under another node id (restarted mid-run): a node the
+        server has not seen is asked for its client id, and only a client of this run, claimed once, moves."""
+        new = [n for n in self.grid.get_node_ids() if n not in set(self.nodes.values()) | self.strangers]
+        if not new:
+            return
+        wait = min(self.timeout, self.config.engine.handshake_timeout)  # a stranger that never answers
+        found, _, left_out = ask_client_ids(self.grid, new, wait, self.config.engine.clients, self.run_id)
+        for cid, (node, _) in found.items():
+            if cid in self.nodes:
+                log.warning("client %s rejoined as node %s (was %s)", cid, node, self.nodes[cid])
+                self.nodes[cid] = node
+            else:  # the run's clients were fixed at the handshake
+                left_out[node] = f"it claims client {cid!r}, which is not a client of this run"
+        for node in set(new) - {node for node, _ in found.values()} | set(left_out):
+            self.strangers.add(node)  # one query per unknown node, not one per round
+            log.warning("node %s left out: %s", node, left_out.get(node, "no answer"))
+
     def _exchange(self, rnd: int, kind: str, payloads: dict[str, Payload]) -> tuple[dict[str, Message], dict[str, str]]:
-        messages = [Message(encode(p.states, {**p.config, ROUND: rnd, EXPECTS: sorted(p.expects)}),
+        self.rejoin()
+        messages = [Message(encode(p.states, {**p.config, ROUND: rnd, EXPECTS: sorted(p.expects), RUN: self.run_id}),
                             dst_node_id=self.nodes[cid], message_type=kind, group_id=str(rnd))
                     for cid, p in payloads.items()]
         sent = dict(zip(payloads, messages))
@@ -154,7 +215,7 @@ def max_rank(config: Config) -> int:
 
 # -- the ServerApp ----------------------------------------------------------------------------------------
 def handshake(grid: Grid, expected: int, wait: float = 600.0, needed: int = 1,
-              admitted: list[str] | None = None) -> dict[str, tuple[int, dict[str, Any]]]:
+              admitted: list[str] | None = None, run_id: str | None = None) -> dict[str, tuple[int, dict[str, Any]]]:
     """Ask every connected node for its client id: {client_id: (node_id, {"num_examples", "task", "order"})}.
 
     A node whose answer is an error or malformed, claims an unsafe id or one outside `admitted`, or shares its
@@ -164,9 +225,25 @@ def handshake(grid: Grid, expected: int, wait: float = 600.0, needed: int = 1,
         if time.monotonic() > deadline:
             raise ClientFailure(f"only {len(list(grid.get_node_ids()))} of {expected} SuperNodes connected in {wait:.0f} s")
         time.sleep(0.5)
-    asked = {node: Message(encode({}, {}), dst_node_id=node, message_type=MessageType.QUERY, group_id="handshake")
-             for node in grid.get_node_ids()}
-    received = grid.send_and_receive(list(asked.values()), timeout=max(deadline - time.monotonic(), 1.0))
+    nodes = list(grid.get_node_ids())
+    found, answered, left_out = ask_client_ids(grid, nodes, max(deadline - time.monotonic(), 1.0), admitted, run_id)
+    for node, reason in sorted(left_out.items()):
+        log.warning("handshake: node %s left out: %s", node, reason)
+    if answered < len(nodes):
+        raise ClientFailure(f"only {answered} of {len(nodes)} SuperNodes answered the handshake within {wait:.0f} s "
+                            "(each loads the model and its data first); raise engine.handshake_timeout")
+    if len(found) < needed:
+        raise ClientFailure(f"only {len(found)} of {len(nodes)} SuperNodes answered the handshake properly, fewer than "
+                            f"federation.min_clients={needed}; left out: {dict(sorted(left_out.items()))}")
+    return found
+
+
+def ask_client_ids(grid: Grid, nodes: list[int], timeout: float, admitted: list[str] | None, run_id: str | None
+                   ) -> tuple[dict[str, tuple[int, dict[str, Any]]], int, dict[int, str]]:
+    """Ask `nodes` for their client ids: (found as `handshake` returns it, how many answered, node -> why left out)."""
+    asked = {node: Message(encode({}, {RUN: run_id}), dst_node_id=node, message_type=MessageType.QUERY, group_id="handshake")
+             for node in nodes}
+    received = grid.send_and_receive(list(asked.values()), timeout=timeout)
     by_id = {m.metadata.message_id: node for node, m in asked.items() if m.metadata.message_id}
     answered: set[int] = set()
     left_out: dict[int, str] = {}
@@ -190,15 +267,7 @@ def handshake(grid: Grid, expected: int, wait: float = 600.0, needed: int = 1,
             for node, _ in claimants:
                 left_out[node] = (f"{len(claimants)} nodes claim client {cid!r}; give each SuperNode its own "
                                   "client-id")
-    for node, reason in sorted(left_out.items()):
-        log.warning("handshake: node %s left out: %s", node, reason)
-    if len(answered) < len(asked):
-        raise ClientFailure(f"only {len(answered)} of {len(asked)} SuperNodes answered the handshake within {wait:.0f} s "
-                            "(each loads the model and its data first); raise engine.handshake_timeout")
-    if len(found) < needed:
-        raise ClientFailure(f"only {len(found)} of {len(asked)} SuperNodes answered the handshake properly, fewer than "
-                            f"federation.min_clients={needed}; left out: {dict(sorted(left_out.items()))}")
-    return found
+    return found, len(answered), left_out
 
 
 def _hello(reply: Message, admitted: list[str] | None) -> tuple[dict[str, Any], str | None]:
@@ -219,11 +288,15 @@ def _hello(reply: Message, admitted: list[str] | None) -> tuple[dict[str, Any], 
     order = info.get("order")
     if isinstance(order, bool) or not isinstance(order, int):
         return info, f"its order {order!r:.120} is not an integer"
+    state_dir = info.get("state_dir")
+    if state_dir is not None and not (isinstance(state_dir, str) and len(state_dir) <= MAX_PATH_LENGTH):
+        return info, f"its state_dir {state_dir!r:.120} is not a path of at most {MAX_PATH_LENGTH} characters"
     problem = count_problem(info.get("num_examples"))
     return info, problem and f"malformed reply: {problem}"
 
 
-def server_main(cfg: Config, grid: Grid, run_dir_ready: bool = False) -> None:
+def server_main(cfg: Config, grid: Grid, run_dir_ready: bool = False, resume: Checkpoint | None = None,
+                records: list[dict] | None = None) -> None:
     """Build the method's server side, map nodes to clients, and run the round loop over Flower.
 
     A deployment's ServerApp (`run_dir_ready` False) creates its run directory with the CLI's guard, so it
@@ -234,9 +307,11 @@ def server_main(cfg: Config, grid: Grid, run_dir_ready: bool = False) -> None:
     run_dir = cfg.run_dir
     if not run_dir_ready:
         _claim_run_dir(cfg)
+    if cfg.engine.name not in LOCAL_ENGINES:  # the run directory records the engine that ran
+        cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"name": DEPLOYMENT})})
     save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
     with run_log(run_dir):
-        _serve(cfg, grid, run_dir)
+        _serve(cfg, grid, run_dir, resume, records)
     if not run_dir_ready:
         from ..reporting import write_report
 
@@ -261,7 +336,8 @@ NO_OUTPUT_DIR = ("give the run directory (on the SuperLink's machine; a new or e
                  "flwr run APP_DIR CONNECTION --stream -c 'set.output_dir=\"/srv/fedlora/runs/NAME\"'")
 
 
-def _serve(cfg: Config, grid: Grid, run_dir: Path) -> None:
+def _serve(cfg: Config, grid: Grid, run_dir: Path, resume: Checkpoint | None = None,
+           records: list[dict] | None = None) -> None:
     """The server side of the method, the handshake and the round loop, into `run_dir`."""
     from ..adapters import AdaptedModel
     from ..adapters.base_models import LoadOptions, load_base_model
@@ -273,27 +349,54 @@ def _serve(cfg: Config, grid: Grid, run_dir: Path) -> None:
     spec = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.target_modules).spec
     server, _ = build(cfg.algorithm.name, cfg.algorithm.active_options, spec, cfg.seed, aggregation_of(cfg))
     # engine.clients: only the operator's data owners take part
+    # the run directory the checkpoint belongs to (<run>/checkpoint/round-k): flower-local's ServerApp runs in
+    # a directory of its own, next to the nodes' run
+    recorded = read_nodes(resume.directory.parent.parent) if resume is not None and resume.directory else None
+    # a resumed run keeps its id: its nodes then reload the states they kept for it
+    run_id = str((recorded or {}).get("run") or new_run_id())
     found = handshake(grid, cfg.engine.num_clients or 1, cfg.engine.handshake_timeout,
-                      cfg.federation.min_clients, cfg.engine.clients)
+                      cfg.federation.min_clients, cfg.engine.clients, run_id)
     # the split's order where nodes use it, then client id (nodes with their own data all report 0)
     order = sorted(found, key=lambda cid: (found[cid][1]["order"], cid))
     clients = [ClientInfo(cid, found[cid][1]["num_examples"], found[cid][1]["task"]) for cid in order]
-    FlowerEngine(cfg, server, clients, run_dir, grid, {cid: found[cid][0] for cid in order}).run()
+    where = {**(recorded or {}).get("nodes", {}), **{cid: found[cid][1].get("state_dir") or "" for cid in order}}
+    engine = cfg.engine.name if cfg.engine.name in LOCAL_ENGINES else DEPLOYMENT
+    write_nodes(run_dir, engine, run_id, where)  # before round 1: a stopped run says where its states are
+    FlowerEngine(cfg, server, clients, run_dir, grid, {cid: found[cid][0] for cid in order}, run_id, resume,
+                 records).run()
 
 
-def make_server_app(cfg: Config | None = None) -> ServerApp:
-    """A ServerApp running `cfg` (simulation: its run directory is prepared already), or (deployment) the
-    experiment of the run config, into the run directory the submission names."""
+def make_server_app(cfg: Config | None = None, resume: Checkpoint | None = None,
+                    records: list[dict] | None = None) -> ServerApp:
+    """A ServerApp running `cfg` (simulation: its run directory is prepared already; continued from `resume`),
+    or (deployment) the experiment of the run config, into the run directory the submission names."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if cfg is not None:
-            server_main(cfg, grid, run_dir_ready=True)
+            server_main(cfg, grid, run_dir_ready=True, resume=resume, records=records)
         else:
-            server_main(config_from_run_config(context.run_config), grid)
+            server_main(config_from_run_config(context.run_config), grid, False, *_resumed(context.run_config))
 
     return app
+
+
+RESUME_KEY = "resume"  # run config of flower-local's resumed app: the run directory to continue (this machine's)
+
+
+def _resumed(run_config: dict[str, Any]) -> tuple[Checkpoint | None, list[dict] | None]:
+    """The checkpoint and records a local deployment's ServerApp continues from (none for a fresh run)."""
+    from .checkpoint import load_checkpoint
+    from .results import read_records
+
+    where = str(run_config.get(RESUME_KEY) or "")
+    if not where:
+        return None, None
+    ckpt = load_checkpoint(Path(where))
+    records = [r for r in read_records(Path(where), drop_cut_off_tail=True) if r["round"] <= ckpt.round] \
+        if (Path(where) / "metrics.jsonl").is_file() else []
+    return ckpt, records
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> Config:
@@ -355,11 +458,12 @@ def _client_id(context: Context, session) -> str:
     return session.infos[int(context.node_config["partition-id"])].client_id
 
 
-def _payload(message: Message) -> tuple[int, Payload]:
-    """The round and the payload of a server message written by `FlowerEngine._exchange`."""
+def _payload(message: Message) -> tuple[int, str | None, bool, Payload]:
+    """The round, run id, final flag and payload of a server message written by `FlowerEngine._exchange`."""
     states, info = decode(message.content)
     rnd, expects = int(info.pop(ROUND)), frozenset(info.pop(EXPECTS, ()))
-    return rnd, Payload(states, info, expects)
+    run, final = info.pop(RUN, None), bool(info.pop(FINAL, False))
+    return rnd, run, final, Payload(states, info, expects)
 
 
 def _load_state(context: Context) -> ClientState:
@@ -367,37 +471,69 @@ def _load_state(context: Context) -> ClientState:
     return ClientState(states, meta)
 
 
+def _client_state(context: Context, directory: Path, cid: str, before: int) -> tuple[int, ClientState]:
+    """(round trained, state) to start a turn before round `before` from: the node's Context.state within a
+    run, else (a restarted SuperNode, a resumed run, a fresh simulation process) what its node directory kept."""
+    if "fedlora" in context.state:
+        kept = context.state[NODE_ROUND]["round"] if NODE_ROUND in context.state else 0
+        if int(kept) < before:
+            return int(kept), _load_state(context)
+    return load_node_state(directory, cid, before)
+
+
+def _state_root(cfg: Config | None, config: Config, node_config: dict[str, Any]) -> Path:
+    """Where this node keeps its clients' states: its `state-dir` node config; in simulation (the apps built
+    with a config, on the server's machine) under the run directory; else under the working directory."""
+    if STATE_DIR_KEY in node_config:
+        return Path(str(node_config[STATE_DIR_KEY])).expanduser().resolve()
+    if cfg is not None:
+        return config.run_dir.resolve() / SIMULATION_NODES
+    return Path.cwd() / DEFAULT_STATE_DIR
+
+
 def make_client_app(cfg: Config | None = None) -> ClientApp:
     """A ClientApp for `cfg` (or the run config's), keeping the client's state in the node's Context.state."""
     app = ClientApp()
 
-    def setup(context: Context):
+    def setup(context: Context, run: str | None):
         config = cfg or config_from_run_config(context.run_config)
         session = _session(config, context.node_config)
-        return session, _client_id(context, session)
+        cid = _client_id(context, session)
+        directory = node_dir(_state_root(cfg, config, context.node_config), cid)
+        claim_node_dir(directory, cid, run, config.model_dump(mode="json"))
+        return session, cid, directory
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        session, cid = setup(context)
+        run = decode(message.content)[1].get(RUN)
+        session, cid, directory = setup(context, run)
         info = next(i for i in session.infos if i.client_id == cid)
         order = [i.client_id for i in session.infos].index(cid)
         return Message(encode({}, {"client_id": cid, "num_examples": info.num_examples, "task": info.task,
-                                   "order": order}), reply_to=message)
+                                   "order": order, "state_dir": str(directory)}), reply_to=message)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        session, cid = setup(context)
-        rnd, payload = _payload(message)
-        reply, state = session.runtime.fit(cid, rnd, payload, _load_state(context))
+        rnd, run, _, payload = _payload(message)
+        session, cid, directory = setup(context, run)
+        base_round, before = _client_state(context, directory, cid, rnd)
+        reply, state = session.runtime.fit(cid, rnd, payload, before)
+        # on disk first: a failed write is an error reply and leaves the node's state as it was
+        save_node_state(directory, cid, rnd, base_round, state)
         store_state(context.state, state.states, state.meta)
+        context.state[NODE_ROUND] = ConfigRecord({"round": rnd})
         return Message(encode(reply.states, {"num_examples": reply.num_examples, "metrics": reply.metrics}),
                        reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        session, cid = setup(context)
-        rnd, payload = _payload(message)
-        evaluation = session.runtime.evaluate(cid, rnd, payload, _load_state(context))
+        rnd, run, final, payload = _payload(message)
+        session, cid, directory = setup(context, run)
+        _, state = _client_state(context, directory, cid, rnd + 1)
+        if final:  # the run is over: the data owner's personalized model, next to its state
+            export_live(session, cid, rnd, payload, state, directory / MODEL_DIR)
+            return Message(encode({}, {"model": str(directory / MODEL_DIR)}), reply_to=message)
+        evaluation = session.runtime.evaluate(cid, rnd, payload, state)
         return Message(encode({}, {"metrics": evaluation.metrics, "diagnostics": evaluation.diagnostics}),
                        reply_to=message)
 
@@ -422,9 +558,9 @@ def run_flower_simulation(cfg: Config, run_dir: Path, resume: Checkpoint | None 
     # client_gpus < 1: that many ClientApps share one GPU (Ray schedules them by this fraction)
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": float(cfg.engine.client_gpus)},
                "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False}}
-    if resume is not None:
-        raise ConfigError("resume needs the in-process engine: on Flower the client states live on the nodes")
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg), num_supernodes=n_clients,
+    # resumed: the server from its checkpoint, each virtual node from its node directory under the run directory
+    run_simulation(server_app=make_server_app(cfg, resume, records), client_app=make_client_app(cfg),
+                   num_supernodes=n_clients,
                    backend_config=backend)
     return RunResult.from_run_dir(run_dir, cfg.algorithm.name)
 

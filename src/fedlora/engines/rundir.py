@@ -16,7 +16,8 @@ log = logging.getLogger("fedlora")
 # every name fedlora writes at the top of a run (or compare) directory
 RUN_ENTRIES = frozenset({"config.json", "clients.json", "metrics.jsonl", "run.log", "checkpoint", "report",
                          "exports", "federation", "compare.json",
-                         "tensorboard", "wandb", "mlruns", "tracking.json"})  # engines/tracking.py
+                         "tensorboard", "wandb", "mlruns", "tracking.json",  # engines/tracking.py
+                         "nodes", "nodes.json"})  # engines/nodestate.py: where the Flower nodes' states live
 # core/io's atomic writes: `.<name>.<mkstemp's random part>.tmp`, left behind when a process is killed mid-write
 _TEMP_FILE = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")
 
