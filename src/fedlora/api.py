@@ -139,19 +139,20 @@ def prepare_data(corpora: list[str] | None = None, models: list[str] | None = No
     import sys
 
     from .adapters.base_models import smollm2_path
-    from .data.debian import CORPUS_PACKAGES, prepare_packages
+    from .data.debian import CORPUS_PACKAGES, UNPACKED_CORPORA, corpus_packages, prepare_packages
     from .data.fortunes import read_fortunes
+    from .data.reviews import read_fine_foods
     from .data.wordnet import read_synsets
 
-    checks = {"wordnet": lambda: next(read_synsets("noun")), "fortunes": read_fortunes}
-    for corpus in corpora if corpora is not None else list(CORPUS_PACKAGES):
+    checks = {"wordnet": lambda: next(read_synsets("noun")), "fortunes": read_fortunes, "reviews": read_fine_foods}
+    for corpus in corpora if corpora is not None else [*CORPUS_PACKAGES, *UNPACKED_CORPORA]:
         if corpus not in checks:
             raise ConfigError(f"unknown corpus {corpus!r}; known: {', '.join(checks)}")
         try:
             checks[corpus]()
             log(f"{corpus}: installed")
         except DataError:
-            prepare_packages(CORPUS_PACKAGES[corpus], log)
+            prepare_packages(corpus_packages(corpus), log)
             checks[corpus]()
             log(f"{corpus}: ready")
     for model in models or []:

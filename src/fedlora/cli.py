@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("prepare-data", help="install or unpack the offline corpora (and models) the suites need")
-    p.add_argument("--corpora", default=None, help="comma-separated subset of wordnet,fortunes (default: all)")
+    p.add_argument("--corpora", default=None, help="comma-separated subset of wordnet,fortunes,reviews (default: all)")
     p.add_argument("--model", default="", help="also fetch and convert a model: smollm2")
     p.set_defaults(func=cmd_prepare_data)
 

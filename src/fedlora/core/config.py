@@ -59,7 +59,8 @@ class LoRAConfig(Section):
 class DataConfig(Section):
     """Which data, how it is split over clients, and how it is tokenized."""
 
-    suite: Literal["nlu", "nlg"] | None = Field(None, description="a built-in benchmark suite (overrides dataset)")
+    suite: Literal["nlu", "nlg", "glue"] | None = Field(None, description="a built-in benchmark suite (overrides "
+                                                        "dataset): glue (4 binary tasks), nlu (many-label), nlg")
     dataset: str = Field("wordnet-demo", description="'wordnet-demo', a JSONL/CSV file, or hf:<name or local dir>")
     fields: dict[str, str] = Field(default_factory=dict, description="our field -> the file's field, e.g. text: sentence")
     hf_split: str = Field("train", description="split of an hf: dataset")

@@ -6,6 +6,7 @@ nlu (FedLEASE-style): 4 classification tasks, each split over `clients_per_task`
 nlg (FedALT-style): 8 instruction tasks, one client each, in the alpaca_short template FedALT uses:
     define a word, word from its definition, hypernym, antonym, synonym, topic of a definition,
     chatterbot Q/A, language of a quote.
+glue (FedLEASE's GLUE setup): 4 binary tasks x 4 clients, three of them sentence pairs (glue.py).
 Each task's pool is sampled with the run's seed; `build_clients` then partitions it.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from ..core.seeding import derive_seed
 from .chatterbot import read_chatterbot
 from .fortunes import LANGUAGES, read_fortunes
+from .glue import glue_records
 from .records import Record
 from .wordnet import POS_FILES, Synset, read_synsets
 
@@ -125,4 +127,4 @@ def nlg_records(pool_per_task: int, seed: int, wordnet_root: str | Path | None =
     return out
 
 
-SUITES: dict[str, Callable[..., list[Record]]] = {"nlu": nlu_records, "nlg": nlg_records}
+SUITES: dict[str, Callable[..., list[Record]]] = {"nlu": nlu_records, "nlg": nlg_records, "glue": glue_records}

@@ -1,4 +1,7 @@
-"""Tokenize records once per client, then batch them with padding (right for training, left for generation)."""
+"""Tokenize records once per client, then batch them with padding (right for training, left for generation).
+
+Classification records with a `text_pair` are sentence pairs: tokenized as the tokenizer's segment pair
+(`[CLS] a [SEP] b [SEP]` for BERT), with token_type_ids marking the segments."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class Encoded:
     prompts: list[list[int]] = field(default_factory=list)   # generation: prompt ids for decoding
     references: list[str] = field(default_factory=list)      # generation: reference answers
     n_truncated: int = 0
+    token_type_ids: list[list[int]] = field(default_factory=list)  # sentence pairs: the segment of each token
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -35,7 +39,8 @@ class Encoded:
     def subset(self, idx: Sequence[int]) -> "Encoded":
         """The examples at `idx`, in that order."""
         pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
-        return Encoded(pick(self.input_ids), pick(self.targets), pick(self.prompts), pick(self.references))
+        return Encoded(pick(self.input_ids), pick(self.targets), pick(self.prompts), pick(self.references),
+                       token_type_ids=pick(self.token_type_ids))
 
 
 def encode_texts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
@@ -47,14 +52,36 @@ def encode_texts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_l
                    n_truncated=sum(len(x) > max_length for x in full))
 
 
+def encode_pairs(texts: Sequence[str], pairs: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
+                 targets: Sequence[int] | None = None) -> Encoded:
+    """Token ids and segment ids of sentence pairs, the longer sentence cut first to fit max_length."""
+    if not texts:
+        return Encoded([], [], token_type_ids=[])
+    texts, pairs = [str(t) for t in texts], [str(p) for p in pairs]
+    full = tokenizer(texts, pairs, truncation=False)["input_ids"]
+    enc = tokenizer(texts, pairs, truncation="longest_first", max_length=max_length, return_token_type_ids=True)
+    if "token_type_ids" not in enc:
+        raise DataError("the tokenizer gives no token_type_ids for sentence pairs; pair tasks need a BERT-style model")
+    return Encoded(enc["input_ids"], list(targets) if targets is not None else [0] * len(texts),
+                   n_truncated=sum(len(x) > max_length for x in full), token_type_ids=enc["token_type_ids"])
+
+
 def encode_classification(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, labels: Sequence[str],
                           max_length: int) -> Encoded:
-    """Token ids of each record's text and the index of its label in `labels`."""
+    """Token ids of each record's text (a segment pair when records carry `text_pair`) and its label's index."""
     index = {name: i for i, name in enumerate(labels)}
     unknown = sorted({str(r["label"]) for r in records} - set(index))
     if unknown:
         raise DataError(f"labels {unknown[:5]} were not seen among the task's labels {list(labels)[:10]}")
-    return encode_texts([r["text"] for r in records], tokenizer, max_length, [index[str(r["label"])] for r in records])
+    targets = [index[str(r["label"])] for r in records]
+    paired = sum("text_pair" in r for r in records)
+    if not paired:
+        return encode_texts([r["text"] for r in records], tokenizer, max_length, targets)
+    if paired < len(records):  # one model input format per task: a mix would be a data bug
+        raise DataError(f"{paired} of {len(records)} records have a text_pair: a task's records must all be "
+                        "sentence pairs or all single texts")
+    return encode_pairs([r["text"] for r in records], [r["text_pair"] for r in records], tokenizer, max_length,
+                        targets)
 
 
 def encode_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[int]:
@@ -98,6 +125,8 @@ def collate(examples: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, tor
     """A right-padded training/eval batch of the examples at `idx`."""
     ids, mask = pad([examples.input_ids[i] for i in idx], pad_id)
     batch = {"input_ids": ids, "attention_mask": mask}
+    if examples.token_type_ids:  # sentence pairs: padding belongs to segment 0, as the tokenizer pads it
+        batch["token_type_ids"] = pad([examples.token_type_ids[i] for i in idx], 0, width=ids.shape[1])[0]
     first = examples.targets[idx[0]]
     if isinstance(first, list):
         batch["labels"] = pad([examples.targets[i] for i in idx], IGNORE_INDEX, width=ids.shape[1])[0]

@@ -138,7 +138,8 @@ class Trainer:
         if self.workers is None or self.workers.n == 1:
             return self._train(data, **args)
         job = TrainJob(replica_state(self.adapted), self.cfg, self.objective, self.seed, self.client_id, self.data.n_labels,
-                       self.pad_id, Encoded(data.input_ids, data.targets), self.optimizer_state, args)
+                       self.pad_id, Encoded(data.input_ids, data.targets, token_type_ids=data.token_type_ids),
+                       self.optimizer_state, args)
         return self.workers.run(job, lambda dp: self._train(data, dp=dp, **args))
 
     def _train(self, data: Encoded, experts: list[int], router: bool, n_steps: int, parts: str,
