@@ -150,6 +150,11 @@ def test_resume_after_a_kill_mid_round_equals_the_uninterrupted_run(tmp_path, mo
     assert json.loads((run_dir / "nodes" / "noun_topic-0" / "node.json").read_text())["round"] == 3  # ahead
     resumed = resume_experiment(run_dir)
     assert [r["round"] for r in resumed.rounds] == [0, 1, 2, 3, 4]
+    assert_same_evaluations(whole, resumed)
+
+
+def assert_same_evaluations(whole, resumed) -> None:
+    """Every client's metrics of every evaluation equal (to float tolerance) in two runs."""
     for a, b in zip(whole.evaluations(), resumed.evaluations()):
         for cid, metrics in a["eval"].items():
             for key, value in metrics.items():
@@ -172,14 +177,20 @@ class RestartingGrid(FakeGrid):
         return super().send_and_receive(messages, timeout)
 
 
-def test_a_restarted_node_continues_from_its_state_dir(tmp_path):
-    base = {"federation": {"rounds": 3}, "algorithm": {"name": "fedalt"}, "training": {"reset_optimizer": False},
-                "engine": {"name": "flower-sim", "num_clients": 4, "progress": False}}
+def _whole_and_disturbed(tmp_path, grid: type, **sections) -> tuple[list[dict], list[dict]]:
+    """The records of a 3-round FedALT run on the in-process Grid, and of the same run on `grid` (node 101
+    disturbed before round 2)."""
+    base = {"federation": {"rounds": 3}, "algorithm": {"name": "fedalt"},
+            "engine": {"name": "flower-sim", "num_clients": 4, "progress": False}, **sections}
     whole = build_config(tiny_config(tmp_path, output_dir=str(tmp_path / "whole"), **base))
     server_main(whole, FakeGrid(make_client_app(whole), 4))
     cfg = build_config(tiny_config(tmp_path, **base))
-    server_main(cfg, RestartingGrid(make_client_app(cfg), 4, node=101, restart=2))
-    a, b = _records(tmp_path / "whole"), _records(tmp_path / "run")
+    server_main(cfg, grid(make_client_app(cfg), 4, node=101, restart=2))
+    return _records(tmp_path / "whole"), _records(tmp_path / "run")
+
+
+def test_a_restarted_node_continues_from_its_state_dir(tmp_path):
+    a, b = _whole_and_disturbed(tmp_path, RestartingGrid, training={"reset_optimizer": False})
     assert [r.get("eval") for r in a] == [r.get("eval") for r in b]  # bitwise: nothing of round 1 was lost
 
 
@@ -194,10 +205,7 @@ def test_flower_sim_resume_equals_the_in_process_run(tmp_path):
     run_experiment(sim)
     resumed = resume_experiment(tmp_path / "run", rounds=4)
     assert [r["round"] for r in resumed.rounds] == [0, 1, 2, 3, 4]
-    for a, b in zip(whole.evaluations(), resumed.evaluations()):
-        for cid, metrics in a["eval"].items():
-            for key, value in metrics.items():
-                assert b["eval"][cid][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (a["round"], cid, key)
+    assert_same_evaluations(whole, resumed)
 
 
 class ReplacingGrid(FakeGrid):
@@ -226,13 +234,7 @@ class ReplacingGrid(FakeGrid):
 
 
 def test_a_supernode_restarted_under_a_new_node_id_rejoins_and_the_run_completes(tmp_path):
-    base = {"federation": {"rounds": 3}, "algorithm": {"name": "fedalt"},
-                "engine": {"name": "flower-sim", "num_clients": 4, "progress": False}}
-    whole = build_config(tiny_config(tmp_path, output_dir=str(tmp_path / "whole"), **base))
-    server_main(whole, FakeGrid(make_client_app(whole), 4))
-    cfg = build_config(tiny_config(tmp_path, **base))
-    server_main(cfg, ReplacingGrid(make_client_app(cfg), 4, node=101, restart=2))
-    a, b = _records(tmp_path / "whole"), _records(tmp_path / "run")
+    a, b = _whole_and_disturbed(tmp_path, ReplacingGrid)
     assert not any(r.get("failures") for r in b)  # the query reached the new node before round 2's messages
     assert [r.get("eval") for r in a] == [r.get("eval") for r in b]
 
@@ -251,10 +253,7 @@ def test_flower_local_resume_equals_the_in_process_run(tmp_path):
     resumed = resume_experiment(tmp_path / "run", rounds=2)  # fresh SuperNodes: each reloads its state-dir
     assert [r["round"] for r in resumed.rounds] == [1, 2]
     assert (tmp_path / "run" / "federation" / "server-1" / "run.log").is_file()  # the stopped ServerApp's
-    for a, b in zip(whole.evaluations(), resumed.evaluations()):
-        for cid, metrics in a["eval"].items():
-            for key, value in metrics.items():
-                assert b["eval"][cid][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (a["round"], cid, key)
+    assert_same_evaluations(whole, resumed)
 
 
 @pytest.mark.slow
