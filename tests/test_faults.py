@@ -176,7 +176,9 @@ def test_deployment_survives_a_hung_and_a_disconnected_supernode(tmp_path):
     app = write_app(tmp_path / "app", cfg)
     with LocalFederation(tmp_path / "fed", {cid: {"client-id": cid} for cid in clients}) as fed:
         errors: list[BaseException] = []
-        runner = threading.Thread(target=lambda: _catch(errors, fed.run, app))
+        # a deployment's run directory is named at submission (the app does not carry it)
+        runner = threading.Thread(target=lambda: _catch(errors, fed.run, app,
+                                                        {"set.output_dir": str(tmp_path / "run")}))
         runner.start()
         metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.monotonic() + 600
