@@ -24,7 +24,7 @@ from .test_flower import FakeGrid
 # real SuperLink + SuperNode processes take 5 to 9 minutes each on a 2-core machine: beyond the slow suite's budget,
 # so they run only when asked for (FEDLORA_DEPLOYMENT_TESTS=1); flower-local's own run is test_deployment's
 deployment_test = pytest.mark.skipif(not os.environ.get("FEDLORA_DEPLOYMENT_TESTS"),
-                                     reason="set FEDLORA_DEPLOYMENT_TESTS=1 (minutes of real Flower processes)")
+                                     reason="set FEDLORA_DEPLOYMENT_TESTS=1 (minutes of real Flower processes or Ray)")
 
 
 @pytest.fixture(autouse=True)
@@ -195,6 +195,7 @@ def test_a_restarted_node_continues_from_its_state_dir(tmp_path):
 
 
 @pytest.mark.slow
+@deployment_test  # Ray twice (~2 min on the serial Flower worker); the same resume on the in-process Grid runs always
 def test_flower_sim_resume_equals_the_in_process_run(tmp_path):
     from fedlora.api import resume_experiment
 
