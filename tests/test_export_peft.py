@@ -17,7 +17,7 @@ from fedlora.adapters.base_models import (canonical_name, default_objective, loa
 from fedlora.adapters.peft_io import export_peft_adapter, fold_fixed_mixture
 from fedlora.cli import main
 from fedlora.core.errors import ConfigError
-from fedlora.serving import save_base_model
+from fedlora.export_files import save_base_model
 
 from .conftest import tiny_config
 

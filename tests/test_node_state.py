@@ -135,24 +135,6 @@ def _fake_simulation(monkeypatch, grids: list):
     monkeypatch.setattr(flwr.simulation, "run_simulation", run_simulation)
 
 
-def test_resume_after_a_kill_mid_round_equals_the_uninterrupted_run(tmp_path, monkeypatch):
-    from fedlora.api import resume_experiment
-
-    whole = run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "whole"), federation={"rounds": 4},
-                                       algorithm={"name": "fedalt"}, training={"reset_optimizer": False}))
-    _fake_simulation(monkeypatch, [lambda app, n: KilledGrid(app, n, kill=3), FakeGrid])
-    sim = tiny_config(tmp_path, federation={"rounds": 4}, algorithm={"name": "fedalt"},
-                      training={"reset_optimizer": False}, engine={"name": "flower-sim", "progress": False})
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(sim)
-    run_dir = tmp_path / "run"
-    assert json.loads((run_dir / "checkpoint" / "latest.json").read_text())["round"] == 2
-    assert json.loads((run_dir / "nodes" / "noun_topic-0" / "node.json").read_text())["round"] == 3  # ahead
-    resumed = resume_experiment(run_dir)
-    assert [r["round"] for r in resumed.rounds] == [0, 1, 2, 3, 4]
-    assert_same_evaluations(whole, resumed)
-
-
 def assert_same_evaluations(whole, resumed) -> None:
     """Every client's metrics of every evaluation equal (to float tolerance) in two runs."""
     for a, b in zip(whole.evaluations(), resumed.evaluations()):
@@ -175,6 +157,24 @@ class RestartingGrid(FakeGrid):
             self.contexts[self.node].state = RecordDict()
             self.restart = None
         return super().send_and_receive(messages, timeout)
+
+
+def test_resume_after_a_kill_mid_round_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    from fedlora.api import resume_experiment
+
+    whole = run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "whole"), federation={"rounds": 4},
+                                       algorithm={"name": "fedalt"}, training={"reset_optimizer": False}))
+    _fake_simulation(monkeypatch, [lambda app, n: KilledGrid(app, n, kill=3), FakeGrid])
+    sim = tiny_config(tmp_path, federation={"rounds": 4}, algorithm={"name": "fedalt"},
+                      training={"reset_optimizer": False}, engine={"name": "flower-sim", "progress": False})
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(sim)
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "checkpoint" / "latest.json").read_text())["round"] == 2
+    assert json.loads((run_dir / "nodes" / "noun_topic-0" / "node.json").read_text())["round"] == 3  # ahead
+    resumed = resume_experiment(run_dir)
+    assert [r["round"] for r in resumed.rounds] == [0, 1, 2, 3, 4]
+    assert_same_evaluations(whole, resumed)
 
 
 def _whole_and_disturbed(tmp_path, grid: type, **sections) -> tuple[list[dict], list[dict]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -458,9 +458,9 @@ def _client_id(context: Context, session) -> str:
     return session.infos[int(context.node_config["partition-id"])].client_id
 
 
-def _payload(message: Message) -> tuple[int, str | None, bool, Payload]:
-    """The round, run id, final flag and payload of a server message written by `FlowerEngine._exchange`."""
-    states, info = decode(message.content)
+def _payload(states: dict, info: dict[str, Any]) -> tuple[int, str | None, bool, Payload]:
+    """The round, run id, final flag and payload of a decoded server message written by `FlowerEngine._exchange`."""
+    info = dict(info)
     rnd, expects = int(info.pop(ROUND)), frozenset(info.pop(EXPECTS, ()))
     run, final = info.pop(RUN, None), bool(info.pop(FINAL, False))
     return rnd, run, final, Payload(states, info, expects)
@@ -491,51 +491,56 @@ def _state_root(cfg: Config | None, config: Config, node_config: dict[str, Any])
     return Path.cwd() / DEFAULT_STATE_DIR
 
 
-def make_client_app(cfg: Config | None = None) -> ClientApp:
-    """A ClientApp for `cfg` (or the run config's), keeping the client's state in the node's Context.state."""
-    app = ClientApp()
+def client_reply(cfg: Config | None, kind: str, content: RecordDict, context: Context) -> RecordDict:
+    """A node's reply content to a server message of `kind` (query, train, evaluate), its state in `context`.
 
-    def setup(context: Context, run: str | None):
-        config = cfg or config_from_run_config(context.run_config)
-        session = _session(config, context.node_config)
-        cid = _client_id(context, session)
-        directory = node_dir(_state_root(cfg, config, context.node_config), cid)
-        claim_node_dir(directory, cid, run, config.model_dump(mode="json"))
-        return session, cid, directory
-
-    @app.query()
-    def query(message: Message, context: Context) -> Message:
-        run = decode(message.content)[1].get(RUN)
-        session, cid, directory = setup(context, run)
-        info = next(i for i in session.infos if i.client_id == cid)
+    The ClientApp below calls it in its own process; a deployment's warm ClientApp (`warm.py`) in the node's
+    long-lived worker, which keeps the model built between messages."""
+    config = cfg or config_from_run_config(context.run_config)
+    session = _session(config, context.node_config)
+    states, info = decode(content)
+    cid = _client_id(context, session)
+    directory = node_dir(_state_root(cfg, config, context.node_config), cid)
+    claim_node_dir(directory, cid, info.get(RUN), config.model_dump(mode="json"))
+    if kind == MessageType.QUERY:
+        client = next(i for i in session.infos if i.client_id == cid)
         order = [i.client_id for i in session.infos].index(cid)
-        return Message(encode({}, {"client_id": cid, "num_examples": info.num_examples, "task": info.task,
-                                   "order": order, "state_dir": str(directory)}), reply_to=message)
-
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
-        rnd, run, _, payload = _payload(message)
-        session, cid, directory = setup(context, run)
+        return encode({}, {"client_id": cid, "num_examples": client.num_examples, "task": client.task,
+                           "order": order, "state_dir": str(directory)})
+    rnd, _, final, payload = _payload(states, info)
+    if kind == MessageType.TRAIN:
         base_round, before = _client_state(context, directory, cid, rnd)
         reply, state = session.runtime.fit(cid, rnd, payload, before)
         # on disk first: a failed write is an error reply and leaves the node's state as it was
         save_node_state(directory, cid, rnd, base_round, state)
         store_state(context.state, state.states, state.meta)
         context.state[NODE_ROUND] = ConfigRecord({"round": rnd})
-        return Message(encode(reply.states, {"num_examples": reply.num_examples, "metrics": reply.metrics}),
-                       reply_to=message)
+        return encode(reply.states, {"num_examples": reply.num_examples, "metrics": reply.metrics})
+    if kind != MessageType.EVALUATE:
+        raise ValueError(f"a fedlora node answers query, train and evaluate messages, not {kind!r}")
+    _, state = _client_state(context, directory, cid, rnd + 1)
+    if final:  # the run is over: the data owner's personalized model, next to its state
+        export_live(session, cid, rnd, payload, state, directory / MODEL_DIR)
+        return encode({}, {"model": str(directory / MODEL_DIR)})
+    evaluation = session.runtime.evaluate(cid, rnd, payload, state)
+    return encode({}, {"metrics": evaluation.metrics, "diagnostics": evaluation.diagnostics})
+
+
+def make_client_app(cfg: Config | None = None) -> ClientApp:
+    """A ClientApp for `cfg` (or the run config's), keeping the client's state in the node's Context.state."""
+    app = ClientApp()
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        return Message(client_reply(cfg, MessageType.QUERY, message.content, context), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return Message(client_reply(cfg, MessageType.TRAIN, message.content, context), reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        rnd, run, final, payload = _payload(message)
-        session, cid, directory = setup(context, run)
-        _, state = _client_state(context, directory, cid, rnd + 1)
-        if final:  # the run is over: the data owner's personalized model, next to its state
-            export_live(session, cid, rnd, payload, state, directory / MODEL_DIR)
-            return Message(encode({}, {"model": str(directory / MODEL_DIR)}), reply_to=message)
-        evaluation = session.runtime.evaluate(cid, rnd, payload, state)
-        return Message(encode({}, {"metrics": evaluation.metrics, "diagnostics": evaluation.diagnostics}),
-                       reply_to=message)
+        return Message(client_reply(cfg, MessageType.EVALUATE, message.content, context), reply_to=message)
 
     return app
 

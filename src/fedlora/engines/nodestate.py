@@ -26,7 +26,7 @@ from typing import Any
 
 from ..algorithms import ClientState
 from ..core.errors import CheckpointError, ConfigError
-from ..core.io import load_json, save_json
+from ..core.io import load_json, save_json, save_text
 from ..core.names import safe_name
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -129,15 +129,16 @@ def export_live(session, client_id: str, rnd: int, payload, state: ClientState, 
     """Write the personalized model of a live node session after round `rnd` into `out`, exactly as
     `fedlora export` writes it from a run directory (the same personalize turn as the final evaluation)."""
     from .. import serving
+    from ..export_files import MANIFEST, export_readme, staged_directory
     from .checkpoint import checkpoint_id
 
     exported_from = checkpoint_id(out.parent)
-    with serving.staged_directory(out) as tmp:
+    with staged_directory(out) as tmp:
         with session.runtime.personalize(client_id, rnd, payload, state) as turn:
             manifest = serving._write_export(session, session.config, client_id, rnd, exported_from,
                                              turn.personalized, tmp, out, None)
-        serving.save_text(tmp / "README.md", serving.export_readme(manifest, out))
-        serving.save_json(tmp / serving.MANIFEST, manifest)
+        save_text(tmp / "README.md", export_readme(manifest, out))
+        save_json(tmp / MANIFEST, manifest)
     return out
 
 
@@ -209,10 +210,10 @@ def node_model(path: Path, client_id: str) -> Path | None:
 
 def copy_export(model: Path, out: Path) -> Path:
     """Copy a node's personalized model to `out` (replacing an earlier export there, as `export` does)."""
-    from .. import serving
+    from ..export_files import check_replaceable, staged_directory
 
-    serving.check_replaceable(out)
-    with serving.staged_directory(out) as tmp:
+    check_replaceable(out)
+    with staged_directory(out) as tmp:
         shutil.copytree(model, tmp, dirs_exist_ok=True)
     return out
 

@@ -62,6 +62,13 @@ class ClientRuntime:
         self.budgets = client_budgets(self.config, sizes, self.whole_split)
         self._check_ranks()
         self._pool: WorkerPool | None = None
+        self._lora_init: dict[str, torch.Tensor] | None = None
+
+    def lora_init(self) -> dict[str, torch.Tensor]:
+        """The run's shared seeded LoRA init (every client's first start), built once."""
+        if self._lora_init is None:
+            self._lora_init = self.adapted.spec.init_lora(generator(self.config.seed, "lora-init"))
+        return self._lora_init
 
     def _check_ranks(self) -> None:
         """Refuse per-client ranks the method cannot aggregate, before any round (a ConfigError naming it)."""
@@ -134,8 +141,7 @@ class ClientRuntime:
         if ctx.trainer.optimizer_state is not None and not self.config.training.reset_optimizer:
             state.states[OPTIMIZER] = _flatten_optimizer(ctx.trainer.optimizer_state)
         if self.config.privacy.dp != "none":  # the upload's bound (and local noise) before anything leaves
-            init = self.adapted.spec.init_lora(generator(self.config.seed, "lora-init"))
-            reply, state = privatize(reply, payload, state, self.config, ctx.seed, init)
+            reply, state = privatize(reply, payload, state, self.config, ctx.seed, self.lora_init())
         reply.metrics.setdefault("num_examples", reply.num_examples)
         return reply, state
 
