@@ -4,23 +4,42 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import time
 import tomllib
+from pathlib import Path
 
 import psutil
 import pytest
+import tomli_w
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-from cryptography.x509 import IPAddress, SubjectAlternativeName, load_pem_x509_certificate
+from cryptography.x509 import (
+    IPAddress,
+    SubjectAlternativeName,
+    load_pem_x509_certificate,
+)
 from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 
-from fedlora import run_experiment
 from fedlora.core.config import build_config
-from fedlora.core.errors import ConfigError
+from fedlora.core.errors import ConfigError, FedloraError
+from fedlora.core.offline import OFFLINE_ENV
 from fedlora.data.federated import build_clients
-from fedlora.deployment import LocalFederation, write_app, write_credentials
+from fedlora.deployment import (
+    LocalFederation,
+    adopt_server_results,
+    die_with_parent,
+    free_port,
+    write_app,
+    write_credentials,
+)
 from fedlora.engines.flower import _client_id, _session, config_from_run_config
+from fedlora.engines.results import RunResult, read_records
 from fedlora.serving import predict
 
 from .conftest import tiny_config
@@ -38,7 +57,7 @@ def test_app_carries_the_experiment_and_takes_overrides(tmp_path):
     app = write_app(tmp_path / "app", cfg)
     project = tomllib.loads((app / "pyproject.toml").read_text())
     assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "fedlora.engines.flower:server_app",
-                                                            "clientapp": "fedlora.engines.flower:client_app"}
+                                                            "clientapp": "fedlora.engines.warm:client_app"}
     run_config = _app_run_config(app)
     # 2 clients in the split; the run directory is the submission's, never the config's (see test_deployment_lifecycle)
     expected = cfg.with_overrides(["engine.num_clients=2", "output_dir=null"])
@@ -109,41 +128,222 @@ def _no_process_mentions(path) -> bool:
     return True
 
 
+# -- docs/deployment.md's "Many machines" steps, command by command ---------------------------------------------
+def _owner_files(tmp_path, cfg) -> dict[str, tuple]:
+    """Two data owners' own JSONL files: the records of the split's two clients, kept to the labels both hold (so
+    each owner's own head has the classes the in-process run gives it)."""
+    split = build_clients(cfg.data, cfg.seed)
+    common = set.intersection(*({r["label"] for r in c.train + c.test} for c in split))
+    owners = {}
+    for name, client in zip(("hospital-a", "hospital-b"), split):
+        home = tmp_path / name  # the data owner's machine
+        home.mkdir()
+        keep = lambda records: [{"text": r["text"], "label": r["label"]} for r in records if r["label"] in common]
+        owners[name] = (_write_jsonl(home / "train.jsonl", keep(client.train)),
+                        _write_jsonl(home / "test.jsonl", keep(client.test)))
+    return owners
+
+
+def _in_process(cfg, owners: dict[str, tuple], run_dir):
+    """The same owners' files run by the in-process engine (the reference of the deployment)."""
+    from fedlora.data.federated import local_client
+    from fedlora.engines.inprocess import InProcessEngine
+    from fedlora.engines.session import build_session
+
+    s = build_session(cfg, [local_client(name, "triage", *files) for name, files in owners.items()])
+    run_dir.mkdir()
+    with s.runtime:
+        return InProcessEngine(cfg, s.server, s.runtime, s.infos, run_dir).run()
+
+
+class _Machines:
+    """The processes of the documented commands, each started on its "machine" (working directory) as a data owner
+    or the operator would start it; `stop` ends them and their children (SuperExec, ServerApp, ClientApps)."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.processes: dict[str, subprocess.Popen] = {}
+        bin_dir = str(Path(sys.executable).parent)  # fedlora, flwr, flower-superlink, flower-supernode
+        self.env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **OFFLINE_ENV,
+                    "FLWR_HOME": str(tmp_path / "server" / "flwr-home"), "COLUMNS": "200"}
+
+    def run(self, cwd, *command: str, timeout: float = 120, retries: int = 1) -> str:
+        for _ in range(retries):
+            done = subprocess.run(command, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout,
+                                  check=False, preexec_fn=die_with_parent())
+            if done.returncode == 0:
+                return done.stdout
+            time.sleep(1.0)
+        raise AssertionError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+
+    def start(self, name: str, cwd, *command: str) -> None:
+        with open(self.logs / f"{name}.log", "w") as out:
+            self.processes[name] = subprocess.Popen(command, cwd=cwd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                                    start_new_session=True,
+                                                    preexec_fn=die_with_parent())  # noqa: PLW1509
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def wait_for_port(self, name: str, port: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.processes[name].poll() is None, self.log(name)[-3000:]
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"{name} did not open port {port}")
+
+    def stop(self) -> None:
+        procs = []
+        for popen in self.processes.values():
+            try:
+                parent = psutil.Process(popen.pid)
+                procs += [parent, *parent.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for proc in alive:
+            proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        for popen in self.processes.values():
+            popen.wait(timeout=5)
+
+
 @pytest.mark.slow
-def test_deployment_with_tls_and_node_auth_equals_in_process(tmp_path):
+def test_the_documented_deployment_path_equals_in_process(tmp_path):
+    """docs/deployment.md's "Many machines" steps as written, each command a process of its own, on this host: TLS
+    and SuperNode authentication on, the SuperLink on 127.0.0.1 behind the Fleet gateway, the certificate's
+    --host name (localhost) as the SuperNodes' address, two data owners with their own files. The run completes,
+    gets its report/, `flwr run --stream` shows the rounds and the results table, and every owner's metrics are
+    the in-process engine's on the same files."""
     # 2 SuperNodes and no evaluation before training: every ClientApp message is a fresh process here
-    base = dict(data={"tasks": ["noun_topic"], "clients_per_task": 2}, federation={"rounds": 2, "eval_at_start": False},
-                algorithm={"name": "fedalt"})
-    inproc = run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "inproc"), **base))
-    deployed = run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "deployed"),
-                                          engine={"name": "flower-local", "progress": False}, **base))
+    cfg = build_config(tiny_config(tmp_path, data={"tasks": ["noun_topic"], "clients_per_task": 2},
+                                   federation={"rounds": 2, "eval_at_start": False}))
+    owners = _owner_files(tmp_path, cfg)
+    fedalt = cfg.with_overrides(["algorithm.name=fedalt"])
+    inproc = _in_process(fedalt, owners, tmp_path / "inproc")
+    server = tmp_path / "server"  # the SuperLink's machine
+    server.mkdir()
+    (server / "experiment.toml").write_text(tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
+    run_dir = tmp_path / "runs" / "nlu-fedalt"
+    m = _Machines(tmp_path)
+    link, gateway = free_port(), free_port()
+    try:
+        # 1. credentials
+        m.run(server, "fedlora", "deploy", "credentials", "creds", "--host", "localhost",
+              *(arg for name in owners for arg in ("--supernode", name)))
+        # 2. the SuperLink on 127.0.0.1 only, its Fleet gateway where the other machines reach it
+        m.start("superlink", server, "flower-superlink", "--ssl-ca-certfile", "creds/ca.crt", "--ssl-certfile",
+                "creds/superlink.crt", "--ssl-keyfile", "creds/superlink.key", "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link),
+                "--database", "superlink.db")
+        m.start("fleet-gateway", server, "fedlora", "deploy", "fleet-gateway", "creds", "--listen",
+                f"127.0.0.1:{gateway}", "--superlink", f"127.0.0.1:{link}")
+        m.wait_for_port("superlink", link)
+        m.wait_for_port("fleet-gateway", gateway)
+        # 3. the operator's Flower CLI connection
+        (server / "flwr-home").mkdir(exist_ok=True)
+        (server / "flwr-home" / "config.toml").write_text(
+            f'[superlink]\ndefault = "fedlora"\n\n[superlink.fedlora]\naddress = "127.0.0.1:{link}"\n'
+            f'root-certificates = "{server / "creds" / "ca.crt"}"\n')
+        # 4. register each SuperNode's public key
+        for name in owners:
+            m.run(server, "flwr", "supernode", "register", f"creds/supernodes/{name}.pub", "fedlora", retries=10)
+        listed = json.loads(m.run(server, "flwr", "supernode", "ls", "fedlora", "--format", "json"))["nodes"]
+        assert len(listed) == 2
+        # 5. each data owner: ca.crt and its private key handed over, its own files, its own --port on one host
+        for name, (train, test) in owners.items():
+            home = tmp_path / name
+            shutil.copy(server / "creds" / "ca.crt", home / "ca.crt")
+            shutil.copy(server / "creds" / "supernodes" / name, home / name)
+            m.start(f"supernode-{name}", home, "flower-supernode", "--superlink", f"localhost:{gateway}",
+                    "--root-certificates", "ca.crt", "--auth-supernode-private-key", name, "--node-config",
+                    f'client-id="{name}" task="triage" train-file="{train}" test-file="{test}" '
+                    f'state-dir="{home / "fedlora-state"}"', "--port", str(free_port()))
+        # 6. write and submit the app
+        m.run(server, "fedlora", "deploy", "app", "app/", "experiment.toml", "--set", "algorithm.name=fedalt",
+              "--credentials", "creds")
+        streamed = m.run(server, "flwr", "run", "app/", "fedlora", "--stream", "-c", f'set.output_dir="{run_dir}"',
+                         timeout=900)
+        (m.logs / "flwr-run.log").write_text(streamed)
+        assert "finished:completed" in m.run(server, "flwr", "ls", "fedlora")
+        run_id = re.search(r"Successfully started run (\d+)", streamed).group(1)
+        shown = m.run(server, "flwr", "log", run_id, "fedlora", "--show")  # the same, afterwards
+    finally:
+        m.stop()
+    superlink_log = m.log("superlink")
+    assert "https://127.0.0.1" in superlink_log and superlink_log.count("Activated node_id") == 2
+    assert _no_process_mentions(tmp_path)  # SuperLink, gateway, SuperNodes, SuperExecs and apps all stopped
+    # the run directory, with its report, on the SuperLink's machine
+    deployed = RunResult(run_dir, "fedalt", read_records(run_dir))
     assert [r["round"] for r in deployed.rounds] == [1, 2] and len(deployed.evaluations()) == 2
+    assert "fedlora report" in (run_dir / "report" / "report.md").read_text()
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    assert nodes["engine"] == "flower-deployment" and set(nodes["nodes"]) == set(owners)
+    # what the operator watched: every round, then the results table of `fedlora run`
+    final = deployed.final
+    assert "fedlora: round 1: accuracy=" in streamed and "fedlora: round 2: accuracy=" in streamed, streamed[-3000:]
+    for output in (streamed, shown):
+        assert "final accuracy, own test split" in output and f"report: {run_dir / 'report' / 'report.md'}" in output
+    for name in owners:
+        assert re.search(rf"{name}\s*│\s*{final[name]['accuracy']:.3f}", streamed), streamed[-3000:]
+    # the in-process engine on the same files gives the same numbers
     for a, b in zip(inproc.evaluations(), deployed.evaluations()):
-        assert set(b["eval"]) == {"noun_topic-0", "noun_topic-1"}
+        assert set(b["eval"]) == set(owners)
         for cid, metrics in a["eval"].items():
             for key, value in metrics.items():
                 assert b["eval"][cid][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (a["round"], cid, key)
-    run_dir = tmp_path / "deployed"
-    # the ServerApp wrote into a fresh directory of its own, whose results are the run's; a report as for any run
-    assert json.loads((run_dir / "config.json").read_text())["engine"]["name"] == "flower-local"
-    assert (run_dir / "report" / "report.md").is_file() and (run_dir / "federation" / "server" / "run.log").is_file()
-    assert not (run_dir / "federation" / "server" / "metrics.jsonl").exists()
-    superlink_log = (tmp_path / "deployed" / "federation" / "logs" / "superlink.log").read_text()
-    assert "https://127.0.0.1" in superlink_log and superlink_log.count("Activated node_id") == 2
-    assert _no_process_mentions(tmp_path / "deployed")  # SuperLink, SuperNodes, SuperExecs and apps all stopped
-    # issue #23: the ServerApp records the engine; every SuperNode kept its state and wrote its personalized model
-    assert json.loads((run_dir / "federation" / "server" / "config.json").read_text())["engine"]["name"] == "flower-local"
-    nodes = json.loads((run_dir / "nodes.json").read_text())
-    assert nodes["engine"] == "flower-local" and set(nodes["nodes"]) == {"noun_topic-0", "noun_topic-1"}
-    cfg = build_config(tiny_config(tmp_path, **base))
-    final = deployed.evaluations()[-1]["eval"]
-    for client in build_clients(cfg.data, cfg.seed):
-        node = run_dir / "nodes" / client.client_id
-        assert nodes["nodes"][client.client_id] == str(node.resolve())
-        answers = predict(node, client.client_id, [r["text"] for r in client.test])  # the owner's machine alone
-        accuracy = sum(a == r["label"] for a, r in zip(answers, client.test)) / len(client.test)
-        assert accuracy == pytest.approx(final[client.client_id]["accuracy"])
-        assert predict(run_dir, client.client_id, [r["text"] for r in client.test]) == answers
+    # every owner's personalized model is on its own machine and predicts what the server measured
+    for name, (_, test) in owners.items():
+        state_dir = tmp_path / name / "fedlora-state"
+        assert Path(nodes["nodes"][name]).resolve() == (state_dir / name).resolve()
+        records = [json.loads(line) for line in test.read_text().splitlines()]
+        answers = predict(state_dir, name, [r["text"] for r in records])
+        accuracy = sum(a == r["label"] for a, r in zip(answers, records)) / len(records)
+        assert accuracy == pytest.approx(final[name]["accuracy"])
+        with pytest.raises(FedloraError, match="on its SuperNode"):
+            predict(run_dir, name, [records[0]["text"]])
+
+
+def test_a_deployment_server_app_prints_its_rounds_once_and_only_inside(tmp_path, capsys):
+    import logging
+
+    from fedlora.engines.rundir import progress_on_stdout, run_log
+
+    log = logging.getLogger("fedlora")
+    with run_log(tmp_path), progress_on_stdout():
+        log.info("round 1: accuracy=0.500")
+        log.warning("round 1: client x failed")
+    log.info("round 2: after the run")
+    out, err = capsys.readouterr()
+    assert out == "fedlora: round 1: accuracy=0.500\n"  # what Flower streams; the warning once, from run_log
+    assert err == "fedlora: WARNING: round 1: client x failed\n"
+    assert "round 1: accuracy=0.500" in (tmp_path / "run.log").read_text()
+
+
+def test_a_local_servers_results_move_to_the_top_of_the_run(tmp_path):
+    run_dir, server_dir = tmp_path / "run", tmp_path / "run" / "federation" / "server"
+    (server_dir / "checkpoint").mkdir(parents=True)
+    (server_dir / "checkpoint" / "latest.json").write_text("{}")
+    for name in ("metrics.jsonl", "nodes.json", "run.log", "config.json"):
+        (server_dir / name).write_text(name)
+    (run_dir / "checkpoint").mkdir()  # a resumed run's replace the stopped run's
+    (run_dir / "checkpoint" / "old.json").write_text("{}")
+    adopt_server_results(server_dir, run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoint").iterdir()) == ["latest.json"]
+    assert (run_dir / "metrics.jsonl").read_text() == "metrics.jsonl" and (run_dir / "nodes.json").is_file()
+    # its own config.json and run.log stay with the ServerApp: run_experiment's say what ran
+    assert sorted(p.name for p in server_dir.iterdir()) == ["config.json", "run.log"]
+    assert not list(run_dir.glob(".*.replaced"))
 
 
 @pytest.mark.slow
@@ -163,3 +363,17 @@ def test_superlink_speaks_tls_only_and_refuses_an_unregistered_supernode(tmp_pat
         nodes = json.loads(fed.flwr("supernode", "ls", fed.connection, "--format", "json"))["nodes"]
         assert len(nodes) == 1 and nodes[0]["status"] == "online"
     assert _no_process_mentions(tmp_path / "fed")
+
+
+def test_a_run_log_inside_the_same_runs_log_writes_each_line_once(tmp_path):
+    import logging
+
+    from fedlora.engines.rundir import run_log
+
+    log = logging.getLogger("fedlora")
+    with run_log(tmp_path):
+        with run_log(tmp_path):  # a simulation's ServerApp inside run_experiment
+            log.info("round 1")
+        log.info("round 2")
+    assert (tmp_path / "run.log").read_text().count("round 1") == 1
+    assert (tmp_path / "run.log").read_text().count("round 2") == 1

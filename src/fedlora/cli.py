@@ -13,29 +13,15 @@ from .core.offline import use_offline
 
 
 def _results_table(results: dict, metric: str) -> Table:
-    first = next(iter(results.values()))
-    clients = list(first.final)
-    table = Table(title=f"final {metric}, own test split", min_width=40)
-    table.add_column("client")
-    for method in results:
-        table.add_column(method, justify="right")
-    for cid in clients:
-        table.add_row(cid, *(f"{r.final[cid].get(metric, float('nan')):.3f}" for r in results.values()))
-    from .engines.results import informative_tasks  # here: the module imports torch
+    from .engines.results import results_table  # here: the module imports torch
 
-    tasks = informative_tasks(first.evaluations()[-1]["summary"], len(clients))  # none for a by_key split
-    for task in tasks:
-        table.add_row(f"[bold]mean {task}", *(f"{r.evaluations()[-1]['summary']['by_task'][task][metric]:.3f}"
-                                              for r in results.values()))
-    table.add_row("[bold]average over tasks" if tasks else "[bold]average", *(f"{r.final_mean[metric]:.3f}" for r in results.values()))
-    start = [r.evaluations()[0] for r in results.values()]
-    if start and start[0]["round"] == 0:
-        table.add_row("[dim]untrained start", *(f"{s['summary']['mean'][metric]:.3f}" for s in start))
-    return table
+    return results_table(results, metric)
 
 
 def _metric(result) -> str:
-    return "accuracy" if "accuracy" in result.final_mean else "rouge1"
+    from .engines.results import headline_metric
+
+    return headline_metric(result)
 
 
 def cmd_run(args: argparse.Namespace) -> None:

@@ -80,7 +80,7 @@ def write_app(app_dir: str | Path, cfg: Config, clients: list[str] | None = None
         "tool": {"flwr": {"app": {
             "publisher": "fedlora",
             "components": {"serverapp": "fedlora.engines.flower:server_app",
-                           "clientapp": "fedlora.engines.flower:client_app"},
+                           "clientapp": "fedlora.engines.warm:client_app"},
             # output_dir is the submission's, never the config's: a path of the machine that wrote the app,
             # which may hold a run already; "" (no value) makes the ServerApp ask for one
             "config": {"experiment": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True,
@@ -458,7 +458,12 @@ class LocalFederation:
         args = ["run", str(app_dir), self.connection, "--stream"]
         for key, value in (overrides or {}).items():
             args += ["-c", f"{key}={json.dumps(value)}"]
-        out = self.flwr(*args, timeout=timeout)
+        try:
+            out = self.flwr(*args, timeout=timeout)
+        except FedloraError as exc:  # what it streamed is kept either way
+            (self.logs / "flwr-run.log").write_text(str(exc))
+            raise
+        (self.logs / "flwr-run.log").write_text(out)  # the ServerApp's progress and results table, as streamed
         match = re.search(r"Successfully started run (\d+)", out)
         if not match:
             raise FedloraError(f"`flwr run` did not start a run:\n{out[-3000:]}")
@@ -606,5 +611,16 @@ def adopt_server_results(server_dir: Path, run_dir: Path) -> None:
         log.info("the ServerApp's log: %s", server_dir / "run.log")
 
 
-__all__ = ["Credentials", "FleetGateway", "LocalFederation", "admitted_clients", "free_port", "run_local_deployment",
-           "serve_fleet_gateway", "split_address", "supernode_names", "write_app", "write_credentials"]
+__all__ = [
+    "Credentials",
+    "FleetGateway",
+    "LocalFederation",
+    "admitted_clients",
+    "free_port",
+    "run_local_deployment",
+    "serve_fleet_gateway",
+    "split_address",
+    "supernode_names",
+    "write_app",
+    "write_credentials",
+]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,8 @@ from .nodestate import (
     save_node_state,
     write_nodes,
 )
-from .results import RunResult
-from .rundir import is_run_dir, prepare_run_dir, run_log
+from .results import RunResult, headline_metric, read_records, results_table
+from .rundir import is_run_dir, prepare_run_dir, progress_on_stdout, run_log
 from .runtime import Evaluation
 from .session import aggregation_of, build_session
 from .validation import count_problem, evaluation_problem, metrics_problem
@@ -310,12 +312,27 @@ def server_main(cfg: Config, grid: Grid, run_dir_ready: bool = False, resume: Ch
     if cfg.engine.name not in LOCAL_ENGINES:  # the run directory records the engine that ran
         cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"name": DEPLOYMENT})})
     save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
-    with run_log(run_dir):
+    # a deployment's ServerApp: its stdout is what `flwr run --stream` and `flwr log` show
+    with run_log(run_dir), (nullcontext() if run_dir_ready else progress_on_stdout()):
         _serve(cfg, grid, run_dir, resume, records)
     if not run_dir_ready:
-        from ..reporting import write_report
+        _finish_submission(run_dir, cfg.algorithm.name)
 
-        write_report(run_dir)
+
+def _finish_submission(run_dir: Path, method: str) -> None:
+    """The end of a deployment's ServerApp: the run's report/, then the results table `fedlora run` prints, on
+    stdout (so in `flwr run --stream` and `flwr log`)."""
+    from rich.console import Console
+
+    from ..reporting import write_report
+
+    report = write_report(run_dir)
+    result = RunResult(run_dir, method, read_records(run_dir))  # the records suffice: no checkpoint to load
+    console = Console(file=sys.stdout, width=120)  # no terminal to measure: the stream is a pipe
+    if result.evaluations():
+        console.print(results_table({method: result}, headline_metric(result)))
+    console.print(f"run directory: {run_dir}\nreport: {report}", highlight=False, soft_wrap=True)
+    sys.stdout.flush()
 
 
 def _claim_run_dir(cfg: Config) -> None:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from ..algorithms import ClientState
 from ..core.errors import CheckpointError
 from .checkpoint import START_OVER, load_checkpoint
@@ -106,3 +108,31 @@ class RunResult:
     def final_mean(self) -> dict[str, float]:
         """Mean over tasks of the per-task means at the last evaluation."""
         return self.evaluations()[-1]["summary"]["mean"]
+
+
+def headline_metric(result: RunResult) -> str:
+    """The metric a run's results table shows: accuracy for classification, ROUGE-1 for generation."""
+    return "accuracy" if "accuracy" in result.final_mean else "rouge1"
+
+
+def results_table(results: dict[str, RunResult], metric: str) -> Table:
+    """The final per-client results of one or more runs (one column each), with task means and the untrained start."""
+    first = next(iter(results.values()))
+    clients = list(first.final)
+    table = Table(title=f"final {metric}, own test split", min_width=40)
+    table.add_column("client")
+    for method in results:
+        table.add_column(method, justify="right")
+    for cid in clients:
+        table.add_row(cid, *(f"{r.final[cid].get(metric, float('nan')):.3f}" for r in results.values()))
+    tasks = informative_tasks(first.evaluations()[-1]["summary"], len(clients))  # none for a by_key split
+    for task in tasks:
+        table.add_row(f"[bold]mean {task}", *(f"{r.evaluations()[-1]['summary']['by_task'][task][metric]:.3f}"
+                                              for r in results.values()))
+    table.add_row("[bold]average over tasks" if tasks else "[bold]average",
+                  *(f"{r.final_mean[metric]:.3f}" for r in results.values()))
+    start = [r.evaluations()[0] for r in results.values()]
+    if start and start[0]["round"] == 0:
+        table.add_row("[dim]untrained start", *(f"{s['summary']['mean'][metric]:.3f}" for s in start))
+    return table
+

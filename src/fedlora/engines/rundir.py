@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,7 +61,12 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 @contextmanager
 def run_log(run_dir: Path):
     """Everything to run.log; warnings also to the console (not through the root logger, which libraries
-    such as the GGUF loader configure and would otherwise echo every round)."""
+    such as the GGUF loader configure and would otherwise echo every round). Nested in a run_log of the same
+    run (a simulation's ServerApp inside run_experiment's), it adds nothing: each line once."""
+    path = (run_dir / "run.log").resolve()
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in log.handlers):
+        yield
+        return
     file_handler = logging.FileHandler(run_dir / "run.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     console = logging.StreamHandler()
@@ -83,3 +89,22 @@ def run_log(run_dir: Path):
             h.close()
         log.propagate = propagate
         log.setLevel(level)
+
+
+@contextmanager
+def progress_on_stdout():
+    """The fedlora log's info lines (one per round, with its mean metrics) on stdout too, inside `run_log`.
+
+    For a deployment's ServerApp: Flower 1.42's flwr-serverapp mirrors its process's stdout and stderr to the
+    SuperLink, which streams them to `flwr run --stream` and `flwr log`; run_log's console shows warnings only."""
+    handler = logging.StreamHandler(sys.stdout)  # Flower mirrors writes to this very object
+    handler.setLevel(logging.INFO)
+    handler.addFilter(lambda record: record.levelno < logging.WARNING)  # run_log's console shows those already
+    handler.setFormatter(logging.Formatter("fedlora: %(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.flush()
+

@@ -202,6 +202,7 @@ class Worker:
                                        "fingerprint": _fingerprint()}))
             os.chmod(tmp, 0o600)
             tmp.replace(address)
+            log.info("worker %d serving the node of SuperExec %d", os.getpid(), self.owner.pid)
             threading.Thread(target=self._watch, args=(listener,), daemon=True).start()
             while not self.stopping.is_set():
                 try:
