@@ -115,3 +115,25 @@ def test_errors_in_the_worker_reach_the_server_and_cold_mode_starts_no_worker(tm
 def test_a_bad_warm_value_is_refused():
     with pytest.raises(ValueError, match="node config warm='maybe'"):
         warm._is_warm({"warm": "maybe"})
+
+
+@pytest.mark.parametrize("warm_clients, node_warm", [(True, None), (False, "false")])
+def test_flower_local_starts_its_supernodes_warm_unless_told_not_to(tmp_path, monkeypatch, warm_clients, node_warm):
+    from fedlora import deployment
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Federation(deployment.LocalFederation):
+        def __enter__(self):
+            seen.update(self.supernodes)
+            raise Stop
+
+    monkeypatch.setattr(deployment, "LocalFederation", Federation)
+    cfg = build_config(tiny_config(tmp_path, engine={"name": "flower-local", "warm_clients": warm_clients}))
+    cfg.run_dir.mkdir(parents=True)
+    with pytest.raises(Stop):
+        deployment.run_local_deployment(cfg, cfg.run_dir)
+    assert len(seen) == 4 and {node.get("warm") for node in seen.values()} == {node_warm}

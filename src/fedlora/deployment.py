@@ -565,7 +565,11 @@ def run_local_deployment(cfg: Config, run_dir: Path, resume: Checkpoint | None =
     nodes = (run_dir / "nodes").resolve()
     if resume is not None:
         set_aside_federation(workdir)
-    federation = LocalFederation(workdir, {cid: {"client-id": cid, "state-dir": str(nodes)} for cid in clients})
+    from .engines.warm import WARM_KEY
+
+    warm = {} if cfg.engine.warm_clients else {WARM_KEY: "false"}
+    federation = LocalFederation(workdir, {cid: {"client-id": cid, "state-dir": str(nodes), **warm}
+                                           for cid in clients})
     app = write_app(workdir / "app", cfg, clients=federation.client_ids(), local=True,
                     resume=run_dir if resume is not None else None)
     try:

@@ -225,6 +225,8 @@ class EngineConfig(Section):
     client_gpus: float = Field(0.0, ge=0, description="flower-sim: GPUs per ClientApp (0.25: four clients share "
                                "one GPU); 0: none")
     handshake_timeout: float = Field(600.0, gt=0, description="seconds the Flower server waits for every SuperNode")
+    warm_clients: bool = Field(True, description="flower-local: each SuperNode keeps one warm worker with the model "
+                               "built (false: a fresh process per message, as Flower does; docs/deployment.md)")
     clients: list[str] | None = Field(None, description="Flower: the client ids the operator admits; a node that "
                                       "claims another id is left out (default: any id, up to num_clients nodes)")
 
