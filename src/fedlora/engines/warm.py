@@ -151,7 +151,8 @@ def _ask_worker(kind: str, content: RecordDict, context: Context) -> RecordDict:
 
 
 def _answer(kind: str, content: RecordDict, context: Context) -> RecordDict:
-    if _is_warm(context.node_config):
+    # Windows has neither the Unix socket nor the per-user temp directory modes the worker relies on: cold there
+    if _is_warm(context.node_config) and sys.platform != "win32":
         return _ask_worker(kind, content, context)
     from .flower import client_reply
 
@@ -252,8 +253,10 @@ class Worker:
                 self.last_message = time.monotonic()
             try:  # outside the lock: a frozen or killed ClientApp must not hold up the node's next message
                 conn.send(answer)
-            except OSError:
+            except OSError:  # the ClientApp is gone (Flower gave up on it)
                 pass
+            except Exception:  # a reply that cannot be sent: the ClientApp gets EOF and reports the log
+                log.exception("the reply to a %s message could not be sent", kind)
 
 
 def _alive(process: psutil.Process) -> bool:
