@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -25,8 +26,9 @@ VARIANTS = {"flower-local-cold": ("flower-local", {"warm_clients": False})}
 
 
 def timed_run(model: str, method: str, engine: str, rounds: int, steps: int,
-              per_task: int = 2) -> tuple[float, list[float], float]:
-    """(wall seconds, seconds of each round without evaluation, seconds spent inside rounds)."""
+              per_task: int = 2) -> tuple[float, list[float], float, float | None]:
+    """(wall seconds, seconds of each round without evaluation, seconds spent inside rounds, seconds of the
+    Flower handshake)."""
     from fedlora import run_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,8 +46,17 @@ def timed_run(model: str, method: str, engine: str, rounds: int, steps: int,
         start = time.perf_counter()
         result = run_experiment(cfg)
         wall = time.perf_counter() - start
-        return wall, [r["seconds"] for r in result.rounds if "eval" not in r], sum(r["seconds"] for r in result.rounds
-                                                                                    if r.get("seconds"))
+        return (wall, [r["seconds"] for r in result.rounds if "eval" not in r],
+                sum(r["seconds"] for r in result.rounds if r.get("seconds")), handshake_seconds(Path(tmp)))
+
+
+def handshake_seconds(run_dir: Path) -> float | None:
+    """How long the Flower server's handshake took (its run.log says): the nodes' start-up, model and data."""
+    for log in run_dir.rglob("run.log"):
+        found = re.search(r"handshake: \d+ nodes answered in ([\d.]+) s", log.read_text())
+        if found:
+            return float(found.group(1))
+    return None
 
 
 def main() -> None:
@@ -65,9 +76,10 @@ def main() -> None:
     timed_run(model, args.method, "inprocess", 1, 1)  # warm-up: imports and file caches are not engine costs
     engines = ["inprocess"] + [e for e in args.engines if e != "inprocess"]
     for engine in engines:
-        wall, plain_rounds, in_rounds = timed_run(model, args.method, engine, rounds, steps, per_task)
+        wall, plain_rounds, in_rounds, handshake = timed_run(model, args.method, engine, rounds, steps, per_task)
         per_round = statistics.median(plain_rounds)
-        rows[engine] = {"wall": wall, "round_seconds": plain_rounds, "per_round": per_round, "startup": wall - in_rounds}
+        rows[engine] = {"wall": wall, "round_seconds": plain_rounds, "per_round": per_round, "startup": wall - in_rounds,
+                        "handshake": handshake}
     ratios = {e: rows[e]["per_round"] / rows["inprocess"]["per_round"] for e in engines[1:]}
     ratio = ratios.get("flower-sim")
     command = "python benchmarks/engines.py " + " ".join(sys.argv[1:])
@@ -78,9 +90,15 @@ def main() -> None:
                                                        "per_round_ratio_flower_over_inprocess": ratio,
                                                        "per_round_ratio_over_inprocess": ratios}, indent=2))
     lines = [f"# Engines: in-process vs Flower ({model}, {args.method}, {2 * per_task} clients, {steps} local steps)", "",
-             f"Command: `{command}`", "", "| engine | start-up s | per round s | per round / in-process |",
-             "|---|---|---|---|"]
-    lines += [f"| {e} | {r['startup']:.1f} | {r['per_round']:.2f} | {ratios.get(e, 1.0):.2f}x |" for e, r in rows.items()]
+             f"Command: `{command}`", "",
+             "| engine | start-up s | of which handshake s | per round s | per round / in-process |",
+             "|---|---|---|---|---|"]
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    lines += [f"| {e} | {r['startup']:.1f} | {seconds(r['handshake'])} | {r['per_round']:.2f} | "
+              f"{ratios.get(e, 1.0):.2f}x |" for e, r in rows.items()]
     headline = f"**{ratio:.2f}x** (aim: at most 1.3x)" if ratio is not None else "not measured (no flower-sim)"
     lines += ["", f"Per-round cost on the Flower simulation / in-process: {headline}. All use",
               "every core: in process one torch thread pool over all cores, clients one after another; on Flower",

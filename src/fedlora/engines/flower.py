@@ -371,8 +371,11 @@ def _serve(cfg: Config, grid: Grid, run_dir: Path, resume: Checkpoint | None = N
     recorded = read_nodes(resume.directory.parent.parent) if resume is not None and resume.directory else None
     # a resumed run keeps its id: its nodes then reload the states they kept for it
     run_id = str((recorded or {}).get("run") or new_run_id())
+    started = time.monotonic()
     found = handshake(grid, cfg.engine.num_clients or 1, cfg.engine.handshake_timeout,
                       cfg.federation.min_clients, cfg.engine.clients, run_id)
+    # the nodes' start-up (a node builds its model and data on its first message): benchmarks/engines.py reads it
+    log.info("handshake: %d nodes answered in %.1f s", len(found), time.monotonic() - started)
     # the split's order where nodes use it, then client id (nodes with their own data all report 0)
     order = sorted(found, key=lambda cid: (found[cid][1]["order"], cid))
     clients = [ClientInfo(cid, found[cid][1]["num_examples"], found[cid][1]["task"]) for cid in order]
