@@ -1,13 +1,15 @@
-"""Quality: every method on the NLU suite (16 clients) and the NLG suite (8 clients), over seeds, vs the papers.
+"""Quality: every method on the NLU, NLG and glue suites (16, 8 and 16 clients), over seeds, vs the papers.
 
 One setup per suite and profile: the built-in config `<suite>-<profile>` unchanged except algorithm.name and
 seed (plus engine settings that do not change results), so every method sees the same split, seed and local
-budget. Each (suite, profile, method, seed) run leaves a small JSON in <out>/quality/runs/ and is skipped when
-that exists, so a long sweep can be stopped at any time and continued in a later session; an interrupted run
-resumes from its checkpoint (run directories live in --scratch, default runs/quality/, never in the results).
+budget; a suite may add overrides of its own, the same for every method (glue-skew = glue-<profile> with
+Dirichlet(0.5) label skew inside each task; SUITE_CONFIG in quality_setup.py). Each (suite, profile, method, seed)
+run leaves a small JSON in <out>/quality/runs/ and is skipped when that exists, so a long sweep can be stopped at
+any time and continued in a later session; an interrupted run resumes from its checkpoint (run directories live in --scratch, default runs/quality/, never in the results).
 Tables, plots and the comparison with the papers' reported orderings are rebuilt from whatever runs exist.
-Results: <out>/quality/quality.{md,json} and quality_{nlu,nlg}.png (quality-paper.* for --profile paper).
-Usage: python benchmarks/quality.py [--suite nlu|nlg|all] [--profile quick|paper] [--seeds 0 1 2] [--jobs 2]
+Results: <out>/quality/quality.{md,json} and quality_<suite>.png (quality-paper.* for --profile paper), covering the
+suites run now and every suite with finished runs of the profile.
+Usage: python benchmarks/quality.py [--suite nlu|nlg|glue|glue-skew|all ...] [--profile quick|paper] [--seeds 0 1 2]
        [--methods ...] [--quick] [--report-only] [--estimate] [--out DIR] [--scratch DIR] [--threads N] [--jobs N]
 This file is the command line and the sweep; beside it: quality_setup.py (suites, methods, papers, each run's
 config), quality_runs.py (one run: result JSON, resume, lock), quality_stats.py (seed statistics, orderings),
@@ -30,7 +32,7 @@ from pathlib import Path  # noqa: E402
 from quality_estimate import probe  # noqa: E402
 from quality_report import write_report  # noqa: E402
 from quality_runs import claim, current, result_path, run_one  # noqa: E402
-from quality_setup import MAJORITY, METHODS, NAMES, PAPER, SEEDS, SMOKE  # noqa: E402
+from quality_setup import MAJORITY, METHODS, NAMES, PAPER, SEEDS, SMOKE, SUITES  # noqa: E402
 from quality_stats import measured_order  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,11 +61,13 @@ def start_helpers(n: int) -> list:
 def main() -> None:
     """Parse the flags, run what is missing (or probe the time), then rebuild the report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=["nlu", "nlg", "all"], default="all")
+    ap.add_argument("--suite", choices=[*SUITES, "all"], nargs="+", default=["all"],
+                    help="one or more suites (default all: " + ", ".join(SUITES) + ")")
     ap.add_argument("--profile", choices=["quick", "paper"], default="quick")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: NLU 0 1 2, NLG 0")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="default: " + ", ".join(f"{s} {' '.join(map(str, v))}" for s, v in SEEDS.items()))
     ap.add_argument("--methods", nargs="+", default=None, help="default: the issue's list for each suite")
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: tiny models, 4 clients, 2 rounds, 2 methods")
+    ap.add_argument("--quick", action="store_true", help="CI smoke run: tiny models, few examples, 2 rounds, 1-2 methods")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
     ap.add_argument("--estimate", action="store_true", help="time a short FedIT probe and estimate the full sweep")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
@@ -74,12 +78,14 @@ def main() -> None:
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
     if args.jobs > 1 and args.threads is None:
         args.threads = 1  # one core per sweep
-    suites = ["nlu", "nlg"] if args.suite == "all" else [args.suite]
+    suites = list(SUITES) if "all" in args.suite else [s for s in SUITES if s in args.suite]
     profile = "smoke" if args.quick else args.profile
-    seeds = {s: [0] if args.quick else list(args.seeds or SEEDS[s]) for s in SEEDS}
-    defaults = {s: SMOKE[s][2] if args.quick else METHODS[s] for s in ("nlu", "nlg")}
-    methods = {s: list(args.methods) if args.methods and s in suites else defaults[s] for s in defaults}
     out = args.out
+    # the report covers the suites run now and every other suite that has finished runs of this profile
+    reported = [s for s in SUITES if s in suites or any((out / "quality" / "runs" / f"{s}-{profile}").glob("*.json"))]
+    seeds = {s: [0] if args.quick else list(args.seeds if args.seeds and s in suites else SEEDS[s]) for s in reported}
+    defaults = {s: SMOKE[s][2] if args.quick else METHODS[s] for s in reported}
+    methods = {s: list(args.methods) if args.methods and s in suites else defaults[s] for s in defaults}
     tmp = tempfile.TemporaryDirectory(prefix="quality-") if args.quick and args.scratch is None else None
     scratch = Path(tmp.name) if tmp else (args.scratch or SCRATCH)
     start = time.perf_counter()
@@ -117,8 +123,7 @@ def main() -> None:
             tmp.cleanup()
     md = write_report(out, profile, methods, seeds, command)
     data = json.loads(md.with_suffix(".json").read_text())
-    for suite in ("nlu", "nlg"):
-        s = data["suites"][suite]
+    for suite, s in data["suites"].items():
         table = s["table"]
         print(f"{suite}: {sum(len(v['seeds']) for v in table.values())} runs; ours: {measured_order(table)}")
         print(f"  paper: {' > '.join(' ~ '.join(NAMES[m] for m in g) for g in PAPER[suite]['order'])}. {s['verdict']}")

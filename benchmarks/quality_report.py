@@ -12,7 +12,8 @@ from typing import Any
 
 from quality_estimate import estimate_lines
 from quality_runs import load_runs
-from quality_setup import MAJORITY, METHODS, METRIC, NAMES, PAPER, SUITE_TITLE, UNTRAINED, config_for, config_name
+from quality_setup import (MAJORITY, MAJORITY_NOTE, METRIC, NAMES, PAPER, SUITE_CONFIG, SUITE_TITLE, SUITES, UNTRAINED,
+                           config_for, config_name, suite_tasks)
 from quality_stats import TIE, aggregate, check_relation, measured_order, relations, verdict
 
 
@@ -37,15 +38,9 @@ def fedlease_rows(runs: dict[str, dict[int, dict]]) -> list[dict[str, Any]]:
         clusters = " / ".join(f"{e}: " + ", ".join(f"{t} x{ts.count(t)}" for t in sorted(set(ts)))
                               for e, ts in sorted(groups.items()))
         rows.append({"seed": seed, "n_experts": fl["n_experts"], "silhouette": fl["silhouette"].get(str(fl["n_experts"])),
-                     "ari": fl["ari"], "clusters": clusters, "n_tasks": len(set(r["tasks"].values()))})
+                     "ari": fl["ari"], "clusters": clusters, "n_tasks": len(set(r["tasks"].values())),
+                     "n_clients": len(fl["assignment"])})
     return rows
-
-
-def suite_tasks(suite: str) -> list[str]:
-    """The task names of a built-in suite, so the table has its columns before any run."""
-    from fedlora.data.suites import NLG_TASKS, NLU_TASKS
-
-    return sorted(NLU_TASKS if suite == "nlu" else NLG_TASKS)
 
 
 def fedlease_warmup_only(suite: str, profile: str) -> int | None:
@@ -59,8 +54,12 @@ def fedlease_warmup_only(suite: str, profile: str) -> int | None:
 
 def suite_report(suite: str, runs: dict[str, dict[int, dict]], methods: list[str], seeds: list[int],
                  png: str, smoke: bool = False, warmup_only: int | None = None) -> tuple[list[str], dict[str, Any]]:
-    """Markdown lines and raw data of one suite: main table, orderings, FedLEASE's allocation, wall times."""
+    """Markdown lines and raw data of one suite: main table, orderings, FedLEASE's allocation, wall times.
+
+    The same tables for every suite; a classification suite (accuracy) also gets the majority-class caption and the
+    Δ vs FedIT column."""
     table = aggregate(runs)
+    classification = METRIC[suite] == "accuracy"
     rows = list(methods) + [m for m in table if m not in methods]  # expected rows first, extra runs after
     tasks = sorted({t for m in table.values() for t in m["tasks"]}) or ([] if smoke else suite_tasks(suite))
     n = len(seeds)
@@ -72,14 +71,14 @@ def suite_report(suite: str, runs: dict[str, dict[int, dict]], methods: list[str
              f"{NAMES[UNTRAINED]}: every client evaluated before any training (the base model, its LoRA at B = 0, "
              "a fresh classification head): what training has to improve on."
              + (f" {NAMES[MAJORITY]}: each client always answers the most frequent label of its own training split "
-                "(the label prior under this label skew; no model)." if suite == "nlu" else ""), ""]
-    head = ["Method"] + tasks + ["**Avg**"] + (["Δ Avg vs FedIT"] if suite == "nlu" else [])
+                f"({MAJORITY_NOTE.get(suite, 'no model')})." if classification else ""), ""]
+    head = ["Method"] + tasks + ["**Avg**"] + (["Δ Avg vs FedIT"] if classification else [])
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     base = table.get("fedit", {}).get("average", {}).get("mean")
     for m in rows:
         t = table.get(m)
         cells = [fmt(t["tasks"].get(k) if t else None, n) for k in tasks] + [f"**{fmt(t['average'] if t else None, n)}**"]
-        if suite == "nlu":
+        if classification:
             cells.append(f"{100 * (t['average']['mean'] - base):+.2f}" if t and base is not None else "–")
         lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cells) + " |")
     lines += ["", f"![{suite}]({png})", ""]
@@ -87,14 +86,19 @@ def suite_report(suite: str, runs: dict[str, dict[int, dict]], methods: list[str
     paper = PAPER[suite]
     checks = [check_relation(r, table) for r in relations(paper["order"])]
     chain = " > ".join(" ~ ".join(NAMES[m] for m in g) for g in paper["order"])
-    reported = " > ".join(" ~ ".join(f"{NAMES[m]} {paper['reported'][m]:.2f}" for m in g) for g in paper["order"])
+    said = paper.get("reported", {})
+
+    def number(m: str) -> str:
+        return f"{said[m]:.2f}" if m in said else "n/a"
+
+    reported = " > ".join(" ~ ".join(f"{NAMES[m]} {number(m)}" for m in g) for g in paper["order"])
     lines += ["### The paper's ordering and ours", "",
               f"Paper: **{chain}** on the average ({paper['source']}: {reported}; [NOTE] numbers from the spec, "
               "not checked against the PDF).", "",
               f"Ours, all methods, by mean Avg: {measured_order(table)}.", "",
               "| relation | paper | ours: Δ Avg (x100) ± s.e. | holds? | beyond 2 s.e.? |", "|---|---|---|---|---|"]
     for c in checks:
-        rep = f"{paper['reported'][c['a']]:.2f} vs {paper['reported'][c['b']]:.2f}"
+        rep = f"{number(c['a'])} vs {number(c['b'])}"
         ours = "–" if c["delta"] is None else f"{100 * c['delta']:+.2f}" + ("" if c["se"] is None else f" ± {100 * c['se']:.2f}")
         noise = {None: "–", True: "yes", False: "no"}[c["beyond_noise"]]
         lines.append(f"| {c['relation']} | {rep} | {ours} | {c['holds']} | {noise} |")
@@ -110,16 +114,17 @@ def suite_report(suite: str, runs: dict[str, dict[int, dict]], methods: list[str
         lines += [f"**Note:** in this config FedLEASE's warm-up ({warmup_only} rounds, the spec default unless the "
                   "config's `[algorithm.per_method.fedlease]` sets it) is not shorter than `federation.rounds`, so "
                   "FedLEASE never clusters and its row is plain local training (no M, no ARI). The fix belongs in "
-                  f"`src/fedlora/configs/{suite}-<profile>.toml` (a shorter `[algorithm.per_method.fedlease]` "
+                  f"`src/fedlora/configs/{SUITE_CONFIG[suite][0]}-<profile>.toml` (a shorter `[algorithm.per_method.fedlease]` "
                   "warm-up, as `nlu-quick` has), not in a per-method override here.", ""]
     if fl_rows:
+        grouped = fl_rows[0]["n_clients"] > fl_rows[0]["n_tasks"]  # several clients per task: a grouping to find
         ari_note = ("ARI = adjusted Rand index between the client -> expert assignment and the clients' tasks "
-                    "(1 = the tasks exactly, 0 = chance).") if suite == "nlu" else \
+                    "(1 = the tasks exactly, 0 = chance).") if grouped else \
             "One client per task, so there is no task grouping to recover: ARI is not meaningful here."
         lines += [f"{fl_rows[0]['n_tasks']} true tasks. {ari_note}", "",
                   "| seed | M | silhouette at M | ARI | clusters (tasks of their clients) |", "|---|---|---|---|---|"]
         lines += [f"| {r['seed']} | {r['n_experts']} | {r['silhouette']:.3f} | "
-                  f"{r['ari']:.3f}{'' if suite == 'nlu' else ' (n/a)'} | {r['clusters']} |" for r in fl_rows]
+                  f"{r['ari']:.3f}{'' if grouped else ' (n/a)'} | {r['clusters']} |" for r in fl_rows]
     else:
         lines.append("not run")
     lines.append("")
@@ -171,16 +176,24 @@ def plot_suite(path: Path, suite: str, table: dict[str, dict[str, Any]], methods
 
 def write_report(out: Path, profile: str, methods: dict[str, list[str]], seeds: dict[str, list[int]],
                  command: str) -> Path:
-    """quality.md / quality.json / quality_{nlu,nlg}.png of one profile from every finished run."""
+    """quality.md / quality.json / quality_<suite>.png of one profile from every finished run of the suites in
+    `methods` (in the study's suite order)."""
     from fedlora.core.io import save_text
+
+    suites = [s for s in SUITES if s in methods] + [s for s in methods if s not in SUITES]
+
+    def setup_of(suite: str) -> str:
+        name, overrides = config_name(suite, profile)
+        return f"`{name}`" + (f" with `{' '.join(overrides)}`" if overrides else "")
 
     qdir = out / "quality"
     qdir.mkdir(parents=True, exist_ok=True)
     stem = "quality" if profile in ("quick", "smoke") else f"quality-{profile}"
     estimates = json.loads((qdir / "estimate.json").read_text()) if (qdir / "estimate.json").is_file() else {}
-    lines = [f"# Quality: every method on the NLU and NLG suites ({profile} profile)", "",
+    lines = [f"# Quality: every method on the {', '.join(suites)} suite{'s' if len(suites) > 1 else ''} "
+             f"({profile} profile)", "",
              "One setup per suite: the built-in config "
-             + (", ".join(f"`{s}-{profile}`" for s in METHODS) if profile != "smoke" else
+             + ("(" + "; ".join(f"{s}: {setup_of(s)}" for s in suites) + ")" if profile != "smoke" else
                 "(smoke: tiny random models, numbers meaningless)")
              + " unchanged except `algorithm.name` and `seed`; method options are the spec defaults, plus the "
                "config's own `[algorithm.per_method]` entries (the spec's schedules scaled to the profile's rounds). Same "
@@ -195,7 +208,7 @@ def write_report(out: Path, profile: str, methods: dict[str, list[str]], seeds: 
     raw: dict[str, Any] = {"profile": profile, "seeds": seeds, "command": command,
                            "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suites": {}}
     missing = []
-    for suite in ("nlu", "nlg"):
+    for suite in suites:
         runs = load_runs(out, suite, profile)
         png = f"{stem}_{suite}.png"
         warmup_only = fedlease_warmup_only(suite, profile) if "fedlease" in methods[suite] else None
@@ -217,6 +230,8 @@ def write_report(out: Path, profile: str, methods: dict[str, list[str]], seeds: 
         "# runs what is missing, skips finished runs, resumes an interrupted one",
         f"python benchmarks/quality.py{prof} --jobs 2   # both cores: two sweeps sharing the runs (a lock per run)",
         f"python benchmarks/quality.py --suite nlg --seeds 0 1 2{prof} --jobs 2   # NLG's spread over 3 seeds",
+        f"python benchmarks/quality.py --suite glue --seeds 0 1 2{prof} --jobs 2   # the FedLEASE-like suite",
+        f"python benchmarks/quality.py --suite glue-skew --seeds 0 1 2{prof} --jobs 2   # its label-skew study",
         f"python benchmarks/quality.py --report-only{prof}   # rebuild this file from the finished runs",
         f"python benchmarks/quality.py --estimate --suite all{prof}   # re-measure the time estimate"]
     lines += ["## Commands", "", "```", *commands, "```", "",

@@ -1,5 +1,6 @@
-"""benchmarks/quality.py and its modules: the table and ordering logic on hand-made results, the run lock, and the
---quick smoke run."""
+"""benchmarks/quality.py and its modules: the table and ordering logic on hand-made results, the run lock, the
+--quick smoke run (nlu, nlg) and the glue suites (their configs, tables, time rows and a smoke run on the fixture
+corpora)."""
 
 from __future__ import annotations
 
@@ -100,9 +101,11 @@ def test_ari_on_a_planted_assignment():
 
 def test_report_from_existing_runs_marks_missing_ones(tmp_path):
     setup, runs, report = bench("quality_setup"), bench("quality_runs"), bench("quality_report")
-    fl = {"n_experts": 2, "silhouette": {"2": 0.4, "3": 0.1}, "assignment": {"c0": 0, "c1": 1}, "ari": 1.0}
+    fl = {"n_experts": 2, "silhouette": {"2": 0.4, "3": 0.1}, "assignment": {"c0": 0, "c1": 0, "c2": 1, "c3": 1},
+          "ari": 1.0}
+    two_a_task = {"c0": "t1", "c1": "t1", "c2": "t2", "c3": "t2"}  # a task grouping to recover: ARI is shown
     results = [fake_run("fedit", 0, 0.40, "nlu"), fake_run("fedit", 1, 0.42, "nlu"),
-               fake_run("fedlease", 0, 0.50, "nlu", fedlease=fl), fake_run("ifca", 0, 0.99, "nlu", setup="an older config")]
+               fake_run("fedlease", 0, 0.50, "nlu", fedlease=fl, tasks=two_a_task), fake_run("ifca", 0, 0.99, "nlu", setup="an older config")]
     for r in results:
         r.setdefault("setup", setup.setup_id(setup.config_for("nlu", "quick", r["method"], r["seed"], tmp_path)))
         path = runs.result_path(tmp_path, "nlu", "quick", r["method"], r["seed"])
@@ -131,8 +134,10 @@ def test_report_from_existing_runs_marks_missing_ones(tmp_path):
 
 @pytest.mark.slow
 def test_quality_benchmark_quick(tmp_path):
-    done = subprocess.run([sys.executable, "benchmarks/quality.py", "--quick", "--jobs", "2", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    # nlu and nlg only: the glue smoke settings build the real glue corpora (~20 s a run); they are covered on the
+    # fixture corpora by test_glue_smoke_runs_on_the_fixture_corpora
+    done = subprocess.run([sys.executable, "benchmarks/quality.py", "--quick", "--suite", "nlu", "nlg", "--jobs", "2",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     q = tmp_path / "quality"
     data = json.loads((q / "quality.json").read_text())
@@ -245,3 +250,109 @@ def test_clustering_probe_reads_fedlease_warmup_loras_and_local_finals(tmp_path)
     fedit = run_experiment(tiny_config(tmp_path, federation={"rounds": 1}, output_dir=str(tmp_path / "fedit"))).run_dir
     with pytest.raises(SystemExit, match="no FedLEASE warm-up LoRAs"):
         probe.probe(fedit)
+
+
+# -- the glue suites (FedLEASE-like: 4 binary tasks x 4 clients) and their label-skew study -------------------------
+def test_every_suite_is_fully_described_and_glue_builds_valid_configs(tmp_path):
+    setup = bench("quality_setup")
+    assert setup.SUITES == ["nlu", "nlg", "glue", "glue-skew"]
+    for table in (setup.METHODS, setup.METRIC, setup.SEEDS, setup.SUITE_TITLE, setup.PAPER, setup.SMOKE):
+        assert set(table) == set(setup.SUITES)
+    assert setup.METHODS["glue"] == setup.METHODS["nlu"] and setup.SEEDS["glue"] == [0, 1, 2]
+    assert set(setup.METHODS["glue-skew"]) == {"untrained", "majority", "fedlease", "fedsa", "fedalt", "fedit"}
+    assert setup.PAPER["glue"]["order"] == setup.PAPER["nlu"]["order"]
+    assert "stress test" in setup.SUITE_TITLE["nlu"] and "FedLEASE" in setup.SUITE_TITLE["glue"]
+    assert setup.config_name("nlu", "quick") == ("nlu-quick", [])  # unchanged: the stored runs keep their hashes
+    ids = {}
+    for suite in ("glue", "glue-skew"):
+        for profile in ("quick", "paper", "smoke"):
+            for method in setup.METHODS[suite]:
+                cfg = setup.config_for(suite, profile, method, 1, tmp_path / suite)
+                assert cfg.data.suite == "glue" and cfg.data.clients_per_task == 4 and cfg.seed == 1
+                assert cfg.data.pool_per_task == 4 * (cfg.data.train_per_client + cfg.data.test_per_client)
+                assert cfg.algorithm.name == ("fedit" if method in setup.REFERENCES else method)
+                if suite == "glue":
+                    assert (cfg.data.partition, cfg.data.partition_key) == ("by_key", "shard")
+                else:
+                    assert (cfg.data.partition, cfg.data.dirichlet_alpha) == ("dirichlet", 0.5)
+            ids[suite, profile] = setup.setup_id(cfg)
+            assert cfg.model.name == ("tiny-bert" if profile == "smoke" else "minilm")
+    assert len(set(ids.values())) == len(ids)  # the skew study never reuses a balanced run, nor the reverse
+    assert setup.suite_tasks("glue-skew") == sorted(["review_sentiment", "qa_match", "wordnet_paraphrase",
+                                                     "wordnet_hypernymy"])
+
+
+def test_glue_suites_get_nlus_tables(tmp_path):
+    setup, runs, report = bench("quality_setup"), bench("quality_runs"), bench("quality_report")
+    tasks = {f"{t}-{i}": t for t in ("t1", "t2") for i in range(2)}
+    fl = {"n_experts": 2, "silhouette": {"2": 0.5}, "assignment": {c: int(t == "t2") for c, t in tasks.items()},
+          "ari": 1.0}
+    results = [fake_run(m, s, v + 0.01 * s, suite, tasks=tasks, **({"fedlease": fl} if m == "fedlease" else {}))
+               for suite in ("glue", "glue-skew") for s in range(3)
+               for m, v in (("fedlease", 0.70), ("fedsa", 0.65), ("fedit", 0.60), ("majority", 0.80))]
+    for r in results:
+        r["setup"] = setup.setup_id(setup.config_for(r["suite"], "quick", r["method"], r["seed"], tmp_path))
+        path = runs.result_path(tmp_path, r["suite"], "quick", r["method"], r["seed"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    methods = {s: setup.METHODS[s] for s in ("glue-skew", "glue")}
+    md = report.write_report(tmp_path, "quick", methods, {s: [0, 1, 2] for s in methods}, "cmd")
+    text = md.read_text()
+    assert text.index(setup.SUITE_TITLE["glue"]) < text.index(setup.SUITE_TITLE["glue-skew"])  # the study's order
+    assert "`glue-quick` with `data.partition=dirichlet data.dirichlet_alpha=0.5`" in text
+    assert text.count("| FedLEASE | 70.00 ± 1.00 | 72.00 ± 1.00 | **71.00 ± 1.00** | +10.00 |") == 2  # Δ vs FedIT
+    assert text.count("| 1 | 2 | 0.500 | 1.000 | 0: t1 x2 / 1: t2 x2 |") == 2  # ARI meaningful: 2 clients a task
+    assert "far above 50" in text and "| FedLEASE > FedSA-LoRA | 87.76 vs 84.60 | +5.00 ± 0.00 | yes | yes |" in text
+    data = json.loads((tmp_path / "quality" / "quality.json").read_text())
+    assert list(data["suites"]) == ["glue", "glue-skew"]
+    assert data["suites"]["glue-skew"]["verdict"].startswith("**Reproduced: yes.**")
+    assert "glue local seed 0" in data["missing"] and "glue fedlease seed 0" not in data["missing"]
+    assert {m for m in data["missing"] if m.startswith("glue-skew ")} == {
+        f"glue-skew {m} seed {s}" for m in ("untrained", "fedalt") for s in range(3)}
+    assert (tmp_path / "quality" / "quality_glue-skew.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_glue_smoke_runs_on_the_fixture_corpora(tmp_path, monkeypatch):
+    """run_one on the glue smoke settings with the small corpora of tests/data/glue (the real ones take ~20 s)."""
+    from functools import partial
+
+    from fedlora.data import federated, glue
+
+    fixtures = ROOT / "tests" / "data" / "glue"
+    monkeypatch.setitem(federated.SUITES, "glue", partial(glue.glue_records, wordnet_root=fixtures / "wordnet",
+                                                          reviews_root=fixtures / "modeldata",
+                                                          chatterbot_root=fixtures / "chatterbot"))
+    runs = bench("quality_runs")
+    for suite, method in (("glue", "fedlease"), ("glue-skew", "untrained")):
+        data = runs.run_one(tmp_path, tmp_path / "scratch", suite, "smoke", method, 0, 1, "cmd")
+        assert len(data["per_client"]) == 16 and set(data["by_task"]) == set(glue.GLUE_TASKS)
+        assert 0.0 <= data["average"] <= 1.0
+    fl = json.loads(runs.result_path(tmp_path, "glue", "smoke", "fedlease", 0).read_text())["fedlease"]
+    assert fl["n_experts"] >= 1 and -1.0 <= fl["ari"] <= 1.0
+    majority = json.loads(runs.result_path(tmp_path, "glue-skew", "smoke", "majority", 0).read_text())
+    assert majority["method"] == "majority" and len(majority["per_client"]) == 16
+
+
+def test_time_table_covers_the_glue_suites(tmp_path):
+    estimate = bench("quality_estimate")
+    probe = {"fedit_run_cpu_s": 600.0, "measured": "2026-12-02T00:00:00+00:00", "cpu_per_client_step_s": 0.5,
+             "cpu_per_client_eval_s": 2.0, "clients": 16, "rounds": 2, "local_steps": 30, "evaluations": 1,
+             "startup_cpu_s": 600.0 - 16 * 30 * 2 * 0.5 - 16 * 2.0}
+    estimates = {f"{s}-quick": {**probe, "suite": s, "profile": "quick"} for s in ("glue-skew", "glue", "nlu")}
+    lines = estimate.estimate_lines(estimates, tmp_path, {"glue": [0, 1, 2], "glue-skew": [0, 1, 2]})
+    rows = [line for line in lines if line.startswith("| quick |")]
+    assert [r.split(" | ")[1] for r in rows] == ["glue", "glue-skew"]  # suite order; nlu not in this report
+    # glue: FedIT 600 s x (fedit 1 + local 1 + ffa 1 + fedsa 1 + feddpa 2 + ifca 2.3 + flora 1 + fedalt 1.2
+    # + fedlease 1.2 + fdlora 2), the untrained row (start-up + 16 evaluations) and the free majority row, x 3 seeds
+    untrained = 600.0 - 16 * 30 * 2 * 0.5 - 16 * 2.0 + 16 * 2.0  # start-up = FedIT's run less its steps and evaluation
+    assert f"| {(600 * 13.7 + untrained) * 3 / 3600:.1f} |" in rows[0]
+    assert any("glue sweep's target (about 3 h on 2 cores) is not met" in line for line in lines)  # 3.5 h
+
+
+@pytest.mark.parametrize("suite, method, seed", [("nlu", "fedit", 0), ("nlu", "fedlease", 2), ("nlg", "fedalt", 0)])
+def test_the_stored_results_stay_current_when_settings_are_added(tmp_path, suite, method, seed):
+    """A config setting added at its default must not make the committed sweep stale (setup_id leaves it out)."""
+    setup = bench("quality_setup")
+    stored = Path(__file__).parents[1] / "benchmarks" / "results" / "quality" / "runs" / f"{suite}-quick" / f"{method}-seed{seed}.json"
+    cfg = setup.config_for(suite, "quick", method, seed, tmp_path)
+    assert setup.setup_id(cfg) == json.loads(stored.read_text())["setup"]
