@@ -1,8 +1,9 @@
 """The glue suite (FedLEASE's GLUE setup: SST-2, QNLI, MRPC, QQP/RTE), four binary tasks from offline text.
 
-review_sentiment (SST-2-like): an Amazon fine-food review (Debian r-cran-modeldata), "great" (5 stars) or "other".
+review_sentiment (SST-2-like): the first 32 words of an Amazon fine-food review (Debian r-cran-modeldata), "great"
+    (5 stars) or "other".
 qa_match (QNLI-like): a chatterbot question and a candidate answer, its own ("answer") or another question's
-    answer from the same category ("not_answer").
+    ("not_answer"); every question once.
 wordnet_paraphrase (MRPC-like) and wordnet_hypernymy (RTE-like): see wordnet_pairs.py.
 Pair tasks carry the second sentence in `text_pair` (tokenized as a BERT segment pair). Each task's pool is
 class-balanced exactly and dealt into `shards` class-balanced shards (the record field `shard`): with
@@ -24,6 +25,8 @@ from .wordnet_pairs import hypernymy_records, load_wordnet, paraphrase_records
 
 GLUE_TASKS = ("review_sentiment", "qa_match", "wordnet_paraphrase", "wordnet_hypernymy")
 MIN_CHARS = 2  # the corpus has a few one-letter "conversations" (trivia: "r" -> "a")
+REVIEW_WORDS = 32  # about 40 word pieces: the whole excerpt fits in glue-quick's max_length
+NEGATIVE_TRIES = 20  # draws of another question's answer before a question is left out
 
 
 def strictly_balanced(records: list[Record], n: int, rng: random.Random) -> list[Record]:
@@ -52,34 +55,49 @@ def deal_shards(records: list[Record], shards: int) -> list[Record]:
     return out
 
 
+def review_excerpt(text: str, words: int = REVIEW_WORDS) -> str:
+    """The review's first `words` words: a sentence-length input like SST-2's, which the model sees whole."""
+    return " ".join(text.split()[:words])
+
+
 def sentiment_records(reviews: list[Record]) -> list[Record]:
-    """Reviews as {"text", "label"}; identical texts (the corpus repeats a few) kept once."""
+    """Reviews' excerpts (review_excerpt) as {"text", "label"}; identical excerpts (the corpus repeats a few
+    reviews) kept once."""
     seen: set[str] = set()
     out = []
     for r in reviews:
-        if r["text"] not in seen:
-            seen.add(r["text"])
-            out.append({"text": r["text"], "label": r["label"]})
+        text = review_excerpt(r["text"])
+        if text not in seen:
+            seen.add(text)
+            out.append({"text": text, "label": r["label"]})
     return out
 
 
 def qa_match_records(pairs: list[Record], rng: random.Random) -> list[Record]:
-    """Every distinct question/answer pair as "answer", and the question with another answer of its category
-    (never one the corpus gives to that question) as "not_answer": each question occurs in both classes."""
-    unique = sorted({(p["question"], p["answer"], p["category"]) for p in pairs
+    """One record per distinct question, its class drawn at random: the question with one of its own answers
+    ("answer") or with an answer the corpus gives another question and never this one ("not_answer").
+
+    A question occurs once in the whole task, so it can never sit in train with one candidate and in test with
+    another. The wrong answer is drawn as a right one is (a random other question, then one of its answers), so
+    both classes draw their candidates from the same answers and only how question and candidate relate tells
+    them apart."""
+    unique = sorted({(p["question"], p["answer"]) for p in pairs
                      if len(p["question"]) >= MIN_CHARS and len(p["answer"]) >= MIN_CHARS})
-    answers_of: dict[str, set[str]] = defaultdict(set)
-    by_category: dict[str, list[str]] = defaultdict(list)
-    for q, a, c in unique:
-        answers_of[q].add(a)
-        by_category[c].append(a)
-    out: list[Record] = [{"text": q, "text_pair": a, "label": "answer"} for q, a, _ in unique]
-    for q in sorted(answers_of):
-        category = next(c for qq, _, c in unique if qq == q)
-        wrong = sorted({x for x in by_category[category] if x not in answers_of[q]})
-        # as many distinct wrong answers as the question has right ones, so no pair occurs twice
-        out += [{"text": q, "text_pair": a, "label": "not_answer"}
-                for a in rng.sample(wrong, min(len(wrong), len(answers_of[q])))]
+    answers_of: dict[str, list[str]] = defaultdict(list)
+    for q, a in unique:
+        answers_of[q].append(a)
+    questions = sorted(answers_of)
+    out: list[Record] = []
+    for q in questions:
+        if rng.random() < 0.5:
+            out.append({"text": q, "text_pair": rng.choice(answers_of[q]), "label": "answer"})
+            continue
+        for _ in range(NEGATIVE_TRIES):
+            other = rng.choice(questions)
+            a = rng.choice(answers_of[other])
+            if other != q and a not in answers_of[q]:
+                out.append({"text": q, "text_pair": a, "label": "not_answer"})
+                break
     return out
 
 

@@ -1,9 +1,9 @@
 """Two sentence-pair tasks built from WordNet 3.0, for the glue suite.
 
 wordnet_paraphrase (MRPC-like): a WordNet example sentence and the same sentence with its word replaced by a
-    synonym (same synset: "paraphrase") or by a sibling's word (a co-hyponym under the same hypernym, or for
-    adjectives a word of the antonym cluster: "not_paraphrase"). Both classes are one-word substitutions of the
-    same kind of sentence by a WordNet lemma, so only the meaning of the swapped words tells them apart.
+    synonym (same synset: "paraphrase") or by the synonym another synset of the same part of speech would use
+    ("not_paraphrase"). Both classes are one-word substitutions of the same kind of sentence by a WordNet lemma
+    drawn the same way, so only the meaning of the swapped words tells them apart.
 wordnet_hypernymy (RTE-like): a noun's gloss "w: definition" and "w is a kind of h.", h a lemma of w's
     hypernym ("entailment") or of the hypernym of another noun of the same lexicographer class that is not
     among w's ancestors ("not_entailment"), so h is drawn from the same words in both classes.
@@ -21,7 +21,6 @@ from .records import Record
 from .wordnet import POS_FILES, Synset, read_synsets
 
 HYPERNYM = {"@", "@i"}  # hypernym and instance hypernym
-HYPONYM = {"~", "~i"}
 NEGATIVE_TRIES = 20  # draws of a non-ancestor term before a noun is left out (its class is nearly all ancestors)
 
 
@@ -55,18 +54,15 @@ def _substitute(sentence: str, word: str, replacement: str) -> str:
     return re.sub(rf"(\b(?:[Aa]n?)\s+)?(?<![\w-]){re.escape(word)}(?![\w-])", swap, sentence, count=1)
 
 
-def _siblings(s: Synset, index: dict[tuple[str, str], Synset]) -> list[Synset]:
-    """Synsets that differ in meaning but are close: co-hyponyms (nouns, verbs) or the antonym cluster (adjectives)."""
-    if s.pos in ("n", "v"):
-        return [t for h in _targets(s, HYPERNYM, index) for t in _targets(h, HYPONYM, index) if t.key != s.key]
-    heads = [s] if s.pos == "a" else _targets(s, {"&"}, index)  # a satellite's head adjective
-    opposite = [a for h in heads for a in _targets(h, {"!"}, index)]
-    return opposite + [t for a in opposite for t in _targets(a, {"&"}, index)]
-
-
 def paraphrase_records(index: dict[tuple[str, str], Synset], rng: random.Random) -> list[Record]:
-    """One pair per usable synset, its class drawn at random: {"text", "text_pair", "label"}."""
-    out: list[Record] = []
+    """One pair per usable synset, its class drawn at random: {"text", "text_pair", "label"}.
+
+    A synset is usable when one of its examples contains one of its lemmas and it has another lemma. The
+    "paraphrase" replacement is another lemma of the synset; the "not_paraphrase" one is drawn exactly as a
+    paraphrase's would be, but for another usable synset of the same part of speech (a random synset, then one
+    of its synonyms): both classes replace the word by a WordNet synonym drawn the same way, so neither the
+    sentence nor the inserted word says which class a pair is in, only whether the two words mean the same."""
+    usable: list[tuple[Synset, str, str, list[str]]] = []
     for s in sorted(index.values(), key=lambda s: s.key):
         if len(s.lemmas) < 2 or not s.examples:
             continue
@@ -75,14 +71,30 @@ def paraphrase_records(index: dict[tuple[str, str], Synset], rng: random.Random)
             continue
         example, word = found[0]
         synonyms = [lemma for lemma in s.lemmas if lemma.lower() != word.lower()]
-        others = [lemma for t in _siblings(s, index) for lemma in t.lemmas if lemma not in s.lemmas]
-        if not synonyms or not others:
-            continue
-        positive = rng.random() < 0.5
-        replacement = rng.choice(synonyms if positive else others)
-        out.append({"text": example, "text_pair": _substitute(example, word, replacement),
-                    "label": "paraphrase" if positive else "not_paraphrase"})
+        if synonyms:
+            usable.append((s, example, word, synonyms))
+    by_pos: dict[str, list[int]] = defaultdict(list)
+    for i, (s, *_) in enumerate(usable):
+        by_pos[_pos_group(s)].append(i)
+    out: list[Record] = []
+    for i, (s, example, word, synonyms) in enumerate(usable):
+        if rng.random() < 0.5:
+            label, replacement = "paraphrase", rng.choice(synonyms)
+        else:
+            own = {lemma.lower() for lemma in s.lemmas}
+            tries = (usable[rng.choice(by_pos[_pos_group(s)])] for _ in range(NEGATIVE_TRIES))
+            replacement = next((c for t in tries if t[0].key != s.key
+                                and (c := rng.choice(t[3])).lower() not in own), None)
+            if replacement is None:
+                continue
+            label = "not_paraphrase"
+        out.append({"text": example, "text_pair": _substitute(example, word, replacement), "label": label})
     return out
+
+
+def _pos_group(s: Synset) -> str:
+    """Adjectives and their satellites are one group: either fits where the other does."""
+    return "a" if s.pos in ("a", "s") else s.pos
 
 
 def _ancestors(s: Synset, index: dict[tuple[str, str], Synset]) -> set[tuple[str, str]]:
