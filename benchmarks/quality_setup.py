@@ -122,6 +122,7 @@ LATER_SECTION_DEFAULTS = {
     "model": {"device": "auto", "revision": None, "trust_remote_code": False, "quantization": "none",
               "quant_type": "nf4", "double_quant": True},
     "training": {"precision": "fp32", "gradient_checkpointing": False},
+    "lora": {"modules_to_save": None},
 }
 
 

@@ -232,3 +232,35 @@ def test_real_minilm_export_loads_in_plain_peft_by_its_hub_name(tmp_path):
     ours = load_personalized(out)
     torch.testing.assert_close(_logits(peft_model, ours.tokenizer), _logits(ours.model, ours.tokenizer)[:, :len(labels)],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_modules_to_save_trains_a_private_pooler_that_exports_and_loads(tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+
+    from fedlora.adapters.model import head_parameters
+    from fedlora.engines.checkpoint import load_checkpoint
+
+    base = load_base_model("tiny-bert", None, 3, seed=0).model
+    assert head_parameters(base, ["classifier", "pooler"]) == [
+        "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"]
+    assert head_parameters(base, ["classifier", "score"]) == ["classifier.weight", "classifier.bias"]  # the default
+    pooler, classifier = base.bert.pooler.dense.weight.clone(), base.classifier.weight.clone()
+    start = AdaptedModel(base, r=4, alpha=8, head_modules=["classifier", "pooler"]).init_head(seed=7)
+    # a client's starting head: a fresh classifier, the pooler as the base has it (PEFT's modules_to_save copy)
+    assert torch.equal(start["bert.pooler.dense.weight"], pooler)
+    assert not torch.equal(start["classifier.weight"], classifier)
+    run_experiment(tiny_config(tmp_path, federation={"rounds": 1}, lora={"modules_to_save": ["classifier", "pooler"]}))
+    states = load_checkpoint(tmp_path / "run").client_states
+    poolers = [s.states["_head"]["bert.pooler.dense.weight"] for s in states.values()]
+    pretrained = base.bert.pooler.dense.weight
+    assert all(not torch.equal(p, pretrained) for p in poolers)  # trained by every client, from the base's weights
+    assert not torch.equal(poolers[0], poolers[1])  # and kept private
+    client = _fewest_labels(tmp_path / "run")
+    out = export_client(tmp_path / "run", client["client_id"], tmp_path / "export")
+    cfg = json.loads((out / "expert_0" / "adapter_config.json").read_text())
+    assert set(cfg["modules_to_save"]) == {"bert.pooler.dense", "classifier"}
+    peft_model = AutoPeftModelForSequenceClassification.from_pretrained(str(out / "expert_0")).eval()
+    ours = load_personalized(out)
+    n = len(client["labels"])
+    torch.testing.assert_close(_logits(peft_model, ours.tokenizer), _logits(ours.model, ours.tokenizer)[:, :n],
+                               atol=1e-5, rtol=1e-5)

@@ -121,7 +121,8 @@ def _write_export(s: Session, cfg: Config, client_id: str, rnd: int, exported_fr
         "checkpoint": exported_from,
         "model": {"name": cfg.model.name, "objective": s.base.objective, "dtype": cfg.model.dtype,
                   "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code},
-        "head_outputs": head_outputs, "lora": lora, "layout": layout,
+        "head_outputs": head_outputs, "layout": layout,
+        "lora": {**lora, **({"modules_to_save": cfg.lora.modules_to_save} if cfg.lora.modules_to_save else {})},
         "own_expert": first.own_expert if layout["n_experts"] > 1 else 0,
         "expert_weights": (first.expert_weights.tolist() if first.expert_weights.dim() == 1 and layout["n_experts"] > 1
                            else None),
@@ -225,7 +226,8 @@ def load_personalized(export_dir: str | Path, device: str = "auto") -> Personali
     objective = m["model"].get("objective") or m["model"]["task"]  # "task" in exports written before 0.2
     options = LoadOptions(resolve_device(device), m["model"].get("revision"), m["model"].get("trust_remote_code", False))
     base = load_base_model(m["model"]["name"], objective, m["head_outputs"], m["model"]["dtype"], m["seed"], options)
-    adapted = AdaptedModel(base.model, m["lora"]["r"], m["lora"]["alpha"], 0.0, m["lora"]["targets"])
+    adapted = AdaptedModel(base.model, m["lora"]["r"], m["lora"]["alpha"], 0.0, m["lora"]["targets"],
+                           m["lora"].get("modules_to_save"))
     adapted.set_layout(Layout(**m["layout"]))
     for e in range(m["layout"]["n_experts"]):
         expert, head = import_peft_adapter(adapted, export_dir / f"expert_{e}")

@@ -163,6 +163,7 @@ class LoadOptions:
     quant_type: str = "nf4"          # 4bit: "nf4" | "fp4"
     double_quant: bool = True        # 4bit: quantize the quantization constants
     compute_dtype: torch.dtype = torch.float32  # 4bit: the dtype of its matmuls
+    keep_float: tuple[str, ...] = ()  # modules bitsandbytes leaves unquantized beyond the heads (modules_to_save)
 
 
 def load_base_model(name: str, objective: str | None, num_labels: int, dtype: str = "float32", seed: int = 0,
@@ -253,7 +254,7 @@ def bnb_config(options: LoadOptions):
     from transformers import BitsAndBytesConfig
 
     # heads stay float: a client trains its own classification head, and the LM head is the output layer
-    keep = ["classifier", "score", "lm_head"]
+    keep = ["classifier", "score", "lm_head", *options.keep_float]
     if options.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.quant_type,

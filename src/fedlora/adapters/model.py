@@ -114,11 +114,27 @@ def architecture_targets(model: nn.Module) -> list[tuple[str, ...]]:
     return [tuple(names)] if names else []
 
 
+DEFAULT_HEAD_MODULES = ("classifier", "score")  # the task heads of *ForSequenceClassification
+
+
+def head_parameters(model: nn.Module, modules: Iterable[str]) -> list[str]:
+    """Names of the parameters under a module whose name is, or ends with ".", one of `modules` (PEFT's
+    modules_to_save matching): the private head every client trains in full."""
+    suffixes = tuple(modules)
+    names = []
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        paths = (".".join(parts[:i]) for i in range(1, len(parts)))
+        if any(path == s or path.endswith("." + s) for path in paths for s in suffixes):
+            names.append(name)
+    return names
+
+
 class AdaptedModel:
     """An HF model with MixtureLoRALinear layers injected, and the methods algorithms use to move adapter state."""
 
     def __init__(self, model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 targets: list[str] | str | None = None, head_prefixes: Iterable[str] = ("classifier", "score")) -> None:
+                 targets: list[str] | str | None = None, head_modules: Iterable[str] | None = None) -> None:
         self.model = model
         for p in model.parameters():
             p.requires_grad_(False)
@@ -129,8 +145,7 @@ class AdaptedModel:
             layer = MixtureLoRALinear(getattr(parent, child), r, alpha, dropout)
             setattr(parent, child, layer)
             self.layers[path] = layer
-        self.head_names = [n for n, _ in model.named_parameters()
-                           if any(n == p or n.startswith(p + ".") for p in head_prefixes)]
+        self.head_names = head_parameters(model, head_modules or DEFAULT_HEAD_MODULES)
         self.spec = AdapterSpec(tuple((p, l.in_features, l.out_features) for p, l in self.layers.items()), r, alpha)
         self.layout = Layout()
 
@@ -205,9 +220,11 @@ class AdaptedModel:
                 params[n].copy_(v)
 
     def init_head(self, seed: int) -> StateDict:
-        """A freshly initialised task head (the HF model's own init rule), seeded; the model is left unchanged."""
+        """A freshly initialised task head (the HF model's own init rule), seeded; the model is left unchanged.
+        Other modules_to_save (a pooler) start from their pretrained weights, as PEFT's copies do."""
         saved = self.head_state()
-        modules = {n.rsplit(".", 1)[0] for n in self.head_names}
+        task_head = set(head_parameters(self.model, DEFAULT_HEAD_MODULES))
+        modules = {n.rsplit(".", 1)[0] for n in self.head_names if n in task_head}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for name in sorted(modules):

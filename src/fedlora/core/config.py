@@ -54,6 +54,10 @@ class LoRAConfig(Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | str | None = Field(
         None, description="module-name suffixes, or one regex over full names; default q_proj,v_proj / query,value")
+    modules_to_save: list[str] | None = Field(
+        None, description="module-name suffixes trained in full and kept private with the head, as PEFT's "
+        "modules_to_save (default: the classification head, classifier / score); e.g. [\"classifier\", \"pooler\"] "
+        "also trains a BERT pooler, as RoBERTa's classification head trains its dense layer")
 
 
 class DataConfig(Section):

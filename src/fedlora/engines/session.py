@@ -62,7 +62,8 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
                           f"({limit} positions); set data.max_length to at most {limit}")
     if base.objective == "classification" and num_labels == 0:
         raise DataError(f"model {cfg.model.name!r} classifies, but dataset {cfg.data.dataset!r} has no labels")
-    adapted = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    adapted = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
+                           cfg.lora.modules_to_save)
     server, client = build(cfg.algorithm.name, cfg.algorithm.active_options, adapted.spec, cfg.seed,
                            aggregation_of(cfg))
     datasets = {c.client_id: encode_client(c, base.tokenizer, base.objective, cfg.data.max_length) for c in clients}
@@ -83,7 +84,8 @@ def load_options(cfg: Config, device: str | None = None) -> LoadOptions:
     check_precision(cfg.training.precision, where)
     m = cfg.model
     return LoadOptions(where, m.revision, m.trust_remote_code, m.quantization, m.quant_type, m.double_quant,
-                       AUTOCAST_DTYPES.get(cfg.training.precision, torch.float32))
+                       AUTOCAST_DTYPES.get(cfg.training.precision, torch.float32),
+                       tuple(cfg.lora.modules_to_save or ()))
 
 
 def aggregation_of(cfg: Config) -> Aggregation:
