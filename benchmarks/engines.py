@@ -125,7 +125,7 @@ def main() -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "engines.png", dpi=110)
-    print("\n".join(lines[4:5 + len(rows)]))
+    print("\n".join(lines[4:6 + len(rows)]))
 
 
 if __name__ == "__main__":
