@@ -171,7 +171,7 @@ def test_deployment_survives_a_hung_and_a_disconnected_supernode(tmp_path):
     clients = ["noun_topic-0", "noun_topic-1", "noun_topic-2"]
     cfg = build_config(tiny_config(tmp_path, output_dir=str(tmp_path / "run"),
                                    data={"tasks": ["noun_topic"], "clients_per_task": 3},
-                                   federation={"rounds": 1, "round_timeout": 60, "min_clients": 1},
+                                   federation={"rounds": 1, "round_timeout": 30, "min_clients": 1},
                                    engine={"progress": False, "num_clients": 3}, algorithm={"name": "fedit"}))
     app = write_app(tmp_path / "app", cfg)
     with LocalFederation(tmp_path / "fed", {cid: {"client-id": cid} for cid in clients}) as fed:
@@ -196,7 +196,7 @@ def test_deployment_survives_a_hung_and_a_disconnected_supernode(tmp_path):
     assert [r["round"] for r in rounds] == [0, 1]
     failures = rounds[1]["failures"]
     assert set(failures) == {"noun_topic-1", "noun_topic-2"} and list(rounds[1]["fit"]) == ["noun_topic-0"]
-    assert "no reply within federation.round_timeout=60" in failures["noun_topic-1"]
+    assert "no reply within federation.round_timeout=30" in failures["noun_topic-1"]
     assert failures["noun_topic-2"]  # gone: a timeout, or Flower's "Node Unavailable" once heartbeats stop
     assert "noun_topic-2" in rounds[1]["eval_failures"] and "noun_topic-0" in rounds[1]["eval"]
     # (the hung client's evaluation may time out too, or run once its SuperNode gives up on the frozen app)

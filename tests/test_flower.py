@@ -139,3 +139,32 @@ def test_a_node_claiming_a_client_the_operator_did_not_list_is_left_out(tmp_path
     server_main(cfg, FakeGrid(make_client_app(cfg), 4))
     records = [__import__("json").loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert set(records[-1]["fit"]) == set(records[-1]["eval"]) == {"noun_topic-0", "noun_topic-1", "verb_class-0"}
+
+
+def test_replies_from_a_superlink_are_polled_often_until_the_last_or_the_timeout(monkeypatch):
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from fedlora.engines import flower
+
+    class Link(HttpGrid):
+        def __init__(self, arrivals):  # no connection: replies arrive pull by pull
+            self.arrivals, self.pulls = arrivals, 0
+
+        def push_messages(self, messages):
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, message_ids):
+            self.pulls += 1
+            ready = self.arrivals.pop(0) if self.arrivals else []
+            return [r for r in ready if r.metadata.reply_to_message_id in set(message_ids)]
+
+    def reply(to):
+        return type("R", (), {"metadata": type("M", (), {"reply_to_message_id": to})()})()
+
+    monkeypatch.setattr(flower, "REPLY_POLL_SECONDS", 0.01)
+    link = Link([[], [reply("m1")], [], [reply("m0")], [reply("m0")]])
+    got = flower.send_and_receive(link, [object(), object()], timeout=10)
+    assert [r.metadata.reply_to_message_id for r in got] == ["m1", "m0"] and link.pulls == 4
+    start = time.monotonic()
+    assert flower.send_and_receive(Link([]), [object()], timeout=0.2) == []  # nobody answers: the timeout ends it
+    assert time.monotonic() - start < 2
