@@ -117,8 +117,9 @@ def config_for(suite: str, profile: str, method: str, seed: int, run_dir: Path, 
     return cfg
 
 
-LATER_DEFAULTS = {"update_clip": "adaptive", "update_clip_factor": 10.0, "aggregation": "mean", "trim_fraction": 0.1}
-LATER_SECTION_DEFAULTS = {
+# Settings added after runs were stored, per section, with their defaults: at the default they stay out of the hash
+LATER_DEFAULTS = {
+    "federation": {"update_clip": "adaptive", "update_clip_factor": 10.0, "aggregation": "mean", "trim_fraction": 0.1},
     "model": {"device": "auto", "revision": None, "trust_remote_code": False, "quantization": "none",
               "quant_type": "nf4", "double_quant": True},
     "training": {"precision": "fp32", "gradient_checkpointing": False},
@@ -135,17 +136,13 @@ def setup_id(cfg: Config) -> str:
     setup["model"]["task"] = setup["model"].pop("objective")  # its name before 0.2: the stored runs keep their ids
     # Settings added later enter the hash only when changed from their default, so the stored runs keep their ids:
     # the round timeout cannot change a result, and the adaptive update clip clips no honest update (robustness.md)
-    federation = setup["federation"]
-    federation["round_timeout"] = None
-    for key, default in LATER_DEFAULTS.items():
-        if federation.get(key) == default:
-            federation.pop(key)
-    # the same for the hardware, privacy and tracking settings added since (device, precision and quantization
-    # at their defaults are the fp32 CPU runs stored; tracking never changes a result)
+    # (device, precision and quantization at their defaults are the fp32 CPU runs stored); tracking never changes
+    # a result, nor does privacy at its default (off)
+    setup["federation"]["round_timeout"] = None
     setup.pop("tracking", None)
     if setup.get("privacy") == type(cfg.privacy)().model_dump(mode="json"):
         setup.pop("privacy")
-    for section, defaults in LATER_SECTION_DEFAULTS.items():
+    for section, defaults in LATER_DEFAULTS.items():
         for key, default in defaults.items():
             if setup[section].get(key) == default:
                 setup[section].pop(key)

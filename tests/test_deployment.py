@@ -35,6 +35,7 @@ from fedlora.deployment import (
     adopt_server_results,
     die_with_parent,
     free_port,
+    stop_process_trees,
     write_app,
     write_credentials,
 )
@@ -198,24 +199,7 @@ class _Machines:
         raise AssertionError(f"{name} did not open port {port}")
 
     def stop(self) -> None:
-        procs = []
-        for popen in self.processes.values():
-            try:
-                parent = psutil.Process(popen.pid)
-                procs += [parent, *parent.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for proc in procs:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for proc in alive:
-            proc.kill()
-        psutil.wait_procs(alive, timeout=5)
-        for popen in self.processes.values():
-            popen.wait(timeout=5)
+        stop_process_trees(list(self.processes.values()))
 
 
 @pytest.mark.slow

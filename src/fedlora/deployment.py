@@ -366,6 +366,30 @@ def die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+def stop_process_trees(popens: list[subprocess.Popen]) -> None:
+    """Terminate processes and all their children (killed if they are still up after 10 s), then reap them."""
+    import psutil
+
+    procs = []
+    for popen in popens:
+        try:
+            parent = psutil.Process(popen.pid)
+            procs += [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    for popen in popens:
+        popen.wait(timeout=5)  # reap, so no zombie stays behind
+
+
 @dataclass
 class LocalFederation:
     """A SuperLink (TLS, SuperNode authentication), its Fleet gateway and SuperNodes as processes on this machine.
@@ -525,26 +549,7 @@ class LocalFederation:
 
     def stop(self) -> None:
         """Stop every process started here and their children (Flower's SuperExec and app processes)."""
-        import psutil
-
-        procs = []
-        for popen in self.processes.values():
-            try:
-                parent = psutil.Process(popen.pid)
-                procs += [parent, *parent.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for proc in procs:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for proc in alive:
-            proc.kill()
-        psutil.wait_procs(alive, timeout=5)
-        for popen in self.processes.values():
-            popen.wait(timeout=5)  # reap, so no zombie stays behind
+        stop_process_trees(list(self.processes.values()))
         self.processes.clear()
 
 
@@ -625,6 +630,7 @@ __all__ = [
     "free_port",
     "run_local_deployment",
     "serve_fleet_gateway",
+    "stop_process_trees",
     "split_address",
     "supernode_names",
     "write_app",
