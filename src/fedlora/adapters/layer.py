@@ -52,6 +52,11 @@ class MixtureLoRALinear(nn.Module):
         self.set_layout(n_experts, router, r)
 
     @property
+    def dropout_p(self) -> float:
+        """The LoRA dropout probability."""
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    @property
     def n_experts(self) -> int:
         """Number of LoRA experts E."""
         return len(self.lora_A)

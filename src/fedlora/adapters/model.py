@@ -9,6 +9,7 @@ Algorithms move expert states between slots (`load_expert(e, state)`), so a clie
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -21,6 +22,7 @@ from torch import nn
 from ..core.errors import CheckpointError, ConfigError
 from ..core.tensors import StateDict
 from .layer import MixtureLoRALinear, RouterKind, router_outputs
+from .tree import SharedTree, outermost
 
 DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))  # when PEFT has no mapping for the architecture
 
@@ -148,6 +150,26 @@ class AdaptedModel:
         self.head_names = head_parameters(model, head_modules or DEFAULT_HEAD_MODULES)
         self.spec = AdapterSpec(tuple((p, l.in_features, l.out_features) for p, l in self.layers.items()), r, alpha)
         self.layout = Layout()
+
+    def replica(self) -> "AdaptedModel":
+        """Another client's model on the same frozen base: its own LoRA layers (one expert at lora.r until a layout
+        is set) and its own head modules; every other module is shared, so nothing of the base is copied."""
+        tree = SharedTree(self.model)
+        layers: dict[str, MixtureLoRALinear] = {}
+        ref = next(iter(self.layers.values())).lora_A[0]
+        with torch.random.fork_rng(devices=[ref.device] if ref.device.type == "cuda" else []):
+            for path, layer in self.layers.items():  # the experts' throwaway init leaves the global stream as it was
+                layers[path] = MixtureLoRALinear(layer.base, self.spec.r, self.spec.alpha, layer.dropout_p)
+                tree.replace(path, layers[path])
+        for path in self.head_modules():
+            tree.replace(path, copy.deepcopy(self.model.get_submodule(path)))
+        twin = copy.copy(self)
+        twin.model, twin.layers, twin.layout = tree.root, layers, Layout()
+        return twin
+
+    def head_modules(self) -> list[str]:
+        """Paths of the modules that hold the private head's parameters (outermost first)."""
+        return outermost({n.rsplit(".", 1)[0] for n in self.head_names})
 
     @property
     def rank(self) -> int:

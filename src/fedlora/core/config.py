@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      model_validator)
+                      field_validator, model_validator)
 
 from .errors import ConfigError
 
@@ -231,8 +231,19 @@ class EngineConfig(Section):
     handshake_timeout: float = Field(600.0, gt=0, description="seconds the Flower server waits for every SuperNode")
     warm_clients: bool = Field(True, description="flower-local: each SuperNode keeps one warm worker with the model "
                                "built (false: a fresh process per message, as Flower does; docs/deployment.md)")
+    client_batch: int | Literal["auto"] = Field(1, description="in-process: clients trained together in one "
+                                                "forward/backward over the shared base (1: one after another; auto: "
+                                                "as many as fit in GPU memory, 4 on a CPU; docs/batched.md)")
     clients: list[str] | None = Field(None, description="Flower: the client ids the operator admits; a node that "
                                       "claims another id is left out (default: any id, up to num_clients nodes)")
+
+
+    @field_validator("client_batch")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"engine.client_batch must be a positive number of clients or 'auto', got {value}")
+        return value
 
 
 class PrivacyConfig(Section):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -31,3 +33,43 @@ def seed_everything(seed: int, *names: object) -> None:
     random.seed(value)
     np.random.seed(value % (2**32))
     torch.manual_seed(value)
+
+
+class RandomStream:
+    """A saved state of torch's global generators (CPU, and CUDA when present), to be resumed later.
+
+    Several clients trained in one pass each keep their own dropout stream this way: torch's dropout (and the
+    dropout inside scaled_dot_product_attention) take no generator, so a client's draws are made with its
+    stream put in place of the global one (`active`), exactly as they would be when it trains alone.
+    """
+
+    def __init__(self) -> None:
+        self.capture()
+
+    def capture(self) -> None:
+        """Save the global generators' current state into this stream."""
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def copy(self) -> "RandomStream":
+        """An independent copy of this stream at its current state."""
+        twin = RandomStream.__new__(RandomStream)
+        twin.cpu, twin.cuda = self.cpu.clone(), None if self.cuda is None else [s.clone() for s in self.cuda]
+        return twin
+
+    def restore(self) -> None:
+        """Make this stream's state the global generators' state."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Within the block the global generators draw from this stream (which advances); outside they are as before."""
+        outside = RandomStream()
+        self.restore()
+        try:
+            yield
+        finally:
+            self.capture()
+            outside.restore()

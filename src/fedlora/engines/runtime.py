@@ -19,9 +19,11 @@ import torch
 from ..adapters import AdaptedModel
 from ..algorithms import METHODS, ClientAlgorithm, ClientContext, ClientState, Diagnostic, Payload, Personalized, Reply
 from ..core.config import Config
+from ..core.devices import model_device
 from ..core.errors import ConfigError
 from ..core.seeding import derive_seed, generator
 from ..training import ClientDataset, Trainer, WorkerPool, Workers, client_budgets
+from ..training.batched import ClientBatch, Slot
 from ..training.distributed import worker_threads
 from .privacy import privatize
 
@@ -63,6 +65,7 @@ class ClientRuntime:
         self._check_ranks()
         self._pool: WorkerPool | None = None
         self._lora_init: dict[str, torch.Tensor] | None = None
+        self._batch: ClientBatch | None = None
 
     def lora_init(self) -> dict[str, torch.Tensor]:
         """The run's shared seeded LoRA init (every client's first start), built once."""
@@ -113,37 +116,61 @@ class ClientRuntime:
             self._initial_heads[task] = self.adapted.init_head(derive_seed(self.config.seed, "head", task))
         return self._initial_heads[task]
 
-    def context(self, client_id: str, rnd: int, phase: str, payload: Payload, state: ClientState) -> ClientContext:
-        """This client's turn on the shared model: its layout (at its rank), private head and optimizer moments
-        loaded, and a trainer whose random streams depend only on (seed, phase, client, round)."""
+    def context(self, client_id: str, rnd: int, phase: str, payload: Payload, state: ClientState,
+                slot: Slot | None = None) -> ClientContext:
+        """This client's turn on the shared model (or its slot's replica of it): its layout (at its rank), private
+        head and optimizer moments loaded, and a trainer whose random streams depend only on (seed, phase, client,
+        round)."""
         seed = derive_seed(self.config.seed, phase, client_id, rnd)
         budget = self.budgets[client_id]
         workers = self.workers(budget.workers) if phase == "fit" and budget.workers > 1 else None
-        trainer = Trainer(self.adapted, self.tokenizer, self.datasets[client_id], budget.training, self.objective,
-                          seed, client_id, workers)
-        rank = budget.lora_r if budget.lora_r != self.adapted.spec.r else None
-        self.adapted.set_layout(replace(self.algorithm.layout_for(payload), r=rank))
-        self.adapted.set_expert_weights(torch.ones(self.adapted.layout.n_experts))
-        self.adapted.set_own_expert(0)
-        if self.adapted.head_names:
-            self.adapted.load_head(state.states.get(HEAD) or self.initial_head(client_id))
+        adapted = slot.model if slot is not None else self.adapted
+        trainer = Trainer(adapted, self.tokenizer, self.datasets[client_id], budget.training, self.objective,
+                          seed, client_id, workers, slot)
+        rank = budget.lora_r if budget.lora_r != adapted.spec.r else None
+        adapted.set_layout(replace(self.algorithm.layout_for(payload), r=rank))
+        adapted.set_expert_weights(torch.ones(adapted.layout.n_experts))
+        adapted.set_own_expert(0)
+        if adapted.head_names:
+            adapted.load_head(state.states.get(HEAD) or self.initial_head(client_id))
         if OPTIMIZER in state.states:
             trainer.optimizer_state = _unflatten_optimizer(state.states[OPTIMIZER])
         return ClientContext(client_id, seed, self.datasets[client_id], trainer)
 
-    def fit(self, client_id: str, rnd: int, payload: Payload, state: ClientState) -> tuple[Reply, ClientState]:
-        """One local round; the given state is not modified (a failed fit leaves the client as it was)."""
+    def fit(self, client_id: str, rnd: int, payload: Payload, state: ClientState,
+            slot: Slot | None = None) -> tuple[Reply, ClientState]:
+        """One local round (alone, or in `slot` of a batch of clients trained together); the given state is not
+        modified (a failed fit leaves the client as it was)."""
         state = _copy(state)
-        ctx = self.context(client_id, rnd, "fit", payload, state)
+        ctx = self.context(client_id, rnd, "fit", payload, state, slot)
         reply, state = self.algorithm.fit(payload, state, ctx)
-        if self.adapted.head_names:
-            state.states[HEAD] = self.adapted.head_state()
+        if ctx.model.head_names:
+            state.states[HEAD] = ctx.model.head_state()
         if ctx.trainer.optimizer_state is not None and not self.config.training.reset_optimizer:
             state.states[OPTIMIZER] = _flatten_optimizer(ctx.trainer.optimizer_state)
         if self.config.privacy.dp != "none":  # the upload's bound (and local noise) before anything leaves
             reply, state = privatize(reply, payload, state, self.config, ctx.seed, self.lora_init())
         reply.metrics.setdefault("num_examples", reply.num_examples)
         return reply, state
+
+    def fit_together(self, turns: list[tuple[str, int, Payload, ClientState]]) -> list[tuple[Reply, ClientState] | Exception]:
+        """Several clients' local rounds in joint steps over the shared base (`engine.client_batch`), each one's
+        result equal to its `fit` alone (to float tolerance), or the exception that failed it."""
+        if self._batch is None or self._batch.size < len(turns):
+            self._batch = ClientBatch(self.adapted, len(turns))
+        return self._batch.run([lambda slot, t=turn: self.fit(*t, slot=slot) for turn in turns])
+
+    def batching_problem(self) -> str | None:
+        """Why this run's clients cannot train together (`engine.client_batch`), or None."""
+        method = METHODS[self.config.algorithm.name]
+        if method.merges_into_base:
+            return f"{method.name} merges each client's update into the shared base weights"
+        if any(b.workers > 1 for b in self.budgets.values()):
+            return "a client trains on several data-parallel workers (clients.workers)"
+        if self.config.training.gradient_checkpointing:
+            return ("gradient checkpointing recomputes the forward, and its dropout draws, which a joint pass cannot "
+                    "yet repeat per client")
+        return None
 
     @contextmanager
     def personalize(self, client_id: str, rnd: int, payload: Payload, state: ClientState) -> Iterator[PersonalizedTurn]:
@@ -187,3 +214,23 @@ def _unflatten_optimizer(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, t
         param, _, key = name.rpartition("|")
         out.setdefault(param, {})[key] = value
     return out
+
+
+CPU_CLIENT_BATCH = 4  # engine.client_batch="auto" off CUDA: a CPU gains little from more (benchmarks/batched.py)
+
+
+def auto_client_batch(runtime: ClientRuntime) -> int:
+    """`engine.client_batch = "auto"`: on CUDA, as many clients as fit into 80% of the free GPU memory by an
+    estimate of one client's training memory (at most 64); elsewhere CPU_CLIENT_BATCH."""
+    device = model_device(runtime.adapted.model)
+    if device.type != "cuda":
+        return CPU_CLIENT_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    cfg, model_cfg = runtime.config, runtime.adapted.model.config
+    # AdamW: the parameter, its gradient and two moments in fp32, for up to three experts and a router
+    adapters = 16 * 4 * runtime.adapted.spec.lora_numel()
+    # activations: about 34 bytes per token, layer and hidden unit in 16-bit (Korthikanti et al. 2022), twice in fp32
+    tokens = max(b.training.batch_size for b in runtime.budgets.values()) * cfg.data.max_length
+    per_token = 34 * getattr(model_cfg, "hidden_size", 1024) * getattr(model_cfg, "num_hidden_layers", 24)
+    activations = tokens * per_token * (2 if cfg.training.precision == "fp32" else 1)
+    return max(1, min(64, int(0.8 * free // (adapters + activations))))

@@ -20,6 +20,7 @@ from ..core.config import TrainingConfig
 from ..core.devices import autocast, model_device
 from ..core.seeding import generator, seed_everything
 from ..data.tokenize import IGNORE_INDEX, Encoded, batch_indices, collate, collate_prompts, steps_for_epochs
+from .batched import Slot
 from .distributed import DataParallel, Workers, load_replica_state, replica_state
 from .metrics import classification_metrics, generation_metrics
 
@@ -69,11 +70,13 @@ class Trainer:
     """Trains and evaluates whatever adapter parts are trainable on one client's data."""
 
     def __init__(self, adapted: AdaptedModel, tokenizer, data: ClientDataset, cfg: TrainingConfig,
-                 objective: str, seed: int, client_id: str = "", workers: Workers | None = None) -> None:
+                 objective: str, seed: int, client_id: str = "", workers: Workers | None = None,
+                 slot: Slot | None = None) -> None:
         self.adapted, self.tokenizer, self.data, self.cfg, self.seed = adapted, tokenizer, data, cfg, seed
         self.objective = objective  # the model's: "classification" or "causal_lm" (not the dataset's task)
         self.client_id = client_id
         self.workers = workers  # data-parallel workers of train(); None: this process alone
+        self.slot = slot  # its place in a batch of clients trained together (batched.py); None: alone
         self.last_trainable: set[str] = set()  # parameter names trained by the last train() call
         self.optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None  # kept across rounds if not reset
         self.pad_id = tokenizer.pad_token_id
@@ -91,8 +94,12 @@ class Trainer:
 
     def forward(self, **inputs: torch.Tensor):
         """The model's forward pass in the training precision (autocast; trainable parameters stay fp32)."""
+        return self.forward_on(self.model, inputs)
+
+    def forward_on(self, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]):
+        """`model`'s forward pass (this model, or a joint model over it) in the training precision."""
         with autocast(self.device, self.cfg.precision):
-            return self.model(**inputs)
+            return model(**inputs)
 
     def first_batch(self, data: Encoded) -> dict[str, torch.Tensor]:
         """The first evaluation batch of a split (diagnostics look at it)."""
@@ -112,17 +119,23 @@ class Trainer:
         With `n_items`, the sum of the per-item losses divided by n_items instead: a data-parallel shard's
         part of the global batch mean (items are examples, or predicted tokens for a causal LM).
         """
-        if self.objective == "classification":
-            logits = self.forward(**_inputs(batch)).logits
-            if n_items is None:
-                return F.cross_entropy(logits[:, : self.data.n_labels].float(), batch["labels"])
-            return F.cross_entropy(logits[:, : self.data.n_labels].float(), batch["labels"], reduction="sum") / n_items
-        if n_items is None:
+        if self.objective != "classification" and n_items is None:
             return self.forward(**batch).loss.float()
-        logits = self.forward(**_inputs(batch)).logits
+        return self.logits_loss(self.forward(**_inputs(batch)).logits, batch, n_items)
+
+    def logits_loss(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor],
+                    n_items: int | None = None) -> torch.Tensor:
+        """The loss of `batch_loss` from the batch's logits: the mean, or the sum over items divided by n_items."""
+        if self.objective == "classification":
+            logits = logits[:, : self.data.n_labels].float()
+            if n_items is None:
+                return F.cross_entropy(logits, batch["labels"])
+            return F.cross_entropy(logits, batch["labels"], reduction="sum") / n_items
         # token t predicts label t+1, as the HF loss: the last position predicts nothing
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum") / max(n_items, 1)
+        logits, labels = logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten()
+        if n_items is None:
+            return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / max(n_items, 1)
 
     def train(self, experts: Iterable[int] = (), router: bool = False, steps: int | None = None,
               epochs: float | None = None, data: Encoded | None = None, parts: str = "AB") -> dict[str, float]:
@@ -183,6 +196,8 @@ class Trainer:
                   dp: DataParallel | None) -> float:
         """Gradients of one global batch into `.grad`; returns its loss. Data-parallel: this worker's shard,
         normalised by the whole batch's item count, then summed over the workers."""
+        if self.slot is not None:  # trained together with other clients: one joint step serves them all
+            return self.slot.backward(self, self.batch(data, idx))
         if dp is None:
             loss = self.batch_loss(self.batch(data, idx))
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

@@ -1,0 +1,180 @@
+"""Several clients' local rounds trained together: one forward/backward per step over the shared base
+(`engine.client_batch`; the joint model itself is `adapters/joint.py`).
+
+Each client's turn (the method's whole `fit`, unchanged) runs in a thread of its own on a replica of the model
+(`AdaptedModel.replica`: its own LoRA layers and head over the same frozen base). One turn runs at a time, in
+slot order, each until it asks for a training step (`Trainer._backward`) or ends; once every running turn waits
+for a step, one joint forward/backward over their concatenated batches gives each its gradients, and the turns
+go on, each with its own AdamW step, clipping and schedule. A turn that has ended drops out of later steps; one
+that starts another `train()` joins again. Threads rather than processes: the turns share the model in memory,
+and running them one at a time keeps every step in a fixed order (and torch's global random stream each client's
+own while it runs, `RandomStream`), so the result is the sequential engine's to float tolerance.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from ..adapters import AdaptedModel
+from ..adapters.joint import JointPass, RowSlice, joint_model
+from ..core.seeding import RandomStream
+from ..data.tokenize import IGNORE_INDEX
+
+T = TypeVar("T")
+PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}  # input_ids: the tokenizer's pad id
+
+
+@dataclass
+class StepRequest:
+    """A turn waiting for one training step: its trainer (loss, scaler, pad id) and its batch on the device."""
+
+    trainer: "object"  # a Trainer (not imported here: trainer.py imports this module)
+    batch: Mapping[str, torch.Tensor]
+
+
+class Slot:
+    """One client's place in a `ClientBatch`: its replica of the model and its way into the joint steps."""
+
+    def __init__(self, owner: "ClientBatch", index: int, model: AdaptedModel) -> None:
+        self.owner, self.index, self.model = owner, index, model
+
+    def backward(self, trainer, batch: Mapping[str, torch.Tensor]) -> float:
+        """Wait for the joint step that puts this batch's gradients into the trainer's parameters; its loss."""
+        return self.owner._request(self.index, StepRequest(trainer, batch))
+
+
+class ClientBatch:
+    """Up to `size` clients' turns trained in joint steps over `adapted`'s base (see the module docstring)."""
+
+    def __init__(self, adapted: AdaptedModel, size: int) -> None:
+        self.joint = JointPass()
+        self.slots = [Slot(self, k, adapted.replica()) for k in range(size)]
+        layers = {p: [s.model.layers[p] for s in self.slots] for p in adapted.layers}
+        heads = {p: [s.model.model.get_submodule(p) for s in self.slots] for p in adapted.head_modules()}
+        self.model = joint_model(adapted.model, layers, heads, self.joint)
+
+    @property
+    def size(self) -> int:
+        """How many turns can train together."""
+        return len(self.slots)
+
+    def run(self, turns: list[Callable[[Slot], T]]) -> list[T | Exception]:
+        """Run the turns together (turn k on slot k); each one's result, or the exception that ended it."""
+        if len(turns) > self.size:
+            raise ValueError(f"{len(turns)} turns for a batch of {self.size}")
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._resume = [queue.SimpleQueue() for _ in turns]
+        self._streams = [RandomStream() for _ in turns]
+        self._results: dict[int, T | Exception] = {}
+        self._waiting: dict[int, StepRequest] = {}
+        outside = RandomStream()
+        for k, turn in enumerate(turns):
+            threading.Thread(target=self._turn, args=(k, turn), name=f"fedlora-client-slot-{k}", daemon=True).start()
+            self._hand_over(k, None)
+        try:
+            while self._waiting:
+                requests, self._waiting = sorted(self._waiting.items()), {}
+                for k, outcome in self._step(requests).items():
+                    self._hand_over(k, outcome)
+        finally:
+            for k in self._waiting:  # only after an error of this loop: unblock the turns so their threads end
+                self._resume[k].put(RuntimeError("the client batch stopped"))
+            outside.restore()
+        return [self._results[k] for k in range(len(turns))]
+
+    # -- the turns' side ----------------------------------------------------------------------------
+    def _turn(self, k: int, turn: Callable[[Slot], T]) -> None:
+        self._resume[k].get()  # the go-ahead: only one turn runs at a time
+        try:
+            outcome: object = turn(self.slots[k])
+        except Exception as exc:  # a failing client is left out, as in the sequential engine
+            outcome = exc
+        self._inbox.put((k, "done", outcome))
+
+    def _request(self, k: int, request: StepRequest) -> float:
+        self._inbox.put((k, "step", request))
+        outcome = self._resume[k].get()
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    # -- the coordinator's side ---------------------------------------------------------------------
+    def _hand_over(self, k: int, outcome: object) -> None:
+        """Let turn k run (with its random stream) until it asks for a step or ends."""
+        self._streams[k].restore()
+        self._resume[k].put(outcome)
+        slot, kind, message = self._inbox.get()
+        assert slot == k, f"slot {slot} ran while slot {k} had the turn"
+        self._streams[k].capture()
+        if kind == "step":
+            self._waiting[k] = message
+        else:
+            self._results[k] = message
+
+    def _step(self, requests: list[tuple[int, StepRequest]]) -> dict[int, float | Exception]:
+        """One joint step; if it fails, each request alone, so that one client's error fails only that client."""
+        saved = {k: self._streams[k].copy() for k, _ in requests}
+        try:
+            return self._joint_backward(requests)
+        except Exception as exc:
+            if len(requests) == 1:
+                return {requests[0][0]: exc}
+        outcomes: dict[int, float | Exception] = {}
+        for k, request in requests:
+            self._streams[k] = saved[k].copy()
+            for p in request.trainer.adapted.trainable_parameters():
+                p.grad = None
+            try:
+                outcomes.update(self._joint_backward([(k, request)]))
+            except Exception as exc:
+                outcomes[k] = exc
+        return outcomes
+
+    def _joint_backward(self, requests: list[tuple[int, StepRequest]]) -> dict[int, float]:
+        """Gradients of every request's batch loss in one forward/backward (loss = the sum of per-client means)."""
+        batches = [r.batch for _, r in requests]
+        width = max(b["input_ids"].shape[1] for b in batches)
+        slices, start = [], 0
+        for (k, _), b in zip(requests, batches):
+            n, length = b["input_ids"].shape
+            slices.append(RowSlice(k, start, start + n, length, self._streams[k], not bool(b["attention_mask"].all())))
+            start += n
+        first = requests[0][1].trainer
+        inputs = concat_batches(batches, width, first.pad_id)
+        self.model.train()
+        with self.joint.over(slices, width):
+            logits = first.forward_on(self.model, {k: v for k, v in inputs.items() if k != "labels"}).logits
+        total, losses = 0, {}
+        for (k, request), s in zip(requests, slices):
+            rows = logits[s.start:s.stop]
+            loss = request.trainer.logits_loss(rows[:, : s.length] if rows.dim() == 3 else rows, request.batch)
+            total = total + (request.trainer.scaler.scale(loss) if request.trainer.scaler is not None else loss)
+            losses[k] = loss
+        total.backward()
+        return {k: float(loss.detach()) for k, loss in losses.items()}
+
+
+def concat_batches(batches: list[Mapping[str, torch.Tensor]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batches padded to `width` and stacked by row (a key one batch lacks is filled with its pad
+    value: token type 0, as BERT assumes without it)."""
+    keys = {k for b in batches for k in b}
+    out = {}
+    for key in sorted(keys):
+        value = pad_id if key == "input_ids" else PAD_VALUES[key]
+        parts = []
+        for b in batches:
+            n, length = b["input_ids"].shape
+            t = b.get(key)
+            if t is None:
+                t = torch.full((n, length), value, dtype=torch.long, device=b["input_ids"].device)
+            if t.dim() == 2 and t.shape[1] < width:
+                t = torch.cat((t, t.new_full((n, width - t.shape[1]), value)), dim=1)
+            parts.append(t)
+        out[key] = torch.cat(parts)
+    return out
