@@ -1,0 +1,155 @@
+"""Client-steps per second with K clients trained together (engine.client_batch = K) against one after another.
+
+For each model and K, one FedIT round of K clients (`STEPS` local steps each, batch 8 x up to `LENGTH` tokens,
+LoRA r 8 on the architecture's default targets, dropout 0.05) is trained both ways on the same session: sequential
+(`ClientRuntime.fit` per client) and batched (`ClientRuntime.fit_together`), the two taking turns repetition by
+repetition (this machine's speed drifts) after one warm-up each; the median of each is reported with the ratio.
+Models: MiniLM (all-MiniLM-L6-v2, sequence classification) and a decoder built from its architecture's config with
+random weights (gpu.py's shapes: Qwen2.5-0.5B on a GPU; on the CPU a 4-layer, hidden-256 Qwen2 so that a run
+takes minutes). On CUDA it runs in bf16 (the goal: >= 5x for 16 MiniLM clients, >= 3x for 16 decoder clients).
+Results: benchmarks/results/batched.{md,json,png}.
+Usage: python benchmarks/batched.py [--quick] [--reps 3] [--out DIR]
+"""
+
+from __future__ import annotations
+
+from fedlora.core.offline import use_offline
+
+use_offline()  # before transformers is imported
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu import SHAPES, build_decoder  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+STEPS, LENGTH, BATCH = 3, 64, 8
+CPU_DECODER = ("qwen2", 256, 1024, 4, 4, 2, 512)
+
+
+def session(model: str, clients: int, device: str, precision: str, tmp: str):
+    """A FedIT session of `clients` clients on the WordNet sample (iid), set up for round 1."""
+    from fedlora.core.config import build_config
+    from fedlora.engines.session import build_session
+
+    cfg = build_config({"name": "batched", "output_dir": tmp, "seed": 0,
+                        "model": {"name": model, "device": device,
+                                  "dtype": "bfloat16" if precision == "bf16" else "float32"},
+                        "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
+                        "data": {"dataset": "wordnet-demo", "tasks": ["noun_topic"], "partition": "iid",
+                                 "clients_per_task": clients, "train_per_client": 24, "test_per_client": 2,
+                                 "max_length": LENGTH},
+                        "training": {"lr": 5e-4, "local_steps": STEPS, "batch_size": BATCH, "precision": precision},
+                        "algorithm": {"name": "fedit"}, "engine": {"progress": False, "client_batch": clients}})
+    s = build_session(cfg)
+    s.server.setup(s.infos)
+    return s
+
+
+def measure(model: str, k: int, device: str, precision: str, reps: int, tmp: str) -> dict:
+    """Median seconds of a K-client round, sequential and batched, and client-steps per second of each."""
+    from fedlora.algorithms import ClientState
+
+    s = session(model, k, device, precision, tmp)
+    ids = [i.client_id for i in s.infos]
+    payloads = s.server.configure(1, ids)
+    turns = [(cid, 1, payloads[cid], ClientState()) for cid in ids]
+
+    def sequential() -> None:
+        for turn in turns:
+            s.runtime.fit(*turn)
+
+    def batched() -> None:
+        for outcome in s.runtime.fit_together(turns):
+            if isinstance(outcome, Exception):
+                raise outcome
+
+    times: dict[str, list[float]] = {"sequential": [], "batched": []}
+    for rep in range(reps + 1):  # the first of each is a warm-up
+        for name, fn in (("sequential", sequential), ("batched", batched)):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if rep:
+                times[name].append(time.perf_counter() - start)
+    seq, bat = statistics.median(times["sequential"]), statistics.median(times["batched"])
+    return {"model": model, "clients": k, "sequential_s": seq, "batched_s": bat,
+            "sequential_steps_per_s": k * STEPS / seq, "batched_steps_per_s": k * STEPS / bat, "speedup": seq / bat}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="K in {1, 4, 16} only, 2 repetitions")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device, precision = ("cuda", "bf16") if cuda else ("cpu", "fp32")
+    torch.set_num_threads(torch.get_num_threads())
+    ks = [1, 4, 16] if args.quick else [1, 4, 16, 64]
+    reps = 2 if args.quick else args.reps
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        decoder_shape = SHAPES["qwen2.5-0.5b"] if cuda else CPU_DECODER
+        decoder = build_decoder(decoder_shape, Path(tmp) / "decoder", device)
+        models = {"minilm": ks, decoder: [k for k in ks if k <= (64 if cuda else 16)]}
+        for model, model_ks in models.items():
+            for k in model_ks:
+                row = measure(model, k, device, precision, reps, str(Path(tmp) / f"run-{len(rows)}"))
+                row["model"] = "minilm" if model == "minilm" else ("qwen2.5-0.5b shape" if cuda else
+                                                                  "qwen2 4 layers x 256 (CPU)")
+                rows.append(row)
+                print(f"{row['model']:>28}  K={k:<3} sequential {row['sequential_s']:7.2f} s  batched "
+                      f"{row['batched_s']:7.2f} s  speed-up {row['speedup']:.2f}x", flush=True)
+    report = {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+              "precision": precision, "torch_threads": torch.get_num_threads(), "steps": STEPS, "batch": BATCH,
+              "length": LENGTH, "rows": rows, "command": "python benchmarks/batched.py " + " ".join(sys.argv[1:])}
+    write(report, args.out)
+
+
+def write(report: dict, out: Path) -> None:
+    """batched.json, batched.md (the table) and batched.png (client-steps per second against K)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batched.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Clients trained together (engine.client_batch)\n",
+             f"`{report['command']}` on {report['device']}, {report['precision']}, {report['torch_threads']} torch "
+             f"threads; FedIT, {report['steps']} local steps per client, batch {report['batch']} x up to "
+             f"{report['length']} tokens, LoRA r 8. A K-client round, sequential against batched on the same session, "
+             "alternating, median of the repetitions.\n",
+             "| model | K | sequential (s) | batched (s) | client-steps/s sequential | batched | speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['model']} | {r['clients']} | {r['sequential_s']:.2f} | {r['batched_s']:.2f} | "
+                     f"{r['sequential_steps_per_s']:.1f} | {r['batched_steps_per_s']:.1f} | {r['speedup']:.2f}x |")
+    (out / "batched.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in dict.fromkeys(r["model"] for r in report["rows"]):
+        rows = [r for r in report["rows"] if r["model"] == model]
+        ks = [r["clients"] for r in rows]
+        ax.plot(ks, [r["sequential_steps_per_s"] for r in rows], "o--", label=f"{model}, sequential")
+        ax.plot(ks, [r["batched_steps_per_s"] for r in rows], "o-", label=f"{model}, batched")
+    ax.set(xscale="log", xlabel="clients K", ylabel="client-steps per second", title=f"{report['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "batched.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
