@@ -126,6 +126,18 @@ def test_a_joint_pass_equals_each_client_alone_dropout_and_padding_included():
     assert all(p.grad is None for p in adapted.model.parameters())  # the shared model's own are not touched
 
 
+def test_waiting_steps_are_grouped_by_length_to_bound_padding():
+    from fedlora.training.batched import StepRequest, length_groups
+
+    def request(rows, length):
+        return StepRequest(None, {"input_ids": torch.zeros(rows, length, dtype=torch.long)})
+
+    requests = [(0, request(8, 10)), (1, request(8, 60)), (2, request(8, 58)), (3, request(8, 12)), (4, request(2, 50))]
+    groups = length_groups(requests, max_waste=0.25)
+    assert [[k for k, _ in g] for g in groups] == [[1, 2, 4], [0, 3]]  # 60/58/50 padded to 60; 12/10 to 12
+    assert [[k for k, _ in g] for g in length_groups(requests, max_waste=10.0)] == [[0, 1, 2, 3, 4]]
+
+
 def test_a_replica_shares_the_frozen_base_and_owns_its_adapters_and_head():
     base = load_base_model("tiny-bert", None, 3, seed=0)
     adapted = AdaptedModel(base.model, r=4, alpha=8)
@@ -147,6 +159,7 @@ METHODS = {
     "fedlease": {"federation": {"rounds": 3}, "algorithm": {"name": "fedlease", "options": {"warmup_rounds": 1}}},
     "fdlora": {"federation": {"rounds": 3}, "algorithm": {"name": "fdlora", "options": {"stage1_rounds": 1}}},
     "feddpa": {},
+    "fedit-local-dp": {"algorithm": {"name": "fedit"}, "privacy": {"dp": "local", "noise_multiplier": 0.5}},
 }
 
 
@@ -160,7 +173,7 @@ def test_a_batched_run_equals_the_sequential_run(tmp_path, method, monkeypatch):
     run_experiment(sequential)
     sizes = joint_steps(monkeypatch)
     run_experiment(batched)
-    assert max(sizes) == 4 and min(sizes) < 4  # all four together, then fewer as budgets run out
+    assert max(sizes) >= 2 and min(sizes) < max(sizes)  # together, then fewer as budgets run out
     assert_same_run(final_states(sequential), final_states(batched))
 
 

@@ -28,6 +28,7 @@ from ..core.seeding import RandomStream
 from ..data.tokenize import IGNORE_INDEX
 
 T = TypeVar("T")
+MAX_PADDING = 0.25  # a joint step's share of padding tokens beyond each client's own, before it is split
 PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}  # input_ids: the tokenizer's pad id
 
 
@@ -114,6 +115,13 @@ class ClientBatch:
             self._results[k] = message
 
     def _step(self, requests: list[tuple[int, StepRequest]]) -> dict[int, float | Exception]:
+        """Every waiting request's step, in joint steps of requests of similar length (`length_groups`)."""
+        outcomes: dict[int, float | Exception] = {}
+        for group in length_groups(requests):
+            outcomes.update(self._step_group(group))
+        return outcomes
+
+    def _step_group(self, requests: list[tuple[int, StepRequest]]) -> dict[int, float | Exception]:
         """One joint step; if it fails, each request alone, so that one client's error fails only that client."""
         saved = {k: self._streams[k].copy() for k, _ in requests}
         try:
@@ -154,6 +162,27 @@ class ClientBatch:
             losses[k] = loss
         total.backward()
         return {k: float(loss.detach()) for k, loss in losses.items()}
+
+
+def length_groups(requests: list[tuple[int, StepRequest]], max_waste: float = MAX_PADDING) -> list[list[tuple[int, StepRequest]]]:
+    """The requests split into groups, each padded to its longest batch with at most `max_waste` of its tokens
+    padding: the longest first, slot order within a group. Clients' steps are independent, so any grouping gives
+    the same result; padding 64 clients' batches to the longest of them tripled the tokens on the WordNet sample."""
+    by_length = sorted(requests, key=lambda kr: (-kr[1].batch["input_ids"].shape[1], kr[0]))
+    groups: list[list[tuple[int, StepRequest]]] = []
+    width = rows = tokens = 0
+    for k, request in by_length:
+        n, length = request.batch["input_ids"].shape
+        if groups and width * (rows + n) > (1 + max_waste) * (tokens + n * length):
+            groups[-1].sort(key=lambda kr: kr[0])
+            groups.append([])
+            width = rows = tokens = 0
+        if not groups:
+            groups.append([])
+        width, rows, tokens = max(width, length), rows + n, tokens + n * length
+        groups[-1].append((k, request))
+    groups[-1].sort(key=lambda kr: kr[0])
+    return groups
 
 
 def concat_batches(batches: list[Mapping[str, torch.Tensor]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
