@@ -361,3 +361,21 @@ def test_a_run_log_inside_the_same_runs_log_writes_each_line_once(tmp_path):
         log.info("round 2")
     assert (tmp_path / "run.log").read_text().count("round 1") == 1
     assert (tmp_path / "run.log").read_text().count("round 2") == 1
+
+
+def test_local_supernodes_are_flowers_own_with_short_polling_sleeps(monkeypatch):
+    """flower-local's SuperNode is Flower's, its sleeps capped at POLL (Flower's idle wait is a hard-coded 3 s)."""
+    import flwr.supernode.cli as cli
+    from flwr.supernode import start_client_internal
+
+    from fedlora import local_supernode
+
+    ran = []
+    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored afterwards
+    monkeypatch.setattr(cli, "flower_supernode", lambda: ran.append(start_client_internal.time))
+    monkeypatch.setattr(sys, "argv", ["x", "--superlink", "h:1"])
+    local_supernode.main()
+    patched = ran[0]
+    start = time.perf_counter()
+    patched.sleep(3)
+    assert time.perf_counter() - start < 1 and patched.monotonic() > 0 and sys.argv[0] == "flower-supernode"

@@ -435,9 +435,10 @@ class LocalFederation:
                 "--listen", f"{self.public_host}:{self.port}", "--superlink", f"127.0.0.1:{self.superlink_port}"]
 
     def supernode_command(self, name: str, key: Path, node_config: dict[str, str], port: int) -> list[str]:
-        """The `flower-supernode` command line of one data owner."""
+        """The `flower-supernode` command line of one data owner (Flower's SuperNode with shorter polling sleeps,
+        `local_supernode.py`)."""
         config = " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
-        return ["flower-supernode", "--superlink", f"{self.public_host}:{self.port}", "--root-certificates",
+        return [sys.executable, "-m", "fedlora.local_supernode", "--superlink", f"{self.public_host}:{self.port}", "--root-certificates",
                 str(self.credentials.ca_cert), "--auth-supernode-private-key", str(key), "--node-config", config,
                 "--port", str(port), "--max-retries", "3", "--max-wait-time", "30"]
 
