@@ -123,7 +123,7 @@ def write(report: dict, out: Path) -> None:
     """batched.json, batched.md (the table) and batched.png (client-steps per second against K)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "batched.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Clients trained together (engine.client_batch)\n",
+    lines = ["# Clients trained together (engine.client_batch)\n",
              f"`{report['command']}` on {report['device']}, {report['precision']}, {report['torch_threads']} torch "
              f"threads; FedIT, {report['steps']} local steps per client, batch {report['batch']} x up to "
              f"{report['length']} tokens, LoRA r 8. A K-client round, sequential against batched on the same session, "
