@@ -6,7 +6,9 @@ LoRA r 8 on the architecture's default targets, dropout 0.05) is trained both wa
 repetition (this machine's speed drifts) after one warm-up each; the median of each is reported with the ratio.
 Models: MiniLM (all-MiniLM-L6-v2, sequence classification) and a decoder built from its architecture's config with
 random weights (gpu.py's shapes: Qwen2.5-0.5B on a GPU; on the CPU a 4-layer, hidden-256 Qwen2 so that a run
-takes minutes). On CUDA it runs in bf16 (the goal: >= 5x for 16 MiniLM clients, >= 3x for 16 decoder clients).
+takes minutes). On CUDA it runs in bf16 (the goal: >= 5x for 16 MiniLM clients, >= 3x for 16 decoder clients),
+and the batched round is also timed with the clients' LoRA in a loop over clients (`engine.grouped_lora = false`)
+against the grouped matrix products it uses there by default.
 Results: benchmarks/results/batched.{md,json,png}.
 Usage: python benchmarks/batched.py [--quick] [--reps 3] [--out DIR]
 """
@@ -36,7 +38,7 @@ STEPS, LENGTH, BATCH = 3, 64, 8
 CPU_DECODER = ("qwen2", 256, 1024, 4, 4, 2, 512)
 
 
-def session(model: str, clients: int, device: str, precision: str, tmp: str):
+def session(model: str, clients: int, device: str, precision: str, tmp: str, grouped: bool | None = None):
     """A FedIT session of `clients` clients on the WordNet sample (iid), set up for round 1."""
     from fedlora.core.config import build_config
     from fedlora.engines.session import build_session
@@ -49,7 +51,8 @@ def session(model: str, clients: int, device: str, precision: str, tmp: str):
                                  "clients_per_task": clients, "train_per_client": 24, "test_per_client": 2,
                                  "max_length": LENGTH},
                         "training": {"lr": 5e-4, "local_steps": STEPS, "batch_size": BATCH, "precision": precision},
-                        "algorithm": {"name": "fedit"}, "engine": {"progress": False, "client_batch": clients}})
+                        "algorithm": {"name": "fedit"},
+                        "engine": {"progress": False, "client_batch": clients, "grouped_lora": grouped}})
     s = build_session(cfg)
     s.server.setup(s.infos)
     return s
@@ -68,14 +71,18 @@ def measure(model: str, k: int, device: str, precision: str, reps: int, tmp: str
         for turn in turns:
             s.runtime.fit(*turn)
 
-    def batched() -> None:
-        for outcome in s.runtime.fit_together(turns):
+    def together(runtime) -> None:
+        for outcome in runtime.fit_together(turns):
             if isinstance(outcome, Exception):
                 raise outcome
 
-    times: dict[str, list[float]] = {"sequential": [], "batched": []}
+    variants = {"sequential": sequential, "batched": lambda: together(s.runtime)}
+    if device.startswith("cuda") and k > 1:  # the same batched round with the LoRA part in a loop over clients
+        looped = session(model, k, device, precision, tmp + "-loop", grouped=False)
+        variants["batched_loop"] = lambda: together(looped.runtime)
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(reps + 1):  # the first of each is a warm-up
-        for name, fn in (("sequential", sequential), ("batched", batched)):
+        for name, fn in variants.items():
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -85,8 +92,11 @@ def measure(model: str, k: int, device: str, precision: str, reps: int, tmp: str
             if rep:
                 times[name].append(time.perf_counter() - start)
     seq, bat = statistics.median(times["sequential"]), statistics.median(times["batched"])
-    return {"model": model, "clients": k, "sequential_s": seq, "batched_s": bat,
-            "sequential_steps_per_s": k * STEPS / seq, "batched_steps_per_s": k * STEPS / bat, "speedup": seq / bat}
+    row = {"model": model, "clients": k, "sequential_s": seq, "batched_s": bat,
+           "sequential_steps_per_s": k * STEPS / seq, "batched_steps_per_s": k * STEPS / bat, "speedup": seq / bat}
+    if "batched_loop" in times:
+        row["batched_loop_s"] = statistics.median(times["batched_loop"])
+    return row
 
 
 def main() -> None:
@@ -133,6 +143,13 @@ def write(report: dict, out: Path) -> None:
     for r in report["rows"]:
         lines.append(f"| {r['model']} | {r['clients']} | {r['sequential_s']:.2f} | {r['batched_s']:.2f} | "
                      f"{r['sequential_steps_per_s']:.1f} | {r['batched_steps_per_s']:.1f} | {r['speedup']:.2f}x |")
+    looped = [r for r in report["rows"] if "batched_loop_s" in r]
+    if looped:
+        lines += ["", "The batched round with the clients' LoRA in grouped matrix products (the CUDA default) against a "
+                  "loop over clients (`engine.grouped_lora = false`):", "",
+                  "| model | K | grouped (s) | loop (s) | grouped speed-up |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['clients']} | {r['batched_s']:.2f} | {r['batched_loop_s']:.2f} | "
+                  f"{r['batched_loop_s'] / r['batched_s']:.2f}x |" for r in looped]
     (out / "batched.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 

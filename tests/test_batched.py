@@ -82,16 +82,25 @@ def joint_steps(monkeypatch) -> list[int]:
 
 
 # -- the joint pass ------------------------------------------------------------------------------------------
-def test_a_joint_pass_equals_each_client_alone_dropout_and_padding_included():
+@pytest.mark.parametrize("grouped,layouts", [(False, ("plain", "dense")), (True, ("plain", "plain")),
+                                              (True, ("dense", "adaptive_top_m"))])
+def test_a_joint_pass_equals_each_client_alone_dropout_and_padding_included(grouped, layouts, monkeypatch):
     """Outputs and gradients of two clients' replicas in one pass (one batch padded, one not, the base's and the
-    LoRA's dropout on, different layouts) equal each replica's own forward with its own random stream."""
+    LoRA's dropout on, different layouts; LoRA in a loop over clients or in grouped products) equal each replica's
+    own forward with its own random stream."""
+    from fedlora.adapters import Layout
+    from fedlora.adapters import joint
+
     base = load_base_model("tiny-bert", None, 3, seed=0)
     adapted = AdaptedModel(base.model, r=4, alpha=8, dropout=0.1)
-    batch = ClientBatch(adapted, 2)
+    batch = ClientBatch(adapted, 2, grouped=grouped)
     one, two = (s.model for s in batch.slots)
-    two.model.train()
-    from fedlora.adapters import Layout
-    two.set_layout(Layout(2, "dense"))
+    for model, kind in zip((one, two), layouts):
+        if kind != "plain":
+            model.set_layout(Layout(2, kind))
+    calls = []
+    grouped_lora = joint.grouped_lora
+    monkeypatch.setattr(joint, "grouped_lora", lambda *a: calls.append(1) or grouped_lora(*a))
     torch.manual_seed(3)
     for model in (one, two):
         for layer in model.layers.values():
@@ -117,6 +126,7 @@ def test_a_joint_pass_equals_each_client_alone_dropout_and_padding_included():
     batch.model.train()
     with batch.joint.over(slices, 7):
         logits = batch.model(**concat_batches([b1, b2], 7, 0)).logits
+    assert bool(calls) == grouped  # (the layouts' experts stack)
     logits.sum().backward()
     for (expected, grads), model, rows in zip(alone, (one, two), (slice(0, 3), slice(3, 5))):
         assert torch.allclose(logits[rows], expected, atol=1e-6)
@@ -175,6 +185,50 @@ def test_a_batched_run_equals_the_sequential_run(tmp_path, method, monkeypatch):
     run_experiment(batched)
     assert max(sizes) >= 2 and min(sizes) < max(sizes)  # together, then fewer as budgets run out
     assert_same_run(final_states(sequential), final_states(batched))
+
+
+@pytest.mark.parametrize("method", ["fedit", "fedalt", "fedlease"])
+def test_a_batched_run_with_grouped_lora_equals_the_sequential_run(tmp_path, method, monkeypatch):
+    """The clients' LoRA in grouped matrix products (forced on the CPU): plain LoRA, FedALT's gated pair, and
+    FedLEASE's adaptive top-M mixture (both phases)."""
+    from fedlora.adapters import joint
+
+    calls = []
+    grouped_lora = joint.grouped_lora
+    monkeypatch.setattr(joint, "grouped_lora", lambda *a: calls.append(1) or grouped_lora(*a))
+    sections = {"algorithm": {"name": method}, **METHODS[method]}
+    sequential = run_dir(tmp_path, "sequential", 1, **sections)
+    batched = run_dir(tmp_path, "batched", 4, **sections)
+    batched["engine"]["grouped_lora"] = True
+    run_experiment(sequential)
+    assert not calls
+    run_experiment(batched)
+    assert calls
+    assert_same_run(final_states(sequential), final_states(batched))
+
+
+@pytest.mark.parametrize("method", ["fedit", "fedalt", "fedlease"])
+def test_a_batched_run_under_gradient_checkpointing_equals_the_sequential_run(tmp_path, method, monkeypatch):
+    """Checkpointed layers recompute their forward, dropout draws included, in the backward: each client's draws
+    are its own again, so the batched run equals the sequential one, with or without checkpointing."""
+    from torch.utils import checkpoint
+
+    recomputed = []
+    original = checkpoint.checkpoint
+    monkeypatch.setattr(checkpoint, "checkpoint", lambda *a, **k: recomputed.append(1) or original(*a, **k))
+    sections = {"algorithm": {"name": method}, **METHODS[method]}
+    plain = run_dir(tmp_path, "plain", 1, **sections)
+    sections["training"] = {"gradient_checkpointing": True}
+    sequential = run_dir(tmp_path, "sequential", 1, **sections)
+    batched = run_dir(tmp_path, "batched", 4, **sections)
+    for cfg in (plain, sequential):
+        run_experiment(cfg)
+    sizes = joint_steps(monkeypatch)
+    calls = len(recomputed)
+    run_experiment(batched)
+    assert max(sizes) >= 2 and len(recomputed) > calls  # batched, and checkpointed
+    assert_same_run(final_states(sequential), final_states(batched))
+    assert_same_run(final_states(plain), final_states(batched))
 
 
 def test_a_causal_lm_batched_equals_sequential(tmp_path):

@@ -169,6 +169,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `fedlora` command."""
+    from .core.config import builtin_configs  # pydantic only, no torch
     parser = argparse.ArgumentParser(prog="fedlora", description="Personalized federated LoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -177,8 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress display")
 
     p = sub.add_parser("run", help="run one experiment from a TOML/YAML config or a built-in one (nlu-quick, ...)")
-    p.add_argument("config", nargs="?", help="a TOML/YAML file or a built-in name (demo, nlu-quick, nlu-paper, "
-                   "nlg-quick, nlg-paper)")
+    p.add_argument("config", nargs="?", help=f"a TOML/YAML file or a built-in name ({', '.join(builtin_configs())})")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     common(p)

@@ -234,9 +234,11 @@ class EngineConfig(Section):
     client_batch: int | Literal["auto"] = Field(1, description="in-process: clients trained together in one "
                                                 "forward/backward over the shared base (1: one after another; auto: "
                                                 "as many as fit in GPU memory, 4 on a CPU; docs/batched.md)")
+    grouped_lora: bool | None = Field(None, description="client_batch > 1: the clients' LoRA experts in grouped "
+                                      "matrix products (torch grouped_mm) rather than a loop over clients; default: "
+                                      "where it has a fast kernel (CUDA, bf16)")
     clients: list[str] | None = Field(None, description="Flower: the client ids the operator admits; a node that "
                                       "claims another id is left out (default: any id, up to num_clients nodes)")
-
 
     @field_validator("client_batch")
     @classmethod

@@ -57,6 +57,10 @@ class RandomStream:
         twin.cpu, twin.cuda = self.cpu.clone(), None if self.cuda is None else [s.clone() for s in self.cuda]
         return twin
 
+    def load(self, other: "RandomStream") -> None:
+        """Set this stream to another's state (this object, which others may hold, stays the one that advances)."""
+        self.cpu, self.cuda = other.cpu.clone(), None if other.cuda is None else [s.clone() for s in other.cuda]
+
     def restore(self) -> None:
         """Make this stream's state the global generators' state."""
         torch.set_rng_state(self.cpu)

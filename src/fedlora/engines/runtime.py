@@ -157,7 +157,7 @@ class ClientRuntime:
         """Several clients' local rounds in joint steps over the shared base (`engine.client_batch`), each one's
         result equal to its `fit` alone (to float tolerance), or the exception that failed it."""
         if self._batch is None or self._batch.size < len(turns):
-            self._batch = ClientBatch(self.adapted, len(turns))
+            self._batch = ClientBatch(self.adapted, len(turns), grouped=self.config.engine.grouped_lora)
         return self._batch.run([lambda slot, t=turn: self.fit(*t, slot=slot) for turn in turns])
 
     def batching_problem(self) -> str | None:
@@ -167,9 +167,6 @@ class ClientRuntime:
             return f"{method.name} merges each client's update into the shared base weights"
         if any(b.workers > 1 for b in self.budgets.values()):
             return "a client trains on several data-parallel workers (clients.workers)"
-        if self.config.training.gradient_checkpointing:
-            return ("gradient checkpointing recomputes the forward, and its dropout draws, which a joint pass cannot "
-                    "yet repeat per client")
         return None
 
     @contextmanager

@@ -48,14 +48,14 @@ class Slot:
 
     def backward(self, trainer, batch: Mapping[str, torch.Tensor]) -> float:
         """Wait for the joint step that puts this batch's gradients into the trainer's parameters; its loss."""
-        return self.owner._request(self.index, StepRequest(trainer, batch))
+        return self.owner._request(StepRequest(trainer, batch))
 
 
 class ClientBatch:
     """Up to `size` clients' turns trained in joint steps over `adapted`'s base (see the module docstring)."""
 
-    def __init__(self, adapted: AdaptedModel, size: int) -> None:
-        self.joint = JointPass()
+    def __init__(self, adapted: AdaptedModel, size: int, grouped: bool | None = None) -> None:
+        self.joint = JointPass(grouped)
         self.slots = [Slot(self, k, adapted.replica()) for k in range(size)]
         layers = {p: [s.model.layers[p] for s in self.slots] for p in adapted.layers}
         heads = {p: [s.model.model.get_submodule(p) for s in self.slots] for p in adapted.head_modules()}
@@ -97,7 +97,7 @@ class ClientBatch:
                 return "done", exc
         return body
 
-    def _request(self, k: int, request: StepRequest) -> float:
+    def _request(self, request: StepRequest) -> float:
         outcome = self._coordinator.switch(("step", request))
         if isinstance(outcome, Exception):
             raise outcome
@@ -151,6 +151,7 @@ class ClientBatch:
             start += n
         first = requests[0][1].trainer
         inputs = concat_batches(batches, width, first.pad_id)
+        self.joint.set_checkpointing(first.cfg.gradient_checkpointing)  # as each client's Trainer sets its own
         self.model.train()
         with self.joint.over(slices, width):
             logits = first.forward_on(self.model, {k: v for k, v in inputs.items() if k != "labels"}).logits
