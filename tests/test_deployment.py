@@ -372,6 +372,7 @@ def test_local_supernodes_are_flowers_own_with_short_polling_sleeps(monkeypatch)
 
     ran = []
     monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored afterwards
+    monkeypatch.setattr(start_client_internal, "subprocess", start_client_internal.subprocess)
     monkeypatch.setattr(cli, "flower_supernode", lambda: ran.append(start_client_internal.time))
     monkeypatch.setattr(sys, "argv", ["x", "--superlink", "h:1"])
     local_supernode.main()
@@ -379,3 +380,24 @@ def test_local_supernodes_are_flowers_own_with_short_polling_sleeps(monkeypatch)
     start = time.perf_counter()
     patched.sleep(3)
     assert time.perf_counter() - start < 1 and patched.monotonic() > 0 and sys.argv[0] == "flower-supernode"
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **kwargs: started.append(args))
+    start_client_internal.subprocess.Popen(["flower-superexec", "--parent-pid", "7"])
+    start_client_internal.subprocess.Popen(["flwr-clientapp", "--token", "t"])
+    assert started == [[sys.executable, "-m", "fedlora.local_superexec", "--parent-pid", "7"],
+                       ["flwr-clientapp", "--token", "t"]]
+
+
+def test_the_local_fork_server_runs_flowers_clientapp_entry_point_per_request():
+    """flower-local's SuperExec starts ClientApps as forks of one process that imported Flower once: each request
+    runs `flwr-clientapp` with its arguments in a child of that server; the server ends with its pipe."""
+    server = subprocess.Popen([sys.executable, "-m", "fedlora.local_superexec", "--fork-server"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        server.stdin.write(b'{"args": ["--help"], "quiet": false}\n{"args": ["--help"], "quiet": true}\n')
+        server.stdin.close()
+        assert server.wait(timeout=120) == 0
+        output = server.stdout.read().decode()
+    finally:
+        server.kill()
+    assert output.count("usage: flwr-clientapp") == 1, output  # the quiet one printed nothing

@@ -126,8 +126,7 @@ def test_a_killed_local_deployment_takes_every_flower_process_with_it(tmp_path):
     deadline = time.monotonic() + 300
     try:
         # until the ServerApp and a ClientApp run: every kind of process the issue found left behind exists
-        while not ({"flwr-serverapp", "flwr-clientapp"} <= {os.path.basename(c) for p in seen.values()
-                                                            for c in _cmdline(p)[:2]}):
+        while not {"flwr-serverapp", "flwr-clientapp"} <= {_kind(p) for p in seen.values()}:
             assert cli.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, f"no ServerApp and ClientApp within 300 s: {_names(seen)}"
             seen.update({p.pid: p for p in _tree(parent)})
@@ -150,3 +149,17 @@ def _cmdline(proc: psutil.Process) -> list[str]:
         return proc.cmdline()
     except psutil.Error:
         return []
+
+
+def _kind(proc: psutil.Process) -> str:
+    """The Flower program a process runs: flwr-serverapp, flwr-clientapp (also a fork of flower-local's fork
+    server, `local_superexec.py`), ..."""
+    cmdline = _cmdline(proc)
+    if "--fork-server" in cmdline:
+        try:
+            parent = proc.parent()
+        except psutil.Error:
+            parent = None
+        return "flwr-clientapp" if parent is not None and "--fork-server" in _cmdline(parent) else "fork-server"
+    return next((os.path.basename(c) for c in cmdline[:2] if os.path.basename(c).startswith(("flwr-", "flower-"))),
+                " ".join(cmdline[:2]))

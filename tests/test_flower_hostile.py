@@ -32,6 +32,8 @@ from fedlora.engines.runtime import Evaluation
 from fedlora.engines.validation import evaluation_problem, reply_problem
 from fedlora.engines.wire import (
     INFO,
+    LAYOUT,
+    PACKED,
     STATE_PREFIX,
     WireError,
     content_bytes,
@@ -73,6 +75,15 @@ def _with_array(array: Array) -> RecordDict:
     return content
 
 
+def _with_layout(layout_json: str, arrays: dict[str, np.ndarray] | None = None) -> RecordDict:
+    """A packed state (12 numbers) whose layout record, or whose arrays, a node replaced."""
+    content = encode({"global": {"m0.lora_A": torch.zeros(2, 6)}}, {"num_examples": 1, "metrics": {}})
+    content[LAYOUT] = ConfigRecord({"json": layout_json})
+    if arrays is not None:
+        content[STATE_PREFIX + "global"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return content
+
+
 MALFORMED = {
     "info not JSON": _info("{not json"),
     "info a JSON list": _info("[1, 2]"),
@@ -96,6 +107,18 @@ MALFORMED = {
                                           data=_npy_header((2, 6)) + b"\0" * 47)),
     "shape it does not declare": _with_array(Array(dtype="float32", shape=(6, 2), stype="numpy.ndarray",
                                                    data=_npy(np.zeros((2, 6), dtype=np.float32)))),
+    "a layout that is not JSON": _with_layout("{"),
+    "a layout that is a list": _with_layout('[["m0.lora_A", [2, 6]]]'),
+    "a layout not a list of pairs": _with_layout('{"global": {"m0.lora_A": [2, 6]}}'),
+    "a layout with more numbers than the array": _with_layout('{"global": [["m0.lora_A", [2, 7]]]}'),
+    "a layout with fewer numbers than the array": _with_layout('{"global": [["m0.lora_A", [2, 5]]]}'),
+    "a layout with a negative size": _with_layout('{"global": [["a", [-2, -6]]]}'),
+    "a layout with a fractional size": _with_layout('{"global": [["a", [2.5, 6]]]}'),
+    "a layout with a boolean size": _with_layout('{"global": [["a", [true, 12]]]}'),
+    "a layout naming a tensor twice": _with_layout('{"global": [["a", [6]], ["a", [6]]]}'),
+    "a layout over per-tensor arrays": _with_layout('{"global": [["a", [12]]]}', {"a": np.zeros(12, np.float32)}),
+    "a layout over a 2-D array": _with_layout('{"global": [["a", [12]]]}', {PACKED: np.zeros((2, 6), np.float32)}),
+    "a layout over an integer array": _with_layout('{"global": [["a", [12]]]}', {PACKED: np.zeros(12, np.int32)}),
 }
 
 
@@ -103,6 +126,26 @@ MALFORMED = {
 def test_decode_refuses_what_encode_cannot_write(case):
     with pytest.raises(WireError):
         decode(MALFORMED[case])
+
+
+def test_each_state_travels_as_one_array_and_comes_back_exactly():
+    """Flower sends every Array as objects of its own (one request each): a state is one array, not one per tensor."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    states = {"own": {f"m{i}.lora_{ab}": torch.randn(4, 8) for i in range(12) for ab in "AB"},
+              "head": {"classifier.weight": torch.randn(3, 8), "classifier.bias": torch.randn(3),
+                       "empty": torch.zeros(0, 2)},
+              "none": {}}
+    content = encode(states, {"num_examples": 1})
+    arrays = [o for o in get_all_nested_objects(content).values() if type(o).__name__ == "Array"]
+    assert len(arrays) == len(states)
+    decoded, info = decode(content)
+    assert info == {"num_examples": 1} and decoded.keys() == states.keys()
+    for name, state in states.items():
+        assert list(decoded[name]) == list(state)  # in order
+        for key, value in state.items():
+            assert decoded[name][key].shape == value.shape and torch.equal(decoded[name][key], value), (name, key)
+            assert decoded[name][key].untyped_storage().nbytes() == value.numel() * 4  # its own, not a view
 
 
 def test_decode_reads_a_big_endian_float_array_and_content_bytes_counts_declared_sizes():
@@ -302,6 +345,9 @@ CONTENT = st.one_of(
                                                                        | st.integers(), max_size=2))
               | st.builds(lambda d: MetricRecord(d), st.dictionaries(st.sampled_from(["json", "m"]), st.floats(),
                                                                        max_size=2))),
+    st.builds(lambda layout: _with_layout(json.dumps(layout)), JSON | st.dictionaries(
+        st.just("global"), st.lists(st.tuples(st.text(max_size=3), st.lists(st.integers(-2, 13), max_size=3)),
+                                    max_size=3))),
     st.builds(lambda arr: _with_array(Array(arr)), st.sampled_from([np.zeros((2, 6), np.float32),
                                                                      np.full((2, 6), np.nan, np.float32),
                                                                      np.zeros(3, np.uint8), np.zeros((2, 6, 1), ">f8")])),

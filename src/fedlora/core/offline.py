@@ -7,13 +7,21 @@ imports nothing heavy, and `import fedlora` is lazy, so `from fedlora.core.offli
 
 from __future__ import annotations
 
+import logging
 import os
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
+# bitsandbytes' CPU backend tries to fetch a 4-bit kernel from the Hub when it is imported (through PEFT, on every
+# run) and warns, suggesting `pip install kernels`, when it cannot; offline its own fallback kernel is what runs
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
 def use_offline() -> None:
     """Set each offline variable in this process unless the user has set it already."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

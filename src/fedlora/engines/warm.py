@@ -9,7 +9,8 @@ and returns the worker's reply, so Flower still delivers every message, runs eve
 Context.state; only the work moves into a process that stays warm.
 
 The worker is started by the first message of a node and belongs to that node's SuperExec (the ClientApp's
-parent): it exits within a second once the SuperExec is gone, after `IDLE_SECONDS` without a message, or when
+parent; under flower-local the SuperExec's fork server, which lives exactly as long): it exits within a second
+once that process is gone, after `IDLE_SECONDS` without a message, or when
 fedlora's code changed under it (the next message starts a new one). It listens on a Unix socket in a
 directory only this user can open, and talks only to peers that prove they know its key (the HMAC handshake
 of `multiprocessing.connection`, made for exactly this: a local, authenticated channel for Python objects).
@@ -120,7 +121,7 @@ def worker_connection(owner: int) -> Connection:
 
 
 def _owner() -> int:
-    """The process a node's worker belongs to: the SuperExec that started this ClientApp process."""
+    """The process a node's worker belongs to: the one that started this ClientApp (SuperExec or fork server)."""
     return os.getppid()
 
 

@@ -1,5 +1,10 @@
 """Payloads, replies and client states as Flower records: tensors in ArrayRecords (fp32), the rest as JSON.
 
+Each named state travels as one Array, its tensors flattened end to end, with their names and shapes in a JSON
+layout record. Flower 1.42 sends every Array (and each of its chunks) as an object of its own, one request each:
+a LoRA state of 24 tensors was 48 requests per message, most of a flower-local round (docs/deployment.md).
+Records with one Array per tensor (what fedlora wrote before) are still read.
+
 A reply comes from a node the server does not control, so `decode` trusts nothing in it: a record of the
 wrong type, an array that is not a plain float array, or an info record that is not a JSON object is a
 `WireError`, which the engine records as that client's failure. `content_bytes` tells what a reply's arrays
@@ -20,7 +25,8 @@ from numpy.lib import format as npy_format
 
 from ..core.tensors import StateDict
 
-STATE_PREFIX, INFO = "state.", "fedlora"
+STATE_PREFIX, INFO, LAYOUT = "state.", "fedlora", "fedlora.layout"
+PACKED = "packed"  # the one Array of a packed state
 NUMPY_STYPE = "numpy.ndarray"  # the only serialization `encode` writes (Flower's SType.NUMPY)
 FLOAT_SIZES = (2, 4, 8)  # float16/32/64: what torch can hold (float128 is a numpy-only type)
 INFO_BYTES = 4 * 2**20  # allowance for a reply's JSON info and array headers, on top of its tensors
@@ -34,9 +40,14 @@ class WireError(ValueError):
 
 def encode(states: dict[str, StateDict], info: dict[str, Any]) -> RecordDict:
     """A new RecordDict (never shared between messages) holding named states and a JSON-able dict."""
-    content = RecordDict()
+    content, layout = RecordDict(), {}
     for name, state in states.items():
-        content[STATE_PREFIX + name] = ArrayRecord.from_torch_state_dict({k: v.detach().float() for k, v in state.items()})
+        flat = [v.detach().float().reshape(-1) for v in state.values()]
+        packed = torch.cat(flat) if flat else torch.zeros(0)
+        content[STATE_PREFIX + name] = ArrayRecord.from_torch_state_dict({PACKED: packed})
+        layout[name] = [[key, list(v.shape)] for key, v in state.items()]
+    if layout:
+        content[LAYOUT] = ConfigRecord({"json": json.dumps(layout)})
     content[INFO] = ConfigRecord({"json": json.dumps(info, sort_keys=True, default=str)})
     return content
 
@@ -46,13 +57,34 @@ def decode(content: RecordDict) -> tuple[dict[str, StateDict], dict[str, Any]]:
     if not isinstance(content, RecordDict):
         raise WireError(f"the content is a {type(content).__name__}, not a RecordDict")
     states = {}
+    layouts = _json_record(content.get(LAYOUT), LAYOUT)
     for key, record in content.items():
         if not key.startswith(STATE_PREFIX):
             continue
         if not isinstance(record, ArrayRecord):
             raise WireError(f"record {key!r} is a {type(record).__name__}, not an ArrayRecord")
-        states[key.removeprefix(STATE_PREFIX)] = {k: _tensor(f"{key}/{k}", a) for k, a in record.items()}
-    return states, _info(content.get(INFO))
+        name = key.removeprefix(STATE_PREFIX)
+        if name in layouts:
+            states[name] = _unpack(key, record, layouts[name])
+        else:
+            states[name] = {k: _tensor(f"{key}/{k}", a) for k, a in record.items()}
+    return states, _json_record(content.get(INFO), INFO)
+
+
+def _unpack(key: str, record: ArrayRecord, layout: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a packed state: its one array cut by `layout` ([[name, shape], ...]), each checked."""
+    if list(record.keys()) != [PACKED]:
+        raise WireError(f"record {key!r} has a layout but holds {sorted(record.keys())[:5]}, not one {PACKED!r} array")
+    flat = _tensor(f"{key}/{PACKED}", record[PACKED])
+    entries = layout if isinstance(layout, list) else [None]
+    good = all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], list)
+               and all(type(d) is int and d >= 0 for d in e[1]) for e in entries)
+    if not good or len({e[0] for e in entries}) != len(entries):
+        raise WireError(f"the layout of {key!r} is not a list of distinct [name, shape] pairs")
+    sizes = [math.prod(shape) for _, shape in entries]
+    if flat.dim() != 1 or sum(sizes) != flat.numel():
+        raise WireError(f"the layout of {key!r} describes {sum(sizes)} numbers, its array holds {flat.numel()}")
+    return {name: piece.reshape(shape).clone() for (name, shape), piece in zip(entries, flat.split(sizes))}
 
 
 def _tensor(where: str, array: Array) -> torch.Tensor:
@@ -87,18 +119,19 @@ def _declared_shape(array: Array) -> list[int] | None:
     return [*shape] if isinstance(shape, (tuple, list)) else None
 
 
-def _info(record: Any) -> dict[str, Any]:
+def _json_record(record: Any, key: str) -> dict[str, Any]:
+    """The JSON object in a ConfigRecord's 'json' string ({} without the record); else a WireError."""
     if record is None:
         return {}
     if not isinstance(record, ConfigRecord) or not isinstance(record.get("json"), str):
-        raise WireError(f"record {INFO!r} is a {type(record).__name__} without a 'json' string")
+        raise WireError(f"record {key!r} is a {type(record).__name__} without a 'json' string")
     try:  # RecursionError for deeply nested arrays, ValueError for an integer of over 4300 digits
-        info = json.loads(record["json"])
+        value = json.loads(record["json"])
     except (ValueError, RecursionError) as exc:
-        raise WireError(f"record {INFO!r} is not JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
-    if not isinstance(info, dict):
-        raise WireError(f"record {INFO!r} holds a JSON {type(info).__name__}, not an object")
-    return info
+        raise WireError(f"record {key!r} is not JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(value, dict):
+        raise WireError(f"record {key!r} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -134,7 +167,7 @@ def max_reply_bytes(lora_numel: int, router_numel: int, n_states: int) -> int:
 
 def store_state(context_state: RecordDict, states: dict[str, StateDict], meta: dict[str, Any]) -> None:
     """Replace the fedlora client state kept in a node's Context.state."""
-    for key in [k for k in context_state if k.startswith(STATE_PREFIX) or k == INFO]:
+    for key in [k for k in context_state if k.startswith(STATE_PREFIX) or k in (INFO, LAYOUT)]:
         del context_state[key]
     fresh = encode(states, meta)
     for key in fresh:

@@ -1,0 +1,104 @@
+"""flower-local's SuperExec: Flower's own `flower-superexec`, which starts each ClientApp from a fork server.
+
+Flower 1.42's SuperExec starts a fresh `flwr-clientapp` process for every message (twice a round per node), and
+that process's imports alone take about 1.5 CPU-seconds on a small machine: most of what a flower-local round
+costs beyond the work (docs/deployment.md). The SuperNodes `LocalFederation` starts run their SuperExec through
+this module (`local_supernode` points them at it). It starts a fork server, one process per SuperExec that has
+imported Flower's ClientApp code once; every ClientApp launch is then a fork of that server running Flower's own
+`flwr-clientapp` entry point with the arguments the SuperExec gave. Flower has no setting for how a SuperExec
+starts a task (`SubprocessExecutor.launch` calls `subprocess.Popen`), so that module's `subprocess` is replaced by
+one whose `Popen` of `flwr-clientapp` asks the fork server instead; every other launch is unchanged. A real
+deployment's SuperExecs are Flower's own.
+
+The fork server exits when its SuperExec does (end of its request pipe, and the parent-death signal on Linux);
+each ClientApp watches its `--parent-pid` as Flower's do.
+Usage: python -m fedlora.local_superexec <flower-superexec arguments>
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import traceback
+from typing import Any
+
+CLIENTAPP = "flwr-clientapp"
+FORK_SERVER = "--fork-server"
+
+
+class _ForkingSubprocess:
+    """The `subprocess` module, except that Popen of `flwr-clientapp` is a fork of the fork server."""
+
+    def __init__(self) -> None:
+        from .deployment import die_with_parent
+
+        self.server = subprocess.Popen([sys.executable, "-m", "fedlora.local_superexec", FORK_SERVER],
+                                       stdin=subprocess.PIPE, preexec_fn=die_with_parent())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    def Popen(self, args: list[str], **kwargs: Any) -> Any:  # noqa: N802  (subprocess's name)
+        """A ClientApp from the fork server (Flower keeps no handle to it); anything else as subprocess.Popen."""
+        if not args or os.path.basename(args[0]) != CLIENTAPP or self.server.poll() is not None:
+            return subprocess.Popen(args, **kwargs)
+        quiet = kwargs.get("stdout") == subprocess.DEVNULL
+        self.server.stdin.write((json.dumps({"args": list(args[1:]), "quiet": quiet}) + "\n").encode())
+        self.server.stdin.flush()
+        return None
+
+
+def serve() -> None:
+    """The fork server: import the ClientApp code once, then fork one ClientApp per request line (JSON)."""
+    from flwr.supernode.cli import flwr_clientapp
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the ClientApps
+    requests = sys.stdin.buffer
+    for line in requests:
+        request = json.loads(line)
+        if os.fork() == 0:
+            _run_clientapp(flwr_clientapp, request["args"], request["quiet"])
+    # end of the pipe: the SuperExec is gone
+
+
+def _run_clientapp(entry: Any, args: list[str], quiet: bool) -> None:
+    """In the forked child: Flower's `flwr-clientapp` with `args`, then exit with its status."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)  # not the request pipe
+    if quiet:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    sys.argv = [CLIENTAPP, *args]
+    code = 0
+    try:
+        entry()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001  (the child must never return into the server's loop)
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def main() -> None:
+    """Run Flower's SuperExec, its ClientApps started from a fork server."""
+    if sys.argv[1:] == [FORK_SERVER]:
+        serve()
+        return
+    from flwr.supercore.cli import flower_superexec
+    from flwr.supercore.superexec.executor import subprocess_executor
+
+    subprocess_executor.subprocess = _ForkingSubprocess()
+    sys.argv[0] = "flower-superexec"
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    main()
