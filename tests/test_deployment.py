@@ -370,9 +370,10 @@ def test_local_supernodes_are_flowers_own_with_short_polling_sleeps(monkeypatch)
 
     from fedlora import local_supernode
 
-    ran = []
+    ran, shortened = [], []
     monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored afterwards
     monkeypatch.setattr(start_client_internal, "subprocess", start_client_internal.subprocess)
+    monkeypatch.setattr(local_supernode, "short_object_backoff", lambda: shortened.append(1))
     monkeypatch.setattr(cli, "flower_supernode", lambda: ran.append(start_client_internal.time))
     monkeypatch.setattr(sys, "argv", ["x", "--superlink", "h:1"])
     local_supernode.main()
@@ -380,12 +381,30 @@ def test_local_supernodes_are_flowers_own_with_short_polling_sleeps(monkeypatch)
     start = time.perf_counter()
     patched.sleep(3)
     assert time.perf_counter() - start < 1 and patched.monotonic() > 0 and sys.argv[0] == "flower-supernode"
+    assert shortened
     started = []
     monkeypatch.setattr(subprocess, "Popen", lambda args, **kwargs: started.append(args))
     start_client_internal.subprocess.Popen(["flower-superexec", "--parent-pid", "7"])
     start_client_internal.subprocess.Popen(["flwr-clientapp", "--token", "t"])
     assert started == [[sys.executable, "-m", "fedlora.local_superexec", "--parent-pid", "7"],
                        ["flwr-clientapp", "--token", "t"]]
+
+
+def test_object_retries_start_sooner_in_every_flower_function_that_waits_for_objects(monkeypatch):
+    """Flower retries a message object that has not arrived yet 1 s later (doubling to 10 s); fedlora's own
+    Flower processes start at 0.05 s, in each function that takes the waits as defaults."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from fedlora.engines.flower_waits import OBJECT_BACKOFF, short_object_backoff
+
+    waiting = [f for f in vars(inflatable_utils).values()
+               if "initial_backoff" in (getattr(f, "__kwdefaults__", None) or {})]
+    assert {f.__name__ for f in waiting} >= {"pull_objects", "pull_and_inflate_object_from_tree"}
+    for function in waiting:
+        monkeypatch.setattr(function, "__kwdefaults__", {**function.__kwdefaults__, "initial_backoff": 1})
+    short_object_backoff()
+    assert all(f.__kwdefaults__["initial_backoff"] == OBJECT_BACKOFF and f.__kwdefaults__["backoff_cap"] <= 1
+               for f in waiting)
 
 
 def test_the_local_fork_server_runs_flowers_clientapp_entry_point_per_request():

@@ -11,7 +11,8 @@ one whose `Popen` of `flwr-clientapp` asks the fork server instead; every other 
 deployment's SuperExecs are Flower's own.
 
 The fork server exits when its SuperExec does (end of its request pipe, and the parent-death signal on Linux);
-each ClientApp watches its `--parent-pid` as Flower's do.
+each ClientApp watches its `--parent-pid` as Flower's do. ClientApps retry a missing object sooner
+(`engines/flower_waits.py`).
 Usage: python -m fedlora.local_superexec <flower-superexec arguments>
 """
 
@@ -55,6 +56,9 @@ def serve() -> None:
     """The fork server: import the ClientApp code once, then fork one ClientApp per request line (JSON)."""
     from flwr.supernode.cli import flwr_clientapp
 
+    from .engines.flower_waits import short_object_backoff
+
+    short_object_backoff()  # inherited by every fork
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the ClientApps
     requests = sys.stdin.buffer
     for line in requests:

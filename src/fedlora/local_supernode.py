@@ -1,11 +1,10 @@
-"""flower-local's SuperNode: Flower's own `flower-supernode`, looking for messages every POLL seconds.
+"""flower-local's SuperNode: Flower's own `flower-supernode` with shorter waits and a forking SuperExec.
 
-Flower 1.42's SuperNode sleeps a hard-coded 3 s whenever a pull finds no message, and 0.5 s between looks at its
-ClientApp's reply (`flwr.supernode.start_client_internal`): on one machine most of a flower-local round is that
-waiting (docs/deployment.md). The SuperNodes `LocalFederation` starts on this machine run through this module,
-which caps those sleeps at POLL; Flower exposes no setting for them, so its module's `time` is replaced by one
-whose sleep is shorter. Its SuperExec is `python -m fedlora.local_superexec`, which starts each ClientApp from a
-fork server (`local_superexec.py`). A real deployment's SuperNodes are Flower's own, unchanged.
+The SuperNodes `LocalFederation` starts on this machine run through this module, which shortens Flower's
+hard-coded waits (`engines/flower_waits.py`: its `time.sleep`s capped at 0.2 s, its retries for objects that
+have not arrived yet started at 0.05 s) and starts `python -m fedlora.local_superexec` as the node's SuperExec,
+which starts each ClientApp from a fork server. A real deployment's SuperNodes are Flower's own, unchanged (this
+module takes the same arguments as `flower-supernode` and works there too).
 Usage: python -m fedlora.local_supernode <flower-supernode arguments>
 """
 
@@ -13,21 +12,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
-POLL = 0.2  # seconds; each look is one pull from the SuperLink, so not much less on a small shared machine
-
-
-class _ShortSleeps:
-    """The `time` module, except that sleep waits at most POLL seconds."""
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        """time.sleep(min(seconds, POLL))."""
-        time.sleep(min(seconds, POLL))
+from .engines.flower_waits import ShortSleeps, short_object_backoff
 
 
 class _LocalSuperExec:
@@ -45,12 +31,13 @@ class _LocalSuperExec:
 
 
 def main() -> None:
-    """Run Flower's SuperNode with the short sleeps and the forking SuperExec."""
+    """Run Flower's SuperNode with the short waits and the forking SuperExec."""
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
-    start_client_internal.time = _ShortSleeps()
+    start_client_internal.time = ShortSleeps()
     start_client_internal.subprocess = _LocalSuperExec()
+    short_object_backoff()
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 
