@@ -515,8 +515,11 @@ class LocalFederation:
     def env(self) -> dict[str, str]:
         """The environment of every process: this Python's bin first, Flower home here, offline, no telemetry."""
         bin_dir = str(Path(sys.executable).parent)
-        # a SuperNode's SuperExec looks for new ClientApp tasks every second by default: 0.1 s on this machine
-        return {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", **os.environ,
+        # a SuperNode's SuperExec looks for new ClientApp tasks every second by default: 0.1 s on this machine;
+        # a message's objects (one request each) go 2 at a time by default: 8, on one machine (1.5x against 1.8x a
+        # round, benchmarks/engines.py)
+        return {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8",
+                "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "8", **os.environ,
                 "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
                 "FLWR_HOME": str(self.flwr_home), **OFFLINE_ENV, "COLUMNS": "200"}
 
