@@ -28,6 +28,24 @@ TINY_CONFIG = {
 }
 
 
+def flower_program(proc) -> str:
+    """The Flower program a psutil process runs: flwr-serverapp, flwr-clientapp (also a fork of flower-local's
+    fork server, `local_superexec.py`, whose command line is the server's), fork-server, flower-supernode, ..."""
+    import os
+
+    import psutil
+
+    try:
+        cmdline = proc.cmdline()
+        parent = proc.parent() if "--fork-server" in cmdline else None
+        if "--fork-server" in cmdline:
+            return "flwr-clientapp" if parent is not None and "--fork-server" in parent.cmdline() else "fork-server"
+    except psutil.Error:
+        return ""
+    names = [os.path.basename(c) for c in cmdline[:2]]
+    return next((n for n in names if n.startswith(("flwr-", "flower-"))), " ".join(cmdline[:2]))
+
+
 def tiny_config(tmp_path, **sections) -> dict:
     """The tiny experiment config with sections updated (one level deep) and output under tmp_path."""
     cfg = copy.deepcopy(TINY_CONFIG)

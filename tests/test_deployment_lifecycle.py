@@ -21,7 +21,7 @@ from fedlora.core.errors import ConfigError
 from fedlora.deployment import write_app
 from fedlora.engines.flower import config_from_run_config, make_client_app, server_main
 
-from .conftest import tiny_config
+from .conftest import flower_program, tiny_config
 
 
 def _run_config(app_dir) -> dict:
@@ -126,7 +126,7 @@ def test_a_killed_local_deployment_takes_every_flower_process_with_it(tmp_path):
     deadline = time.monotonic() + 300
     try:
         # until the ServerApp and a ClientApp run: every kind of process the issue found left behind exists
-        while not {"flwr-serverapp", "flwr-clientapp"} <= {_kind(p) for p in seen.values()}:
+        while not {"flwr-serverapp", "flwr-clientapp"} <= {flower_program(p) for p in seen.values()}:
             assert cli.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, f"no ServerApp and ClientApp within 300 s: {_names(seen)}"
             seen.update({p.pid: p for p in _tree(parent)})
@@ -142,24 +142,3 @@ def test_a_killed_local_deployment_takes_every_flower_process_with_it(tmp_path):
         for proc in alive:  # never leave them to the next test
             proc.kill()
     assert len(seen) >= 7  # SuperLink, gateway, 2 SuperNodes, their SuperExecs, the ServerApp, a ClientApp
-
-
-def _cmdline(proc: psutil.Process) -> list[str]:
-    try:
-        return proc.cmdline()
-    except psutil.Error:
-        return []
-
-
-def _kind(proc: psutil.Process) -> str:
-    """The Flower program a process runs: flwr-serverapp, flwr-clientapp (also a fork of flower-local's fork
-    server, `local_superexec.py`), ..."""
-    cmdline = _cmdline(proc)
-    if "--fork-server" in cmdline:
-        try:
-            parent = proc.parent()
-        except psutil.Error:
-            parent = None
-        return "flwr-clientapp" if parent is not None and "--fork-server" in _cmdline(parent) else "fork-server"
-    return next((os.path.basename(c) for c in cmdline[:2] if os.path.basename(c).startswith(("flwr-", "flower-"))),
-                " ".join(cmdline[:2]))

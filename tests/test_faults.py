@@ -25,7 +25,7 @@ from fedlora.deployment import LocalFederation, write_app
 from fedlora.engines.checkpoint import load_checkpoint
 from fedlora.engines.runtime import ClientRuntime
 
-from .conftest import tiny_config
+from .conftest import flower_program, tiny_config
 from .test_checkpoint import _assert_same_states, _without_times
 
 VICTIM = "noun_topic-1"
@@ -125,14 +125,7 @@ def _tree(popen: subprocess.Popen) -> list[psutil.Process]:
 
 
 def _clientapps(popen: subprocess.Popen) -> set[psutil.Process]:
-    found = set()
-    for proc in _tree(popen):
-        try:
-            if any("flwr-clientapp" in part for part in proc.cmdline()):
-                found.add(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return found
+    return {proc for proc in _tree(popen) if flower_program(proc) == "flwr-clientapp"}
 
 
 class _Freezer(threading.Thread):

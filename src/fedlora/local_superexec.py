@@ -47,8 +47,11 @@ class _ForkingSubprocess:
         if not args or os.path.basename(args[0]) != CLIENTAPP or self.server.poll() is not None:
             return subprocess.Popen(args, **kwargs)
         quiet = kwargs.get("stdout") == subprocess.DEVNULL
-        self.server.stdin.write((json.dumps({"args": list(args[1:]), "quiet": quiet}) + "\n").encode())
-        self.server.stdin.flush()
+        try:
+            self.server.stdin.write((json.dumps({"args": list(args[1:]), "quiet": quiet}) + "\n").encode())
+            self.server.stdin.flush()
+        except OSError:  # the fork server died just now: Flower's own way
+            return subprocess.Popen(args, **kwargs)
         return None
 
 

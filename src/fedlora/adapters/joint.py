@@ -187,7 +187,7 @@ class JointLoRALinear(nn.Module):
             return False
         wanted = self.joint.grouped
         if wanted is None:
-            wanted = x.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+            wanted = x.is_cuda and _lora_dtype(x, self.slots[0]) == torch.bfloat16 and torch.is_autocast_enabled("cuda")
         return wanted and groupable([self.slots[s.slot] for s in self.joint.slices], _lora_dtype(x, self.slots[0]))
 
 
