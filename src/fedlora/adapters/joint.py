@@ -192,6 +192,8 @@ class JointLoRALinear(nn.Module):
 
 
 GROUPED_ALIGNMENT = 16  # bytes: grouped_mm wants every row of its operands to start on a 16-byte boundary
+# public from torch 2.10 (F.grouped_mm); before, the same operator as torch._grouped_mm (2.8-2.9, CUDA only)
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def _lora_dtype(x: torch.Tensor, layer: MixtureLoRALinear) -> torch.dtype:
@@ -204,7 +206,7 @@ def _lora_dtype(x: torch.Tensor, layer: MixtureLoRALinear) -> torch.dtype:
 def groupable(layers: list[MixtureLoRALinear], dtype: torch.dtype) -> bool:
     """Whether the layers' experts stack into grouped products: one expert count and rank, and aligned sizes."""
     first = layers[0]
-    if any(layer.n_experts != first.n_experts or layer.r != first.r for layer in layers):
+    if GROUPED_MM is None or any(layer.n_experts != first.n_experts or layer.r != first.r for layer in layers):
         return False
     per = GROUPED_ALIGNMENT // torch.empty((), dtype=dtype).element_size()
     return all(n % per == 0 for n in (first.in_features, first.out_features, first.n_experts * first.r))
@@ -215,37 +217,44 @@ def grouped_lora(layers: list[MixtureLoRALinear], x: torch.Tensor, joint: JointP
     what the loop over clients computes, with 2 matmuls in place of 2 per client.
 
     Dropout and the router still run per client, on the client's rows shaped as they would be alone, so that each
-    draws from its own stream exactly as its sequential turn does."""
+    draws from its own stream exactly as its sequential turn does. Each client's group of tokens is padded with
+    zero rows to a multiple of 16 bytes' worth: the backward's weight gradient sums over the tokens, and CUDA's
+    grouped kernel needs each group of its summed dimension aligned (silently wrong results otherwise)."""
     index = joint.token_index(x)
     tokens = x.flatten(0, -2).index_select(0, index)  # every client's own tokens, client after client
-    counts, inputs, weights, scales = [], [], [], []
-    start = 0
+    dtype = _lora_dtype(x, layers[0])
+    align = GROUPED_ALIGNMENT // torch.empty((), dtype=dtype).element_size()
+    ends, inputs, weights, scales, real = [], [], [], [], []
+    start = end = 0
     for s, layer in zip(joint.slices, layers):
         shape = (s.stop - s.start, s.length) if x.dim() == 3 else (s.stop - s.start,)
         n = math.prod(shape)
         rows = tokens[start:start + n].unflatten(0, shape)  # as the client's layer alone sees them
         start += n
+        pad = -n % align
         with s.stream.active():
-            inputs.append(layer.dropout(rows).to(layer.lora_A[0].dtype).flatten(0, -2))
-        w = layer.mixing_weights(rows)
-        weights.append(w.expand(*rows.shape[:-1], layer.n_experts).flatten(0, -2))
-        scales.append(torch.full((n, 1), layer.scaling, device=x.device, dtype=torch.float32))
-        counts.append(n)
-    dtype = _lora_dtype(x, layers[0])
-    offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+            inputs.append(F.pad(layer.dropout(rows).to(layer.lora_A[0].dtype).flatten(0, -2), (0, 0, 0, pad)))
+        w = layer.mixing_weights(rows).expand(*rows.shape[:-1], layer.n_experts).flatten(0, -2)
+        weights.append(F.pad(w, (0, 0, 0, pad)))
+        scales.append(torch.full((n + pad, 1), layer.scaling, device=x.device, dtype=torch.float32))
+        real.append(torch.arange(end, end + n))
+        end += n + pad
+        ends.append(end)
+    offsets = torch.tensor(ends, device=x.device, dtype=torch.int32)
     e, r = layers[0].n_experts, layers[0].r
     a = torch.stack([torch.cat(tuple(layer.lora_A)) for layer in layers]).to(dtype).transpose(1, 2)  # [K, d, E*r]
     b = torch.stack([torch.cat(tuple(layer.lora_B), dim=1) for layer in layers]).to(dtype).transpose(1, 2)
-    z = _grouped_mm(torch.cat(inputs).to(dtype), a, offsets)                           # [tokens, E*r]
+    z = _grouped_mm(torch.cat(inputs).to(dtype), a, offsets)                           # [padded tokens, E*r]
     z = (z.unflatten(-1, (e, r)) * torch.cat(weights).to(z.dtype).unsqueeze(-1)).flatten(-2)
-    delta = _grouped_mm(z, b, offsets) * torch.cat(scales).to(z.dtype)                 # [tokens, out]
+    delta = _grouped_mm(z, b, offsets) * torch.cat(scales).to(z.dtype)                 # [padded tokens, out]
+    delta = delta.index_select(0, torch.cat(real).to(x.device))
     flat = delta.new_zeros(x.shape[:-1].numel(), delta.shape[-1]).index_copy(0, index, delta)
     return flat.unflatten(0, x.shape[:-1])
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """F.grouped_mm, whose backward wants a contiguous incoming gradient (a sum's expanded one is not)."""
-    out = F.grouped_mm(a, b, offs=offsets)
+    """grouped_mm, whose backward wants a contiguous incoming gradient (a sum's expanded one is not)."""
+    out = GROUPED_MM(a, b, offs=offsets)
     if out.requires_grad:
         out.register_hook(lambda grad: grad.contiguous())
     return out
