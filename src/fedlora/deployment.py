@@ -439,8 +439,8 @@ class LocalFederation:
         `local_supernode.py`)."""
         config = " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
         return [sys.executable, "-m", "fedlora.local_supernode", "--superlink", f"{self.public_host}:{self.port}",
-                "--root-certificates", str(self.credentials.ca_cert), "--auth-supernode-private-key", str(key), "--node-config", config,
-                "--port", str(port), "--max-retries", "3", "--max-wait-time", "30"]
+                "--root-certificates", str(self.credentials.ca_cert), "--auth-supernode-private-key", str(key),
+                "--node-config", config, "--port", str(port), "--max-retries", "3", "--max-wait-time", "30"]
 
     def __enter__(self) -> LocalFederation:
         try:

@@ -67,6 +67,7 @@ class JointPass:
         self.width = 0
         self.grouped = grouped
         self.checkpointable: list[nn.Module] = []  # the joint model's modules with HF's gradient_checkpointing flag
+        self._checkpointing: bool | None = None
         self._tokens: dict[tuple, torch.Tensor] = {}
 
     @contextmanager
@@ -84,6 +85,9 @@ class JointPass:
         with each checkpointed layer recomputed under the joint pass it ran in (`checkpoint_contexts`)."""
         from torch.utils.checkpoint import checkpoint
 
+        if enabled == self._checkpointing:
+            return
+        self._checkpointing = enabled
         for module in self.checkpointable:
             module.gradient_checkpointing = enabled
             module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False,
@@ -185,10 +189,11 @@ class JointLoRALinear(nn.Module):
         """Whether this pass runs the clients' LoRA as grouped matrix products (`JointPass.grouped`)."""
         if not (x.dim() == 2 or x.dim() == 3 and x.shape[1] == self.joint.width):  # [rows, d] or [rows, width, d]
             return False
+        dtype = _lora_dtype(x, self.slots[0])
         wanted = self.joint.grouped
         if wanted is None:
-            wanted = x.is_cuda and _lora_dtype(x, self.slots[0]) == torch.bfloat16 and torch.is_autocast_enabled("cuda")
-        return wanted and groupable([self.slots[s.slot] for s in self.joint.slices], _lora_dtype(x, self.slots[0]))
+            wanted = x.is_cuda and dtype == torch.bfloat16 and torch.is_autocast_enabled("cuda")
+        return wanted and groupable([self.slots[s.slot] for s in self.joint.slices], dtype)
 
 
 GROUPED_ALIGNMENT = 16  # bytes: grouped_mm wants every row of its operands to start on a 16-byte boundary

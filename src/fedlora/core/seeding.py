@@ -54,7 +54,7 @@ class RandomStream:
     def copy(self) -> "RandomStream":
         """An independent copy of this stream at its current state."""
         twin = RandomStream.__new__(RandomStream)
-        twin.cpu, twin.cuda = self.cpu.clone(), None if self.cuda is None else [s.clone() for s in self.cuda]
+        twin.load(self)
         return twin
 
     def load(self, other: "RandomStream") -> None:
