@@ -11,6 +11,7 @@ Results: <out>/quality/quality.{md,json} and quality_<suite>.png (quality-paper.
 suites run now and every suite with finished runs of the profile.
 Usage: python benchmarks/quality.py [--suite nlu|nlg|glue|glue-skew|all ...] [--profile quick|paper] [--seeds 0 1 2]
        [--methods ...] [--quick] [--report-only] [--estimate] [--out DIR] [--scratch DIR] [--threads N] [--jobs N]
+       [--client-batch N|auto]
 This file is the command line and the sweep; beside it: quality_setup.py (suites, methods, papers, each run's
 config), quality_runs.py (one run: result JSON, resume, lock), quality_stats.py (seed statistics, orderings),
 quality_report.py (quality.md/.json, plots) and quality_estimate.py (the timing probe and the time table).
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--scratch", type=Path, default=None, help="run directories (default runs/quality)")
     ap.add_argument("--threads", type=int, default=None, help="engine.torch_threads (default: torch's own)")
     ap.add_argument("--jobs", type=int, default=1, help="sweeps side by side (one per core, each --threads 1)")
+    ap.add_argument("--client-batch", default=None,
+                    help="engine.client_batch: clients trained together in one pass (a GPU's speed-up; docs/batched.md)")
     args = ap.parse_args()
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
     if args.jobs > 1 and args.threads is None:
@@ -113,7 +116,8 @@ def main() -> None:
                         with claim(path) as mine:
                             if not mine:
                                 continue  # another sweep is running it
-                            run_one(out, scratch, suite, profile, method, seed, args.threads, command)
+                            run_one(out, scratch, suite, profile, method, seed, args.threads, command,
+                                    args.client_batch)
                         write_report(out, profile, methods, seeds, command)  # up to date whenever stopped
             for helper in helpers:  # they finish the runs they hold; a failed one leaves its runs to the next sweep
                 if helper.wait() != 0:

@@ -131,13 +131,15 @@ def summarize_run(records: list[dict], tasks: dict[str, str], metric: str) -> di
 
 
 def run_one(out: Path, scratch: Path, suite: str, profile: str, method: str, seed: int, threads: int | None,
-            command: str) -> dict[str, Any]:
+            command: str, client_batch: str | None = None) -> dict[str, Any]:
     """Run (or skip, if its result JSON exists) one (suite, profile, method, seed) and save its result JSON."""
     from fedlora.api import evaluate_untrained
+    from fedlora.core.devices import resolve_device
     from fedlora.core.io import save_text
 
     path = result_path(out, suite, profile, method, seed)
-    cfg = config_for(suite, profile, method, seed, scratch / f"{suite}-{profile}" / f"seed{seed}" / method, threads)
+    cfg = config_for(suite, profile, method, seed, scratch / f"{suite}-{profile}" / f"seed{seed}" / method, threads,
+                     client_batch)
     if path.is_file():
         done = json.loads(path.read_text())
         if done.get("setup") == setup_id(cfg):
@@ -155,6 +157,7 @@ def run_one(out: Path, scratch: Path, suite: str, profile: str, method: str, see
     data = {"suite": suite, "profile": profile, "method": method, "seed": seed, "config": config_name(suite, profile),
             "setup": setup_id(cfg),
             "command": command, "wall_seconds": wall, "resumed": resumed, "torch_threads": threads,
+            "device": str(resolve_device(cfg.model.device)), "client_batch": cfg.engine.client_batch,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **summarize_run(records, {c["client_id"]: c["task"] for c in clients}, METRIC[suite])}
     save_text(path, json.dumps(data, indent=1, sort_keys=True))  # never a half-written result that is skipped

@@ -101,12 +101,14 @@ def suite_tasks(suite: str) -> list[str]:
     return sorted({"nlu": NLU_TASKS, "nlg": NLG_TASKS, "glue": GLUE_TASKS}[SUITE_CONFIG[suite][0]])
 
 
-def config_for(suite: str, profile: str, method: str, seed: int, run_dir: Path, threads: int | None = None) -> Config:
+def config_for(suite: str, profile: str, method: str, seed: int, run_dir: Path, threads: int | None = None,
+               client_batch: str | None = None) -> Config:
     """The one setup of (suite, profile) with only algorithm.name, seed and result-neutral engine settings set."""
     from fedlora.core.config import load_config
 
     name, overrides = config_name(suite, profile)
-    engine = ["engine.progress=false"] + ([f"engine.torch_threads={threads}"] if threads else [])
+    engine = (["engine.progress=false"] + ([f"engine.torch_threads={threads}"] if threads else [])
+              + ([f"engine.client_batch={client_batch}"] if client_batch else []))
     cfg = load_config(name, overrides + engine + [f"seed={seed}", f"output_dir={run_dir}"])
     if profile != "smoke":  # evaluate the final round only: evaluation changes no state, and costs a third here
         cfg.federation.eval_at_start, cfg.federation.eval_every = False, cfg.federation.rounds

@@ -158,7 +158,8 @@ def test_quality_benchmark_quick(tmp_path):
 def test_setup_id_ignores_engine_and_paths_but_not_the_setup(tmp_path):
     setup = bench("quality_setup")
     base = setup.config_for("nlu", "quick", "fedit", 0, tmp_path / "a")
-    same = setup.config_for("nlu", "quick", "fedit", 0, tmp_path / "b", threads=1)
+    same = setup.config_for("nlu", "quick", "fedit", 0, tmp_path / "b", threads=1, client_batch="auto")
+    assert same.engine.client_batch == "auto" and same.engine.torch_threads == 1
     assert setup.setup_id(base) == setup.setup_id(same)
     other_seed = setup.config_for("nlu", "quick", "fedit", 1, tmp_path / "a")
     other_budget = setup.config_for("nlu", "quick", "fedit", 0, tmp_path / "a")

@@ -7,6 +7,8 @@
 #                 83 MB): benchmarks/batched.py
 #   .whl-gpu/     bitsandbytes (gpu.py's 4-bit rows) and numpy < 2.4 (nevergrad's MetaModel, FDLoRA's fusion
 #                 search, fails on numpy 2.4+; the image has 2.5) (~60 MB): benchmarks/gpu.py
+#   .whl-glue/    the glue suite's readers (rdata, chatterbot-corpus) and corpora.tar.xz, its Debian corpora (WordNet's
+#                 data files, modeldata's data sets; ~12 MB): the quality sweep, benchmarks/quality.py
 # Usage: bash benchmarks/device/fetch_wheels.sh; then the device calls of benchmarks/device/README.md
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,12 +22,27 @@ get() {  # DIR NAME...: each NAME at this venv's version
             --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dir" "$name==$(version "$name")"
     done
 }
-for dir in .whl .whl-minilm .whl-gpu; do
+for dir in .whl .whl-minilm .whl-gpu .whl-glue; do
     grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >> .git/info/exclude
 done
 get .whl pydantic pydantic-core annotated-types typing-inspection typing-extensions greenlet \
     nevergrad cma bayesian-optimization directsearch
 get .whl-gpu bitsandbytes numpy
+get .whl-glue rdata chatterbot-corpus
+# the corpora the image lacks, named by their system paths: run.sh unpacks them into $FEDLORA_CACHE/debian, where
+# data/debian.py looks for a corpus that is not installed
+$PY - <<'PYTHON'
+import tarfile
+
+from fedlora.data.debian import find_installed
+from fedlora.data.reviews import MODELDATA_DIR
+from fedlora.data.wordnet import WORDNET_DIR
+
+with tarfile.open(".whl-glue/corpora.tar.xz", "w:xz") as tar:
+    tar.add(find_installed(MODELDATA_DIR, "reviews"), arcname=MODELDATA_DIR.lstrip("/"))
+    for pos in ("noun", "verb", "adj", "adv"):
+        tar.add(find_installed(WORDNET_DIR, "wordnet") / f"data.{pos}", arcname=f"{WORDNET_DIR.lstrip('/')}/data.{pos}")
+PYTHON
 $PY - <<'PYTHON'
 import shutil
 from pathlib import Path
@@ -41,4 +58,4 @@ weights = load_file(source / "model" / "model.safetensors")
 save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
           target / "model" / "model.safetensors", metadata={"format": "pt"})
 PYTHON
-du -sh .whl .whl-minilm .whl-gpu
+du -sh .whl .whl-minilm .whl-gpu .whl-glue

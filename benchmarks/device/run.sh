@@ -3,13 +3,17 @@
 # its results (and log) under $OUT, each under a timeout that leaves the call time to return.
 # Usage: bash benchmarks/device/run.sh batched   (carry .whl and .whl-minilm)
 #        bash benchmarks/device/run.sh gpu       (carry .whl and .whl-gpu)
+#        bash benchmarks/device/run.sh glue      (carry .whl, .whl-minilm and .whl-glue)
 set -uo pipefail
-check=${1:?batched or gpu}
+check=${1:?batched, gpu or glue}
 wheels=(.whl/*.whl)
 [[ -d .whl-gpu ]] && wheels+=(.whl-gpu/*.whl)
+[[ -d .whl-glue ]] && wheels+=(.whl-glue/*.whl)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
     || exit 1
 export PYTHONPATH="/tmp/site:$PWD/.whl-minilm:$PWD/src" PYTHONUNBUFFERED=1
+export FEDLORA_CACHE=/tmp/fedlora-cache
+[[ -f .whl-glue/corpora.tar.xz ]] && mkdir -p "$FEDLORA_CACHE/debian" && tar -xJf .whl-glue/corpora.tar.xz -C "$FEDLORA_CACHE/debian"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
@@ -17,5 +21,9 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 case $check in
     batched) timeout 300 python3 benchmarks/batched.py --quick --out "$OUT" 2>&1 | tee "$OUT/batched.log" ;;
     gpu) timeout 400 python3 benchmarks/gpu.py --budget 330 --out "$OUT" 2>&1 | tee "$OUT/gpu.log" ;;
-    *) echo "unknown check $check (batched or gpu)"; exit 2 ;;
+    glue)  # the glue sweep's missing runs (the committed ones are skipped), 6 side by side on the GPU
+        cp -r benchmarks/results/quality "$OUT/"
+        timeout 480 python3 benchmarks/quality.py --suite glue glue-skew --seeds 0 1 2 --jobs 6 --client-batch auto \
+            --scratch /tmp/quality-runs --out "$OUT" 2>&1 | tee "$OUT/glue.log" ;;
+    *) echo "unknown check $check (batched, gpu or glue)"; exit 2 ;;
 esac
