@@ -100,13 +100,17 @@ def suite_report(suite: str, runs: dict[str, dict[int, dict]], methods: list[str
     for c in checks:
         rep = f"{number(c['a'])} vs {number(c['b'])}"
         ours = "–" if c["delta"] is None else f"{100 * c['delta']:+.2f}" + ("" if c["se"] is None else f" ± {100 * c['se']:.2f}")
+        if c["delta"] is not None and c["seeds"] != sorted(set(table[c["a"]]["seeds"]) | set(table[c["b"]]["seeds"])):
+            ours += f" (seeds {', '.join(map(str, c['seeds']))})" if c["seeds"] else " (unpaired)"
         noise = {None: "–", True: "yes", False: "no"}[c["beyond_noise"]]
         lines.append(f"| {c['relation']} | {rep} | {ours} | {c['holds']} | {noise} |")
     lines += ["", verdict(checks),
-              f"('>' holds when our mean Avg is higher; '~' when the means differ by at most {100 * TIE:.0f} point "
-              "or by at most the seed noise (1 s.e.). The last column says whether the gap exceeds twice the standard "
-              "error of the difference, paired over seeds (each seed is one data split shared by every method), "
-              "i.e. whether it is more than seed noise.)", ""]
+              "(Δ is the mean per-seed difference over the seeds both methods ran, named where that is not all of "
+              "them: each seed is one data split shared by every method, so comparing on the same splits keeps a "
+              "hard split from counting against whichever method has run it. "
+              f"'>' holds when Δ > 0; '~' when |Δ| is at most {100 * TIE:.0f} point or at most the seed noise "
+              "(1 s.e.). The last column says whether |Δ| exceeds twice the standard error of the paired "
+              "difference, i.e. whether it is more than seed noise.)", ""]
 
     fl_rows = fedlease_rows(runs)
     lines += ["### FedLEASE: chosen number of experts M and agreement with the true task grouping", ""]

@@ -46,25 +46,28 @@ def check_relation(rel: tuple[str, str, str], table: dict[str, dict[str, Any]]) 
     if a not in table or b not in table:
         return {**row, "holds": "not run", "delta": None, "se": None, "beyond_noise": None,
                 "unrun": [m for m in (a, b) if m not in table]}
-    ca, cb = table[a]["average"], table[b]["average"]
-    delta = ca["mean"] - cb["mean"]
-    se = difference_se(table[a]["average_by_seed"], table[b]["average_by_seed"])
+    delta, se, seeds = difference(table[a]["average_by_seed"], table[b]["average_by_seed"])
     holds = delta > 0 if op == ">" else abs(delta) <= max(TIE, se or 0.0)
-    return {**row, "holds": "yes" if holds else "no", "delta": delta, "se": se,
+    return {**row, "holds": "yes" if holds else "no", "delta": delta, "se": se, "seeds": seeds,
             "beyond_noise": None if se is None else abs(delta) > 2 * se, "unrun": []}
 
 
-def difference_se(a: dict[int, float], b: dict[int, float]) -> float | None:
-    """Standard error of the difference of two methods' seed means; None with a single seed.
+def difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float | None, list[int]]:
+    """Mean difference of two methods' averages, its standard error (None on one seed) and the seeds it used.
 
-    Paired over seeds when both ran the same seeds: a seed fixes the data split for every method, so the split's
-    own difficulty cancels in the per-seed difference. Unpaired (Welch) otherwise, e.g. while a sweep is partial.
+    Paired over the seeds both ran: a seed fixes the data split for every method, so the split's own difficulty
+    cancels in the per-seed difference (while a sweep is partial, a method that has run a hard split more would
+    otherwise look worse). Unpaired (Welch) only when they share no seed.
     """
-    if a.keys() == b.keys() and len(a) > 1:
-        return statistics.stdev(a[s] - b[s] for s in a) / math.sqrt(len(a))
+    shared = sorted(a.keys() & b.keys())
+    if shared:
+        per_seed = [a[s] - b[s] for s in shared]
+        se = statistics.stdev(per_seed) / math.sqrt(len(shared)) if len(shared) > 1 else None
+        return statistics.fmean(per_seed), se, shared
+    delta = statistics.fmean(a.values()) - statistics.fmean(b.values())
     if len(a) > 1 and len(b) > 1:
-        return math.sqrt(statistics.variance(a.values()) / len(a) + statistics.variance(b.values()) / len(b))
-    return None
+        return delta, math.sqrt(statistics.variance(a.values()) / len(a) + statistics.variance(b.values()) / len(b)), []
+    return delta, None, []
 
 
 def verdict(checks: list[dict[str, Any]]) -> str:

@@ -80,10 +80,19 @@ def test_seed_noise_is_paired_over_the_shared_splits():
     assert paired["delta"] == pytest.approx(0.02) and paired["se"] == pytest.approx(0.0, abs=1e-12)
     assert paired["beyond_noise"] is True  # unpaired, the splits' spread (s.e. ~0.06) would hide it
 
-    uneven = table_of({"fedlease": [0.40, 0.30, 0.46], "fedit": [0.38, 0.28]})  # a sweep still running
-    welch = stats.check_relation(("fedlease", ">", "fedit"), uneven)
-    assert welch["se"] == pytest.approx((0.006533 / 3 + 0.005 / 2) ** 0.5, rel=1e-2)
-    assert welch["beyond_noise"] is False
+    # A sweep still running: FedLEASE has also run the hardest split (seed 2 at 0.20), FedIT not yet. Compared on
+    # the shared seeds the 2 points stand; all-seed means would put FedLEASE 2.7 points *below* FedIT.
+    uneven = table_of({"fedlease": [0.40, 0.30, 0.20], "fedit": [0.38, 0.28]})
+    shared = stats.check_relation(("fedlease", ">", "fedit"), uneven)
+    assert shared["seeds"] == [0, 1] and shared["delta"] == pytest.approx(0.02) and shared["holds"] == "yes"
+    assert shared["se"] == pytest.approx(0.0, abs=1e-12)
+    one_shared = stats.check_relation(("fedlease", ">", "fedit"), table_of({"fedlease": [0.4, 0.3], "fedit": [0.3]}))
+    assert one_shared["seeds"] == [0] and one_shared["delta"] == pytest.approx(0.1) and one_shared["se"] is None
+    table_b = table_of({"fedlease": [0.40, 0.30], "fedit": [0.38, 0.28]})
+    table_b["fedit"]["average_by_seed"] = {2: 0.38, 3: 0.28}  # no split in common: unpaired (Welch)
+    welch = stats.check_relation(("fedlease", ">", "fedit"), table_b)
+    assert welch["seeds"] == [] and welch["delta"] == pytest.approx(0.02)
+    assert welch["se"] == pytest.approx((0.005 / 2 + 0.005 / 2) ** 0.5) and welch["beyond_noise"] is False
     assert stats.check_relation(("fedlease", ">", "fedit"), table_of({"fedlease": [0.4], "fedit": [0.3]}))["se"] is None
 
 
