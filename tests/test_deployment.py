@@ -420,3 +420,34 @@ def test_the_local_fork_server_runs_flowers_clientapp_entry_point_per_request():
     finally:
         server.kill()
     assert output.count("usage: flwr-clientapp") == 1, output  # the quiet one printed nothing
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_clientapp_of_the_fork_server_dies_with_it_even_when_it_would_retry_on():
+    """A ClientApp that cannot reach its SuperNode retries for minutes and has no --parent-pid to watch here: only
+    the kernel's parent-death signal, set in the fork, takes it down when the fork server is SIGKILLed."""
+    server = subprocess.Popen([sys.executable, "-m", "fedlora.local_superexec", "--fork-server"],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    clientapp = None
+    try:
+        port = socket.socket()
+        port.bind(("127.0.0.1", 0))  # bound, never listening: every connection is refused
+        args = ["--runtime-api-address", f"127.0.0.1:{port.getsockname()[1]}", "--token", "t", "--insecure"]
+        server.stdin.write((json.dumps({"args": args, "quiet": True}) + "\n").encode())
+        server.stdin.flush()
+        deadline = time.monotonic() + 120
+        while clientapp is None:
+            assert time.monotonic() < deadline, "the fork server started no ClientApp within 120 s"
+            clientapp = next(iter(psutil.Process(server.pid).children()), None)
+            time.sleep(0.1)
+        time.sleep(3)  # past its imports, into the retries
+        assert clientapp.is_running()
+        server.kill()
+        server.wait(timeout=30)
+        _, alive = psutil.wait_procs([clientapp], timeout=20)
+        assert not alive, "the ClientApp outlived its fork server"
+    finally:
+        server.kill()
+        if clientapp is not None and clientapp.is_running():
+            clientapp.kill()
+        port.close()

@@ -106,7 +106,7 @@ def _names(procs: dict[int, psutil.Process]) -> str:
     out = []
     for proc in procs.values():
         try:
-            out.append(" ".join(proc.cmdline()[:2]))
+            out.append(f"{proc.pid} (parent {proc.ppid()}): {' '.join(proc.cmdline())[:300]}")
         except psutil.Error:
             out.append(str(proc.pid))
     return "; ".join(out)

@@ -346,18 +346,20 @@ def free_port() -> int:
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that has the kernel SIGKILL the child when this process dies (Linux); None elsewhere.
+def die_with_parent(parent: int | None = None) -> Callable[[], None] | None:
+    """A function that has the kernel SIGKILL the process calling it when `parent` dies (Linux); None elsewhere.
 
-    Only the processes started here need it: Flower's own children (SuperExec, ServerApp, ClientApp) are
-    started with `--parent-pid` and exit when their parent does. The signal follows the thread that started
-    the child, so start them from a thread that lives as long as the federation (the main one)."""
+    By default `parent` is this process and the function is a preexec_fn for the children started here; a
+    process started by someone else (flower-local's SuperExec) calls it with the pid it was given. Flower's own
+    children exit when their `--parent-pid` does, but only through a SIGINT their main thread must get to
+    handle; the kernel's signal cannot be missed. It follows the thread that started the child, so start them
+    from a thread that lives as long as the federation (the main one)."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
-    parent = os.getpid()
+    parent = os.getpid() if parent is None else parent
 
     def preexec() -> None:
         if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:

@@ -10,8 +10,10 @@ starts a task (`SubprocessExecutor.launch` calls `subprocess.Popen`), so that mo
 one whose `Popen` of `flwr-clientapp` asks the fork server instead; every other launch is unchanged. A real
 deployment's SuperExecs are Flower's own.
 
-The fork server exits when its SuperExec does (end of its request pipe, and the parent-death signal on Linux);
-each ClientApp watches its `--parent-pid` as Flower's do. ClientApps retry a missing object sooner
+On Linux each process here dies with its parent by the kernel's parent-death signal: the SuperExec with its
+SuperNode, the fork server with the SuperExec, each ClientApp with the fork server (a SIGKILLed `fedlora run` leaves
+nothing behind). Each ClientApp also watches its `--parent-pid` as Flower's do, and the fork server, at the end of
+its request pipe, waits for the ClientApps still running. ClientApps retry a missing object sooner
 (`engines/flower_waits.py`).
 Usage: python -m fedlora.local_superexec <flower-superexec arguments>
 """
@@ -62,13 +64,24 @@ def serve() -> None:
     from .engines.flower_waits import short_object_backoff
 
     short_object_backoff()  # inherited by every fork
+    from .deployment import die_with_parent
+
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the ClientApps
+    die_with_server = die_with_parent()
     requests = sys.stdin.buffer
     for line in requests:
         request = json.loads(line)
         if os.fork() == 0:
+            if die_with_server is not None:
+                die_with_server()
             _run_clientapp(flwr_clientapp, request["args"], request["quiet"])
-    # end of the pipe: the SuperExec is gone
+    # end of the pipe: the SuperExec is gone, and the ClientApps still running end with it (their --parent-pid);
+    # this server waits for them, since they die with it (with SIGCHLD ignored, wait() returns when all have ended)
+    try:
+        while True:
+            os.wait()
+    except ChildProcessError:
+        pass
 
 
 def _run_clientapp(entry: Any, args: list[str], quiet: bool) -> None:
@@ -102,6 +115,12 @@ def main() -> None:
     from flwr.supercore.cli import flower_superexec
     from flwr.supercore.superexec.executor import subprocess_executor
 
+    from .deployment import die_with_parent
+
+    if "--parent-pid" in sys.argv[:-1]:  # the SuperNode's death takes this SuperExec, the fork server, its ClientApps
+        die_with_node = die_with_parent(int(sys.argv[sys.argv.index("--parent-pid") + 1]))
+        if die_with_node is not None:
+            die_with_node()
     subprocess_executor.subprocess = _ForkingSubprocess()
     sys.argv[0] = "flower-superexec"
     flower_superexec()
