@@ -1,4 +1,7 @@
-"""Every benchmark script runs with --quick and writes results that parse (slow: they start real runs)."""
+"""benchmarks/engines.py runs with --quick and writes results that parse (slow: it starts Flower).
+
+In conftest's Flower group (this file): the benchmarks that run in-process have files of their own, so they
+run beside the Flower tests."""
 
 from __future__ import annotations
 
@@ -22,15 +25,3 @@ def test_engines_benchmark_quick(tmp_path):
     assert set(data["engines"]) == {"inprocess", "flower-sim"} and data["per_round_ratio_flower_over_inprocess"] > 0
     assert all(r > 0 for r in data["per_round_ratio_over_inprocess"].values())
     assert (tmp_path / "engines.png").read_bytes()[:4] == b"\x89PNG"
-
-
-@pytest.mark.slow
-def test_robustness_benchmark_quick(tmp_path):
-    done = subprocess.run([sys.executable, "benchmarks/robustness.py", "--quick", "--methods", "fedit",
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = {(r["attack"], r["defence"]): r for r in json.loads((tmp_path / "robustness_quick.json").read_text())["rows"]}
-    assert len(rows) == 12 and all(r["honest_clipped"] == 0 for r in rows.values())  # the clip spares honest updates
-    assert rows["x1e6", "clip"]["attacker_clipped"] > 0 and rows["x1e6", "none"]["attacker_clipped"] == 0
-    assert rows["x1e6", "clip"]["honest_accuracy"] >= rows["x1e6", "none"]["honest_accuracy"]
-    assert "| x1e6 |" in (tmp_path / "robustness_quick.md").read_text()
