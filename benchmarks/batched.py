@@ -9,8 +9,10 @@ random weights (gpu.py's shapes: Qwen2.5-0.5B on a GPU; on the CPU a 4-layer, hi
 takes minutes). On CUDA it runs in bf16 (the goal: >= 5x for 16 MiniLM clients, >= 3x for 16 decoder clients),
 and the batched round is also timed with the clients' LoRA in a loop over clients (`engine.grouped_lora = false`)
 against the grouped matrix products it uses there by default.
-Results: benchmarks/results/batched.{md,json,png}.
-Usage: python benchmarks/batched.py [--quick] [--reps 3] [--out DIR]
+Results: benchmarks/results/batched.{md,json,png} on a CPU, batched-gpu.{md,json,png} on CUDA (so one device's run
+never replaces the other's), rewritten after every row so a run cut short keeps what it measured; a K whose
+batched round does not fit the GPU's memory is a row that says so.
+Usage: python benchmarks/batched.py [--quick] [--ks 1 4 16 64] [--reps 3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -110,37 +112,46 @@ def measure(model: str, k: int, device: str, precision: str, reps: int, tmp: str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="K in {1, 4, 16} only, 2 repetitions")
+    parser.add_argument("--ks", type=int, nargs="+", help="the numbers of clients K (default 1 4 16 64)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device, precision = ("cuda", "bf16") if cuda else ("cpu", "fp32")
     torch.set_num_threads(torch.get_num_threads())
-    ks = [1, 4, 16] if args.quick else [1, 4, 16, 64]
+    ks = args.ks or ([1, 4, 16] if args.quick else [1, 4, 16, 64])
     reps = 2 if args.quick else args.reps
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        decoder_shape = SHAPES["qwen2.5-0.5b"] if cuda else CPU_DECODER
-        decoder = build_decoder(decoder_shape, Path(tmp) / "decoder", device)
-        models = {"minilm": ks, decoder: [k for k in ks if k <= (64 if cuda else 16)]}
-        for model, model_ks in models.items():
-            for k in model_ks:
-                row = measure(model, k, device, precision, reps, str(Path(tmp) / f"run-{len(rows)}"))
-                row["model"] = "minilm" if model == "minilm" else ("qwen2.5-0.5b shape" if cuda else
-                                                                  "qwen2 4 layers x 256 (CPU)")
-                rows.append(row)
-                print(f"{row['model']:>28}  K={k:<3} sequential {row['sequential_s']:7.2f} s  batched "
-                      f"{row['batched_s']:7.2f} s  speed-up {row['speedup']:.2f}x", flush=True)
+    rows: list[dict] = []
     report = {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
               "precision": precision, "torch_threads": torch.get_num_threads(), "steps": STEPS, "batch": BATCH,
               "length": LENGTH, "rows": rows, "command": "python benchmarks/batched.py " + " ".join(sys.argv[1:])}
-    write(report, args.out)
+    stem = "batched-gpu" if cuda else "batched"
+    with tempfile.TemporaryDirectory() as tmp:
+        decoder_shape = SHAPES["qwen2.5-0.5b"] if cuda else CPU_DECODER
+        decoder = build_decoder(decoder_shape, Path(tmp) / "decoder", device)
+        # the CPU decoder is small so that a run takes minutes; K=64 of it adds nothing MiniLM's row does not show
+        models = {"minilm": ks, decoder: [k for k in ks if cuda or k <= 16]}
+        for model, model_ks in models.items():
+            name = "minilm" if model == "minilm" else ("qwen2.5-0.5b shape" if cuda else "qwen2 4 layers x 256 (CPU)")
+            for k in model_ks:
+                try:
+                    row = measure(model, k, device, precision, reps, str(Path(tmp) / f"run-{len(rows)}"))
+                except torch.OutOfMemoryError:
+                    rows.append({"model": name, "clients": k, "out_of_memory": True})
+                    print(f"{name:>28}  K={k:<3} out of GPU memory", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                row["model"] = name
+                rows.append(row)
+                print(f"{name:>28}  K={k:<3} sequential {row['sequential_s']:7.2f} s  batched "
+                      f"{row['batched_s']:7.2f} s  speed-up {row['speedup']:.2f}x", flush=True)
+                write(report, args.out, stem)
 
 
-def write(report: dict, out: Path) -> None:
-    """batched.json, batched.md (the table) and batched.png (client-steps per second against K)."""
+def write(report: dict, out: Path, stem: str = "batched") -> None:
+    """<stem>.json, <stem>.md (the table) and <stem>.png (client-steps per second against K)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "batched.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Clients trained together (engine.client_batch)\n",
              f"`{report['command']}` on {report['device']}, {report['precision']}, {report['torch_threads']} torch "
              f"threads; FedIT, {report['steps']} local steps per client, batch {report['batch']} x up to "
@@ -149,6 +160,9 @@ def write(report: dict, out: Path) -> None:
              "| model | K | sequential (s) | batched (s) | client-steps/s sequential | batched | speed-up |",
              "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
+        if r.get("out_of_memory"):
+            lines.append(f"| {r['model']} | {r['clients']} | out of memory | | | | |")
+            continue
         lines.append(f"| {r['model']} | {r['clients']} | {r['sequential_s']:.2f} | {r['batched_s']:.2f} | "
                      f"{r['sequential_steps_per_s']:.1f} | {r['batched_steps_per_s']:.1f} | {r['speedup']:.2f}x |")
     looped = [r for r in report["rows"] if "batched_loop_s" in r]
@@ -161,7 +175,7 @@ def write(report: dict, out: Path) -> None:
         lines += [f"| {r['model']} | {r['clients']} | {r['batched_s']:.2f} | {r['batched_loop_s']:.2f} | "
                   f"{r['batched_loop_s'] / r['batched_s']:.2f}x | {r['grouped_vs_loop_max_diff']:.1e} |"
                   for r in looped]
-    (out / "batched.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,14 +183,15 @@ def write(report: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for model in dict.fromkeys(r["model"] for r in report["rows"]):
-        rows = [r for r in report["rows"] if r["model"] == model]
+        rows = [r for r in report["rows"] if r["model"] == model and not r.get("out_of_memory")]
         ks = [r["clients"] for r in rows]
         ax.plot(ks, [r["sequential_steps_per_s"] for r in rows], "o--", label=f"{model}, sequential")
         ax.plot(ks, [r["batched_steps_per_s"] for r in rows], "o-", label=f"{model}, batched")
     ax.set(xscale="log", xlabel="clients K", ylabel="client-steps per second", title=f"{report['device']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "batched.png", dpi=120)
+    fig.savefig(out / f"{stem}.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,17 @@ def assert_same_run(a, b) -> None:
     _same_tree(a.server_state, b.server_state)
 
 
+def assert_same_metrics(a: dict, b: dict) -> None:
+    """Every round's per-client fit and evaluation metrics equal to TOL (a batched step must log what the
+    client's own step would: its loss, not the joint one)."""
+    def records(cfg: dict) -> list[dict]:
+        lines = (Path(cfg["output_dir"]) / "metrics.jsonl").read_text().splitlines()
+        return [{part: json.loads(line).get(part) for part in ("round", "fit", "eval", "failures")} for line in lines]
+
+    for x, y in zip(records(a), records(b), strict=True):
+        _same_tree(x, y)
+
+
 def _same_tree(x, y) -> None:
     if torch.is_tensor(x):
         assert torch.allclose(x.float(), y.float(), atol=TOL, rtol=0)
@@ -64,6 +75,8 @@ def _same_tree(x, y) -> None:
         assert len(x) == len(y)
         for u, v in zip(x, y):
             _same_tree(u, v)
+    elif isinstance(x, float):
+        assert abs(x - y) <= TOL, (x, y)
     else:
         assert x == y
 
@@ -185,6 +198,7 @@ def test_a_batched_run_equals_the_sequential_run(tmp_path, method, monkeypatch):
     run_experiment(batched)
     assert max(sizes) >= 2 and min(sizes) < max(sizes)  # together, then fewer as budgets run out
     assert_same_run(final_states(sequential), final_states(batched))
+    assert_same_metrics(sequential, batched)
 
 
 @pytest.mark.parametrize("method", ["fedit", "fedalt", "fedlease"])
@@ -241,12 +255,15 @@ def test_a_causal_lm_batched_equals_sequential(tmp_path):
     assert_same_run(final_states(sequential), final_states(batched))
 
 
-def test_checkpoints_resume_across_the_two_modes(tmp_path):
-    """A batched run resumed sequentially, and a sequential one resumed batched, equal the uninterrupted run."""
-    whole = run_dir(tmp_path, "whole", 1, federation={"rounds": 3})
+@pytest.mark.parametrize("method", ["fedit", "fedalt"])
+def test_checkpoints_resume_across_the_two_modes(tmp_path, method):
+    """A batched run resumed sequentially, and a sequential one resumed batched, equal the uninterrupted run
+    (FedALT: the clients' private LoRAs and optimizer moments cross the checkpoint too)."""
+    algorithm = {"name": method}
+    whole = run_dir(tmp_path, "whole", 1, federation={"rounds": 3}, algorithm=algorithm)
     run_experiment(whole)
     for first, then in ((4, 1), (1, 2)):
-        cfg = run_dir(tmp_path, f"from{first}", first, federation={"rounds": 2})
+        cfg = run_dir(tmp_path, f"from{first}", first, federation={"rounds": 2}, algorithm=algorithm)
         run_experiment(cfg)
         config_path = tmp_path / f"from{first}" / "config.json"
         config = json.loads(config_path.read_text())
@@ -300,3 +317,25 @@ def test_client_batch_is_checked_and_auto_is_the_cpu_default(tmp_path):
         build_config(tiny_config(tmp_path, engine={"client_batch": "many"}))
     session = build_session(build_config(tiny_config(tmp_path, engine={"client_batch": "auto"})))
     assert auto_client_batch(session.runtime) == CPU_CLIENT_BATCH
+
+
+def test_auto_client_batch_on_cuda_divides_free_memory_by_one_clients_estimate(tmp_path, monkeypatch):
+    """The CUDA branch, with the device and its free memory faked: K grows with free memory, halves when
+    activations are fp32 rather than bf16, and stays within 1..64."""
+    from fedlora.engines import runtime
+
+    monkeypatch.setattr(runtime, "model_device", lambda model: torch.device("cuda", 0))
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
+
+    def k(free_bytes: int, precision: str = "fp32") -> int:
+        free["bytes"] = free_bytes
+        cfg = build_config(tiny_config(tmp_path, training={"precision": "bf16" if precision == "bf16" else "fp32"}))
+        return auto_client_batch(build_session(cfg).runtime)
+
+    assert k(1 << 40) == 64  # a huge card: capped
+    assert k(0) == 1  # nothing free: still one client, as without batching
+    mid = k(40 << 20)
+    assert 1 < mid < 64
+    assert k(80 << 20) in (2 * mid - 1, 2 * mid, 2 * mid + 1)  # about linear in free memory
+    assert k(40 << 20, "bf16") > mid  # 16-bit activations: more clients fit
