@@ -49,6 +49,23 @@ def test_routed_methods_run_on_a_bf16_base(tmp_path, method):
     assert all(math.isfinite(m["loss"]) for m in result.final.values()) and not result.rounds[-1].get("eval_failures")
 
 
+def test_the_head_is_an_fp32_master_copy_on_a_bf16_base(tmp_path):
+    """As the LoRA experts: a bf16 head would round every AdamW update of a small weight away."""
+    base = load_base_model("tiny-bert", None, 3, seed=0, dtype="bfloat16")
+    assert base.model.classifier.weight.dtype == torch.bfloat16
+    adapted = AdaptedModel(base.model, r=4, alpha=8)
+    assert {t.dtype for t in adapted.head_state().values()} == {torch.float32}
+    assert next(iter(adapted.layers.values())).base.weight.dtype == torch.bfloat16  # the frozen base stays bf16
+    batch = base.tokenizer(["a short one", "and a longer second text"], padding=True, return_tensors="pt")
+    logits = adapted.model(**batch).logits  # no autocast: the bf16 pooled output is fed to the fp32 head
+    assert logits.dtype == torch.float32
+    twin = adapted.replica()  # each client's own head is fp32 too
+    assert twin.model.classifier.weight.dtype == torch.float32 and twin.model(**batch).logits.dtype == torch.float32
+    result = run_experiment(tiny_config(tmp_path, model={"name": "tiny-bert", "dtype": "bfloat16"}))
+    heads = [s.states["_head"] for s in result.client_states.values()]
+    assert heads and all(t.dtype == torch.float32 for h in heads for t in h.values())
+
+
 def _grads(adapted: AdaptedModel, batch: dict, checkpointing: bool) -> dict[str, torch.Tensor]:
     model = adapted.model
     if checkpointing:

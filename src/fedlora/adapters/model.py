@@ -148,6 +148,8 @@ class AdaptedModel:
             setattr(parent, child, layer)
             self.layers[path] = layer
         self.head_names = head_parameters(model, head_modules or DEFAULT_HEAD_MODULES)
+        for path in self.head_modules():
+            fp32_master_head(model.get_submodule(path))
         self.spec = AdapterSpec(tuple((p, l.in_features, l.out_features) for p, l in self.layers.items()), r, alpha)
         self.layout = Layout()
 
@@ -323,6 +325,21 @@ class AdaptedModel:
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that currently require grad, in model order."""
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def fp32_master_head(head: nn.Module) -> None:
+    """Keep a trainable head stored in half precision as an fp32 master copy, as the LoRA experts are (PEFT's
+    autocast_adapter_dtype), and feed it its inputs in fp32, since without autocast a bf16 base hands it bf16."""
+    params = list(head.parameters())
+    if not any(p.dtype in (torch.float16, torch.bfloat16) for p in params) or not all(
+            p.is_floating_point() for p in params):
+        return  # fp32 already, or a quantized module that cannot be cast
+    head.float()
+    head.register_forward_pre_hook(_inputs_to_fp32)
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
