@@ -24,7 +24,7 @@ from fedlora.engines.session import build_session
 from fedlora.engines.validation import reply_problem
 from fedlora.training import Trainer, WorkerPool, client_budgets
 from fedlora.training.budgets import per_client
-from fedlora.training.distributed import DataParallel
+from fedlora.training.distributed import DataParallel, worker_devices
 
 from .conftest import tiny_config
 
@@ -105,6 +105,16 @@ def test_two_gloo_workers_give_the_adapters_of_one_worker(tmp_path, method, mode
     for name, state in one_state.states.items():  # the kept state too: private head, FedALT's gate
         assert_same_tensors(two_state.states[name], state)
     assert not children()
+
+
+def test_each_cuda_worker_gets_its_own_gpu_and_too_few_gpus_is_a_clear_error(monkeypatch):
+    """NCCL cannot hold two ranks of a group on one GPU: rank k takes the k-th GPU after rank 0's."""
+    assert worker_devices(torch.device("cpu"), 3) == [torch.device("cpu")] * 3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert worker_devices(torch.device("cuda", 1), 3) == [torch.device("cuda", k) for k in (1, 2, 3)]
+    assert worker_devices(torch.device("cuda"), 4) == [torch.device("cuda", k) for k in range(4)]
+    with pytest.raises(ConfigError, match=r"clients.workers = 3 on CUDA needs one GPU per worker.*only 4 are"):
+        worker_devices(torch.device("cuda", 2), 3)
 
 
 @pytest.mark.slow

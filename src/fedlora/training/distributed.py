@@ -11,7 +11,9 @@ across rounds and clients. They are fresh interpreters (`python -c`: like multip
 without re-running the caller's main module, so scripts need no main guard, and stdin or notebooks work).
 Before each `Trainer.train` call rank 0 sends them the model state a round can change (adapters, head,
 merged base weights, layout) and the call itself (a picklable job). Collectives run on gloo over
-127.0.0.1 (nccl for CUDA models). A helper that raises sends its error and exits at once, so
+127.0.0.1; a model on CUDA gets one GPU per worker and NCCL (`worker_devices`: rank k on the k-th GPU after
+rank 0's), and everything sent to a helper is written with torch.save and read with `map_location` = its
+device, so no helper's tensors pass through rank 0's GPU. A helper that raises sends its error and exits at once, so
 rank 0's next collective fails instead of hanging; the round then raises ClientFailure and the pool is
 rebuilt on next use. Helpers exit when their pipe to the parent closes, so a dead parent leaves no orphans.
 """
@@ -19,6 +21,7 @@ rebuilt on next use. Helpers exit when their pipe to the parent closes, so a dea
 from __future__ import annotations
 
 import contextlib
+import io
 import multiprocessing
 import os
 import pickle
@@ -96,6 +99,19 @@ def load_replica_state(adapted: AdaptedModel, state: dict[str, Any]) -> None:
         raise RuntimeError(f"replica state has tensors the model lacks: {unexpected[:3]}")
 
 
+def worker_devices(device: torch.device, workers: int) -> list[torch.device]:
+    """One device per worker, rank 0's first: the CPU for all on a CPU; on CUDA consecutive GPUs from rank 0's,
+    since NCCL cannot put two ranks of a group on one GPU."""
+    if device.type != "cuda":
+        return [device] * workers
+    first, count = device.index or 0, torch.cuda.device_count()
+    if first + workers > count:
+        raise ConfigError(f"clients.workers = {workers} on CUDA needs one GPU per worker ({workers} GPUs from "
+                          f"{device}), but only {count} {'is' if count == 1 else 'are'} visible from there; lower "
+                          "clients.workers, or put the model on an earlier GPU (model.device, CUDA_VISIBLE_DEVICES)")
+    return [torch.device("cuda", first + k) for k in range(workers)]
+
+
 def worker_threads(workers: int, configured: int | None = None) -> int:
     """Torch threads per worker: the configured number, else this process's cores shared evenly."""
     return configured or max(1, len(os.sched_getaffinity(0)) // workers)
@@ -119,6 +135,7 @@ class WorkerPool:
             raise ConfigError("torch.distributed is already initialized in this process, but data-parallel clients "
                               "(clients.workers > 1) start their own process group; run fedlora outside torchrun")
         self.size, self.timeout = size, timeout
+        devices = worker_devices(next(adapted.model.parameters()).device, size)  # before any process starts
         self.procs: list[subprocess.Popen] = []
         self.conns: list[Connection] = []
         self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns)
@@ -133,9 +150,10 @@ class WorkerPool:
                                                    pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env))
                 child.close()
                 self.conns.append(parent)
-            model = pickle.dumps(adapted, protocol=pickle.HIGHEST_PROTOCOL)
+            model = _dumps(adapted)
             for rank, conn in enumerate(self.conns, 1):
-                _send(conn, {"rank": rank, "size": size, "port": self.store.port, "timeout": timeout})
+                _send(conn, {"rank": rank, "size": size, "port": self.store.port, "timeout": timeout,
+                             "device": str(devices[rank])})
                 conn.send_bytes(model)
             for rank in range(1, size):
                 self._receive(rank)  # "ready": model loaded, about to join the group
@@ -162,7 +180,7 @@ class WorkerPool:
         """
         if not 2 <= world <= self.size:
             raise ValueError(f"this pool has {self.size} workers; cannot run on {world}")
-        message = pickle.dumps(("job", threads, world, job), protocol=pickle.HIGHEST_PROTOCOL)
+        message = _dumps(("job", threads, world, job))
         saved = torch.get_num_threads()
         try:
             for conn in self.conns[: world - 1]:
@@ -238,6 +256,18 @@ def _recv(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())  # our own child or parent process: trusted
 
 
+def _dumps(obj: Any) -> bytes:
+    """A model or job for a helper: torch.save's pickle, so the helper can place every tensor on its own device."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    return buffer.getvalue()
+
+
+def _loads(data: bytes, device: torch.device) -> Any:
+    # weights_only=False: the model and jobs are objects, and they come from our own parent process (trusted)
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
+
+
 def _backend(adapted: AdaptedModel) -> str:
     return "nccl" if next(adapted.model.parameters()).is_cuda else "gloo"
 
@@ -251,7 +281,7 @@ def _subgroups(size: int) -> dict[int, Any]:
 def _shutdown(procs: list[subprocess.Popen], conns: list[Connection]) -> None:
     for conn in conns:
         with contextlib.suppress(OSError, ValueError):
-            _send(conn, ("stop",))
+            conn.send_bytes(_dumps(("stop",)))
     for proc in procs:
         try:
             proc.wait(10.0)
@@ -276,8 +306,10 @@ def _serve(fd: int) -> None:
     conn = Connection(fd)
     try:
         setup = _recv(conn)
-        rank, size = setup["rank"], setup["size"]
-        adapted: AdaptedModel = _recv(conn)
+        rank, size, device = setup["rank"], setup["size"], torch.device(setup["device"])
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's communicator and every allocation of this rank on its own GPU
+        adapted: AdaptedModel = _loads(conn.recv_bytes(), device)
         _send(conn, ("ready",))
         limit = timedelta(seconds=setup["timeout"])
         store = dist.TCPStore("127.0.0.1", setup["port"], size, is_master=False, timeout=limit)
@@ -285,7 +317,7 @@ def _serve(fd: int) -> None:
         groups = _subgroups(size)
         while True:
             try:
-                message = _recv(conn)
+                message = _loads(conn.recv_bytes(), device)
             except EOFError:  # the parent has gone: never outlive it
                 break
             if message[0] == "stop":

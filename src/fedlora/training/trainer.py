@@ -205,7 +205,7 @@ class Trainer:
         shard, loss = dp.shard(idx), None
         if shard:
             loss = self.batch_loss(self.batch(data, shard), loss_items(data, idx, self.objective))
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()  # unscaled after the sum
         return dp.all_reduce(params, loss)
 
     def _checkpointing(self, enabled: bool) -> None:
