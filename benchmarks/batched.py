@@ -33,7 +33,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu import SHAPES, build_decoder  # noqa: E402
+from gpu import SHAPES, build_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STEPS, LENGTH, BATCH = 3, 64, 8
@@ -128,7 +128,7 @@ def main() -> None:
     stem = "batched-gpu" if cuda else "batched"
     with tempfile.TemporaryDirectory() as tmp:
         decoder_shape = SHAPES["qwen2.5-0.5b"] if cuda else CPU_DECODER
-        decoder = build_decoder(decoder_shape, Path(tmp) / "decoder", device)
+        decoder = build_model(decoder_shape, Path(tmp) / "decoder", device)
         # the CPU decoder is small so that a run takes minutes; K=64 of it adds nothing MiniLM's row does not show
         models = {"minilm": ks, decoder: [k for k in ks if cuda or k <= 16]}
         for model, model_ks in models.items():

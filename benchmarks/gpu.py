@@ -2,14 +2,16 @@
 
 (a) fp32 on CUDA equals the CPU: one FedIT round of the tiny BERT on both, TF32 off; the largest absolute
     difference of the trained LoRA and of the evaluation loss (tolerance 1e-4).
-(b) Per method (fedit, fedalt, fedlease, fdlora) and base (Qwen2.5-0.5B and Llama-3.2-1B shapes, random weights
-    built from the architecture's config: no download), in bf16 and with a 4-bit nf4 base: seconds per client turn
-    (one local round of `STEPS` steps, batch 8 x `LENGTH` tokens) and the round's peak GPU memory.
+(b) Per method (fedit, fedalt, fedlease, fdlora) and base (the MiniLM, Qwen2.5-0.5B and Llama-3.2-1B shapes,
+    random weights built from the architecture's config: no download, and MiniLM need not travel: step time and
+    memory do not depend on the weights' values), in bf16 and with a 4-bit nf4 base: seconds per client turn
+    (one local round of `STEPS` steps, batch 8 x `LENGTH` tokens) and the round's peak GPU memory; rows not
+    reached within half of `--budget` are marked so, leaving (c) its time.
 (c) The largest Llama-shaped decoder (1B, 3B, 8B) whose FedIT round fits, in bf16 and in 4-bit, within the time
     left of `--budget` seconds.
 Without CUDA it prints so and measures nothing (exit 0); `--dry-run` runs (b) and (c) on the CPU with tiny shapes,
 to check the script itself. Results: benchmarks/results/gpu.{md,json}.
-Usage: python benchmarks/gpu.py [--budget 420] [--out DIR] [--dry-run]
+Usage: python benchmarks/gpu.py [--budget 420] [--methods fedit ...] [--out DIR] [--dry-run]
 """
 
 from __future__ import annotations
@@ -31,16 +33,20 @@ import torch  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 METHODS = {"fedit": {}, "fedalt": {}, "fedlease": {"warmup_rounds": 1}, "fdlora": {"stage1_rounds": 1}}
 STEPS, LENGTH = 4, 128
-# (hidden, intermediate, layers, heads, kv heads, vocab): the published configs' shapes
-SHAPES = {"qwen2.5-0.5b": ("qwen2", 896, 4864, 24, 14, 2, 151936),
+# (kind, hidden, intermediate, layers, heads, kv heads, vocab): the published configs' shapes
+SHAPES = {"minilm-l6": ("bert", 384, 1536, 6, 12, 12, 30522),
+          "qwen2.5-0.5b": ("qwen2", 896, 4864, 24, 14, 2, 151936),
           "llama-3.2-1b": ("llama", 2048, 8192, 16, 32, 8, 128256),
           "llama-3.2-3b": ("llama", 3072, 8192, 28, 24, 8, 128256),
           "llama-3.1-8b": ("llama", 4096, 14336, 32, 32, 8, 128256)}
-TINY_SHAPES = {"tiny-qwen": ("qwen2", 64, 128, 2, 2, 1, 512), "tiny-llama": ("llama", 64, 128, 2, 2, 1, 512)}
+TINY_SHAPES = {"tiny-bert": ("bert", 64, 128, 2, 2, 2, 512), "tiny-qwen": ("qwen2", 64, 128, 2, 2, 1, 512),
+               "tiny-llama": ("llama", 64, 128, 2, 2, 1, 512)}
+TURN_SHAPES, LARGEST_SHAPES = 3, 3  # (b) the first three shapes, (c) the last three (llama 1B, 3B, 8B)
 
 
-def build_decoder(shape: tuple, out: Path, device: str) -> str:
-    """A sequence-classification decoder of that shape with random weights, saved (bf16) with a byte tokenizer."""
+def build_model(shape: tuple, out: Path, device: str) -> str:
+    """A sequence-classification model of that shape (an encoder or a decoder) with random weights, saved (bf16)
+    with a byte tokenizer."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from fedlora.adapters.base_models import byte_tokenizer
@@ -119,6 +125,7 @@ def cuda_equals_cpu(tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole script (it must fit in 8 min)")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script, measures nothing")
     args = ap.parse_args()
@@ -137,11 +144,15 @@ def main() -> None:
         if device == "cuda":
             report["cuda_equals_cpu"] = cuda_equals_cpu(tmp)
             print("cuda = cpu:", report["cuda_equals_cpu"], flush=True)
-        for name in list(shapes)[:2]:
-            model = build_decoder(shapes[name], tmp / name, device)
+        for name in list(shapes)[:TURN_SHAPES]:
+            model = build_model(shapes[name], tmp / name, device)
             for precision, quant in precisions:
-                for method in METHODS:
+                for method in args.methods:
                     row = {"model": name, "precision": precision, "quantization": quant, "method": method}
+                    if time.perf_counter() - start > args.budget * 0.5:
+                        row["error"] = "skipped: out of time"
+                        report["turns"].append(row)
+                        continue
                     try:
                         row.update(turn_cost(config(model, method, str(tmp / f"{name}-{method}-{quant}"), device,
                                                     precision, quant)))
@@ -150,12 +161,12 @@ def main() -> None:
                     report["turns"].append(row)
                     print(row, flush=True)
                     _write(report, args.out, args.dry_run)
-        for name in list(shapes)[1:] if not args.dry_run else list(shapes)[:1]:
+        for name in list(shapes)[-LARGEST_SHAPES:] if not args.dry_run else list(shapes)[-1:]:
             for precision, quant in precisions:
                 if time.perf_counter() - start > args.budget * 0.8:
                     report["largest"].append({"model": name, "quantization": quant, "skipped": "out of time"})
                     continue
-                model = str(tmp / name) if (tmp / name).is_dir() else build_decoder(shapes[name], tmp / name, device)
+                model = str(tmp / name) if (tmp / name).is_dir() else build_model(shapes[name], tmp / name, device)
                 row = {"model": name, "precision": precision, "quantization": quant}
                 try:
                     row.update(turn_cost(config(model, "fedit", str(tmp / f"big-{name}-{quant}"), device, precision,
@@ -176,7 +187,8 @@ def _write(report: dict, out: Path, dry_run: bool) -> None:
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     lines = [f"# fedlora on {report['device']}{' (dry run on the CPU: tiny shapes, nothing measured)' if dry_run else ''}",
              "", f"torch {report['torch']}; {report['steps']} local steps of batch 8 x {report['length']} tokens per "
-             "client turn; LoRA r=8 on q_proj/v_proj; random weights of the published shapes.", ""]
+             "client turn; LoRA r=8 on the architecture's default targets (PEFT's mapping: query/value, "
+             "q_proj/v_proj); random weights of the published shapes.", ""]
     if "cuda_equals_cpu" in report:
         eq = report["cuda_equals_cpu"]
         lines += [f"fp32 CUDA vs CPU (TF32 off): max |LoRA diff| {eq['max_lora_diff']:.2e}, max |loss diff| "

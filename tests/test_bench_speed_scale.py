@@ -51,3 +51,21 @@ def test_scale_benchmark_quick(tmp_path):
     for s in data["server"].values():
         assert all(row["total_s"] > 0 for row in s["by_clients"].values())
         assert s["growth_order"] == s["growth_order"]  # a number, not NaN
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_and_its_no_cuda_exit(tmp_path):
+    """The GPU script on the CPU with tiny shapes (one method): every row runs, the 4-bit ones where bitsandbytes
+    is installed; without --dry-run and without CUDA it measures nothing and says so."""
+    done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--dry-run", "--methods", "fedit", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_dry_run.json").read_text())
+    assert [r["model"] for r in data["turns"]] == ["tiny-bert", "tiny-bert", "tiny-qwen", "tiny-qwen", "tiny-llama",
+                                                   "tiny-llama"]
+    assert all("error" not in r and r["seconds_per_turn"] > 0 for r in data["turns"] + data["largest"]), data
+    assert "| tiny-bert | 4-bit nf4 | fedit |" in (tmp_path / "gpu_dry_run.md").read_text()
+    if not __import__("torch").cuda.is_available():
+        done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--out", str(tmp_path / "none")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "no CUDA device" in done.stdout and not (tmp_path / "none").exists()
