@@ -192,3 +192,121 @@ def test_a_quantized_base_trains_every_router_kind_on_the_cpu(tmp_path, bits, me
     assert all(math.isfinite(f["train_loss"]) for f in result.rounds[-1]["fit"].values())
     first, last = result.rounds[1]["fit"], result.rounds[-1]["fit"]
     assert sum(f["train_loss"] for f in last.values()) < sum(f["train_loss"] for f in first.values()) * 1.5
+
+
+# -- config paths that only a GPU machine takes, with the GPU faked ------------------------------------------
+def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):
+    from fedlora.core.devices import check_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    with pytest.raises(ConfigError, match=r"Tesla T4 has no bfloat16 support; use 'fp16'"):
+        check_precision("bf16", torch.device("cuda"))
+    check_precision("bf16", torch.device("cpu"))  # the CPU's autocast has bf16
+
+
+def test_peak_device_memory_goes_into_every_rounds_record(tmp_path, monkeypatch):
+    from fedlora.engines import loop
+
+    monkeypatch.setattr(loop, "peak_cuda_memory", lambda: 123_456_789)
+    result = run_experiment(tiny_config(tmp_path))
+    assert [r["peak_device_memory"] for r in result.rounds if r.get("round", 0) > 0] == [123_456_789] * 2
+
+
+def test_client_gpus_is_each_simulated_clientapps_gpu_share(tmp_path, monkeypatch):
+    import flwr.simulation
+
+    from fedlora.engines.flower import run_flower_simulation
+
+    seen = {}
+
+    def fake_simulation(**kwargs):
+        seen.update(kwargs["backend_config"])
+        raise KeyboardInterrupt  # stop before anything runs
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fake_simulation)
+    cfg = build_config(tiny_config(tmp_path, engine={"name": "flower-sim", "client_gpus": 0.25}))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match="client_gpus=0.25, but torch sees no CUDA device"):
+        run_flower_simulation(cfg, tmp_path / "run")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_flower_simulation(cfg, tmp_path / "run")
+    assert seen["client_resources"]["num_gpus"] == 0.25 and seen["init_args"]["num_gpus"] == 2
+
+
+def test_a_hub_revision_picks_its_own_snapshot(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = _hub_cache(tmp_path, "acme/tiny-bert")
+    root = tmp_path / "hub" / "models--acme--tiny-bert"
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    base = load_base_model("tiny-bert", None, 2, seed=0)
+    base.model.config.fedlora_marker = "v1"
+    base.model.save_pretrained(root / "snapshots" / commit)
+    base.tokenizer.save_pretrained(root / "snapshots" / commit)
+    (root / "refs" / "v1").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
+    from fedlora.adapters.base_models import LoadOptions
+
+    assert getattr(load_base_model("acme/tiny-bert", "classification", 2).model.config, "fedlora_marker", None) is None
+    tagged = load_base_model("acme/tiny-bert", "classification", 2, options=LoadOptions(revision="v1"))
+    assert tagged.model.config.fedlora_marker == "v1"
+    with pytest.raises(ConfigError, match=r"hf download acme/tiny-bert --revision v2"):
+        load_base_model("acme/tiny-bert", "classification", 2, options=LoadOptions(revision="v2"))
+
+
+# -- MixtureLoRALinear on a quantized base: the quantized output plus exactly the mixture -------------------
+def _reference_delta(layer, x: torch.Tensor) -> torch.Tensor:
+    """The module docstring's equation, written out independently of the layer's batched implementation."""
+    experts = [(a.float(), b.float()) for a, b in zip(layer.lora_A, layer.lora_B)]
+    per_expert = torch.stack([x @ a.T @ b.T for a, b in experts], dim=-2)  # [..., E, d_out]
+    if layer.router is None:
+        w = layer.expert_weights.float().expand(*x.shape[:-1], -1)
+    else:
+        probs = torch.softmax(x @ layer.router.weight.float().T, dim=-1)
+        if layer.router_kind == "dense":
+            w = probs
+        else:  # top-M of 2M-1 slots, renormalised; slots >= M are the own expert's
+            m = layer.n_experts
+            slot_expert = list(range(m)) + [layer.own_expert] * (m - 1)
+            top_p, top_i = probs.topk(m, dim=-1)
+            top_p = top_p / top_p.sum(-1, keepdim=True)
+            w = torch.zeros(*x.shape[:-1], m)
+            flat_i, flat_p, flat_w = top_i.reshape(-1, m), top_p.reshape(-1, m), w.view(-1, m)
+            for row in range(flat_i.shape[0]):
+                for k in range(m):
+                    flat_w[row, slot_expert[int(flat_i[row, k])]] += flat_p[row, k]
+    return layer.scaling * (w.unsqueeze(-1) * per_expert).sum(-2)
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed (pip install 'fedlora[quantization]')")
+@pytest.mark.parametrize("bits,quant_type,double_quant", [("4bit", "nf4", True), ("4bit", "fp4", False),
+                                                          ("8bit", None, None)])
+def test_mixture_lora_on_a_quantized_base_adds_exactly_the_mixture(tmp_path, bits, quant_type, double_quant):
+    from fedlora.adapters.base_models import LoadOptions
+
+    options = LoadOptions(quantization=bits, **({"quant_type": quant_type, "double_quant": double_quant}
+                                                if bits == "4bit" else {}))
+    base = load_base_model(_saved_tiny(tmp_path), "classification", 2, options=options)
+    adapted = AdaptedModel(base.model, r=4, alpha=8)
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 64)
+    for layout in (Layout(1, "none"), Layout(2, "dense"), Layout(3, "adaptive_top_m")):
+        adapted.set_layout(layout)
+        layer = next(iter(adapted.layers.values()))
+        if layout.router == "adaptive_top_m":
+            adapted.set_own_expert(2)
+        with torch.no_grad():
+            for b in layer.lora_B:
+                b.normal_(0, 0.5)
+        if bits == "4bit":  # the quantized weights are what runs, not a float copy
+            import bitsandbytes.functional as bnbf
+
+            weight = bnbf.dequantize_4bit(layer.base.weight.data, layer.base.weight.quant_state).float()
+            plain = torch.nn.functional.linear(x, weight, layer.base.bias)
+            assert torch.allclose(layer.base(x).float(), plain, atol=1e-4), layout
+        out = layer(x)
+        assert torch.allclose(out - layer.base(x), _reference_delta(layer, x), atol=1e-5), layout
+        out.float().pow(2).sum().backward()
+        assert all(p.grad is not None for p in layer.lora_B) and layer.base.weight.grad is None, layout
