@@ -11,11 +11,11 @@ across rounds and clients. They are fresh interpreters (`python -c`: like multip
 without re-running the caller's main module, so scripts need no main guard, and stdin or notebooks work).
 Before each `Trainer.train` call rank 0 sends them the model state a round can change (adapters, head,
 merged base weights, layout) and the call itself (a picklable job). Collectives run on gloo over
-127.0.0.1; a model on CUDA gets one GPU per worker and NCCL (`worker_devices`: rank k on the k-th GPU after
-rank 0's), and everything sent to a helper is written with torch.save and read with `map_location` = its
-device, so no helper's tensors pass through rank 0's GPU. A helper that raises sends its error and exits at once, so
-rank 0's next collective fails instead of hanging; the round then raises ClientFailure and the pool is
-rebuilt on next use. Helpers exit when their pipe to the parent closes, so a dead parent leaves no orphans.
+127.0.0.1; a model on CUDA gets one GPU per worker and NCCL (`worker_devices`: rank k on the k-th GPU
+after rank 0's), and everything sent to a helper is written with torch.save and read with `map_location` =
+its device, so no helper's tensors pass through rank 0's GPU. A helper that raises sends its error and exits
+at once, so rank 0's next collective fails instead of hanging; the round then raises ClientFailure and the
+pool is rebuilt on next use. Helpers exit when their pipe to the parent closes, so a dead parent leaves no orphans.
 """
 
 from __future__ import annotations
