@@ -55,15 +55,20 @@ def test_scale_benchmark_quick(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_benchmark_dry_run_and_its_no_cuda_exit(tmp_path):
-    """The GPU script on the CPU with tiny shapes (one method): every row runs, the 4-bit ones where bitsandbytes
-    is installed; without --dry-run and without CUDA it measures nothing and says so."""
-    done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--dry-run", "--methods", "fedit", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    """The GPU script on the CPU with tiny shapes (one method, no time limit): every row runs, the 4-bit ones where
+    bitsandbytes is installed; without --dry-run and without CUDA it measures nothing and says so."""
+    import importlib.util
+
+    done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--dry-run", "--methods", "fedit", "--budget", "1e9",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_dry_run.json").read_text())
     assert [r["model"] for r in data["turns"]] == ["tiny-bert", "tiny-bert", "tiny-qwen", "tiny-qwen", "tiny-llama",
                                                    "tiny-llama"]
-    assert all("error" not in r and r["seconds_per_turn"] > 0 for r in data["turns"] + data["largest"]), data
+    rows = data["turns"] + data["largest"]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        rows = [r for r in rows if r["quantization"] == "none"]
+    assert all("error" not in r and r["seconds_per_turn"] > 0 for r in rows), data
     assert "| tiny-bert | 4-bit nf4 | fedit |" in (tmp_path / "gpu_dry_run.md").read_text()
     if not __import__("torch").cuda.is_available():
         done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--out", str(tmp_path / "none")], cwd=ROOT,

@@ -107,6 +107,33 @@ def test_two_gloo_workers_give_the_adapters_of_one_worker(tmp_path, method, mode
     assert not children()
 
 
+@pytest.mark.slow
+def test_fp16_loss_scaling_over_workers_equals_one_worker_even_with_an_empty_shard(tmp_path, monkeypatch):
+    """fp16's GradScaler with data-parallel workers (allowed on the CPU here: autocast has fp16 there, only the
+    session refuses it): each worker scales its shard's loss, the summed gradients are unscaled once. Batch 1 on
+    2 workers leaves rank 0 without items at every step, which must still give the scaler its scale."""
+    import fedlora.engines.session as session_module
+
+    monkeypatch.setattr(session_module, "check_precision", lambda precision, device: None)
+    results = []
+    for workers in (1, 2):
+        cfg = tiny_config(tmp_path, clients={"workers": workers},
+                          training={"lr": 1e-2, "local_steps": 3, "batch_size": 1, "precision": "fp16"})
+        session = build_session(build_config(cfg))
+        no_dropout(session)
+        session.server.setup(session.infos)
+        cid = session.infos[0].client_id
+        try:
+            results.append(session.runtime.fit(cid, 1, session.server.configure(1, [cid])[cid], ClientState()))
+        finally:
+            session.runtime.close()
+    (one, _), (two, _) = results
+    assert two.metrics["train_loss"] == pytest.approx(one.metrics["train_loss"], rel=1e-3)
+    for name, state in one.states.items():
+        for key, value in state.items():  # fp16 autocast on both sides: compare to fp16's precision
+            assert torch.allclose(two.states[name][key], value, atol=1e-3, rtol=1e-2), (name, key)
+
+
 def test_each_cuda_worker_gets_its_own_gpu_and_too_few_gpus_is_a_clear_error(monkeypatch):
     """NCCL cannot hold two ranks of a group on one GPU: rank k takes the k-th GPU after rank 0's."""
     assert worker_devices(torch.device("cpu"), 3) == [torch.device("cpu")] * 3

@@ -335,11 +335,14 @@ def fp32_master_head(head: nn.Module) -> None:
             p.is_floating_point() for p in params):
         return  # fp32 already, or a quantized module that cannot be cast
     head.float()
-    head.register_forward_pre_hook(_inputs_to_fp32)
+    head.register_forward_pre_hook(_inputs_to_fp32, with_kwargs=True)
 
 
-def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+def _inputs_to_fp32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def cast(a):
+        return a.float() if torch.is_tensor(a) and a.is_floating_point() else a
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def _cpu_copy(t: torch.Tensor) -> torch.Tensor:

@@ -159,9 +159,7 @@ def mean_gate_weights(ctx: ClientContext, expert: int) -> dict[str, float]:
     hooks = [layer.register_forward_hook(record(path)) for path, layer in ctx.model.layers.items()]
     try:
         ctx.model.model.eval()
-        with torch.no_grad():  # in the training precision, as the evaluation it describes
-            ctx.trainer.forward_on(ctx.model.model, {"input_ids": batch["input_ids"],
-                                                     "attention_mask": batch["attention_mask"]})
+        ctx.trainer.forward_on(ctx.model.model, {k: v for k, v in batch.items() if k != "labels"})
     finally:
         for h in hooks:
             h.remove()

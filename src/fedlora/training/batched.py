@@ -16,6 +16,7 @@ would each bring an OpenMP team of their own that spins while another runs (meas
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import logging
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -26,6 +27,8 @@ from ..adapters import AdaptedModel
 from ..adapters.joint import JointPass, RowSlice, joint_model
 from ..core.seeding import RandomStream
 from ..data.tokenize import IGNORE_INDEX
+
+log = logging.getLogger("fedlora")
 
 T = TypeVar("T")
 MAX_PADDING = 0.25  # a joint step's share of padding tokens beyond each client's own, before it is split
@@ -60,6 +63,7 @@ class ClientBatch:
         layers = {p: [s.model.layers[p] for s in self.slots] for p in adapted.layers}
         heads = {p: [s.model.model.get_submodule(p) for s in self.slots] for p in adapted.head_modules()}
         self.model = joint_model(adapted.model, layers, heads, self.joint)
+        self.retried_alone = 0  # joint steps that failed and were redone client by client (e.g. out of memory)
 
     @property
     def size(self) -> int:
@@ -129,6 +133,10 @@ class ClientBatch:
         except Exception as exc:
             if len(requests) == 1:
                 return {requests[0][0]: exc}
+            if not self.retried_alone:  # a joint step too big for the device would otherwise only be slow
+                log.warning("a joint step of %d clients failed (%s: %s); its clients step one by one (said once)",
+                            len(requests), type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
+            self.retried_alone += 1
         outcomes: dict[int, float | Exception] = {}
         for k, request in requests:
             self._streams[k] = saved[k].copy()

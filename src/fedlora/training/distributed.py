@@ -15,7 +15,8 @@ merged base weights, layout) and the call itself (a picklable job). Collectives 
 after rank 0's), and everything sent to a helper is written with torch.save and read with `map_location` =
 its device, so no helper's tensors pass through rank 0's GPU. A helper that raises sends its error and exits
 at once, so rank 0's next collective fails instead of hanging; the round then raises ClientFailure and the
-pool is rebuilt on next use. Helpers exit when their pipe to the parent closes, so a dead parent leaves no orphans.
+pool is rebuilt on next use. (That holds for gloo; NCCL's collectives are asynchronous, so there a dead
+helper surfaces at the latest after `clients.worker_timeout`, through NCCL's own watchdog.) Helpers exit when their pipe to the parent closes, so a dead parent leaves no orphans.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def worker_devices(device: torch.device, workers: int) -> list[torch.device]:
     since NCCL cannot put two ranks of a group on one GPU."""
     if device.type != "cuda":
         return [device] * workers
-    first, count = device.index or 0, torch.cuda.device_count()
+    first = device.index if device.index is not None else torch.cuda.current_device()
+    count = torch.cuda.device_count()
     if first + workers > count:
         raise ConfigError(f"clients.workers = {workers} on CUDA needs one GPU per worker ({workers} GPUs from "
                           f"{device}), but only {count} {'is' if count == 1 else 'are'} visible from there; lower "

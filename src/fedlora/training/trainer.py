@@ -206,6 +206,8 @@ class Trainer:
         if shard:
             loss = self.batch_loss(self.batch(data, shard), loss_items(data, idx, self.objective))
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()  # unscaled after the sum
+        elif self.scaler is not None:  # no items here this step: the scaler still needs its scale to unscale_
+            self.scaler.scale(torch.zeros((), device=self.device))
         return dp.all_reduce(params, loss)
 
     def _checkpointing(self, enabled: bool) -> None:
