@@ -138,8 +138,9 @@ def test_each_cuda_worker_gets_its_own_gpu_and_too_few_gpus_is_a_clear_error(mon
     """NCCL cannot hold two ranks of a group on one GPU: rank k takes the k-th GPU after rank 0's."""
     assert worker_devices(torch.device("cpu"), 3) == [torch.device("cpu")] * 3
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert worker_devices(torch.device("cuda", 1), 3) == [torch.device("cuda", k) for k in (1, 2, 3)]
-    assert worker_devices(torch.device("cuda"), 4) == [torch.device("cuda", k) for k in range(4)]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert worker_devices(torch.device("cuda", 0), 4) == [torch.device("cuda", k) for k in range(4)]
+    assert worker_devices(torch.device("cuda"), 3) == [torch.device("cuda", k) for k in (1, 2, 3)]  # "cuda": current
     with pytest.raises(ConfigError, match=r"clients.workers = 3 on CUDA needs one GPU per worker.*only 4 are"):
         worker_devices(torch.device("cuda", 2), 3)
 
