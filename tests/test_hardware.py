@@ -310,3 +310,19 @@ def test_mixture_lora_on_a_quantized_base_adds_exactly_the_mixture(tmp_path, bit
         assert torch.allclose(out - layer.base(x), _reference_delta(layer, x), atol=1e-5), layout
         out.float().pow(2).sum().backward()
         assert all(p.grad is not None for p in layer.lora_B) and layer.base.weight.grad is None, layout
+
+
+def test_a_head_of_another_label_count_is_replaced_whatever_the_loader_did():
+    """transformers 5.17 kept a 2-label checkpoint head when loading 4-bit (a device-side assert on the H100)."""
+    from fedlora.adapters.base_models import fit_head, tiny_model
+
+    model = tiny_model("tiny-bert", num_labels=2, vocab_size=64, seed=0).to(torch.bfloat16)
+    encoder = model.bert.encoder.layer[0].attention.self.query
+    fit_head(model, "classification", 7)
+    assert model.classifier.out_features == 7 and model.config.num_labels == 7
+    assert model.classifier.weight.dtype == torch.bfloat16 and model.bert.encoder.layer[0].attention.self.query is encoder
+    head = model.classifier
+    fit_head(model, "classification", 7)  # the right size already: left as it is
+    assert model.classifier is head
+    logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 7)

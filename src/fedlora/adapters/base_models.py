@@ -235,15 +235,44 @@ def _from_pretrained(source: Path | str, objective: str, num_labels: int, torch_
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if objective == "classification" else {}
     kwargs.update(dtype=torch_dtype, revision=options.revision, trust_remote_code=options.trust_remote_code)
     if options.quantization == "none":
-        return auto.from_pretrained(source, **kwargs).to(options.device)
+        return fit_head(auto.from_pretrained(source, **kwargs).to(options.device), objective, num_labels)
     model = auto.from_pretrained(source, quantization_config=bnb_config(options),
                                  device_map={"": str(options.device)}, **kwargs)
+    fit_head(model, objective, num_labels)
     for module in model.modules():
         # bitsandbytes repacks a 4-bit weight for CPU inference on the first eval forward, and its packed path then
         # fails in training (an in-place add on an autograd view): federated clients alternate both, so keep one
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+def fit_head(model: nn.Module, objective: str, num_labels: int) -> nn.Module:
+    """Replace a classification head whose output count is not `num_labels` with a freshly initialized one."""
+    # transformers 5.17 keeps a checkpoint's head of another label count when it loads a bitsandbytes-quantized
+    # model (ignore_mismatched_sizes is not applied on that path; seen on an H100), and the loss then fails on the
+    # GPU with a device-side assert that breaks every later CUDA call; a head is replaced here whatever the version
+    if objective != "classification":
+        return model
+    for name in ("classifier", "score", "classifier.out_proj"):
+        head = model.get_submodule(name) if _has_submodule(model, name) else None
+        if isinstance(head, nn.Linear) and head.out_features != num_labels:
+            fresh = nn.Linear(head.in_features, num_labels, bias=head.bias is not None,
+                              device=head.weight.device, dtype=head.weight.dtype)
+            nn.init.normal_(fresh.weight, std=getattr(model.config, "initializer_range", 0.02))
+            if fresh.bias is not None:
+                nn.init.zeros_(fresh.bias)
+            model.set_submodule(name, fresh)
+            model.config.num_labels = num_labels
+    return model
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def bnb_config(options: LoadOptions):
