@@ -28,9 +28,11 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu import SHAPES, build_model  # noqa: E402
@@ -97,11 +99,17 @@ def measure(model: str, k: int, device: str, precision: str, reps: int, tmp: str
                 torch.cuda.synchronize()
             if rep:
                 times[name].append(time.perf_counter() - start)
+    ops = {}
+    if device == "cpu":  # (on CUDA the backward's operators are not seen: see OpCount)
+        grouped = session(model, k, device, precision, tmp + "-grouped", grouped=True)  # as on CUDA
+        counted = {**variants, "grouped": lambda: together(grouped.runtime, "grouped")}
+        ops = {name: count_ops(fn) / (k * STEPS) for name, fn in counted.items()}
     seq, bat = statistics.median(times["sequential"]), statistics.median(times["batched"])
     # a joint step that fails (out of memory) is redone client by client: then "batched" was not batched
     retried = s.runtime._batch.retried_alone if s.runtime._batch is not None else 0
-    row = {"joint_steps_retried_alone": retried,"model": model, "clients": k, "sequential_s": seq, "batched_s": bat,
-           "sequential_steps_per_s": k * STEPS / seq, "batched_steps_per_s": k * STEPS / bat, "speedup": seq / bat}
+    row = {"joint_steps_retried_alone": retried, "model": model, "clients": k, "sequential_s": seq, "batched_s": bat,
+           "sequential_steps_per_s": k * STEPS / seq, "batched_steps_per_s": k * STEPS / bat, "speedup": seq / bat,
+           **{f"{name}_ops_per_client_step": n for name, n in ops.items()}}
     if "batched_loop" in times:  # the same round both ways: the grouped products must give the loop's adapters
         row["batched_loop_s"] = statistics.median(times["batched_loop"])
         row["grouped_vs_loop_max_diff"] = max(
@@ -109,6 +117,28 @@ def measure(model: str, k: int, device: str, precision: str, reps: int, tmp: str
             for x, y in zip(last["batched"], last["batched_loop"]) for name in x.states
             for a, b in zip(x.states[name].values(), y.states[name].values()))
     return row
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the operators that do work (views excluded): on a GPU each is a kernel launch or more, and a round
+    of many small clients is bound by those launches, not by arithmetic, so the count says on any device what a
+    GPU's step time will follow. Dispatch modes are per thread: on CUDA the backward runs on autograd's device
+    thread and is not counted, on the CPU it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], None]) -> int:
+    """Operators dispatched by one call of fn (see OpCount)."""
+    with OpCount() as counter:
+        fn()
+    return counter.ops
 
 
 def main() -> None:
@@ -160,17 +190,22 @@ def write(report: dict, out: Path, stem: str = "batched") -> None:
              f"threads; FedIT, {report['steps']} local steps per client, batch {report['batch']} x up to "
              f"{report['length']} tokens, LoRA r 8. A K-client round, sequential against batched on the same session, "
              "alternating, median of the repetitions.\n",
-             "| model | K | sequential (s) | batched (s) | client-steps/s sequential | batched | speed-up |",
-             "|---|---|---|---|---|---|---|"]
+             "Operators per client-step (counted on the CPU): the operators (views excluded) one client's step "
+             "dispatches, backward included, sequential, batched, and batched with the LoRA in grouped products as "
+             "on CUDA; on a GPU each is a kernel launch or more, and a round of many small clients is bound by "
+             "launches.\n",
+             "| model | K | sequential (s) | batched (s) | client-steps/s sequential | batched | speed-up "
+             "| operators per client-step sequential | batched | grouped |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if r.get("out_of_memory"):
-            lines.append(f"| {r['model']} | {r['clients']} | out of memory | | | | |")
+            lines.append(f"| {r['model']} | {r['clients']} | out of memory | | | | | | | |")
             continue
         retried = (f" ({r['joint_steps_retried_alone']} joint steps failed, out of memory?, and ran client by "
                    "client)") if r.get("joint_steps_retried_alone") else ""
         lines.append(f"| {r['model']} | {r['clients']} | {r['sequential_s']:.2f} | {r['batched_s']:.2f} | "
                      f"{r['sequential_steps_per_s']:.1f} | {r['batched_steps_per_s']:.1f} | {r['speedup']:.2f}x"
-                     f"{retried} |")
+                     f"{retried} | {_ops(r, 'sequential')} | {_ops(r, 'batched')} | {_ops(r, 'grouped')} |")
     looped = [r for r in report["rows"] if "batched_loop_s" in r]
     if looped:
         lines += ["", "The batched round with the clients' LoRA in grouped matrix products (the CUDA default) "
@@ -198,6 +233,11 @@ def write(report: dict, out: Path, stem: str = "batched") -> None:
     fig.tight_layout()
     fig.savefig(out / f"{stem}.png", dpi=120)
     plt.close(fig)
+
+
+def _ops(row: dict, variant: str) -> str:
+    value = row.get(f"{variant}_ops_per_client_step")
+    return f"{value:.0f}" if value is not None else "-"
 
 
 if __name__ == "__main__":

@@ -86,3 +86,28 @@ def test_a_run_extended_on_resume_equals_a_run_started_with_the_rounds(tmp_path,
     _assert_same_states(extended.client_states, six.client_states)
     with pytest.raises(Exception, match="cannot undo them"):
         resume_experiment(tmp_path / "four", rounds=3)
+
+
+def test_the_fused_adamw_of_cuda_trains_as_the_plain_one_with_moments_kept(tmp_path, monkeypatch):
+    """CUDA's fused AdamW (forced here on the CPU, where torch has it too) keeps `step` beside the parameters:
+    moments carried over rounds must load into it, and it must train as the per-tensor AdamW does."""
+    from fedlora.training import trainer
+
+    make = lambda out: tiny_config(tmp_path, output_dir=str(tmp_path / out), federation={"rounds": 3},  # noqa: E731
+                                   training={"reset_optimizer": False}, algorithm={"name": "fedalt"})
+    plain = run_experiment(make("plain"))
+    built = []
+    original = torch.optim.AdamW
+
+    def recording(*args, **kwargs):
+        built.append(kwargs.get("fused"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "fused_adamw", lambda device: True)
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    fused = run_experiment(make("fused"))
+    assert built and all(built)
+    for cid, state in plain.client_states.items():
+        for name, tensors in state.states.items():
+            for key, value in tensors.items():
+                torch.testing.assert_close(fused.client_states[cid].states[name][key], value, atol=1e-5, rtol=1e-4)

@@ -68,7 +68,7 @@ class JointPass:
         self.grouped = grouped
         self.checkpointable: list[nn.Module] = []  # the joint model's modules with HF's gradient_checkpointing flag
         self._checkpointing: bool | None = None
-        self._tokens: dict[tuple, torch.Tensor] = {}
+        self._tokens: dict[tuple, Any] = {}  # per-pass index caches
 
     @contextmanager
     def over(self, slices: list[RowSlice], width: int) -> Iterator[None]:
@@ -130,6 +130,20 @@ class JointPass:
                 rows = torch.arange(s.start, s.stop)
                 index.append((rows[:, None] * self.width + torch.arange(s.length)).flatten() if sequence else rows)
             self._tokens[key] = torch.cat(index).to(x.device)
+        return self._tokens[key]
+
+    def token_groups(self, x: torch.Tensor, align: int) -> TokenGroups:
+        """`token_index`'s tokens as grouped_mm's groups, one per client padded to `align` rows (computed once a
+        pass: every adapted layer of the pass has the same)."""
+        key = ("groups", x.dim() == 3, align, x.device)
+        if key not in self._tokens:
+            sizes = [(s.stop - s.start) * (s.length if x.dim() == 3 else 1) for s in self.slices]
+            padded = [n + (-n % align) for n in sizes]
+            ends = torch.tensor(padded).cumsum(0)
+            real = torch.cat([torch.arange(end - p, end - p + n) for n, p, end in zip(sizes, padded, ends.tolist())])
+            self._tokens[key] = TokenGroups(sizes, torch.tensor(padded, device=x.device),
+                                            ends.to(device=x.device, dtype=torch.int32), real.to(x.device),
+                                            sum(padded))
         return self._tokens[key]
 
     def cut(self, x: torch.Tensor, s: RowSlice, seq_dims: Sequence[int]) -> torch.Tensor:
@@ -222,39 +236,58 @@ def grouped_lora(layers: list[MixtureLoRALinear], x: torch.Tensor, joint: JointP
     what the loop over clients computes, with 2 matmuls in place of 2 per client.
 
     Dropout and the router still run per client, on the client's rows shaped as they would be alone, so that each
-    draws from its own stream exactly as its sequential turn does. Each client's group of tokens is padded with
-    zero rows to a multiple of 16 bytes' worth: the backward's weight gradient sums over the tokens, and CUDA's
-    grouped kernel needs each group of its summed dimension aligned (silently wrong results otherwise)."""
+    draws from its own stream exactly as its sequential turn does; everything else is one operation over all
+    clients (on a GPU a round of many small clients is bound by kernel launches, not by arithmetic). Each client's
+    group of tokens is padded with zero rows to a multiple of 16 bytes' worth: the backward's weight gradient sums
+    over the tokens, and CUDA's grouped kernel needs each group of its summed dimension aligned (silently wrong
+    results otherwise)."""
     index = joint.token_index(x)
     tokens = x.flatten(0, -2).index_select(0, index)  # every client's own tokens, client after client
     dtype = _lora_dtype(x, layers[0])
-    align = GROUPED_ALIGNMENT // torch.empty((), dtype=dtype).element_size()
-    ends, inputs, weights, scales, real = [], [], [], [], []
-    start = end = 0
-    for s, layer in zip(joint.slices, layers):
-        shape = (s.stop - s.start, s.length) if x.dim() == 3 else (s.stop - s.start,)
-        n = math.prod(shape)
-        rows = tokens[start:start + n].unflatten(0, shape)  # as the client's layer alone sees them
-        start += n
-        pad = -n % align
-        with s.stream.active():
-            inputs.append(F.pad(layer.dropout(rows).to(layer.lora_A[0].dtype).flatten(0, -2), (0, 0, 0, pad)))
-        w = layer.mixing_weights(rows).expand(*rows.shape[:-1], layer.n_experts).flatten(0, -2)
-        weights.append(F.pad(w, (0, 0, 0, pad)))
-        scales.append(torch.full((n + pad, 1), layer.scaling, device=x.device, dtype=torch.float32))
-        real.append(torch.arange(end, end + n))
-        end += n + pad
-        ends.append(end)
-    offsets = torch.tensor(ends, device=x.device, dtype=torch.int32)
-    e, r = layers[0].n_experts, layers[0].r
-    a = torch.stack([torch.cat(tuple(layer.lora_A)) for layer in layers]).to(dtype).transpose(1, 2)  # [K, d, E*r]
-    b = torch.stack([torch.cat(tuple(layer.lora_B), dim=1) for layer in layers]).to(dtype).transpose(1, 2)
-    z = _grouped_mm(torch.cat(inputs).to(dtype), a, offsets)                           # [padded tokens, E*r]
-    z = (z.unflatten(-1, (e, r)) * torch.cat(weights).to(z.dtype).unsqueeze(-1)).flatten(-2)
-    delta = _grouped_mm(z, b, offsets) * torch.cat(scales).to(z.dtype)                 # [padded tokens, out]
-    delta = delta.index_select(0, torch.cat(real).to(x.device))
+    groups = joint.token_groups(x, GROUPED_ALIGNMENT // torch.empty((), dtype=dtype).element_size())
+    plain = all(layer.n_experts == 1 and layer.router is None and layer.expert_weights.dim() == 1
+                for layer in layers)
+    dropped, weights = [], []
+    for s, layer, rows in zip(joint.slices, layers, tokens.split(groups.sizes)):
+        rows = rows.unflatten(0, (s.stop - s.start, s.length) if x.dim() == 3 else (s.stop - s.start,))
+        with s.stream.active():  # as the client's layer alone sees its rows
+            dropped.append(layer.dropout(rows).flatten(0, -2))
+        if not plain:
+            weights.append(layer.mixing_weights(rows).expand(*rows.shape[:-1], layer.n_experts).flatten(0, -2))
+    e, r, k = layers[0].n_experts, layers[0].r, len(layers)
+    # [K, d, E*r] and [K, E*r, out]: each client's experts concatenated as lora_delta does, one stack for all
+    a = torch.stack([w for layer in layers for w in layer.lora_A]).to(dtype).unflatten(0, (k, e)).flatten(1, 2)
+    b = torch.stack([w for layer in layers for w in layer.lora_B]).to(dtype).unflatten(0, (k, e))
+    b = b.permute(0, 2, 1, 3).reshape(k, b.shape[2], e * r)
+    z = _grouped_mm(groups.pad(torch.cat(dropped).to(dtype)), a.transpose(1, 2), groups.offsets)  # [padded, E*r]
+    scaling = torch.tensor([layer.scaling for layer in layers], device=x.device, dtype=torch.float32)
+    if plain:  # one expert at a fixed weight: the weight joins the scaling
+        scaling = scaling * torch.cat([layer.expert_weights for layer in layers]).float()
+    else:
+        z = (z.unflatten(-1, (e, r)) * groups.pad(torch.cat(weights)).to(z.dtype).unsqueeze(-1)).flatten(-2)
+    delta = _grouped_mm(z, b.transpose(1, 2), groups.offsets) * groups.per_row(scaling).to(z.dtype)[:, None]
+    delta = delta.index_select(0, groups.real)
     flat = delta.new_zeros(x.shape[:-1].numel(), delta.shape[-1]).index_copy(0, index, delta)
     return flat.unflatten(0, x.shape[:-1])
+
+
+@dataclass
+class TokenGroups:
+    """The clients' tokens as grouped_mm's groups: each client's own count, padded up to `align` rows."""
+
+    sizes: list[int]            # each client's own tokens
+    padded: torch.Tensor        # each group's rows, padding included (on x's device)
+    offsets: torch.Tensor       # the groups' ends, int32 (grouped_mm's `offs`)
+    real: torch.Tensor          # the rows of the padded groups that hold a token, in order
+    total: int                  # all rows, padding included
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (client after client, `sizes` each) spread into the padded groups, zeros between."""
+        return rows.new_zeros(self.total, *rows.shape[1:]).index_copy(0, self.real, rows)
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """One value per client repeated over its group's rows."""
+        return values.repeat_interleave(self.padded, output_size=self.total)
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

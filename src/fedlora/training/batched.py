@@ -152,10 +152,13 @@ class ClientBatch:
         """Gradients of every request's batch loss in one forward/backward (loss = the sum of per-client means)."""
         batches = [r.batch for _, r in requests]
         width = max(b["input_ids"].shape[1] for b in batches)
+        # whether each batch has padding, read back in one transfer: a read per client would wait on the device
+        # once per client, and a GPU round of many small clients is bound by such waits and launches
+        padded = torch.stack([~b["attention_mask"].all() for b in batches]).tolist()
         slices, start = [], 0
-        for (k, _), b in zip(requests, batches):
+        for (k, _), b, pads in zip(requests, batches, padded):
             n, length = b["input_ids"].shape
-            slices.append(RowSlice(k, start, start + n, length, self._streams[k], not bool(b["attention_mask"].all())))
+            slices.append(RowSlice(k, start, start + n, length, self._streams[k], pads))
             start += n
         first = requests[0][1].trainer
         inputs = concat_batches(batches, width, first.pad_id)
@@ -170,7 +173,7 @@ class ClientBatch:
             total = total + (request.trainer.scaler.scale(loss) if request.trainer.scaler is not None else loss)
             losses[k] = loss
         total.backward()
-        return {k: float(loss.detach()) for k, loss in losses.items()}
+        return dict(zip(losses, torch.stack(list(losses.values())).detach().float().tolist()))
 
 
 def length_groups(requests: list[tuple[int, StepRequest]], max_waste: float = MAX_PADDING) -> list[list[tuple[int, StepRequest]]]:
