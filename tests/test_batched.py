@@ -339,3 +339,24 @@ def test_auto_client_batch_on_cuda_divides_free_memory_by_one_clients_estimate(t
     assert 1 < mid < 64
     assert k(80 << 20) in (2 * mid - 1, 2 * mid, 2 * mid + 1)  # about linear in free memory
     assert k(40 << 20, "bf16") > mid  # 16-bit activations: more clients fit
+
+
+def test_token_groups_lay_each_clients_tokens_into_aligned_groups():
+    """grouped_mm's groups: client 0 has 2 rows x 3 tokens (6, padded to 8), client 1 one row of 5 (padded to 8)."""
+    from fedlora.adapters.joint import JointPass
+
+    joint = JointPass(grouped=True)
+    x = torch.zeros(3, 5, 2)  # 3 rows padded to width 5
+    slices = [RowSlice(0, 0, 2, 3, RandomStream(), True), RowSlice(1, 2, 3, 5, RandomStream(), False)]
+    with joint.over(slices, 5):
+        groups = joint.token_groups(x, align=4)
+        assert joint.token_groups(x, align=4) is groups  # once a pass
+        assert groups.sizes == [6, 5] and groups.total == 16
+        assert groups.offsets.tolist() == [8, 16] and groups.offsets.dtype == torch.int32
+        assert groups.real.tolist() == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12]
+        rows = torch.arange(1.0, 12.0)[:, None]
+        padded = groups.pad(rows)
+        assert padded[:, 0].tolist() == [1, 2, 3, 4, 5, 6, 0, 0, 7, 8, 9, 10, 11, 0, 0, 0]
+        assert groups.per_row(torch.tensor([2.0, 3.0])).tolist() == [2.0] * 8 + [3.0] * 8
+        assert joint.token_index(x).tolist() == [0, 1, 2, 5, 6, 7, 10, 11, 12, 13, 14]
+    assert joint._tokens == {}  # the caches end with the pass
