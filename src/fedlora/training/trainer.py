@@ -66,6 +66,14 @@ class ClientDataset:
                              self.train.subset(sorted(order[:n])))
 
 
+def mean_loss(losses: list[float | torch.Tensor]) -> float:
+    """The mean of a round's step losses, read from the device once (reading each step's would make every step
+    wait for the last to finish)."""
+    if torch.is_tensor(losses[0]):
+        return torch.stack(losses).double().mean().item()
+    return sum(losses) / len(losses)
+
+
 def fused_adamw(device: torch.device) -> bool:
     """Whether AdamW steps in one fused kernel on this device: on CUDA, where a client's step is then a few
     launches rather than a few per tensor (a GPU round of many small clients is bound by launches)."""
@@ -177,7 +185,7 @@ class Trainer:
         # fp16's narrow range underflows small gradients: scale the loss (CUDA only: check_precision)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.cfg.precision == "fp16" else None
         self.model.train()
-        losses: list[float] = []
+        losses: list[float | torch.Tensor] = []
         while len(losses) < n_steps:
             for idx in batch_indices(len(data), self.cfg.batch_size, order):
                 optimizer.zero_grad(set_to_none=True)
@@ -196,18 +204,19 @@ class Trainer:
                     break
         if not self.cfg.reset_optimizer:
             self._save_optimizer(optimizer)
-        return {"train_loss": sum(losses) / len(losses), "steps": n_steps}
+        return {"train_loss": mean_loss(losses), "steps": n_steps}
 
     def _backward(self, data: Encoded, idx: list[int], params: list[torch.nn.Parameter],
-                  dp: DataParallel | None) -> float:
-        """Gradients of one global batch into `.grad`; returns its loss. Data-parallel: this worker's shard,
-        normalised by the whole batch's item count, then summed over the workers."""
+                  dp: DataParallel | None) -> float | torch.Tensor:
+        """Gradients of one global batch into `.grad`; returns its loss (alone: on the device, unread, so that
+        the next step's launches need not wait for this one). Data-parallel: this worker's shard, normalised by
+        the whole batch's item count, then summed over the workers."""
         if self.slot is not None:  # trained together with other clients: one joint step serves them all
             return self.slot.backward(self, self.batch(data, idx))
         if dp is None:
             loss = self.batch_loss(self.batch(data, idx))
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            return float(loss.detach())
+            return loss.detach()
         shard, loss = dp.shard(idx), None
         if shard:
             loss = self.batch_loss(self.batch(data, shard), loss_items(data, idx, self.objective))
