@@ -8,7 +8,9 @@ Models: MiniLM (all-MiniLM-L6-v2, sequence classification) and a decoder built f
 random weights (gpu.py's shapes: Qwen2.5-0.5B on a GPU; on the CPU a 4-layer, hidden-256 Qwen2 so that a run
 takes minutes). On CUDA it runs in bf16 (the goal: >= 5x for 16 MiniLM clients, >= 3x for 16 decoder clients),
 and the batched round is also timed with the clients' LoRA in a loop over clients (`engine.grouped_lora = false`)
-against the grouped matrix products it uses there by default.
+against the grouped matrix products it uses there by default. On the CPU each row also counts the operators one
+client-step dispatches (sequential, batched, batched with grouped products): a GPU round of many small clients is
+bound by kernel launches, so the count tells on any machine what a GPU's step time follows.
 Results: benchmarks/results/batched.{md,json,png} on a CPU, batched-gpu.{md,json,png} on CUDA (so one device's run
 never replaces the other's), rewritten after every row so a run cut short keeps what it measured; a K whose
 batched round does not fit the GPU's memory is a row that says so.
