@@ -150,10 +150,16 @@ def main() -> None:
         if device == "cuda":
             report["cuda_equals_cpu"] = cuda_equals_cpu(tmp)
             print("cuda = cpu:", report["cuda_equals_cpu"], flush=True)
-        models: dict[str, str] = {}  # built once per shape; every bf16 row runs before any 4-bit one
-        for precision, quant in precisions:
+        models: dict[str, str] = {}
+
+        def model_dir(name: str) -> str:  # each shape built once, at its first row
+            if name not in models:
+                models[name] = build_model(shapes[name], tmp / name, device)
+            return models[name]
+
+        for precision, quant in precisions:  # every bf16 row before any 4-bit one: a CUDA error ends the rest
             for name in list(shapes)[:TURN_SHAPES]:
-                model = models.get(name) or models.setdefault(name, build_model(shapes[name], tmp / name, device))
+                model = model_dir(name)
                 for method in args.methods:
                     row = {"model": name, "precision": precision, "quantization": quant, "method": method}
                     if time.perf_counter() - start > args.budget * 0.5:
@@ -173,7 +179,7 @@ def main() -> None:
                 if time.perf_counter() - start > args.budget * 0.8:
                     report["largest"].append({"model": name, "quantization": quant, "skipped": "out of time"})
                     continue
-                model = str(tmp / name) if (tmp / name).is_dir() else build_model(shapes[name], tmp / name, device)
+                model = model_dir(name)
                 row = {"model": name, "precision": precision, "quantization": quant}
                 try:
                     row.update(turn_cost(config(model, "fedit", str(tmp / f"big-{name}-{quant}"), device, precision,

@@ -235,16 +235,17 @@ def _from_pretrained(source: Path | str, objective: str, num_labels: int, torch_
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if objective == "classification" else {}
     kwargs.update(dtype=torch_dtype, revision=options.revision, trust_remote_code=options.trust_remote_code)
     if options.quantization == "none":
-        return fit_head(auto.from_pretrained(source, **kwargs).to(options.device), objective, num_labels)
-    model = auto.from_pretrained(source, quantization_config=bnb_config(options),
-                                 device_map={"": str(options.device)}, **kwargs)
-    fit_head(model, objective, num_labels)
-    for module in model.modules():
-        # bitsandbytes repacks a 4-bit weight for CPU inference on the first eval forward, and its packed path then
-        # fails in training (an in-place add on an autograd view): federated clients alternate both, so keep one
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
+        model = auto.from_pretrained(source, **kwargs).to(options.device)
+    else:
+        model = auto.from_pretrained(source, quantization_config=bnb_config(options),
+                                     device_map={"": str(options.device)}, **kwargs)
+        for module in model.modules():
+            # bitsandbytes repacks a 4-bit weight for CPU inference on the first eval forward, and its packed path
+            # then fails in training (an in-place add on an autograd view): federated clients alternate both, so
+            # keep one
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return fit_head(model, objective, num_labels)
 
 
 def fit_head(model: nn.Module, objective: str, num_labels: int) -> nn.Module:
@@ -254,8 +255,9 @@ def fit_head(model: nn.Module, objective: str, num_labels: int) -> nn.Module:
     # GPU with a device-side assert that breaks every later CUDA call; a head is replaced here whatever the version
     if objective != "classification":
         return model
+    modules = dict(model.named_modules())
     for name in ("classifier", "score", "classifier.out_proj"):
-        head = model.get_submodule(name) if _has_submodule(model, name) else None
+        head = modules.get(name)
         if isinstance(head, nn.Linear) and head.out_features != num_labels:
             fresh = nn.Linear(head.in_features, num_labels, bias=head.bias is not None,
                               device=head.weight.device, dtype=head.weight.dtype)
@@ -265,14 +267,6 @@ def fit_head(model: nn.Module, objective: str, num_labels: int) -> nn.Module:
             model.set_submodule(name, fresh)
             model.config.num_labels = num_labels
     return model
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def bnb_config(options: LoadOptions):

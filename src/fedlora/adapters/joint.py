@@ -244,8 +244,7 @@ def grouped_lora(layers: list[MixtureLoRALinear], x: torch.Tensor, joint: JointP
     tokens = x.flatten(0, -2).index_select(0, index)  # every client's own tokens, client after client
     dtype = _lora_dtype(x, layers[0])
     groups = joint.token_groups(x, GROUPED_ALIGNMENT // torch.empty((), dtype=dtype).element_size())
-    plain = all(layer.n_experts == 1 and layer.router is None and layer.expert_weights.dim() == 1
-                for layer in layers)
+    plain = all(layer.is_plain for layer in layers)
     dropped, weights = [], []
     for s, layer, rows in zip(joint.slices, layers, tokens.split(groups.sizes)):
         rows = rows.unflatten(0, (s.stop - s.start, s.length) if x.dim() == 3 else (s.stop - s.start,))

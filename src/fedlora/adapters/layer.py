@@ -108,10 +108,15 @@ class MixtureLoRALinear(nn.Module):
         weights = torch.zeros(*probs.shape[:-1], self.n_experts, device=x.device, dtype=probs.dtype)
         return weights.scatter_add(-1, self.slot_to_expert[top_slot], top_p).to(x.dtype)
 
+    @property
+    def is_plain(self) -> bool:
+        """One expert at a fixed weight and no router: PEFT's plain LoRA (its weight only scales it)."""
+        return self.n_experts == 1 and self.router is None and self.expert_weights.dim() == 1
+
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """s * sum_e w_e(x) B_e A_e drop(x), without the base output."""
         h = self.dropout(x).to(self.lora_A[0].dtype)
-        if self.n_experts == 1 and self.router is None and self.expert_weights.dim() == 1:
+        if self.is_plain:
             # plain LoRA, the same two matmuls as PEFT's layer
             return F.linear(F.linear(h, self.lora_A[0]), self.lora_B[0]) * (self.scaling * self.expert_weights[0])
         e, r = self.n_experts, self.r
