@@ -373,6 +373,7 @@ def test_local_supernodes_are_flowers_own_with_short_polling_sleeps(monkeypatch)
     ran, shortened = [], []
     monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored afterwards
     monkeypatch.setattr(start_client_internal, "subprocess", start_client_internal.subprocess)
+    monkeypatch.setattr(start_client_internal, "_pull_and_store_message", lambda **kw: kw.get("run_id"))
     monkeypatch.setattr(local_supernode, "short_object_backoff", lambda: shortened.append(1))
     monkeypatch.setattr(cli, "flower_supernode", lambda: ran.append(start_client_internal.time))
     monkeypatch.setattr(sys, "argv", ["x", "--superlink", "h:1"])
@@ -382,12 +383,60 @@ def test_local_supernodes_are_flowers_own_with_short_polling_sleeps(monkeypatch)
     patched.sleep(3)
     assert time.perf_counter() - start < 1 and patched.monotonic() > 0 and sys.argv[0] == "flower-supernode"
     assert shortened
+    patched.sleep(0.5)  # a look at the ClientApp's reply, in the SuperNode's own memory
+    assert time.perf_counter() - start < 1.2
     started = []
-    monkeypatch.setattr(subprocess, "Popen", lambda args, **kwargs: started.append(args))
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **kwargs: started.append((args, kwargs)))
     start_client_internal.subprocess.Popen(["flower-superexec", "--parent-pid", "7"])
     start_client_internal.subprocess.Popen(["flwr-clientapp", "--token", "t"])
-    assert started == [[sys.executable, "-m", "fedlora.local_superexec", "--parent-pid", "7"],
-                       ["flwr-clientapp", "--token", "t"]]
+    (superexec, kwargs), (clientapp, plain) = started
+    assert superexec == [sys.executable, "-m", "fedlora.local_superexec", "--parent-pid", "7"]
+    assert clientapp == ["flwr-clientapp", "--token", "t"] and plain == {}
+    # the SuperExec gets the pipe's read end; each stored message writes a byte to its write end
+    from fedlora.engines.flower_waits import WAKE_FD_ENV
+
+    wake_read = int(kwargs["env"][WAKE_FD_ENV])
+    assert kwargs["pass_fds"] == (wake_read,)
+    os.set_blocking(wake_read, False)
+    assert start_client_internal._pull_and_store_message(run_id=None) is None
+    with pytest.raises(BlockingIOError):
+        os.read(wake_read, 10)  # no message, no wake-up
+    assert start_client_internal._pull_and_store_message(run_id=5) == 5
+    assert os.read(wake_read, 10) == b"!"
+
+
+def test_a_local_superexec_sleeps_until_its_supernode_wakes_it_or_the_interval_ends(monkeypatch):
+    """flower-local's SuperExec asks its SuperNode for a task when a byte arrives on the wake pipe, not only every
+    FLWR_SUPEREXEC_TASK_POLL_INTERVAL; once the SuperNode is gone (end of the pipe) it sleeps as Flower does."""
+    import flwr.supercore.cli as cli
+    import flwr.supercore.superexec.run_superexec as superexec_loop
+    from flwr.supercore.superexec.executor import subprocess_executor
+
+    from fedlora import local_superexec
+    from fedlora.engines.flower_waits import WAKE_FD_ENV
+
+    wake_read, wake_write = os.pipe()
+    monkeypatch.setattr(superexec_loop, "time", superexec_loop.time)  # restored afterwards
+    monkeypatch.setattr(subprocess_executor, "subprocess", subprocess_executor.subprocess)
+    monkeypatch.setattr(local_superexec, "_ForkingSubprocess", lambda: None)
+    monkeypatch.setattr(cli, "flower_superexec", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["x", "--plugin-type", "clientapp"])
+    monkeypatch.setenv(WAKE_FD_ENV, str(wake_read))
+    local_superexec.main()
+    sleeps = superexec_loop.time
+    assert WAKE_FD_ENV not in os.environ  # not handed on to the fork server or the ClientApps
+    os.write(wake_write, b"!!!")  # three messages came while it was busy: one look serves them all
+    start = time.perf_counter()
+    sleeps.sleep(30)
+    assert time.perf_counter() - start < 5
+    start = time.perf_counter()
+    sleeps.sleep(0.3)  # nothing new: the whole interval
+    assert time.perf_counter() - start >= 0.29
+    os.close(wake_write)
+    sleeps.sleep(0.3)  # reads the end of the pipe
+    start = time.perf_counter()
+    sleeps.sleep(0.3)
+    assert time.perf_counter() - start >= 0.29 and sleeps.wake_fd is None and sleeps.monotonic() > 0
 
 
 def test_object_retries_start_sooner_in_every_flower_function_that_waits_for_objects(monkeypatch):
@@ -395,7 +444,7 @@ def test_object_retries_start_sooner_in_every_flower_function_that_waits_for_obj
     Flower processes start at 0.05 s, in each function that takes the waits as defaults."""
     from flwr.supercore.inflatable import inflatable_utils
 
-    from fedlora.engines.flower_waits import OBJECT_BACKOFF, short_object_backoff
+    from fedlora.engines.flower_waits import OBJECT_BACKOFF, OBJECT_BACKOFF_CAP, short_object_backoff
 
     waiting = [f for f in vars(inflatable_utils).values()
                if "initial_backoff" in (getattr(f, "__kwdefaults__", None) or {})]
@@ -403,7 +452,10 @@ def test_object_retries_start_sooner_in_every_flower_function_that_waits_for_obj
     for function in waiting:
         monkeypatch.setattr(function, "__kwdefaults__", {**function.__kwdefaults__, "initial_backoff": 1})
     short_object_backoff()
-    assert all(f.__kwdefaults__["initial_backoff"] == OBJECT_BACKOFF and f.__kwdefaults__["backoff_cap"] <= 1
+    assert all(f.__kwdefaults__["initial_backoff"] == OBJECT_BACKOFF
+               and f.__kwdefaults__["backoff_cap"] == OBJECT_BACKOFF_CAP for f in waiting)
+    short_object_backoff(0.01, 0.03)  # a ClientApp's, from its own SuperNode
+    assert all(f.__kwdefaults__["initial_backoff"] == 0.01 and f.__kwdefaults__["backoff_cap"] == 0.03
                for f in waiting)
 
 

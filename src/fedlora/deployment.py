@@ -428,8 +428,7 @@ class LocalFederation:
         c = self.credentials
         return ["flower-superlink", "--ssl-ca-certfile", str(c.ca_cert), "--ssl-certfile", str(c.server_cert),
                 "--ssl-keyfile", str(c.server_key), "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.superlink_port),
-                "--database", str(self.workdir / "superlink.db")]
+                "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.superlink_port)]
 
     def gateway_command(self) -> list[str]:
         """The `fedlora deploy fleet-gateway` command line: the SuperLink's Fleet API on public_host:port."""
@@ -517,10 +516,10 @@ class LocalFederation:
     def env(self) -> dict[str, str]:
         """The environment of every process: this Python's bin first, Flower home here, offline, no telemetry."""
         bin_dir = str(Path(sys.executable).parent)
-        # a SuperNode's SuperExec looks for new ClientApp tasks every second by default: 0.1 s on this machine;
         # a message's objects (one request each) go 2 at a time by default: 8, on one machine (1.5x against 1.8x a
-        # round, benchmarks/engines.py)
-        return {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8",
+        # round, benchmarks/engines.py). SuperExecs look for tasks every second, as Flower's do: a SuperNode here
+        # wakes its SuperExec when a message arrives (flower_waits.py)
+        return {"FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8",
                 "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "8", **os.environ,
                 "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
                 "FLWR_HOME": str(self.flwr_home), **OFFLINE_ENV, "COLUMNS": "200"}

@@ -188,7 +188,7 @@ class FlowerEngine(RoundLoop):
         return evaluations, failures
 
 
-REPLY_POLL_SECONDS = 0.2  # how often the server asks the SuperLink for replies (Flower's own loop: every 3 s)
+REPLY_POLL_SECONDS = 0.1  # how often the server asks the SuperLink for replies (Flower's own loop: every 3 s)
 
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
@@ -419,7 +419,7 @@ def make_server_app(cfg: Config | None = None, resume: Checkpoint | None = None,
     def main(grid: Grid, context: Context) -> None:
         # replies whose objects are still arriving are asked for again after 0.05 s, not 1 s (flower_waits.py):
         # this process's own requests to its SuperLink, in every deployment
-        short_object_backoff()
+        short_object_backoff(cap=1.0)
         if cfg is not None:
             server_main(cfg, grid, run_dir_ready=True, resume=resume, records=records)
         else:
