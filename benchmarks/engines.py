@@ -4,7 +4,7 @@ deployment (SuperLink + one SuperNode process per client, TLS and node authentic
 Each engine runs the same config; per-round cost = the median of the rounds' own timings (metrics.jsonl,
 rounds without evaluation), fixed start-up = wall time - the sum of the round timings.
 Results: benchmarks/results/engines.{md,json,png}.
-Usage: python benchmarks/engines.py [--quick] [--model tiny-bert|minilm] [--method fedalt] [--engines ...]
+Usage: python benchmarks/engines.py [--quick] [--model tiny-bert|minilm] [--method fedalt] [--engines ...] [--repeats N]
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ def handshake_seconds(run_dir: Path) -> float | None:
     return None
 
 
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, few rounds (a CI smoke run)")
@@ -67,28 +72,40 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                     help="which engines (in-process is always run: it is the reference)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+    ap.add_argument("--repeats", type=int, default=1, help="run every engine this many times (medians reported)")
     args = ap.parse_args()
     out = args.out
     model = args.model or ("tiny-bert" if args.quick else "minilm")
     # quick: one plain round per engine and 2 clients (2 SuperNodes) are enough for CI
     rounds, steps, per_task = (2, 2, 1) if args.quick else (5, 8, 2)
-    rows = {}
     timed_run(model, args.method, "inprocess", 1, 1)  # warm-up: imports and file caches are not engine costs
     engines = ["inprocess"] + [e for e in args.engines if e != "inprocess"]
-    for engine in engines:
-        wall, plain_rounds, in_rounds, handshake = timed_run(model, args.method, engine, rounds, steps, per_task)
-        per_round = statistics.median(plain_rounds)
-        rows[engine] = {"wall": wall, "round_seconds": plain_rounds, "per_round": per_round, "startup": wall - in_rounds,
-                        "handshake": handshake}
-    ratios = {e: rows[e]["per_round"] / rows["inprocess"]["per_round"] for e in engines[1:]}
+    # this machine's speed drifts by 20-40% over minutes: each repeat runs every engine, a ratio is taken within
+    # its repeat (minutes apart at most), and the table gives the medians over repeats
+    repeats = []
+    for _ in range(args.repeats):
+        runs = {}
+        for engine in engines:
+            wall, plain_rounds, in_rounds, handshake = timed_run(model, args.method, engine, rounds, steps, per_task)
+            runs[engine] = {"wall": wall, "round_seconds": plain_rounds, "per_round": statistics.median(plain_rounds),
+                            "startup": wall - in_rounds, "handshake": handshake}
+        repeats.append(runs)
+    rows = {e: {key: _median([r[e][key] for r in repeats]) for key in ("wall", "per_round", "startup", "handshake")}
+            for e in engines}
+    for e in engines:
+        rows[e]["round_seconds"] = [r[e]["round_seconds"] for r in repeats]
+    repeat_ratios = {e: [r[e]["per_round"] / r["inprocess"]["per_round"] for r in repeats] for e in engines[1:]}
+    ratios = {e: statistics.median(values) for e, values in repeat_ratios.items()}
     ratio = ratios.get("flower-sim")
     command = "python benchmarks/engines.py " + " ".join(sys.argv[1:])
     out.mkdir(parents=True, exist_ok=True)
     (out / "engines.json").write_text(json.dumps({"command": command, "model": model, "method": args.method,
                                                        "rounds": rounds, "local_steps": steps,
-                                                       "clients": 2 * per_task, "engines": rows,
+                                                       "clients": 2 * per_task, "repeats": args.repeats,
+                                                       "engines": rows,
                                                        "per_round_ratio_flower_over_inprocess": ratio,
-                                                       "per_round_ratio_over_inprocess": ratios}, indent=2))
+                                                       "per_round_ratio_over_inprocess": ratios,
+                                                       "per_round_ratio_each_repeat": repeat_ratios}, indent=2))
     lines = [f"# Engines: in-process vs Flower ({model}, {args.method}, {2 * per_task} clients, {steps} local steps)", "",
              f"Command: `{command}`", "",
              "| engine | start-up s | of which handshake s | per round s | per round / in-process |",
@@ -97,8 +114,16 @@ def main() -> None:
     def seconds(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
+    def each(engine: str) -> str:
+        return ", ".join(f"{x:.2f}" for x in repeat_ratios[engine]) if engine in repeat_ratios else "-"
+
+    lines[-2:] = ["| engine | start-up s | of which handshake s | per round s | per round / in-process | "
+                  "each repeat |", "|---|---|---|---|---|---|"]
     lines += [f"| {e} | {r['startup']:.1f} | {seconds(r['handshake'])} | {r['per_round']:.2f} | "
-              f"{ratios.get(e, 1.0):.2f}x |" for e, r in rows.items()]
+              f"{ratios.get(e, 1.0):.2f}x | {each(e)} |" for e, r in rows.items()]
+    if args.repeats > 1:
+        lines += ["", f"Medians over {args.repeats} repeats; each repeat runs every engine in turn, and its ratios are "
+                  "taken within it."]
     headline = f"**{ratio:.2f}x** (aim: at most 1.3x)" if ratio is not None else "not measured (no flower-sim)"
     lines += ["", f"Per-round cost on the Flower simulation / in-process: {headline}. All use",
               "every core: in process one torch thread pool over all cores, clients one after another; on Flower",

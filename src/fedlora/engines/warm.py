@@ -21,6 +21,7 @@ Node config `warm = false` runs each message in the ClientApp's own process inst
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ START_SECONDS = 120.0  # a worker that has not opened its socket by then failed 
 POLL_SECONDS = 1.0
 
 
+@functools.cache  # the code this process imported: read once (flower-local's fork server reads it for its forks)
 def _fingerprint() -> str:
     """The running fedlora code: a worker started from other code (an upgrade, an edit) is not reused."""
     import fedlora
