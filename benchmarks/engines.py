@@ -59,6 +59,20 @@ def handshake_seconds(run_dir: Path) -> float | None:
     return None
 
 
+def settle(timeout: float = 90.0, idle_percent: float = 10.0) -> None:
+    """Wait until the previous engine's processes are gone and the machine is idle: a 2-thread torch pool (the
+    in-process engine) slows by a third when anything else takes a core now and then (Ray or a SuperNode still
+    shutting down), which made a later engine look cheaper than it is."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = psutil.cpu_percent(interval=1.0)
+        if not psutil.Process().children(recursive=True) and busy < idle_percent:
+            return
+    print(f"warning: the machine did not settle within {timeout:.0f} s (the timings may be noisy)", file=sys.stderr)
+
+
 def _median(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -86,6 +100,7 @@ def main() -> None:
     for _ in range(args.repeats):
         runs = {}
         for engine in engines:
+            settle()
             wall, plain_rounds, in_rounds, handshake = timed_run(model, args.method, engine, rounds, steps, per_task)
             runs[engine] = {"wall": wall, "round_seconds": plain_rounds, "per_round": statistics.median(plain_rounds),
                             "startup": wall - in_rounds, "handshake": handshake}
@@ -123,7 +138,8 @@ def main() -> None:
               f"{ratios.get(e, 1.0):.2f}x | {each(e)} |" for e, r in rows.items()]
     if args.repeats > 1:
         lines += ["", f"Medians over {args.repeats} repeats; each repeat runs every engine in turn, and its ratios are "
-                  "taken within it."]
+                  "taken within it. Each engine starts once the previous one's processes are gone and the machine "
+                  "is idle."]
     headline = f"**{ratio:.2f}x** (aim: at most 1.3x)" if ratio is not None else "not measured (no flower-sim)"
     lines += ["", f"Per-round cost on the Flower simulation / in-process: {headline}. All use",
               "every core: in process one torch thread pool over all cores, clients one after another; on Flower",

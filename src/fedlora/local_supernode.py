@@ -4,8 +4,8 @@ The SuperNodes `LocalFederation` starts on this machine run through this module,
 hard-coded waits (`engines/flower_waits.py`: its `time.sleep`s capped at 0.2 s, its retries for objects that
 have not arrived yet started at 0.05 s) and starts `python -m fedlora.local_superexec` as the node's SuperExec,
 which starts each ClientApp from a fork server and which the SuperNode wakes through a pipe when a message has
-arrived (instead of the SuperExec asking for one ten times a second). A real deployment's SuperNodes are Flower's own, unchanged (this
-module takes the same arguments as `flower-supernode` and works there too).
+arrived (instead of the SuperExec asking for one ten times a second). A real deployment's SuperNodes are
+Flower's own, unchanged (this module takes the same arguments as `flower-supernode` and works there too).
 Usage: python -m fedlora.local_supernode <flower-supernode arguments>
 """
 
