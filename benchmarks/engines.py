@@ -59,6 +59,15 @@ def handshake_seconds(run_dir: Path) -> float | None:
     return None
 
 
+# #23's starting point and the steps since, from this script's earlier committed runs (git log -p
+# benchmarks/results/engines.md): (commit, what it measured, flower-sim start-up s, flower-sim / in-process,
+# flower-local / in-process, flower-local-cold / in-process)
+EARLIER = [("ea7bfc9", "before #23: a fresh ClientApp per message, run beside the quality sweeps", 318.9, 1.03, 1.51,
+            None),
+           ("e5ebac7", "warm workers, Flower's own waits (3 s polls)", 23.3, 1.14, 4.84, 9.08),
+           ("11e1660", "shorter waits, packed wire format, 8 object transfers at a time", 15.0, 0.96, 1.59, 5.74)]
+
+
 def settle(timeout: float = 90.0, idle_percent: float = 10.0) -> None:
     """Wait until the previous engine's processes are gone and the machine is idle: a 2-thread torch pool (the
     in-process engine) slows by a third when anything else takes a core now and then (Ray or a SuperNode still
@@ -87,8 +96,11 @@ def main() -> None:
                     help="which engines (in-process is always run: it is the reference)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
     ap.add_argument("--repeats", type=int, default=1, help="run every engine this many times (medians reported)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild engines.md/.png from OUT/engines.json")
     args = ap.parse_args()
-    out = args.out
+    if args.report_only:
+        write_report(args.out, json.loads((args.out / "engines.json").read_text()))
+        return
     model = args.model or ("tiny-bert" if args.quick else "minilm")
     # quick: one plain round per engine and 2 clients (2 SuperNodes) are enough for CI
     rounds, steps, per_task = (2, 2, 1) if args.quick else (5, 8, 2)
@@ -111,20 +123,21 @@ def main() -> None:
         rows[e]["round_seconds"] = [r[e]["round_seconds"] for r in repeats]
     repeat_ratios = {e: [r[e]["per_round"] / r["inprocess"]["per_round"] for r in repeats] for e in engines[1:]}
     ratios = {e: statistics.median(values) for e, values in repeat_ratios.items()}
-    ratio = ratios.get("flower-sim")
-    command = "python benchmarks/engines.py " + " ".join(sys.argv[1:])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engines.json").write_text(json.dumps({"command": command, "model": model, "method": args.method,
-                                                       "rounds": rounds, "local_steps": steps,
-                                                       "clients": 2 * per_task, "repeats": args.repeats,
-                                                       "engines": rows,
-                                                       "per_round_ratio_flower_over_inprocess": ratio,
-                                                       "per_round_ratio_over_inprocess": ratios,
-                                                       "per_round_ratio_each_repeat": repeat_ratios}, indent=2))
-    lines = [f"# Engines: in-process vs Flower ({model}, {args.method}, {2 * per_task} clients, {steps} local steps)", "",
-             f"Command: `{command}`", "",
-             "| engine | start-up s | of which handshake s | per round s | per round / in-process |",
-             "|---|---|---|---|---|"]
+    data = {"command": "python benchmarks/engines.py " + " ".join(sys.argv[1:]), "model": model,
+            "method": args.method, "rounds": rounds, "local_steps": steps, "clients": 2 * per_task,
+            "repeats": args.repeats, "engines": rows, "per_round_ratio_flower_over_inprocess": ratios.get("flower-sim"),
+            "per_round_ratio_over_inprocess": ratios, "per_round_ratio_each_repeat": repeat_ratios}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engines.json").write_text(json.dumps(data, indent=2))
+    write_report(args.out, data)
+
+
+def write_report(out: Path, data: dict) -> None:
+    """engines.md (the table, medians over repeats, and earlier runs) and engines.png from the results."""
+    rows, ratios, ratio = data["engines"], data["per_round_ratio_over_inprocess"], \
+        data["per_round_ratio_flower_over_inprocess"]
+    repeat_ratios = data.get("per_round_ratio_each_repeat", {e: [r] for e, r in ratios.items()})
+    model, method, repeats = data["model"], data["method"], data.get("repeats", 1)
 
     def seconds(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
@@ -132,12 +145,14 @@ def main() -> None:
     def each(engine: str) -> str:
         return ", ".join(f"{x:.2f}" for x in repeat_ratios[engine]) if engine in repeat_ratios else "-"
 
-    lines[-2:] = ["| engine | start-up s | of which handshake s | per round s | per round / in-process | "
-                  "each repeat |", "|---|---|---|---|---|---|"]
+    lines = [f"# Engines: in-process vs Flower ({model}, {method}, {data['clients']} clients, "
+             f"{data['local_steps']} local steps)", "", f"Command: `{data['command']}`", "",
+             "| engine | start-up s | of which handshake s | per round s | per round / in-process | each repeat |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {e} | {r['startup']:.1f} | {seconds(r['handshake'])} | {r['per_round']:.2f} | "
               f"{ratios.get(e, 1.0):.2f}x | {each(e)} |" for e, r in rows.items()]
-    if args.repeats > 1:
-        lines += ["", f"Medians over {args.repeats} repeats; each repeat runs every engine in turn, and its ratios are "
+    if repeats > 1:
+        lines += ["", f"Medians over {repeats} repeats; each repeat runs every engine in turn, and its ratios are "
                   "taken within it. Each engine starts once the previous one's processes are gone and the machine "
                   "is idle."]
     headline = f"**{ratio:.2f}x** (aim: at most 1.3x)" if ratio is not None else "not measured (no flower-sim)"
@@ -150,7 +165,12 @@ def main() -> None:
               "it, every message imports torch and rebuilds them). Start-up = wall time - the rounds' own time:",
               "Ray or the SuperLink and SuperNodes, the handshake (where each node builds its model and data), and",
               "the nodes' final personalized-model export.",
-              "", "![engines](engines.png)"]
+              "", "Earlier runs of this script (same config, one repeat each; docs/deployment.md says what changed):",
+              "", "| commit | code | flower-sim start-up s | flower-sim | flower-local | flower-local-cold |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {commit} | {what} | {start:.1f} | {sim:.2f}x | {local:.2f}x | "
+              f"{'-' if cold is None else f'{cold:.2f}x'} |" for commit, what, start, sim, local, cold in EARLIER]
+    lines += ["", "![engines](engines.png)"]
     (out / "engines.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -162,7 +182,7 @@ def main() -> None:
     ax.bar([i - 0.2 for i in range(len(names))], [rows[n]["startup"] for n in names], 0.4, label="start-up (s)")
     ax.bar([i + 0.2 for i in range(len(names))], [rows[n]["per_round"] for n in names], 0.4, label="per round (s)")
     ax.set_xticks(range(len(names)), names)
-    ax.set(ylabel="seconds", title=f"engine cost, {model}, {args.method}")
+    ax.set(ylabel="seconds", title=f"engine cost, {model}, {method}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "engines.png", dpi=110)
