@@ -383,8 +383,9 @@ def test_local_supernodes_are_flowers_own_with_short_polling_sleeps(monkeypatch)
     patched.sleep(3)
     assert time.perf_counter() - start < 1 and patched.monotonic() > 0 and sys.argv[0] == "flower-supernode"
     assert shortened
-    patched.sleep(0.5)  # a look at the ClientApp's reply, in the SuperNode's own memory
-    assert time.perf_counter() - start < 1.2
+    start = time.perf_counter()
+    patched.sleep(0.5)  # a look at the ClientApp's reply, in the SuperNode's own memory: at most 0.02 s
+    assert time.perf_counter() - start < 0.3
     started = []
     monkeypatch.setattr(subprocess, "Popen", lambda args, **kwargs: started.append((args, kwargs)))
     start_client_internal.subprocess.Popen(["flower-superexec", "--parent-pid", "7"])
