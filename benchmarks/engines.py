@@ -134,8 +134,8 @@ def main() -> None:
 
 def write_report(out: Path, data: dict) -> None:
     """engines.md (the table, medians over repeats, and earlier runs) and engines.png from the results."""
-    rows, ratios, ratio = data["engines"], data["per_round_ratio_over_inprocess"], \
-        data["per_round_ratio_flower_over_inprocess"]
+    rows, ratios = data["engines"], data["per_round_ratio_over_inprocess"]
+    ratio = ratios.get("flower-sim")
     repeat_ratios = data.get("per_round_ratio_each_repeat", {e: [r] for e, r in ratios.items()})
     model, method, repeats = data["model"], data["method"], data.get("repeats", 1)
 

@@ -91,11 +91,9 @@ def _preimport_clientapp() -> None:
     garbage collections do not touch (and so copy) the pages they share with this server."""
     import gc
 
-    import httpx  # noqa: F401
+    import httpx  # imported with Flower's ClientApp code already
 
-    httpx.Client().close()  # its transport's modules load on first use
-    from flwr.supernode.runtime import run_clientapp  # noqa: F401
-
+    httpx.Client().close()  # but its transport's modules (httpcore, h11) load on first use
     from .engines import warm  # the ClientApp `deploy app` names (Flower reuses a loaded module)
 
     warm._fingerprint()  # which fedlora code this is: read once here, not by every ClientApp

@@ -27,12 +27,16 @@ OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.05, 0.2  # seconds, for objects from the 
 LOCAL_OBJECT_BACKOFF, LOCAL_OBJECT_BACKOFF_CAP = 0.01, 0.03
 
 
-class ShortSleeps:
-    """The `time` module, except that sleep waits at most POLL seconds, and waits of under a second (the
-    SuperNode's looks at its ClientApp's reply, which is in its own memory) at most LOCAL_POLL seconds."""
+class _Time:
+    """The `time` module, to stand in for it in one Flower module: subclasses change its sleep."""
 
     def __getattr__(self, name: str):
         return getattr(time, name)
+
+
+class ShortSleeps(_Time):
+    """The `time` module, except that sleep waits at most POLL seconds, and waits of under a second (the
+    SuperNode's looks at its ClientApp's reply, which is in its own memory) at most LOCAL_POLL seconds."""
 
     @staticmethod
     def sleep(seconds: float) -> None:
@@ -79,15 +83,12 @@ def waking(pull_and_store: Callable[..., Any], wake_fd: int) -> Callable[..., An
     return pull_store_and_wake
 
 
-class WakeableSleeps:
+class WakeableSleeps(_Time):
     """The `time` module, except that sleep also ends when a byte arrives on `wake_fd` (which it reads)."""
 
     def __init__(self, wake_fd: int) -> None:
         self.wake_fd: int | None = wake_fd
         os.set_blocking(wake_fd, False)
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
         """time.sleep(seconds), cut short by a wake-up."""
