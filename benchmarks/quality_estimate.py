@@ -28,7 +28,7 @@ def probe(suite: str, profile: str, scratch: Path) -> dict[str, Any]:
     from fedlora.core.config import load_config
     from fedlora.data.suites import NLG_TASKS
     from fedlora.data.tokenize import steps_for_epochs
-    from fedlora.engines.inprocess import InProcessEngine
+    from fedlora.engines.inprocess import InProcessTransport
 
     full = config_for(suite, profile, "fedit", 0, scratch)  # the sweep's own schedule (final evaluation only)
     # a subset of clients (per-client cost does not depend on how many there are): 1 per classification task
@@ -44,7 +44,7 @@ def probe(suite: str, profile: str, scratch: Path) -> dict[str, Any]:
         f"output_dir={scratch / f'probe-{suite}-{profile}'}"])
     cfg.algorithm.name, cfg.algorithm.options = "fedit", cfg.algorithm.options_for("fedit")
     spent = {"fit": 0.0, "eval": 0.0}
-    originals = {"fit": InProcessEngine.fit_clients, "eval": InProcessEngine.evaluate_clients}
+    originals = {"fit": InProcessTransport.fit, "eval": InProcessTransport.evaluate}
 
     def timed(kind):
         def wrapper(self, *args, **kwargs):
@@ -56,13 +56,13 @@ def probe(suite: str, profile: str, scratch: Path) -> dict[str, Any]:
         return wrapper
 
     # CPU seconds with one torch thread: the compute itself, not inflated by other jobs on a shared machine
-    InProcessEngine.fit_clients, InProcessEngine.evaluate_clients = timed("fit"), timed("eval")
+    InProcessTransport.fit, InProcessTransport.evaluate = timed("fit"), timed("eval")
     try:
         cpu0, wall0 = time.process_time(), time.perf_counter()
         result = run_experiment(cfg, overwrite=True)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     finally:
-        InProcessEngine.fit_clients, InProcessEngine.evaluate_clients = originals["fit"], originals["eval"]
+        InProcessTransport.fit, InProcessTransport.evaluate = originals["fit"], originals["eval"]
     n_probe = len(result.final)
     tr, fed = full.training, full.federation
     steps = tr.local_steps or steps_for_epochs(tr.local_epochs, full.data.train_per_client, tr.batch_size)

@@ -5,7 +5,7 @@
     dropout and target modules), doing the same steps on the same batches: per round and client it loads the global
     LoRA and the client's head, builds a fresh AdamW (same parameter groups) with the same linear decay, trains,
     copies the trained LoRA and head out, and averages the LoRAs by example count after the round.
-    Timed on both sides: the training rounds only (fedlora: `RoundLoop._fit_round` of every round, i.e. configure,
+    Timed on both sides: the training rounds only (fedlora: each round's record `fit_seconds`, i.e. configure,
     every client's fit, reply validation and aggregation, not the evaluation the loop always runs after the last
     round). Start-up (model load, tokenization) is reported apart. Goal: fedlora / bare <= 1.10x.
 (b) Adapter layer. Forward + backward of `MixtureLoRALinear` with one expert against `peft.tuners.lora.layer.Linear`
@@ -62,23 +62,24 @@ def experiment_config(model: str, n_clients: int, rounds: int, steps: int, out_d
 def run_fedlora(cfg: dict) -> dict:
     """One fedlora run: wall and CPU seconds of its training rounds, and each client's mean loss per round."""
     from fedlora import run_experiment
-    from fedlora.engines.loop import RoundLoop
+    from fedlora.engines.inprocess import InProcessTransport
 
-    fits: list[tuple[float, float]] = []
-    original = RoundLoop._fit_round
+    cpu_seconds: list[float] = []
+    original = InProcessTransport.fit
 
-    def timed_fit_round(self, rnd, sampled):  # a round's configure/fit/validate/aggregate, not the evaluation
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = original(self, rnd, sampled)
-        fits.append((time.perf_counter() - wall, time.process_time() - cpu))
+    def timed_fit(self, *args):  # the clients' local rounds (CPU seconds; the record's fit_seconds is the wall time)
+        cpu = time.process_time()
+        out = original(self, *args)
+        cpu_seconds.append(time.process_time() - cpu)
         return out
 
     start = time.perf_counter()
-    with patch.object(RoundLoop, "_fit_round", timed_fit_round):
+    with patch.object(InProcessTransport, "fit", timed_fit):
         result = run_experiment(cfg, overwrite=True)
     wall = time.perf_counter() - start
-    rounds_s = sum(w for w, _ in fits)
-    return {"rounds_s": rounds_s, "rounds_cpu_s": sum(c for _, c in fits), "round_seconds": [w for w, _ in fits],
+    fits = [r["fit_seconds"] for r in result.rounds if "fit_seconds" in r]  # configure .. aggregate, no evaluation
+    rounds_s = sum(fits)
+    return {"rounds_s": rounds_s, "rounds_cpu_s": sum(cpu_seconds), "round_seconds": fits,
             "wall_s": wall, "outside_rounds_s": wall - rounds_s,
             "losses": {r["round"]: {c: f["train_loss"] for c, f in r["fit"].items()} for r in result.rounds if "fit" in r}}
 
@@ -342,7 +343,7 @@ def write_markdown(out: Path, data: dict) -> None:
              "LoRA and head out; after the round the example-weighted mean of the LoRAs.",
              "* fedlora in addition: what the framework does around that: payload and reply objects, the client "
              "runtime (layout, head swap, a Trainer per client, trainable-set bookkeeping), validation of every "
-             "reply (keys, shapes, finiteness), fit metrics. Timed: `RoundLoop._fit_round` (configure, fit every "
+             "reply (keys, shapes, finiteness), fit metrics. Timed: each record's `fit_seconds` (configure, fit every "
              "client, validate, aggregate).",
              "* neither: start-up (fedlora: config validation, data split, model load, tokenization, run directory; "
              "bare: model load, `get_peft_model`, tokenization), and fedlora's evaluation after the last round "
@@ -376,7 +377,7 @@ def write_markdown(out: Path, data: dict) -> None:
 NOTES = [
     "Where fedlora's round time goes (cProfile of the fedlora side alone: MiniLM, 4 clients x 3 rounds x 5 steps, "
     "one thread): 98.9% is the training work both sides share (collate + forward + backward 97.8%, AdamW steps "
-    "0.7%, gradient clipping and zero_grad 0.3%); everything else in `_fit_round` (client runtime entry and head "
+    "0.7%, gradient clipping and zero_grad 0.3%); everything else in a round's `fit_seconds` (client runtime entry and head "
     "swap, `set_trainable` and trainable-set bookkeeping, a Trainer and optimizer per client, LoRA state copies, "
     "reply validation, aggregation) is ~24 ms per client and round, 1.1% of the round, part of which the bare "
     "loop does too. So the true overhead is about 1%; single repetitions scatter by several percent on a shared "

@@ -32,7 +32,7 @@ TINY_CONFIG = {
 
 def flower_program(proc) -> str:
     """The Flower program a psutil process runs: flwr-serverapp, flwr-clientapp (also a fork of flower-local's
-    fork server, `local_superexec.py`, whose command line is the server's), fork-server, flower-supernode, ..."""
+    fork server, `flower/superexec.py`, whose command line is the server's), fork-server, flower-supernode, ..."""
     import os
 
     import psutil

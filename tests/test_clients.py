@@ -230,13 +230,13 @@ def test_clients_with_different_worker_counts_share_one_pool_that_grows(tmp_path
 def test_flower_client_app_trains_with_its_workers(tmp_path):
     from flwr.app import Context, MessageType, RecordDict
 
-    from fedlora.engines import flower
-    from fedlora.engines.wire import decode
+    from fedlora.flower import client_app
+    from fedlora.flower.wire import decode
 
     from .test_flower import _message
 
     cfg = build_config(tiny_config(tmp_path, algorithm={"name": "fedalt"}, clients={"workers": 2}))
-    app, before = flower.make_client_app(cfg), set(flower._SESSIONS)
+    app, before = client_app.make_client_app(cfg), set(client_app._SESSIONS)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     try:
         states, info = decode(app(_message(MessageType.TRAIN, {}, {"round": 1}), context).content)
@@ -245,8 +245,8 @@ def test_flower_client_app_trains_with_its_workers(tmp_path):
         app(_message(MessageType.TRAIN, {}, {"round": 2}), context)
         assert children() == pool_pids and len(pool_pids) == 1  # the node's workers are reused across rounds
     finally:
-        for key in set(flower._SESSIONS) - before:  # the node's session would live as long as the process
-            flower._SESSIONS.pop(key).runtime.close()
+        for key in set(client_app._SESSIONS) - before:  # the node's session would live as long as the process
+            client_app._SESSIONS.pop(key).runtime.close()
     assert not children()
 
 

@@ -30,17 +30,13 @@ from fedlora.core.config import build_config
 from fedlora.core.errors import ConfigError, FedloraError
 from fedlora.core.offline import OFFLINE_ENV
 from fedlora.data.federated import build_clients
-from fedlora.deployment import (
-    LocalFederation,
-    adopt_server_results,
-    die_with_parent,
-    free_port,
-    stop_process_trees,
-    write_app,
-    write_credentials,
-)
-from fedlora.engines.flower import _client_id, _session, config_from_run_config
 from fedlora.engines.results import RunResult, read_records
+from fedlora.flower.app import write_app
+from fedlora.flower.client_app import _client_id, _session
+from fedlora.flower.credentials import write_credentials
+from fedlora.flower.local import LocalFederation, adopt_server_results
+from fedlora.flower.processes import die_with_parent, free_port, stop_process_trees
+from fedlora.flower.server_app import config_from_run_config
 from fedlora.serving import predict
 
 from .conftest import tiny_config
@@ -57,8 +53,8 @@ def test_app_carries_the_experiment_and_takes_overrides(tmp_path):
                                    data={"tasks": ["noun_topic"]}))
     app = write_app(tmp_path / "app", cfg)
     project = tomllib.loads((app / "pyproject.toml").read_text())
-    assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "fedlora.engines.flower:server_app",
-                                                            "clientapp": "fedlora.engines.warm:client_app"}
+    assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "fedlora.flower.server_app:server_app",
+                                                            "clientapp": "fedlora.flower.warm:client_app"}
     run_config = _app_run_config(app)
     # 2 clients in the split; the run directory is the submission's, never the config's (see test_deployment_lifecycle)
     expected = cfg.with_overrides(["engine.num_clients=2", "output_dir=null"])
@@ -148,13 +144,14 @@ def _owner_files(tmp_path, cfg) -> dict[str, tuple]:
 def _in_process(cfg, owners: dict[str, tuple], run_dir):
     """The same owners' files run by the in-process engine (the reference of the deployment)."""
     from fedlora.data.federated import local_client
-    from fedlora.engines.inprocess import InProcessEngine
+    from fedlora.engines.inprocess import InProcessTransport
+    from fedlora.engines.loop import federate
     from fedlora.engines.session import build_session
 
     s = build_session(cfg, [local_client(name, "triage", *files) for name, files in owners.items()])
     run_dir.mkdir()
     with s.runtime:
-        return InProcessEngine(cfg, s.server, s.runtime, s.infos, run_dir).run()
+        return federate(cfg, s.server, InProcessTransport(s.runtime, s.infos), s.infos, run_dir)
 
 
 class _Machines:
@@ -363,21 +360,21 @@ def test_a_run_log_inside_the_same_runs_log_writes_each_line_once(tmp_path):
     assert (tmp_path / "run.log").read_text().count("round 2") == 1
 
 
-def test_local_supernodes_are_flowers_own_with_short_polling_sleeps(monkeypatch):
+def test_flower_locals_supernodes_are_flowers_own_with_short_polling_sleeps(monkeypatch):
     """flower-local's SuperNode is Flower's, its sleeps capped at POLL (Flower's idle wait is a hard-coded 3 s)."""
     import flwr.supernode.cli as cli
     from flwr.supernode import start_client_internal
 
-    from fedlora import local_supernode
+    from fedlora.flower import patches, supernode
 
     ran, shortened = [], []
     monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored afterwards
     monkeypatch.setattr(start_client_internal, "subprocess", start_client_internal.subprocess)
     monkeypatch.setattr(start_client_internal, "_pull_and_store_message", lambda **kw: kw.get("run_id"))
-    monkeypatch.setattr(local_supernode, "short_object_backoff", lambda: shortened.append(1))
+    monkeypatch.setattr(patches, "short_object_backoff", lambda: shortened.append(1))
     monkeypatch.setattr(cli, "flower_supernode", lambda: ran.append(start_client_internal.time))
     monkeypatch.setattr(sys, "argv", ["x", "--superlink", "h:1"])
-    local_supernode.main()
+    supernode.main()
     patched = ran[0]
     start = time.perf_counter()
     patched.sleep(3)
@@ -391,12 +388,10 @@ def test_local_supernodes_are_flowers_own_with_short_polling_sleeps(monkeypatch)
     start_client_internal.subprocess.Popen(["flower-superexec", "--parent-pid", "7"])
     start_client_internal.subprocess.Popen(["flwr-clientapp", "--token", "t"])
     (superexec, kwargs), (clientapp, plain) = started
-    assert superexec == [sys.executable, "-m", "fedlora.local_superexec", "--parent-pid", "7"]
+    assert superexec == [sys.executable, "-m", "fedlora.flower.superexec", "--parent-pid", "7"]
     assert clientapp == ["flwr-clientapp", "--token", "t"] and plain == {}
     # the SuperExec gets the pipe's read end; each stored message writes a byte to its write end
-    from fedlora.engines.flower_waits import WAKE_FD_ENV
-
-    wake_read = int(kwargs["env"][WAKE_FD_ENV])
+    wake_read = int(kwargs["env"][patches.WAKE_FD_ENV])
     assert kwargs["pass_fds"] == (wake_read,)
     os.set_blocking(wake_read, False)
     assert start_client_internal._pull_and_store_message(run_id=None) is None
@@ -406,24 +401,24 @@ def test_local_supernodes_are_flowers_own_with_short_polling_sleeps(monkeypatch)
     assert os.read(wake_read, 10) == b"!"
 
 
-def test_a_local_superexec_sleeps_until_its_supernode_wakes_it_or_the_interval_ends(monkeypatch):
+def test_flower_locals_superexec_sleeps_until_its_supernode_wakes_it_or_the_interval_ends(monkeypatch):
     """flower-local's SuperExec asks its SuperNode for a task when a byte arrives on the wake pipe, not only every
     FLWR_SUPEREXEC_TASK_POLL_INTERVAL; once the SuperNode is gone (end of the pipe) it sleeps as Flower does."""
     import flwr.supercore.cli as cli
     import flwr.supercore.superexec.run_superexec as superexec_loop
     from flwr.supercore.superexec.executor import subprocess_executor
 
-    from fedlora import local_superexec
-    from fedlora.engines.flower_waits import WAKE_FD_ENV
+    from fedlora.flower import superexec
+    from fedlora.flower.patches import WAKE_FD_ENV
 
     wake_read, wake_write = os.pipe()
     monkeypatch.setattr(superexec_loop, "time", superexec_loop.time)  # restored afterwards
     monkeypatch.setattr(subprocess_executor, "subprocess", subprocess_executor.subprocess)
-    monkeypatch.setattr(local_superexec, "_ForkingSubprocess", lambda: None)
+    monkeypatch.setattr(superexec, "_ForkingSubprocess", lambda: None)
     monkeypatch.setattr(cli, "flower_superexec", lambda: None)
     monkeypatch.setattr(sys, "argv", ["x", "--plugin-type", "clientapp"])
     monkeypatch.setenv(WAKE_FD_ENV, str(wake_read))
-    local_superexec.main()
+    superexec.main()
     sleeps = superexec_loop.time
     assert WAKE_FD_ENV not in os.environ  # not handed on to the fork server or the ClientApps
     os.write(wake_write, b"!!!")  # three messages came while it was busy: one look serves them all
@@ -445,7 +440,7 @@ def test_object_retries_start_sooner_in_every_flower_function_that_waits_for_obj
     Flower processes start at 0.05 s, in each function that takes the waits as defaults."""
     from flwr.supercore.inflatable import inflatable_utils
 
-    from fedlora.engines.flower_waits import OBJECT_BACKOFF, OBJECT_BACKOFF_CAP, short_object_backoff
+    from fedlora.flower.patches import OBJECT_BACKOFF, OBJECT_BACKOFF_CAP, short_object_backoff
 
     waiting = [f for f in vars(inflatable_utils).values()
                if "initial_backoff" in (getattr(f, "__kwdefaults__", None) or {})]
@@ -463,7 +458,7 @@ def test_object_retries_start_sooner_in_every_flower_function_that_waits_for_obj
 def test_the_local_fork_server_runs_flowers_clientapp_entry_point_per_request():
     """flower-local's SuperExec starts ClientApps as forks of one process that imported Flower once: each request
     runs `flwr-clientapp` with its arguments in a child of that server; the server ends with its pipe."""
-    server = subprocess.Popen([sys.executable, "-m", "fedlora.local_superexec", "--fork-server"],
+    server = subprocess.Popen([sys.executable, "-m", "fedlora.flower.superexec", "--fork-server"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         server.stdin.write(b'{"args": ["--help"], "quiet": false}\n{"args": ["--help"], "quiet": true}\n')
@@ -479,7 +474,7 @@ def test_the_local_fork_server_runs_flowers_clientapp_entry_point_per_request():
 def test_a_clientapp_of_the_fork_server_dies_with_it_even_when_it_would_retry_on():
     """A ClientApp that cannot reach its SuperNode retries for minutes and has no --parent-pid to watch here: only
     the kernel's parent-death signal, set in the fork, takes it down when the fork server is SIGKILLed."""
-    server = subprocess.Popen([sys.executable, "-m", "fedlora.local_superexec", "--fork-server"],
+    server = subprocess.Popen([sys.executable, "-m", "fedlora.flower.superexec", "--fork-server"],
                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     clientapp = None
     try:

@@ -18,8 +18,9 @@ from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 
 from fedlora.core.config import build_config
 from fedlora.core.errors import ConfigError
-from fedlora.deployment import write_app
-from fedlora.engines.flower import config_from_run_config, make_client_app, server_main
+from fedlora.flower.app import write_app
+from fedlora.flower.client_app import make_client_app
+from fedlora.flower.server_app import config_from_run_config, server_main
 
 from .conftest import flower_program, tiny_config
 

@@ -19,13 +19,10 @@ from flwr.common.config import flatten_dict
 from fedlora.cli import main
 from fedlora.core.config import build_config
 from fedlora.core.errors import ConfigError, FedloraError
-from fedlora.deployment import (
-    LocalFederation,
-    run_local_deployment,
-    write_app,
-    write_credentials,
-)
-from fedlora.engines.flower import config_from_run_config
+from fedlora.flower.app import write_app
+from fedlora.flower.credentials import write_credentials
+from fedlora.flower.local import LocalFederation, run_local_deployment
+from fedlora.flower.server_app import config_from_run_config
 
 from .conftest import tiny_config
 
@@ -82,7 +79,7 @@ def test_a_local_deployment_admits_exactly_its_supernodes(tmp_path, monkeypatch)
             seen["experiment"] = _experiment(app_dir)
             raise FedloraError("stop here")
 
-    monkeypatch.setattr("fedlora.deployment.LocalFederation", Recorder)
+    monkeypatch.setattr("fedlora.flower.local.LocalFederation", Recorder)
     cfg = build_config(tiny_config(tmp_path))
     with pytest.raises(FedloraError, match="stop here"):
         run_local_deployment(cfg, tmp_path / "run")

@@ -21,9 +21,10 @@ from fedlora import resume_experiment, run_experiment
 from fedlora.algorithms import Reply
 from fedlora.core.config import build_config
 from fedlora.core.errors import ClientFailure
-from fedlora.deployment import LocalFederation, write_app
 from fedlora.engines.checkpoint import load_checkpoint
 from fedlora.engines.runtime import ClientRuntime
+from fedlora.flower.app import write_app
+from fedlora.flower.local import LocalFederation
 
 from .conftest import flower_program, tiny_config
 from .test_checkpoint import _assert_same_states, _without_times

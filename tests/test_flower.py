@@ -12,8 +12,8 @@ from flwr.app import Context, Message, MessageType, Metadata, RecordDict
 from fedlora import run_experiment
 from fedlora.core.config import build_config
 from fedlora.core.errors import CheckpointError
-from fedlora.engines.flower import make_client_app
-from fedlora.engines.wire import decode, encode
+from fedlora.flower.client_app import make_client_app
+from fedlora.flower.wire import decode, encode
 
 from .conftest import tiny_config
 
@@ -98,7 +98,7 @@ class FakeGrid:
 
 
 def test_failed_and_silent_nodes_are_recorded_and_left_out(tmp_path, monkeypatch):
-    from fedlora.engines.flower import server_main
+    from fedlora.flower.server_app import server_main
     from fedlora.engines.runtime import ClientRuntime
 
     cfg = build_config(tiny_config(tmp_path, federation={"rounds": 2, "min_clients": 2},
@@ -129,7 +129,7 @@ def test_failed_and_silent_nodes_are_recorded_and_left_out(tmp_path, monkeypatch
 def test_a_node_claiming_a_client_the_operator_did_not_list_is_left_out(tmp_path, monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedlora.engines.flower import server_main
+    from fedlora.flower.server_app import server_main
 
     cfg = build_config(tiny_config(tmp_path, federation={"rounds": 1},
                                    engine={"name": "flower-sim", "num_clients": 4, "progress": False,
@@ -144,7 +144,7 @@ def test_a_node_claiming_a_client_the_operator_did_not_list_is_left_out(tmp_path
 def test_replies_from_a_superlink_are_polled_often_until_the_last_or_the_timeout(monkeypatch):
     from flwr.superlink.grid.http_grid import HttpGrid
 
-    from fedlora.engines import flower
+    from fedlora.flower import transport
 
     class Link(HttpGrid):
         def __init__(self, arrivals):  # no connection: replies arrive pull by pull
@@ -161,10 +161,10 @@ def test_replies_from_a_superlink_are_polled_often_until_the_last_or_the_timeout
     def reply(to):
         return type("R", (), {"metadata": type("M", (), {"reply_to_message_id": to})()})()
 
-    monkeypatch.setattr(flower, "REPLY_POLL_SECONDS", 0.01)
+    monkeypatch.setattr(transport, "REPLY_POLL_SECONDS", 0.01)
     link = Link([[], [reply("m1")], [], [reply("m0")], [reply("m0")]])
-    got = flower.send_and_receive(link, [object(), object()], timeout=10)
+    got = transport.send_and_receive(link, [object(), object()], timeout=10)
     assert [r.metadata.reply_to_message_id for r in got] == ["m1", "m0"] and link.pulls == 4
     start = time.monotonic()
-    assert flower.send_and_receive(Link([]), [object()], timeout=0.2) == []  # nobody answers: the timeout ends it
+    assert transport.send_and_receive(Link([]), [object()], timeout=0.2) == []  # nobody answers: the timeout ends it
     assert time.monotonic() - start < 2

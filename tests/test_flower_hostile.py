@@ -27,10 +27,13 @@ from fedlora.adapters import AdapterSpec
 from fedlora.algorithms import ClientInfo, Payload, build
 from fedlora.core.config import build_config
 from fedlora.core.errors import ClientFailure, ConfigError
-from fedlora.engines.flower import FlowerEngine, handshake, make_client_app, max_rank
 from fedlora.engines.runtime import Evaluation
 from fedlora.engines.validation import evaluation_problem, reply_problem
-from fedlora.engines.wire import (
+from fedlora.flower.client_app import make_client_app
+from fedlora.flower.handshake import handshake
+from fedlora.engines.observers import Observer
+from fedlora.flower.transport import FlowerTransport, max_rank
+from fedlora.flower.wire import (
     INFO,
     LAYOUT,
     PACKED,
@@ -201,8 +204,8 @@ def _engine(tmp):
     server, _ = build("fedit", {}, SPEC, 0)
     nodes = HostileNodes()
     grid = FakeGrid(nodes, 3)
-    eng = FlowerEngine(cfg, server, [ClientInfo(c, 10, "t") for c in CLIENTS], tmp, grid,
-                       {c: 100 + i for i, c in enumerate(CLIENTS)})
+    eng = FlowerTransport(cfg, server, [ClientInfo(c, 10, "t") for c in CLIENTS], grid,
+                          {c: 100 + i for i, c in enumerate(CLIENTS)})
     eng.hostile = nodes
     return eng
 
@@ -210,12 +213,12 @@ def _engine(tmp):
 def _fit(engine, content):
     engine.hostile.content = content
     payloads = {c: Payload(expects=frozenset({"global"})) for c in CLIENTS}
-    return engine.fit_clients(1, payloads), payloads
+    return engine.fit(1, payloads, Observer()), payloads
 
 
 def _evaluate(engine, content):
     engine.hostile.content = content
-    return engine.evaluate_clients(1, {c: Payload() for c in CLIENTS})
+    return engine.evaluate(1, {c: Payload() for c in CLIENTS}, Observer())
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
@@ -271,10 +274,10 @@ def test_evaluation_problem():
 
 
 def test_an_oversized_train_reply_is_refused_before_it_is_decoded(engine, monkeypatch):
-    from fedlora.engines import flower
+    from fedlora.flower import transport
 
     decoded = []
-    monkeypatch.setattr(flower, "decode", lambda content: decoded.append(set(content)) or decode(content))
+    monkeypatch.setattr(transport, "decode", lambda content: decoded.append(set(content)) or decode(content))
     big = encode({"global": _expert(), "extra": {"m0.router": torch.zeros(1_100_000, 1)}}, {"num_examples": 1})
     (_, failures), _ = _fit(engine, big)
     assert "reply refused" in failures[HOSTILE] and not any(STATE_PREFIX + "extra" in keys for keys in decoded)
@@ -426,7 +429,7 @@ def task_identity(monkeypatch):
 
 
 def test_a_run_survives_a_node_that_sends_infinity_and_garbage(tmp_path, task_identity):
-    from fedlora.engines.flower import server_main
+    from fedlora.flower.server_app import server_main
 
     cfg = build_config(tiny_config(tmp_path, federation={"rounds": 2},
                                    engine={"name": "flower-sim", "num_clients": 4, "progress": False}))
@@ -454,7 +457,7 @@ def test_a_run_survives_a_node_that_sends_infinity_and_garbage(tmp_path, task_id
 
 
 def test_a_node_claiming_an_unsafe_client_id_is_left_out_of_the_run(tmp_path, task_identity):
-    from fedlora.engines.flower import server_main
+    from fedlora.flower.server_app import server_main
 
     cfg = build_config(tiny_config(tmp_path, federation={"rounds": 1},
                                    engine={"name": "flower-sim", "num_clients": 4, "progress": False}))

@@ -216,7 +216,7 @@ def test_peak_device_memory_goes_into_every_rounds_record(tmp_path, monkeypatch)
 def test_client_gpus_is_each_simulated_clientapps_gpu_share(tmp_path, monkeypatch):
     import flwr.simulation
 
-    from fedlora.engines.flower import run_flower_simulation
+    from fedlora.flower.simulation import run_flower_simulation
 
     seen = {}
 

@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 
 from fedlora import run_experiment
 from fedlora.adapters import AdapterSpec
-from fedlora.algorithms import METHODS, ClientInfo, Payload, Reply, build
+from fedlora.algorithms import METHODS, ClientInfo, ClientState, Payload, Reply, build
 from fedlora.algorithms.flora import stack_delta
 from fedlora.core.config import build_config
 from fedlora.core.errors import ClientFailure, ConfigError
-from fedlora.engines.loop import RoundLoop
+from fedlora.engines.loop import federate
 from fedlora.engines.runtime import ClientRuntime, Evaluation
 from fedlora.engines.validation import reply_problem
 
@@ -263,21 +263,27 @@ def valid_reply(method: str, cid: str, rnd: int, payload: Payload) -> Reply:
     return Reply(states, 10 + IDS.index(cid), {"train_loss": 1.0, **metrics})
 
 
-class ScriptedLoop(RoundLoop):
-    """The shared round loop with scripted clients: `script[(round, client)]` is 'silent' (no reply) or a
-    function that turns the client's valid reply into the one it sends."""
+class ScriptedLoop:
+    """The shared round loop (`federate`) over a transport of scripted clients: `script[(round, client)]` is
+    'silent' (no reply) or a function that turns the client's valid reply into the one it sends."""
 
     def __init__(self, method: str, run_dir: Path, script: dict, rounds: int = ROUNDS, min_clients: int = 1) -> None:
-        cfg = build_config(tiny_config(run_dir, output_dir=str(run_dir), federation={
+        self.config = build_config(tiny_config(run_dir, output_dir=str(run_dir), federation={
             "rounds": rounds, "eval_at_start": False, "eval_every": 1, "min_clients": min_clients},
             engine={"progress": False, "checkpoint_every": 0},
             algorithm={"name": method, "options": OPTIONS.get(method, {})}))
-        srv, _ = build(method, cfg.algorithm.options, TINY_SPEC, cfg.seed)
-        super().__init__(cfg, srv, [ClientInfo(cid, 10 + i, "t") for i, cid in enumerate(IDS)], run_dir)
-        self.method, self.script = method, script
+        self.server, _ = build(method, self.config.algorithm.options, TINY_SPEC, self.config.seed)
+        self.clients = [ClientInfo(cid, 10 + i, "t") for i, cid in enumerate(IDS)]
+        self.run_dir, self.method, self.script = run_dir, method, script
+        self.states = {cid: ClientState() for cid in IDS}
         self.snapshots: list[dict] = []  # the server's state after each round
+        self.records: list[dict] = []
 
-    def fit_clients(self, rnd, payloads):
+    def run(self) -> None:
+        """Every round through the one round loop."""
+        self.records = federate(self.config, self.server, self, self.clients, self.run_dir).rounds
+
+    def fit(self, rnd, payloads, show):
         replies, failures = {}, {}
         for cid, payload in payloads.items():
             action = self.script.get((rnd, cid))
@@ -288,7 +294,7 @@ class ScriptedLoop(RoundLoop):
             replies[cid] = action(reply) if action else reply
         return replies, failures
 
-    def evaluate_clients(self, rnd, payloads):  # called after every round's aggregate (eval_every = 1)
+    def evaluate(self, rnd, payloads, show):  # called after every round's aggregate (eval_every = 1)
         self.snapshots.append(_copy(self.server.state_dict()))
         return {cid: Evaluation({"loss": 0.0}) for cid in payloads}, {}
 

@@ -14,8 +14,9 @@ from fedlora import run_experiment
 from fedlora.core.config import build_config
 from fedlora.core.errors import ConfigError
 from fedlora.data.federated import build_clients
-from fedlora.engines.flower import make_client_app, server_main
 from fedlora.engines.nodestate import NODES_FILE, node_model
+from fedlora.flower.client_app import make_client_app
+from fedlora.flower.server_app import server_main
 from fedlora.serving import export_client, load_personalized, predict
 
 from .conftest import tiny_config
@@ -266,7 +267,8 @@ def test_a_killed_and_restarted_supernode_rejoins_and_the_run_completes(tmp_path
 
     import psutil
 
-    from fedlora.deployment import LocalFederation, write_app
+    from fedlora.flower.app import write_app
+    from fedlora.flower.local import LocalFederation
 
     clients = ["noun_topic-0", "noun_topic-1"]
     cfg = build_config(tiny_config(tmp_path, data={"tasks": ["noun_topic"], "clients_per_task": 2},

@@ -28,8 +28,9 @@ def _code(text: str) -> list[str]:
 
 
 def _cited_commands() -> set[tuple[str, str | None, str]]:
-    """(subcommand, next word, file) for every `fedlora ...` command line in the docs and deployment.py."""
-    files = [ROOT / "src/fedlora/deployment.py", ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    """(subcommand, next word, file) for every `fedlora ...` command line in the docs and the Flower package."""
+    files = [*sorted((ROOT / "src/fedlora/flower").glob("*.py")), ROOT / "README.md",
+             *sorted((ROOT / "docs").glob("*.md"))]
     found = set()
     for path in files:
         for code in _code(path.read_text()):

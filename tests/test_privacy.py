@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlora.api import resume_experiment, run_experiment
-from fedlora.core import privacy as dp
+from fedlora.core import dp
 from fedlora.core.config import build_config
 from fedlora.core.errors import ConfigError
 from fedlora.engines.privacy import PrivacyBudgetSpent, check_privacy
@@ -154,7 +154,8 @@ def test_resumed_private_run_equals_the_uninterrupted_one(tmp_path):
 def test_flower_engine_gives_the_in_process_numbers(tmp_path, monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedlora.engines.flower import make_client_app, server_main
+    from fedlora.flower.client_app import make_client_app
+    from fedlora.flower.server_app import server_main
 
     from .test_flower import FakeGrid
 

@@ -14,8 +14,9 @@ import tomli_w
 
 from fedlora.core.config import build_config
 from fedlora.core.errors import ClientFailure
-from fedlora.engines import warm
-from fedlora.engines.flower import make_client_app, server_main
+from fedlora.flower import warm
+from fedlora.flower.client_app import make_client_app
+from fedlora.flower.server_app import server_main
 
 from .conftest import tiny_config
 from .test_flower import FakeGrid
@@ -119,21 +120,21 @@ def test_a_bad_warm_value_is_refused():
 
 @pytest.mark.parametrize("warm_clients, node_warm", [(True, None), (False, "false")])
 def test_flower_local_starts_its_supernodes_warm_unless_told_not_to(tmp_path, monkeypatch, warm_clients, node_warm):
-    from fedlora import deployment
+    from fedlora.flower import local
 
     seen = {}
 
     class Stop(Exception):
         pass
 
-    class Federation(deployment.LocalFederation):
+    class Federation(local.LocalFederation):
         def __enter__(self):
             seen.update(self.supernodes)
             raise Stop
 
-    monkeypatch.setattr(deployment, "LocalFederation", Federation)
+    monkeypatch.setattr(local, "LocalFederation", Federation)
     cfg = build_config(tiny_config(tmp_path, engine={"name": "flower-local", "warm_clients": warm_clients}))
     cfg.run_dir.mkdir(parents=True)
     with pytest.raises(Stop):
-        deployment.run_local_deployment(cfg, cfg.run_dir)
+        local.run_local_deployment(cfg, cfg.run_dir)
     assert len(seen) == 4 and {node.get("warm") for node in seen.values()} == {node_warm}

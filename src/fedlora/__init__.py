@@ -6,9 +6,18 @@ import importlib
 from typing import Any
 
 # Lazy (PEP 562): `import fedlora.core.offline` must not import transformers before the offline variables are set.
-_EXPORTS = {"compare": "api", "resume_experiment": "api", "run_experiment": "api", "Config": "core.config",
-            "load_config": "core.config", "RunResult": "engines.results", "export_client": "serving",
-            "load_personalized": "serving"}
+_EXPORTS = {
+    # running experiments
+    "run_experiment": "api", "resume_experiment": "api", "compare": "api", "Config": "core.config",
+    "load_config": "core.config", "RunResult": "engines.results", "export_client": "serving",
+    "load_personalized": "serving",
+    # writing a method (docs/new-method.md)
+    "register_method": "algorithms", "available_methods": "algorithms", "Method": "algorithms",
+    "ServerAlgorithm": "algorithms", "BroadcastAverageServer": "algorithms", "ClientAlgorithm": "algorithms",
+    "Options": "algorithms", "AveragingOptions": "algorithms", "Payload": "algorithms", "Reply": "algorithms",
+    "ClientState": "algorithms", "ClientContext": "algorithms", "ClientInfo": "algorithms",
+    "Personalized": "algorithms",
+}
 
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .algorithms import check_algorithm
+from . import flower
 from .core.config import Config, as_config, load_config
 from .core.errors import CheckpointError, ConfigError, DataError
 from .core.io import save_json
 from .engines.checkpoint import Checkpoint, has_checkpoint, load_checkpoint
-from .engines.inprocess import InProcessEngine
-from .engines.privacy import check_privacy
+from .engines.inprocess import InProcessTransport, run_inprocess
+from .engines.loop import evaluate
 from .engines.results import RunResult, read_records
 from .engines.rundir import prepare_run_dir, run_log
-from .engines.session import build_session
+from .engines.session import build_session, check_run
 from .reporting import write_report
 
 log = logging.getLogger("fedlora")
@@ -27,8 +26,13 @@ def run_experiment(config: Config | dict[str, Any] | str | Path, overrides: list
                    overwrite: bool = False) -> RunResult:
     """Run one federated experiment end to end and write its run directory."""
     cfg = as_config(config, overrides)
-    check_algorithm(cfg.algorithm)  # before the run directory exists: a typo leaves nothing behind
-    check_privacy(cfg)
+    check_run(cfg)  # before the run directory exists: a typo leaves nothing behind
+    return _start(cfg, overwrite)
+
+
+def _start(cfg: Config, overwrite: bool) -> RunResult:
+    """A checked config's run: its directory prepared, then its engine, then its report."""
+    engine_runner(cfg.engine.name)  # an unknown engine leaves no run directory behind
     run_dir = cfg.run_dir
     prepare_run_dir(run_dir, overwrite)
     save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
@@ -44,6 +48,7 @@ def resume_experiment(run_dir: str | Path, rounds: int | None = None) -> RunResu
     if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} is not a fedlora run directory (no config.json)")
     cfg = load_config(run_dir / "config.json", [f"output_dir={run_dir}"])
+    check_run(cfg)
     _check_resumable(run_dir)
     metrics = run_dir / "metrics.jsonl"
     # the in-process engine writes clients.json before its first round: a run that has one but no checkpoint
@@ -90,17 +95,16 @@ def _with_rounds(cfg: Config, rounds: int | None, done: int) -> Config:
     return cfg
 
 
-# engine.name -> the function that runs a config into a run directory, as "module:function", every one with the
-# signature (cfg, run_dir, resume=None, records=None) -> RunResult. Imported on use: Flower (and Ray) take
-# seconds to import, and an in-process run needs neither.
-ENGINES = {
-    "inprocess": "fedlora.engines.inprocess:run_inprocess",
-    "flower-sim": "fedlora.engines.flower:run_flower_simulation",
-    "flower-local": "fedlora.deployment:run_local_deployment",
-}
+Engine = Callable[..., RunResult]
+
+# engine.name -> the function that runs a config into a run directory, (cfg, run_dir, resume=None, records=None)
+# -> RunResult; each builds its transport and calls the one round loop (engines/loop.py `federate`). The Flower
+# ones import Flower (and Ray: seconds) only when called.
+ENGINES: dict[str, Engine] = {"inprocess": run_inprocess, "flower-sim": flower.run_simulation,
+                              "flower-local": flower.run_local}
 
 
-def engine_runner(name: str) -> Callable[..., RunResult]:
+def engine_runner(name: str) -> Engine:
     """The run function of engine `name`."""
     if name == "flower-deployment":
         raise ConfigError("engine.name='flower-deployment' is what a Flower deployment's run directory records: a "
@@ -108,8 +112,7 @@ def engine_runner(name: str) -> Callable[..., RunResult]:
                           "to try one on this machine use engine.name='flower-local'")
     if name not in ENGINES:
         raise ConfigError(f"unknown engine.name {name!r}; available: {', '.join(ENGINES)}")
-    module, _, function = ENGINES[name].partition(":")
-    return getattr(importlib.import_module(module), function)
+    return ENGINES[name]
 
 
 def _run(cfg: Config, run_dir: Path, resume: Checkpoint | None = None, records: list[dict] | None = None) -> RunResult:
@@ -122,13 +125,14 @@ def evaluate_untrained(config: Config | dict[str, Any] | str | Path, overrides: 
     """The round-0 record of a run (every client's personalized model before any training, as `run` evaluates it),
     without training; writes clients.json into the config's run directory."""
     cfg = as_config(config, overrides)
+    check_run(cfg)
     s = build_session(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     save_json(cfg.run_dir / "clients.json", [c.to_json() for c in s.clients])
     with s.runtime:
-        loop = InProcessEngine(cfg, s.server, s.runtime, s.infos, cfg.run_dir)
         s.server.setup(s.infos, cfg.federation.rounds)
-        return {"round": 0, **loop.evaluate(0, [c.client_id for c in s.infos])}
+        ids = [c.client_id for c in s.infos]
+        return {"round": 0, **evaluate(0, ids, s.server, InProcessTransport(s.runtime, s.infos), s.infos)}
 
 
 def prepare_data(corpora: list[str] | None = None, models: list[str] | None = None,
@@ -171,8 +175,7 @@ def compare(config: Config | dict[str, Any] | str | Path, methods: list[str], ov
     cfg = as_config(config, overrides)
     if not methods:
         raise ConfigError("compare needs at least one method, e.g. --methods local,fedit")
-    check_algorithm(cfg.algorithm, methods)  # every name and option checked before the first run starts
-    check_privacy(cfg, methods)
+    check_run(cfg, methods)  # every name and option checked before the first run starts
     results = {}
     for method in methods:
         sub = cfg.model_copy(deep=True)
@@ -180,7 +183,7 @@ def compare(config: Config | dict[str, Any] | str | Path, methods: list[str], ov
         sub.algorithm.options = cfg.algorithm.options_for(method)
         sub.output_dir = str(cfg.run_dir / method)
         sub.name = f"{cfg.name}-{method}"
-        results[method] = run_experiment(sub, overwrite=overwrite)
+        results[method] = _start(sub, overwrite)
     save_json(cfg.run_dir / "compare.json", {"methods": methods})  # the report keeps this order
     write_report(cfg.run_dir)
     return results

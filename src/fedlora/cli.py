@@ -126,7 +126,8 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
 def cmd_deploy_app(args: argparse.Namespace) -> None:
     """`fedlora deploy app`: write a Flower app directory for a config."""
     from .core.config import as_config
-    from .deployment import supernode_names, write_app
+    from .flower.app import write_app
+    from .flower.credentials import supernode_names
 
     cfg = as_config(args.config, args.set)
     if args.credentials:
@@ -142,7 +143,7 @@ def cmd_deploy_app(args: argparse.Namespace) -> None:
 
 def cmd_deploy_credentials(args: argparse.Namespace) -> None:
     """`fedlora deploy credentials`: write a CA, SuperLink TLS files and SuperNode keys."""
-    from .deployment import write_credentials
+    from .flower.credentials import write_credentials
 
     creds = write_credentials(args.out, args.supernode, args.host, overwrite=args.force)
     print(f"CA certificate {creds.ca_cert} (give it to every SuperNode and to the flwr CLI)\n"
@@ -153,7 +154,7 @@ def cmd_deploy_credentials(args: argparse.Namespace) -> None:
 
 def cmd_deploy_fleet_gateway(args: argparse.Namespace) -> None:
     """`fedlora deploy fleet-gateway`: serve a SuperLink's Fleet API, and only that, on a public address."""
-    from .deployment import serve_fleet_gateway
+    from .flower.gateway import serve_fleet_gateway
 
     serve_fleet_gateway(args.credentials, args.listen, args.superlink)
 

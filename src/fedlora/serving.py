@@ -93,15 +93,15 @@ def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path, save
     with staged_directory(out) as tmp:
         # the final evaluation's turn: the same personalized model, random streams and base update
         with s.runtime.personalize(client_id, ckpt.round, payload, ckpt.client_states[client_id]) as turn:
-            manifest = _write_export(s, cfg, client_id, ckpt.round, exported_from, turn.personalized, tmp, out,
-                                     save_base)
+            manifest = write_export(s, cfg, client_id, ckpt.round, exported_from, turn.personalized, tmp, out,
+                                    save_base)
         save_text(tmp / "README.md", export_readme(manifest, out))
         save_json(tmp / MANIFEST, manifest)
     return out
 
 
-def _write_export(s: Session, cfg: Config, client_id: str, rnd: int, exported_from: str | None, p: Personalized,
-                  out: Path, final: Path, save_base: bool | None) -> dict:
+def write_export(s: Session, cfg: Config, client_id: str, rnd: int, exported_from: str | None, p: Personalized,
+                 out: Path, final: Path, save_base: bool | None) -> dict:
     """Write the personalized model now in the shared model (PEFT experts, base, router, base update, hook) into
     `out` (to become `final`); returns the manifest, to be saved last (its presence marks a complete export)."""
     adapted = s.adapted

@@ -296,11 +296,6 @@ class AdaptedModel:
             raise ValueError("cannot merge an update into a quantized base layer; use a float base model")
         return weights
 
-    def adapter_state(self) -> StateDict:
-        """Every adapter tensor (all experts and routers) under its full parameter name, for export."""
-        return {n: _cpu_copy(p) for n, p in self.model.named_parameters()
-                if ".lora_A." in n or ".lora_B." in n or n.endswith(".router.weight")}
-
     # -- trainability -------------------------------------------------------------------------------
     def set_trainable(self, experts: Iterable[int] = (), router: bool = False, head: bool = False,
                       parts: str = "AB") -> None:

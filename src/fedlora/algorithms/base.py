@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from abc import ABC, abstractmethod
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from ..adapters import AdaptedModel, AdapterSpec, Layout
-from ..core.privacy import SumNoise
+from ..core.dp import SumNoise
 from ..core.seeding import generator
 from ..core.tensors import StateDict, coordinate_median, num_bytes, trimmed_mean, weighted_mean
 from ..training import ClientDataset, InstanceWeighting, Trainer
@@ -134,7 +134,12 @@ class ServerAlgorithm:
     # privacy.dp = client_clipping: the noise every sum the server forms gets (set by the round loop), and whether
     # a round's sums hold only that round's replies, so that client sampling hides who took part
     noise: SumNoise | None = None
-    dp_amplified: bool = True
+    dp_amplified: ClassVar[bool] = True
+    # replies may carry LoRAs of any rank (clients train at `clients.lora_r`); otherwise every reply is at lora.r
+    heterogeneous_ranks: ClassVar[bool] = False
+    # privacy.dp modes the method cannot honour, each with the reason (a release no noise covers, a sum whose
+    # sensitivity is not the clip norm); checked before any run
+    dp_refusals: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: Options, spec: AdapterSpec, seed: int, aggregation: Aggregation = Aggregation()) -> None:
         self.options, self.spec, self.seed, self.aggregation = options, spec, seed, aggregation
@@ -164,16 +169,10 @@ class ServerAlgorithm:
             return trimmed_mean(list(states.values()), self.aggregation.trim_fraction)
         return weighted_mean(list(states.values()), [self.weight(cid) for cid in states])
 
-    @staticmethod
-    def upload_start(name: str, payload: Payload, reply: Reply) -> StateDict | None:
-        """Which of the payload's states reply state `name` started from (the client clips its update against
-        it under DP): by default the payload's state of that name; None when the payload sent none."""
-        return payload.states.get(name)
-
     def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
-        """What reply state `name` is an update of, for update clipping: by default `upload_start`; None when
-        the client had nothing to start from that the server knows (the state is the update)."""
-        return self.upload_start(name, payload, reply)
+        """What reply state `name` is an update of, for update clipping: by default the payload's state of that name
+        (the client's `started_from`); None when the client had nothing to start from that the server knows."""
+        return payload.states.get(name)
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
         """Payloads for the clients sampled in round `rnd` (1-based), each naming the states its reply must carry."""
@@ -214,15 +213,28 @@ class ClientAlgorithm(ABC):
     """The client side of a method."""
 
     layout: Layout = Layout()  # the adapter layout of every round, unless layout_for says otherwise
-    few_shot: int = 0          # training examples each client holds out for a gradient-free search
+    few_shot_examples: int = 0  # training examples each client holds out (`ctx.data.few_shot`) for a gradient-free search
+    # the personalized model adds an update to the frozen base weights (`Personalized.base_delta`): no quantized
+    # base, and no clients trained together over one shared base
+    merges_into_base: ClassVar[bool] = False
 
     def __init__(self, options: Options, spec: AdapterSpec, seed: int) -> None:
         self.options, self.spec, self.seed = options, spec, seed
 
     def rank_problem(self, ranks: dict[str, int]) -> str | None:
-        """Why these per-client LoRA ranks (client id -> rank) do not suit a method registered with
-        heterogeneous ranks, or None (methods without them need every client at lora.r: the runtime checks)."""
-        return None
+        """Why these per-client LoRA ranks (`clients.lora_r`: client id -> rank) cannot be trained, or None. By
+        default every client must train at lora.r; a method whose server has `heterogeneous_ranks` overrides it."""
+        other = {cid: rank for cid, rank in ranks.items() if rank != self.spec.r}
+        if not other:
+            return None
+        shown = ", ".join(f"{cid}: {rank}" for cid, rank in list(other.items())[:4]) + (", ..." if len(other) > 4 else "")
+        return f"it needs every client at rank lora.r={self.spec.r}, but {len(other)} differ ({shown})"
+
+    @staticmethod
+    def started_from(name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """Which of the payload's states reply state `name` was trained from (under DP the client clips its update
+        against it): by default the payload's state of that name; None when the payload sent none."""
+        return payload.states.get(name)
 
     def layout_for(self, payload: Payload) -> Layout:
         """The adapter layout this payload needs (methods whose layout changes by phase override it)."""

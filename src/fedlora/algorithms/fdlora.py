@@ -163,7 +163,7 @@ class FDLoRAClient(ClientAlgorithm):
 
     def __init__(self, options: FDLoRAOptions, spec, seed: int) -> None:
         super().__init__(options, spec, seed)
-        self.few_shot = options.fusion_examples
+        self.few_shot_examples = options.fusion_examples
 
     def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
         """Train the personal LoRA (stage 1) or the global one (stage 2, then sync or train the personal)."""

@@ -109,7 +109,8 @@ class FedALTClient(ClientAlgorithm):
         super().__init__(options, spec, seed)
         self.layout = Layout(2, "dense" if options.mixer == "adaptive" else "none")
 
-    def _restore(self, payload: Payload, state: ClientState, ctx: ClientContext) -> None:
+    def _init_and_load(self, payload: Payload, state: ClientState, ctx: ClientContext) -> None:
+        """Start a new client's Individual LoRA, RoW and gate; take the payload's RoW; load all three into ctx.model."""
         cid, s = ctx.client_id, state.states
         if "individual" not in s:
             names = ("lora-init",) if self.options.init == "shared" else ("lora-init", cid)
@@ -128,7 +129,7 @@ class FedALTClient(ClientAlgorithm):
 
     def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
         """Train the Individual LoRA (and the gate) with the RoW frozen; send the Individual LoRA."""
-        self._restore(payload, state, ctx)
+        self._init_and_load(payload, state, ctx)
         metrics = ctx.trainer.train(experts=[INDIVIDUAL], router=self.options.mixer == "adaptive")
         state.states["individual"] = ctx.model.expert_state(INDIVIDUAL)
         if self.options.mixer == "adaptive":
@@ -137,7 +138,7 @@ class FedALTClient(ClientAlgorithm):
 
     def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
         """The RoW and Individual LoRAs mixed by the client's gate; mean gate weights as diagnostics."""
-        self._restore(payload, state, ctx)
+        self._init_and_load(payload, state, ctx)
         info: dict[str, Diagnostic] = {}
         if self.options.mixer == "adaptive":
             per_module = mean_gate_weights(ctx, INDIVIDUAL)

@@ -35,7 +35,7 @@ class FedLEASEOptions(Options):
     weighting: Literal["uniform", "examples"] = "uniform"
 
     @property
-    def max_clusters(self) -> int:
+    def expert_limit(self) -> int:
         """The largest M the silhouette search tries (before the N-1 limit of the clustering)."""
         return self.max_experts or 8
 
@@ -128,16 +128,13 @@ class FedLEASEServer(ServerAlgorithm):
                     f"{rounds}: every client trains alone, as Local; lower warmup_rounds or raise the rounds"]
         return []
 
-    @staticmethod
-    def upload_start(name: str, payload: Payload, reply: Reply) -> StateDict | None:
-        """The own expert started as the expert j the client received; the router as its cluster's router."""
-        if name == "expert":
-            return payload.states.get(expert_key(payload.config["expert"]))
-        return payload.states.get(name)
+    def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """The own expert is an update of the expert j the client received; the router of its cluster's router."""
+        return FedLEASEClient.started_from(name, payload, reply)
 
     def _allocate(self) -> None:
         ids = sorted(self.warm, key=list(self.clients).index)
-        result = choose_clusters(b_distance_matrix([self.warm[c] for c in ids]), self.options.max_clusters)
+        result = choose_clusters(b_distance_matrix([self.warm[c] for c in ids]), self.options.expert_limit)
         self.silhouette = result.silhouette
         self.assignment = dict(zip(ids, result.labels))
         self.experts = cluster_means([self.warm[c] for c in ids], result.labels, [self.weight(c) for c in ids])
@@ -190,6 +187,13 @@ class FedLEASEServer(ServerAlgorithm):
 
 class FedLEASEClient(ClientAlgorithm):
     """Warm-up: one local LoRA. Clustered: M experts (own one trainable), adaptive top-M router."""
+
+    @staticmethod
+    def started_from(name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """The own expert started as the expert j the client received; the router as its cluster's router."""
+        if name == "expert":
+            return payload.states.get(expert_key(payload.config["expert"]))
+        return payload.states.get(name)
 
     def layout_for(self, payload: Payload) -> Layout:
         """M experts with adaptive top-M routing once clustered, one LoRA in the warm-up."""

@@ -43,6 +43,10 @@ def stack_key(rnd: int) -> str:
 class FLoRAServer(ServerAlgorithm):
     """Keeps each round's stack until every client has merged it."""
 
+    heterogeneous_ranks = True
+    dp_refusals = {"client_clipping": "the server stacks every client's LoRA unaveraged, so there is no sum to noise; "
+                                      "use privacy.dp='local'"}
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.aggregation.rule != "mean":  # a stack keeps every client's LoRA exactly: there is nothing to vote on
@@ -88,6 +92,12 @@ class FLoRAServer(ServerAlgorithm):
 
 class FLoRAClient(ClientAlgorithm):
     """Merge the received stacks into the local base, train a fresh rank-r_k LoRA on top, send it."""
+
+    merges_into_base = True
+
+    def rank_problem(self, ranks: dict[str, int]) -> str | None:
+        """Any rank: stacking is exact for every mix of ranks."""
+        return None
 
     @staticmethod
     def _merged(payload: Payload, state: ClientState, record: bool = False) -> StateDict:

@@ -36,6 +36,10 @@ def resize(lora: StateDict, r: int) -> StateDict:
 class HetLoRAServer(BroadcastAverageServer):
     """The global LoRA at rank lora.r; a client receives it at its own rank once a reply has shown that rank."""
 
+    heterogeneous_ranks = True
+    dp_refusals = {"client_clipping": "zero-padding rescales B by r_max / r_k, so a padded update's norm is not "
+                                      "bounded by clip_norm; use privacy.dp='local'"}
+
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
         """Also start with no known client ranks."""
         super().setup(clients, rounds)
@@ -73,6 +77,7 @@ class HetLoRAServer(BroadcastAverageServer):
 
 class HetLoRAClient(ClientAlgorithm):
     """Train the first r_k components of the global LoRA (received at any rank, used at its own) and send them."""
+
 
     def rank_problem(self, ranks: dict[str, int]) -> str | None:
         """Any client rank up to lora.r; a larger one is the problem."""

@@ -31,6 +31,9 @@ def cluster_key(c: int) -> str:
 class IFCAServer(ServerAlgorithm):
     """C cluster LoRAs from distinct seeds; within-cluster FedAvg."""
 
+    dp_refusals = {mode: "each client reports the cluster its data fits best, a release no noise covers"
+                   for mode in ("client_clipping", "local")}
+
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
         """C cluster LoRAs from distinct seeds and no assignment yet."""
         super().setup(clients, rounds)
@@ -63,10 +66,9 @@ class IFCAServer(ServerAlgorithm):
             return f"metric 'cluster' must be a cluster id 0..{self.options.clusters - 1}, got {c!r}"
         return None
 
-    @staticmethod
-    def upload_start(name: str, payload: Payload, reply: Reply) -> StateDict | None:
-        """The trained LoRA started as the cluster LoRA the client chose."""
-        return payload.states.get(cluster_key(int(reply.metrics["cluster"])))
+    def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """The trained LoRA is an update of the cluster LoRA the client chose."""
+        return IFCAClient.started_from(name, payload, reply)
 
     def diagnostics(self) -> dict:
         """Each client's latest cluster."""
@@ -85,6 +87,11 @@ class IFCAServer(ServerAlgorithm):
 
 class IFCAClient(ClientAlgorithm):
     """Pick the lowest-loss cluster LoRA on local training data, train it, send it with the cluster id."""
+
+    @staticmethod
+    def started_from(name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """The trained LoRA started as the cluster LoRA the client chose."""
+        return payload.states.get(cluster_key(int(reply.metrics["cluster"])))
 
     def choose(self, payload: Payload, ctx: ClientContext) -> int:
         """The cluster to use: forced by the server, or argmin of the training loss."""

@@ -17,9 +17,16 @@ class LocalOptions(Options):
 class LocalServer(ServerAlgorithm):
     """Sends nothing and aggregates nothing."""
 
+    heterogeneous_ranks = True
+
 
 class LocalClient(ClientAlgorithm):
     """Train the private LoRA (slot 0) from where it stopped; nothing is aggregated, so any rank per client."""
+
+    def rank_problem(self, ranks: dict[str, int]) -> str | None:
+        """Any rank: nothing is aggregated."""
+        return None
+
 
     def _lora(self, state: ClientState, ctx: ClientContext) -> dict:
         if "lora" not in state.states:

@@ -17,9 +17,5 @@ class CheckpointError(FedloraError):
     """A checkpoint or adapter file is missing, corrupt or does not fit the model."""
 
 
-class UpdateRejected(FedloraError):
-    """A client's reply failed validation and was left out of aggregation."""
-
-
 class ClientFailure(FedloraError):
     """A client raised, timed out or disconnected during a round."""

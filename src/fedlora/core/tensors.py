@@ -87,11 +87,6 @@ def num_bytes(states: Iterable[Mapping[str, torch.Tensor]]) -> int:
     return sum(v.numel() * v.element_size() for s in states for v in s.values())
 
 
-def num_params(state: Mapping[str, torch.Tensor]) -> int:
-    """Number of scalar values in a state."""
-    return sum(v.numel() for v in state.values())
-
-
 def flatten(named: Mapping[str, Mapping[str, torch.Tensor]], sep: str = "/") -> StateDict:
     """{"global": {"x": t}} -> {"global/x": t}: named states into one flat dict for files and wires."""
     out: StateDict = {}
@@ -110,8 +105,3 @@ def unflatten(flat: Mapping[str, torch.Tensor], sep: str = "/") -> dict[str, Sta
         name, _, k = key.partition(sep)
         out.setdefault(name, {})[k] = v
     return out
-
-
-def all_finite(state: Mapping[str, torch.Tensor]) -> bool:
-    """True when no tensor holds NaN or infinity."""
-    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())

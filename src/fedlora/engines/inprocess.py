@@ -1,15 +1,16 @@
-"""The in-process engine: every client runs sequentially on one shared base model, deterministically."""
+"""The in-process engine: every client runs on one shared base model in this process, deterministically."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from ..algorithms import ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
+from ..algorithms import ClientInfo, ClientState, Payload, Reply
 from ..core.config import Config
 from ..core.io import json_text, save_text
 from .checkpoint import Checkpoint, check_split
-from .loop import RoundLoop
+from .loop import federate
+from .observers import Observer
 from .results import RunResult
 from .runtime import ClientRuntime, Evaluation, auto_client_batch
 from .session import build_session
@@ -17,23 +18,24 @@ from .session import build_session
 log = logging.getLogger("fedlora")
 
 
-class InProcessEngine(RoundLoop):
-    """Client states live in a dict; the shared model is swapped from client to client by the runtime."""
+class InProcessTransport:
+    """Clients' states live in a dict; the runtime swaps the shared model from client to client (or trains
+    `engine.client_batch` of them together)."""
 
-    def __init__(self, config: Config, server: ServerAlgorithm, runtime: ClientRuntime, clients: list[ClientInfo],
-                 run_dir: Path, resume: Checkpoint | None = None, records: list[dict] | None = None) -> None:
-        super().__init__(config, server, clients, run_dir, resume, records)
+    def __init__(self, runtime: ClientRuntime, clients: list[ClientInfo]) -> None:
         self.runtime = runtime
+        self.states: dict[str, ClientState] = {c.client_id: ClientState() for c in clients}
         self._said_sequential = False
 
-    def fit_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, Reply], dict[str, str]]:
+    def fit(self, rnd: int, payloads: dict[str, Payload], show: Observer) -> tuple[dict[str, Reply], dict[str, str]]:
+        """The clients' local rounds, one after another or `engine.client_batch` at a time."""
         replies: dict[str, Reply] = {}
         failures: dict[str, str] = {}
         ids = list(payloads)
         size = self._client_batch(len(ids))
         for start in range(0, len(ids), size):
             group = ids[start : start + size]
-            self.show(f"round {rnd}: training {', '.join(group)}", start, len(ids))
+            show.clients(f"round {rnd}: training {', '.join(group)}", start, len(ids))
             if size == 1:
                 outcomes = [self._fit_alone(group[0], rnd, payloads[group[0]])]
             else:
@@ -53,7 +55,7 @@ class InProcessEngine(RoundLoop):
 
     def _client_batch(self, n_clients: int) -> int:
         """How many of a round's clients train together (`engine.client_batch`; 1 when the run cannot, said once)."""
-        wanted = self.config.engine.client_batch
+        wanted = self.runtime.config.engine.client_batch
         if wanted == 1 or n_clients == 1:
             return 1
         problem = self.runtime.batching_problem()
@@ -64,10 +66,12 @@ class InProcessEngine(RoundLoop):
             return 1
         return min(n_clients, auto_client_batch(self.runtime) if wanted == "auto" else wanted)
 
-    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, Evaluation], dict[str, str]]:
+    def evaluate(self, rnd: int, payloads: dict[str, Payload], show: Observer
+                 ) -> tuple[dict[str, Evaluation], dict[str, str]]:
+        """Each client's personalized model on its own test split."""
         metrics, failures = {}, {}
         for i, (cid, payload) in enumerate(payloads.items()):
-            self.show(f"round {rnd}: evaluating {cid}", i, len(payloads))
+            show.clients(f"round {rnd}: evaluating {cid}", i, len(payloads))
             try:
                 metrics[cid] = self.runtime.evaluate(cid, rnd, payload, self.states[cid])
             except Exception as exc:  # recorded in the round's eval_failures, like a failed fit
@@ -84,4 +88,4 @@ def run_inprocess(cfg: Config, run_dir: Path, resume: Checkpoint | None = None,
         check_split(run_dir, resume, split)
     save_text(run_dir / "clients.json", split)
     with s.runtime:  # stops a client's data-parallel workers, also when the run fails
-        return InProcessEngine(cfg, s.server, s.runtime, s.infos, run_dir, resume, records).run()
+        return federate(cfg, s.server, InProcessTransport(s.runtime, s.infos), s.infos, run_dir, resume, records)

@@ -1,27 +1,27 @@
-"""The round loop every engine shares: sampling, configure, fit, aggregate, evaluate, record, checkpoint.
+"""The round loop every engine shares, read top to bottom in `federate` (as Flower's `Strategy.start` reads):
+configure -> send to the clients -> accept (validate, clip) -> aggregate -> evaluate -> record -> checkpoint.
 
-An engine subclasses `RoundLoop` and says only how a set of clients is fitted and evaluated
-(`fit_clients`, `evaluate_clients`): in this process, or as Flower messages to SuperNodes.
+An engine is a `Transport`, passed in: it carries a round's payloads to the clients and their replies back, in this
+process (inprocess.py) or as Flower messages (fedlora.flower). Progress, tracking and the privacy budget are
+observers of the rounds (observers.py), not steps of them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from abc import ABC, abstractmethod
-from contextlib import nullcontext
 from pathlib import Path
+from typing import Protocol
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from ..algorithms import METHODS, ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
+from ..algorithms import ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
 from ..core.config import Config
 from ..core.devices import peak_cuda_memory
 from ..core.errors import ClientFailure
 from ..core.io import append_jsonl, jsonl_line, save_text
 from .checkpoint import Checkpoint, restore_server, save_checkpoint
 from .clipping import clip_updates
-from .privacy import PrivacyBudgetSpent, PrivacyLedger
+from .observers import Observer, Observers, ProgressBar, StopRun, describe
+from .privacy import PrivacyLedger
 from .results import RunResult, summarize
 from .runtime import Evaluation
 from .sampling import sample_clients
@@ -31,177 +31,145 @@ from .validation import evaluation_problem, reply_problem
 log = logging.getLogger("fedlora")
 
 
-class RoundLoop(ABC):
-    """The round loop of the design doc; subclasses move payloads to clients and replies back."""
+class Transport(Protocol):
+    """How a round's payloads reach its clients and their answers come back. A failed client is a reason in the
+    failures, never an exception; a client's new state is kept only when its fit succeeded."""
 
-    def __init__(self, config: Config, server: ServerAlgorithm, clients: list[ClientInfo], run_dir: Path,
-                 resume: Checkpoint | None = None, records: list[dict] | None = None) -> None:
-        self.config, self.server, self.clients, self.run_dir = config, server, clients, run_dir
-        self.tasks = {c.client_id: c.task for c in clients}
-        self.states: dict[str, ClientState] = {c.client_id: ClientState() for c in clients}
-        self.records: list[dict] = list(records or [])
-        self.resume = resume
-        self.progress: Progress | None = None
+    states: dict[str, ClientState]  # what a checkpoint keeps of each client (empty where nodes keep their own)
 
-    def run(self) -> RunResult:
-        """Set up (or restore a checkpoint), evaluate round 0, then fit/aggregate/evaluate every round."""
-        fed = self.config.federation
-        ids = [c.client_id for c in self.clients]
-        self.server.setup(self.clients, fed.rounds)
-        for warning in self.server.schedule_problems(fed.rounds):
-            log.warning("%s: %s", self.config.algorithm.name, warning)
-        self.ledger = PrivacyLedger(self.config, len(ids), self.server)
-        first = 1
-        if self.resume is not None:
-            if self.server.noise is not None:  # a server rebuilding its noised sums draws that round's noise
-                self.server.noise.start_round(self.resume.round)
-            restore_server(self.server, self.resume)
-            self.ledger.restore(self.records)
-            # the records up to the checkpoint, without what a stopped run recorded after it
-            save_text(self.run_dir / "metrics.jsonl", "".join(map(jsonl_line, self.records)))
-            self.states.update(self.resume.client_states)
-            first = self.resume.round + 1
-        if first <= fed.rounds:
-            self.ledger.check_next(first)  # a budget spent before this command did anything is an error
-        progress = self.progress = _progress(self.config.engine.progress)
-        self.tracker = open_tracker(self.config, self.run_dir)
-        try:
-            self._rounds(first, ids, progress)
-        finally:
-            self.tracker.close()
-        return RunResult(self.run_dir, self.config.algorithm.name, self.records, self.states, self.server.state_dict())
+    def fit(self, rnd: int, payloads: dict[str, Payload], show: Observer) -> tuple[dict[str, Reply], dict[str, str]]:
+        """One local round on each client of `payloads`: (replies, failure reason per failed client)."""
 
-    def _rounds(self, first: int, ids: list[str], progress: Progress | None) -> None:
-        fed = self.config.federation
-        with progress or nullcontext():
-            bar = progress.add_task("rounds", total=fed.rounds, completed=first - 1) if progress else None
-            self.client_bar = progress.add_task("clients", total=len(ids)) if progress else None
-            if fed.eval_at_start and first == 1:
-                self._record(0, {"round": 0, **self.evaluate(0, ids)})
-            for rnd in range(first, fed.rounds + 1):
-                try:
-                    self.ledger.check_next(rnd)
-                except PrivacyBudgetSpent as exc:
-                    log.warning("%s", exc)
-                    self._finish_early(rnd - 1, ids)
-                    break
-                start = time.perf_counter()
-                record = {"round": rnd, **self._fit_round(rnd, sample_clients(ids, fed.clients_per_round, self.config.seed, rnd))}
-                if rnd % fed.eval_every == 0 or rnd == fed.rounds:
-                    record.update(self.evaluate(rnd, ids))
-                record["seconds"] = time.perf_counter() - start
-                peak = peak_cuda_memory()
-                if peak is not None:
-                    record["peak_device_memory"] = peak
-                privacy = self.ledger.after_round(record["comm"]["bytes_up"] > 0, self.server.noise is not None
-                                                  and self.server.noise.released_individually)
-                if privacy:
-                    record["privacy"] = privacy
-                self._record(rnd, record)
-                every = self.config.engine.checkpoint_every
-                if rnd == fed.rounds or (every and rnd % every == 0):  # the last one holds the final adapters
-                    save_checkpoint(self.run_dir, Checkpoint(rnd, self.server.state_dict(), self.states))
-                if progress:
-                    progress.update(bar, advance=1, description=_describe(record))
-
-    def _finish_early(self, rnd: int, ids: list[str]) -> None:
-        """End a run stopped after round `rnd` as its last round ends: evaluated and checkpointed."""
-        last = self.records[-1]
-        if "eval" not in last:
-            last.update(self.evaluate(rnd, ids))
-            save_text(self.run_dir / "metrics.jsonl", "".join(map(jsonl_line, self.records)))
-        save_checkpoint(self.run_dir, Checkpoint(rnd, self.server.state_dict(), self.states))
-
-    def _fit_round(self, rnd: int, sampled: list[str]) -> dict:
-        payloads = self.server.configure(rnd, sampled)
-        payloads = {cid: payloads.get(cid, Payload()) for cid in sampled}
-        replies, failures = self.fit_clients(rnd, payloads)
-        any_rank = METHODS[self.config.algorithm.name].heterogeneous_ranks
-        for cid in list(replies):
-            problem = (reply_problem(replies[cid], payloads[cid], self.server.spec,
-                                     self.config.federation.max_update_norm, any_rank)
-                       or self.server.reply_problem(rnd, cid, replies[cid]))
-            if problem:  # rejected: treated as a missing reply, never aggregated
-                failures[cid] = f"update rejected: {problem}"
-                del replies[cid]
-        for cid, reason in failures.items():
-            log.warning("round %d: client %s failed: %s", rnd, cid, reason)
-        fit = {cid: {**r.metrics, "bytes_down": payloads[cid].num_bytes, "bytes_up": r.num_bytes}
-               for cid, r in replies.items()}
-        if len(replies) < self.config.federation.min_clients:
-            raise ClientFailure(f"round {rnd}: only {len(replies)} of {len(sampled)} clients replied, fewer than "
-                                f"federation.min_clients={self.config.federation.min_clients}; failures: {failures}")
-        fed = self.config.federation
-        if self.ledger.active and fed.update_clip == "adaptive":
-            # an adaptive bound follows the round's median norm, so one client's data would move how far the
-            # others are clipped: more than clip_norm of sensitivity. DP's own clip already bounds every upload.
-            fed = fed.model_copy(update={"update_clip": None})
-        replies, clipped = clip_updates(self.server, payloads, replies, fed)
-        for cid, factors in clipped.items():
-            log.warning("round %d: client %s's update clipped (%s)", rnd, cid,
-                        ", ".join(f"{name} x{f:.3g}" for name, f in factors.items()))
-        if self.server.noise is not None:
-            self.server.noise.start_round(rnd)
-        self.server.aggregate(rnd, replies)
-        record = {"sampled": sampled, "fit": fit, "failures": failures,
-                  "comm": {"bytes_up": sum(f["bytes_up"] for f in fit.values()),
-                           "bytes_down": sum(f["bytes_down"] for f in fit.values())},
-                  "server": self.server.diagnostics()}
-        return {**record, "clipped": clipped} if clipped else record
-
-    def evaluate(self, rnd: int, ids: list[str]) -> dict:
-        """Every client of `ids` on its own test split with what the server sends at `rnd`:
-        {"eval": metrics per client, "summary": their means, "diagnostics" per client when the method has any}."""
-        payloads = self.server.configure_evaluate(rnd, ids)
-        evaluations, failures = self.evaluate_clients(rnd, {cid: payloads.get(cid, Payload()) for cid in ids})
-        for cid in list(evaluations):  # a diverged (NaN) or out-of-range evaluation never reaches the summary
-            problem = evaluation_problem(evaluations[cid])
-            if problem:
-                failures[cid] = f"evaluation rejected: {problem}"
-                del evaluations[cid]
-        for cid, reason in failures.items():
-            log.warning("round %d: client %s failed to evaluate: %s", rnd, cid, reason)
-        if not evaluations:
-            raise ClientFailure(f"round {rnd}: no client could be evaluated: {failures}")
-        per_client = {cid: e.metrics for cid, e in evaluations.items()}
-        out = {"eval": per_client, "summary": summarize(per_client, self.tasks)}
-        diagnostics = {cid: e.diagnostics for cid, e in evaluations.items() if e.diagnostics}
-        if diagnostics:
-            out["diagnostics"] = diagnostics
-        return {**out, "eval_failures": failures} if failures else out
-
-    @abstractmethod
-    def fit_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, Reply], dict[str, str]]:
-        """Run one local round on each client of `payloads`: (replies, failure reason per failed client).
-
-        A client's new state must be kept only when its fit succeeded."""
-
-    @abstractmethod
-    def evaluate_clients(self, rnd: int, payloads: dict[str, Payload]) -> tuple[dict[str, Evaluation], dict[str, str]]:
+    def evaluate(self, rnd: int, payloads: dict[str, Payload], show: Observer
+                 ) -> tuple[dict[str, Evaluation], dict[str, str]]:
         """Each client's evaluation on its own test split, and the failure reason of each client that could not."""
 
-    def show(self, what: str, done: int, total: int) -> None:
-        """Update the clients progress bar (if progress is shown) with a description and a count."""
-        if self.progress:
-            self.progress.update(self.client_bar, description=what, completed=done, total=total)
 
-    def _record(self, rnd: int, record: dict) -> None:
-        self.records.append(record)
-        append_jsonl(self.run_dir / "metrics.jsonl", record)
-        self.tracker.log_record(record)
-        log.info("%s", _describe(record))
+def federate(config: Config, server: ServerAlgorithm, transport: Transport, clients: list[ClientInfo],
+             run_dir: Path, resume: Checkpoint | None = None, records: list[dict] | None = None) -> RunResult:
+    """Run (or continue from `resume` and the records before it) every round of a config over `transport`."""
+    fed = config.federation
+    ids = [c.client_id for c in clients]
+    ledger = PrivacyLedger(config, len(ids), server.dp_amplified)
+    server.noise = ledger.noise  # under privacy.dp = client_clipping every sum the server forms is noised
+    server.setup(clients, fed.rounds)
+    for warning in server.schedule_problems(fed.rounds):
+        log.warning("%s: %s", config.algorithm.name, warning)
+    records = list(records or [])
+    first = _restore(server, transport, ledger, resume, records, run_dir) if resume else 1
+    if first <= fed.rounds:
+        ledger.before_round(first)  # a budget spent before this command did anything is an error, not a stop
+    watch = Observers(ledger, open_tracker(config, run_dir), ProgressBar() if config.engine.progress else None)
+    with watch:
+        watch.run_started(first, fed.rounds)
+        if fed.eval_at_start and first == 1:
+            _record(run_dir, records, {"round": 0, **evaluate(0, ids, server, transport, clients, watch)}, watch)
+        for rnd in range(first, fed.rounds + 1):
+            try:
+                watch.before_round(rnd)
+            except StopRun as exc:  # the privacy budget: the last round ends the run as if it were planned so
+                log.warning("%s", exc)
+                if records and "eval" not in records[-1]:
+                    records[-1].update(evaluate(rnd - 1, ids, server, transport, clients, watch))
+                    save_text(run_dir / "metrics.jsonl", "".join(map(jsonl_line, records)))
+                save_checkpoint(run_dir, Checkpoint(rnd - 1, server.state_dict(), transport.states))
+                break
+            start = time.perf_counter()
+            sampled = sample_clients(ids, fed.clients_per_round, config.seed, rnd)
+            payloads = server.configure(rnd, sampled)
+            payloads = {cid: payloads.get(cid, Payload()) for cid in sampled}
+            replies, failures = transport.fit(rnd, payloads, watch)
+            replies, clipped = accept(rnd, config, server, payloads, replies, failures, dp=ledger.active)
+            if len(replies) < fed.min_clients:
+                raise ClientFailure(f"round {rnd}: only {len(replies)} of {len(sampled)} clients replied, fewer than "
+                                    f"federation.min_clients={fed.min_clients}; failures: {failures}")
+            if server.noise is not None:
+                server.noise.start_round(rnd)
+            server.aggregate(rnd, replies)
+            fit = {cid: {**r.metrics, "bytes_down": payloads[cid].num_bytes, "bytes_up": r.num_bytes}
+                   for cid, r in replies.items()}
+            record = {"round": rnd, "sampled": sampled, "fit": fit, "failures": failures,
+                      "comm": {"bytes_up": sum(f["bytes_up"] for f in fit.values()),
+                               "bytes_down": sum(f["bytes_down"] for f in fit.values())},
+                      "server": server.diagnostics(), **({"clipped": clipped} if clipped else {}),
+                      "fit_seconds": time.perf_counter() - start}
+            if rnd % fed.eval_every == 0 or rnd == fed.rounds:
+                record.update(evaluate(rnd, ids, server, transport, clients, watch))
+            record["seconds"] = time.perf_counter() - start
+            peak = peak_cuda_memory()
+            if peak is not None:
+                record["peak_device_memory"] = peak
+            _record(run_dir, records, record, watch)
+            every = config.engine.checkpoint_every
+            if rnd == fed.rounds or (every and rnd % every == 0):  # the last one holds the final adapters
+                save_checkpoint(run_dir, Checkpoint(rnd, server.state_dict(), transport.states))
+    return RunResult(run_dir, config.algorithm.name, records, transport.states, server.state_dict())
 
 
-def _describe(record: dict) -> str:
-    mean = record.get("summary", {}).get("mean", {})
-    shown = ", ".join(f"{k}={mean[k]:.3f}" for k in ("accuracy", "rouge1", "loss") if k in mean)
-    if "privacy" in record:
-        eps = record["privacy"]["epsilon"]
-        shown += f"{', ' if shown else ''}epsilon={'inf' if eps is None else f'{eps:.3g}'}"
-    return f"round {record['round']}" + (f": {shown}" if shown else "")
+def accept(rnd: int, config: Config, server: ServerAlgorithm, payloads: dict[str, Payload], replies: dict[str, Reply],
+           failures: dict[str, str], dp: bool = False) -> tuple[dict[str, Reply], dict[str, dict[str, float]]]:
+    """The replies the server may aggregate: each validated (a rejected one joins `failures`, never aggregated), then
+    updates above `federation.update_clip`'s bound scaled down to it ({client: {state: factor}} of those clipped)."""
+    fed = config.federation
+    replies = dict(replies)
+    for cid in list(replies):
+        problem = (reply_problem(replies[cid], payloads[cid], server.spec, fed.max_update_norm,
+                                 server.heterogeneous_ranks)
+                   or server.reply_problem(rnd, cid, replies[cid]))
+        if problem:
+            failures[cid] = f"update rejected: {problem}"
+            del replies[cid]
+    for cid, reason in failures.items():
+        log.warning("round %d: client %s failed: %s", rnd, cid, reason)
+    if dp and fed.update_clip == "adaptive":
+        # an adaptive bound follows the round's median norm, so one client's data would move how far the others
+        # are clipped: more than clip_norm of sensitivity. DP's own clip already bounds every upload.
+        fed = fed.model_copy(update={"update_clip": None})
+    replies, clipped = clip_updates(server, payloads, replies, fed)
+    for cid, factors in clipped.items():
+        log.warning("round %d: client %s's update clipped (%s)", rnd, cid,
+                    ", ".join(f"{name} x{f:.3g}" for name, f in factors.items()))
+    return replies, clipped
 
 
-def _progress(enabled: bool) -> Progress | None:
-    if not enabled:
-        return None
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+def evaluate(rnd: int, ids: list[str], server: ServerAlgorithm, transport: Transport, clients: list[ClientInfo],
+             show: Observer = Observer()) -> dict:
+    """Every client of `ids` on its own test split with what the server sends at `rnd`:
+    {"eval": metrics per client, "summary": their means, "diagnostics" per client when the method has any}."""
+    payloads = server.configure_evaluate(rnd, ids)
+    evaluations, failures = transport.evaluate(rnd, {cid: payloads.get(cid, Payload()) for cid in ids}, show)
+    for cid in list(evaluations):  # a diverged (NaN) or out-of-range evaluation never reaches the summary
+        problem = evaluation_problem(evaluations[cid])
+        if problem:
+            failures[cid] = f"evaluation rejected: {problem}"
+            del evaluations[cid]
+    for cid, reason in failures.items():
+        log.warning("round %d: client %s failed to evaluate: %s", rnd, cid, reason)
+    if not evaluations:
+        raise ClientFailure(f"round {rnd}: no client could be evaluated: {failures}")
+    per_client = {cid: e.metrics for cid, e in evaluations.items()}
+    out = {"eval": per_client, "summary": summarize(per_client, {c.client_id: c.task for c in clients})}
+    diagnostics = {cid: e.diagnostics for cid, e in evaluations.items() if e.diagnostics}
+    if diagnostics:
+        out["diagnostics"] = diagnostics
+    return {**out, "eval_failures": failures} if failures else out
+
+
+def _restore(server: ServerAlgorithm, transport: Transport, ledger: PrivacyLedger, resume: Checkpoint,
+             records: list[dict], run_dir: Path) -> int:
+    """Put the server, the clients' states and the budget where the checkpoint left them; the first round to run."""
+    if server.noise is not None:  # a server rebuilding its noised sums draws that round's noise
+        server.noise.start_round(resume.round)
+    restore_server(server, resume)
+    ledger.restore(records)
+    # the records up to the checkpoint, without what a stopped run recorded after it
+    save_text(run_dir / "metrics.jsonl", "".join(map(jsonl_line, records)))
+    transport.states.update(resume.client_states)
+    return resume.round + 1
+
+
+def _record(run_dir: Path, records: list[dict], record: dict, watch: Observer) -> None:
+    watch.after_round(record)  # the ledger adds its epsilon before the record is written and tracked
+    records.append(record)
+    append_jsonl(run_dir / "metrics.jsonl", record)
+    log.info("%s", describe(record))

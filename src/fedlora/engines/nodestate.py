@@ -26,7 +26,7 @@ from typing import Any
 
 from ..algorithms import ClientState
 from ..core.errors import CheckpointError, ConfigError
-from ..core.io import load_json, save_json, save_text
+from ..core.io import load_json, save_json
 from ..core.names import safe_name
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -125,23 +125,6 @@ def save_node_state(directory: Path, client_id: str, rnd: int, base_round: int, 
     save_json(directory / NODE_FILE, {**info, "round": rnd})
 
 
-def export_live(session, client_id: str, rnd: int, payload, state: ClientState, out: Path) -> Path:
-    """Write the personalized model of a live node session after round `rnd` into `out`, exactly as
-    `fedlora export` writes it from a run directory (the same personalize turn as the final evaluation)."""
-    from .. import serving
-    from ..export_files import MANIFEST, export_readme, staged_directory
-    from .checkpoint import checkpoint_id
-
-    exported_from = checkpoint_id(out.parent)
-    with staged_directory(out) as tmp:
-        with session.runtime.personalize(client_id, rnd, payload, state) as turn:
-            manifest = serving._write_export(session, session.config, client_id, rnd, exported_from,
-                                             turn.personalized, tmp, out, None)
-        save_text(tmp / "README.md", export_readme(manifest, out))
-        save_json(tmp / MANIFEST, manifest)
-    return out
-
-
 # -- the server's side -------------------------------------------------------------------------------------
 def new_run_id() -> str:
     """A fresh id for a run, which its nodes keep with their states."""
@@ -218,5 +201,5 @@ def copy_export(model: Path, out: Path) -> Path:
     return out
 
 
-__all__ = ["NODES_FILE", "STATE_DIR_KEY", "claim_node_dir", "client_state_of", "copy_export", "export_live",
-           "load_node_state", "node_dir", "node_model", "read_nodes", "save_node_state", "write_nodes"]
+__all__ = ["NODES_FILE", "STATE_DIR_KEY", "claim_node_dir", "client_state_of", "copy_export", "load_node_state",
+           "node_dir", "node_model", "read_nodes", "save_node_state", "write_nodes"]

@@ -1,6 +1,7 @@
-"""Differential privacy in a run (`[privacy]`, docs/privacy.md): which methods it covers, the client's clipping
-and local noise (run by the shared `ClientRuntime`, so every engine does the same), the server's noise
-(`ServerAlgorithm.noise`) and the budget (`PrivacyLedger`, kept by the shared `RoundLoop`)."""
+"""Differential privacy in a run (`[privacy]`, docs/privacy.md): which methods it covers (their `dp_refusals`), the
+client's clipping and local noise (run by the shared `ClientRuntime`, so every engine does the same), the server's
+noise (`ServerAlgorithm.noise`) and the budget (`PrivacyLedger`, an observer of the round loop). The mechanisms
+themselves (clipping, noise, the accountant) are in core/dp.py."""
 
 from __future__ import annotations
 
@@ -9,29 +10,20 @@ import logging
 import math
 from dataclasses import replace
 
-from ..algorithms import METHODS, ClientState, Payload, Reply, ServerAlgorithm
-from ..core import privacy as dp
+from collections.abc import Callable
+
+from ..algorithms import ClientState, Payload, Reply, get_method
+from ..core import dp
 from ..core.config import Config
-from ..core.errors import ConfigError, FedloraError
+from ..core.errors import ConfigError
 from ..core.seeding import generator
 from ..core.tensors import StateDict
+from .observers import Observer, StopRun
 
 log = logging.getLogger("fedlora")
 UPLOAD = "_upload."  # ClientState names of the previous uploads of states the server never sends back
 
-# Why a method cannot run under a DP mode: a release the mechanism does not cover, or a sum whose sensitivity
-# is not the clip norm. Under `local` every server computation is post-processing of noised uploads.
-REFUSED = {
-    ("ifca", "client_clipping"): "each client reports the cluster its data fits best, a release no noise covers",
-    ("ifca", "local"): "each client reports the cluster its data fits best, a release no noise covers",
-    ("flora", "client_clipping"): "the server stacks every client's LoRA unaveraged, so there is no sum to noise; "
-                                  "use privacy.dp='local'",
-    ("hetlora", "client_clipping"): "zero-padding rescales B by r_max / r_k, so a padded update's norm is not "
-                                    "bounded by clip_norm; use privacy.dp='local'",
-}
-
-
-class PrivacyBudgetSpent(FedloraError):
+class PrivacyBudgetSpent(StopRun):
     """The next round would spend more than `privacy.max_epsilon`."""
 
 
@@ -41,7 +33,7 @@ def check_privacy(cfg: Config, methods: list[str] | None = None) -> None:
     if p.dp == "none":
         return
     for name in methods or [cfg.algorithm.name]:
-        reason = REFUSED.get((name, p.dp))
+        reason = get_method(name).privacy_problem(p.dp)
         if reason:
             raise ConfigError(f"privacy.dp={p.dp!r} cannot protect {name!r}: {reason}")
         if p.dp == "client_clipping" and cfg.algorithm.options_for(name).get("weighting") == "examples":
@@ -71,15 +63,14 @@ def noise_multiplier(cfg: Config, rate: float = 1.0, amplified: bool = False) ->
     return _calibrated(p.target_epsilon, rate, p.delta, cfg.federation.rounds, amplified)
 
 
-def privatize(reply: Reply, payload: Payload, state: ClientState, cfg: Config, seed: int,
-              init: StateDict) -> tuple[Reply, ClientState]:
+def privatize(reply: Reply, payload: Payload, state: ClientState, cfg: Config, seed: int, init: StateDict,
+              started_from: Callable[[str, Payload, Reply], StateDict | None]) -> tuple[Reply, ClientState]:
     """A client's reply under DP: its whole update clipped to clip_norm (against where each state started: what
-    the payload gave, else the previous upload of it, else `init`, the shared seeded LoRA init, where shapes
+    the payload gave (the method's `started_from`), else the previous upload of it, else `init`, the shared seeded LoRA init, where shapes
     match), under `local` noised and without training metrics; uploads the server never sends back are kept in
     the client's state as their next start."""
     p = cfg.privacy
-    upload_start = METHODS[cfg.algorithm.name].server.upload_start
-    given = {name: upload_start(name, payload, reply) for name in reply.states}
+    given = {name: started_from(name, payload, reply) for name in reply.states}
     starts = {name: given[name] or state.states.get(UPLOAD + name) or _if_same_shapes(init, s)
               for name, s in reply.states.items()}
     states, factor = dp.clip_uploads(reply.states, starts, p.clip_norm)
@@ -100,23 +91,24 @@ def _if_same_shapes(init: StateDict, state: StateDict) -> StateDict | None:
     return init if set(state) == set(init) and all(state[k].shape == init[k].shape for k in state) else None
 
 
-class PrivacyLedger:
-    """The run's privacy budget: installs the server's noise (client_clipping), and after every round gives
-    epsilon at privacy.delta; `check_next` refuses a round that would spend more than max_epsilon."""
+class PrivacyLedger(Observer):
+    """The run's privacy budget, an observer of its rounds: `before_round` refuses a round that could spend more
+    than max_epsilon, `after_round` adds epsilon at privacy.delta to the round's record."""
 
-    def __init__(self, cfg: Config, num_clients: int, server: ServerAlgorithm) -> None:
+    def __init__(self, cfg: Config, num_clients: int, amplified_by_sampling: bool = True) -> None:
         self.cfg, self.p = cfg, cfg.privacy
         self.active = self.p.dp != "none"
         self.rate = sampling_rate(cfg, num_clients)
         # a local client's noise hides nothing by sampling (the server sees who took part); a server whose sums
         # hold clients that did not take part (FedALT's stale Individual LoRAs) releases them every round
-        self.amplified = self.p.dp == "client_clipping" and server.dp_amplified
+        self.amplified = self.p.dp == "client_clipping" and amplified_by_sampling
         self.rounds = self.plain_rounds = 0
+        self.noise: dp.SumNoise | None = None
         if not self.active:
             return
         self.z = noise_multiplier(cfg, self.rate, self.amplified)
-        if self.p.dp == "client_clipping":
-            server.noise = dp.SumNoise(self.z * self.p.clip_norm, cfg.seed)
+        if self.p.dp == "client_clipping":  # a trusted server noises every sum it forms (ServerAlgorithm.noise)
+            self.noise = dp.SumNoise(self.z * self.p.clip_norm, cfg.seed)
         log.info("privacy: %s, clip_norm %.3g, noise multiplier %.4g, sampling rate %.3g", self.p.dp,
                  self.p.clip_norm, self.z, self.rate)
 
@@ -134,7 +126,7 @@ class PrivacyLedger:
             return math.inf
         return dp.epsilon(self.z, self.rate, self.p.delta, rounds, plain_rounds, self.amplified)
 
-    def check_next(self, rnd: int) -> None:
+    def before_round(self, rnd: int) -> None:
         """Raise PrivacyBudgetSpent when round `rnd` could take epsilon past max_epsilon (counted as the costlier,
         unamplified kind of round, since which kind it is shows only after it)."""
         if not self.active or self.p.max_epsilon is None:
@@ -147,14 +139,15 @@ class PrivacyLedger:
                 f"(spent so far: {spent:.3f} at delta={self.p.delta}); the run stops with what it has. To train on, "
                 "start a run with a larger budget or noise_multiplier")
 
-    def after_round(self, released: bool, plain: bool) -> dict | None:
-        """The round's record["privacy"] (None without DP): epsilon so far (null: no guarantee, noise 0) and what
-        it was computed from. A round in which no client uploaded a state released nothing and costs nothing."""
-        if not self.active:
-            return None
+    def after_round(self, record: dict) -> None:
+        """Add the round's record["privacy"] (nothing without DP): epsilon so far (null: no guarantee, noise 0) and
+        what it was computed from. A round in which no client uploaded a state released nothing and costs nothing."""
+        if not self.active or "comm" not in record:  # round 0 only evaluates
+            return
+        released = record["comm"]["bytes_up"] > 0
         self.rounds += int(released)
-        self.plain_rounds += int(released and plain)
+        self.plain_rounds += int(released and self.noise is not None and self.noise.released_individually)
         eps = self.epsilon(self.rounds, self.plain_rounds)
-        return {"epsilon": eps if math.isfinite(eps) else None, "delta": self.p.delta,
-                "noise_multiplier": self.z, "clip_norm": self.p.clip_norm, "sampling_rate": self.rate,
-                "rounds": self.rounds, "plain_rounds": self.plain_rounds}
+        record["privacy"] = {"epsilon": eps if math.isfinite(eps) else None, "delta": self.p.delta,
+                             "noise_multiplier": self.z, "clip_norm": self.p.clip_norm, "sampling_rate": self.rate,
+                             "rounds": self.rounds, "plain_rounds": self.plain_rounds}

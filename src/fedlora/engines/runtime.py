@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..adapters import AdaptedModel
-from ..algorithms import METHODS, ClientAlgorithm, ClientContext, ClientState, Diagnostic, Payload, Personalized, Reply
+from ..algorithms import ClientAlgorithm, available_methods, ClientContext, ClientState, Diagnostic, Payload, Personalized, Reply
 from ..core.config import Config
 from ..core.devices import model_device
 from ..core.errors import ConfigError
@@ -77,16 +77,14 @@ class ClientRuntime:
         """Refuse per-client ranks the method cannot aggregate, before any round (a ConfigError naming it)."""
         if self.config.clients.lora_r is None:
             return
-        method = METHODS[self.config.algorithm.name]
         ranks = {cid: b.lora_r for cid, b in self.budgets.items()}
-        if method.heterogeneous_ranks:
-            problem, hint = self.algorithm.rank_problem(ranks), ""
-        else:
-            problem = _rank_mismatch(ranks, self.adapted.spec.r)
-            takers = ", ".join(m.name for m in METHODS.values() if m.heterogeneous_ranks)
-            hint = f"; per-client ranks work with {takers}; otherwise set lora.r and drop clients.lora_r"
+        problem = self.algorithm.rank_problem(ranks)
         if problem:
-            raise ConfigError(f"algorithm {method.name!r} cannot train the ranks in clients.lora_r: {problem}{hint}")
+            name = self.config.algorithm.name
+            takers = [m.name for m in available_methods().values() if m.heterogeneous_ranks]
+            hint = "" if name in takers else \
+                f"; per-client ranks work with {', '.join(takers)}; otherwise set lora.r and drop clients.lora_r"
+            raise ConfigError(f"algorithm {name!r} cannot train the ranks in clients.lora_r: {problem}{hint}")
 
     def workers(self, n: int) -> Workers:
         """n data-parallel workers for a local round; the helper pool starts on first use and is reused
@@ -149,7 +147,8 @@ class ClientRuntime:
         if ctx.trainer.optimizer_state is not None and not self.config.training.reset_optimizer:
             state.states[OPTIMIZER] = _flatten_optimizer(ctx.trainer.optimizer_state)
         if self.config.privacy.dp != "none":  # the upload's bound (and local noise) before anything leaves
-            reply, state = privatize(reply, payload, state, self.config, ctx.seed, self.lora_init())
+            reply, state = privatize(reply, payload, state, self.config, ctx.seed, self.lora_init(),
+                                     self.algorithm.started_from)
         reply.metrics.setdefault("num_examples", reply.num_examples)
         return reply, state
 
@@ -162,9 +161,8 @@ class ClientRuntime:
 
     def batching_problem(self) -> str | None:
         """Why this run's clients cannot train together (`engine.client_batch`), or None."""
-        method = METHODS[self.config.algorithm.name]
-        if method.merges_into_base:
-            return f"{method.name} merges each client's update into the shared base weights"
+        if self.algorithm.merges_into_base:
+            return f"{self.config.algorithm.name} merges each client's update into the shared base weights"
         if any(b.workers > 1 for b in self.budgets.values()):
             return "a client trains on several data-parallel workers (clients.workers)"
         return None
@@ -189,16 +187,6 @@ class ClientRuntime:
 def _copy(state: ClientState) -> ClientState:
     """A copy whose dicts can be changed without touching the original's (tensors are shared, never modified)."""
     return ClientState({k: dict(v) for k, v in state.states.items()}, dict(state.meta))
-
-
-def _rank_mismatch(ranks: dict[str, int], r: int) -> str | None:
-    """Why clients whose ranks differ from lora.r cannot take part in a method that averages or mixes same-shaped
-    LoRAs, or None."""
-    other = {cid: rank for cid, rank in ranks.items() if rank != r}
-    if not other:
-        return None
-    shown = ", ".join(f"{cid}: {rank}" for cid, rank in list(other.items())[:4]) + (", ..." if len(other) > 4 else "")
-    return f"it needs every client at rank lora.r={r}, but {len(other)} differ ({shown})"
 
 
 def _flatten_optimizer(opt: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -46,11 +46,6 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     method for a config (deterministic in the seed)."""
     if cfg.engine.torch_threads:
         torch.set_num_threads(cfg.engine.torch_threads)
-    check_algorithm(cfg.algorithm)  # fail on a bad method or option before any loading
-    check_privacy(cfg)
-    if cfg.model.quantization != "none" and get_method(cfg.algorithm.name).merges_into_base:
-        raise ConfigError(f"{cfg.algorithm.name!r} merges each client's update into the base weights, which a "
-                          f"{cfg.model.quantization} base cannot hold; set model.quantization='none'")
     whole_split = clients is None  # a data owner's own clients: per-client lists/rules cannot be placed
     clients = build_clients(cfg.data, cfg.seed) if whole_split else clients
     num_labels = max((len(c.labels) for c in clients), default=0)
@@ -70,11 +65,23 @@ def build_session(cfg: Config, clients: list[ClientData] | None = None) -> Sessi
     truncated = sum(d.train.n_truncated + d.test.n_truncated for d in datasets.values())
     if truncated:
         log.warning("%d texts were longer than data.max_length=%d and were truncated", truncated, cfg.data.max_length)
-    if client.few_shot:
-        datasets = {cid: d.hold_out(client.few_shot, generator(cfg.seed, "few-shot", cid)) for cid, d in datasets.items()}
+    if client.few_shot_examples:
+        datasets = {cid: d.hold_out(client.few_shot_examples, generator(cfg.seed, "few-shot", cid))
+                    for cid, d in datasets.items()}
     runtime = ClientRuntime(client, adapted, base.tokenizer, cfg, base.objective, datasets, whole_split=whole_split)
     infos = [ClientInfo(c.client_id, len(datasets[c.client_id].train), c.task) for c in clients]
     return Session(cfg, clients, base, adapted, server, runtime, infos)
+
+
+def check_run(cfg: Config, methods: list[str] | None = None) -> None:
+    """Everything about a config (or a comparison of `methods` on it) that can be refused before any work: the
+    method names and options, the DP mode against the methods, a merging method on a quantized base."""
+    check_algorithm(cfg.algorithm, methods)
+    check_privacy(cfg, methods)
+    for name in methods or [cfg.algorithm.name]:
+        if cfg.model.quantization != "none" and get_method(name).merges_into_base:
+            raise ConfigError(f"{name!r} merges each client's update into the base weights, which a "
+                              f"{cfg.model.quantization} base cannot hold; set model.quantization='none'")
 
 
 def load_options(cfg: Config, device: str | None = None) -> LoadOptions:

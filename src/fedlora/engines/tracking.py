@@ -21,6 +21,7 @@ from typing import Any, Callable
 from ..core.config import Config
 from ..core.errors import CheckpointError, ConfigError
 from ..core.io import load_json, save_json
+from .observers import Observer
 
 log = logging.getLogger("fedlora")
 
@@ -188,7 +189,7 @@ BACKENDS = {"tensorboard": ("tensorboard", TensorBoardBackend), "wandb": ("wandb
             "mlflow": ("mlflow", MlflowBackend)}  # config name -> (the package to install, backend)
 
 
-class Tracker:
+class Tracker(Observer):
     """Sends each round's record to the configured trackers; with none configured it does nothing."""
 
     def __init__(self, config: Config, run_dir: Path, backends: list[Backend] | None = None) -> None:
@@ -202,6 +203,10 @@ class Tracker:
         scalars = record_scalars(record)
         for backend in list(self.backends):
             self._guard(backend, f"logging round {record['round']}", lambda: backend.log(record["round"], scalars))
+
+    def after_round(self, record: dict) -> None:
+        """Log the round's record."""
+        self.log_record(record)
 
     def close(self) -> None:
         """Flush and close every tracker."""

@@ -3,19 +3,20 @@
 Flower 1.42's SuperExec starts a fresh `flwr-clientapp` process for every message (twice a round per node), and
 that process's imports alone take about 1.5 CPU-seconds on a small machine: most of what a flower-local round
 costs beyond the work (docs/deployment.md). The SuperNodes `LocalFederation` starts run their SuperExec through
-this module (`local_supernode` points them at it). It starts a fork server, one process per SuperExec that has
+this module (`supernode.py` points them at it). It starts a fork server, one process per SuperExec that has
 imported Flower's ClientApp code once; every ClientApp launch is then a fork of that server running Flower's own
 `flwr-clientapp` entry point with the arguments the SuperExec gave. Flower has no setting for how a SuperExec
 starts a task (`SubprocessExecutor.launch` calls `subprocess.Popen`), so that module's `subprocess` is replaced by
-one whose `Popen` of `flwr-clientapp` asks the fork server instead; every other launch is unchanged. A real
-deployment's SuperExecs are Flower's own.
+one whose `Popen` of `flwr-clientapp` asks the fork server instead (`patches.patch_superexec`, which leaves Flower
+untouched under a version it was not tested with); every other launch is unchanged. A real deployment's
+SuperExecs are Flower's own.
 
 On Linux each process here dies with its parent by the kernel's parent-death signal: the SuperExec with its
 SuperNode, the fork server with the SuperExec, each ClientApp with the fork server (a SIGKILLed `fedlora run` leaves
 nothing behind). Each ClientApp also watches its `--parent-pid` as Flower's do, and the fork server, at the end of
 its request pipe, waits for the ClientApps still running. ClientApps retry a missing object sooner
-(`engines/flower_waits.py`).
-Usage: python -m fedlora.local_superexec <flower-superexec arguments>
+(`patches.py`).
+Usage: python -m fedlora.flower.superexec <flower-superexec arguments>
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ import sys
 import traceback
 from typing import Any
 
+from .patches import (
+    LOCAL_OBJECT_BACKOFF,
+    LOCAL_OBJECT_BACKOFF_CAP,
+    WAKE_FD_ENV,
+    patch_superexec,
+    short_object_backoff,
+)
+from .processes import die_with_parent
+
 CLIENTAPP = "flwr-clientapp"
 FORK_SERVER = "--fork-server"
 
@@ -36,9 +46,7 @@ class _ForkingSubprocess:
     """The `subprocess` module, except that Popen of `flwr-clientapp` is a fork of the fork server."""
 
     def __init__(self) -> None:
-        from .deployment import die_with_parent
-
-        self.server = subprocess.Popen([sys.executable, "-m", "fedlora.local_superexec", FORK_SERVER],
+        self.server = subprocess.Popen([sys.executable, "-m", "fedlora.flower.superexec", FORK_SERVER],
                                        stdin=subprocess.PIPE, preexec_fn=die_with_parent())
 
     def __getattr__(self, name: str) -> Any:
@@ -61,12 +69,8 @@ def serve() -> None:
     """The fork server: import the ClientApp code once, then fork one ClientApp per request line (JSON)."""
     from flwr.supernode.cli import flwr_clientapp
 
-    from .engines.flower_waits import LOCAL_OBJECT_BACKOFF, LOCAL_OBJECT_BACKOFF_CAP, short_object_backoff
-
     short_object_backoff(LOCAL_OBJECT_BACKOFF, LOCAL_OBJECT_BACKOFF_CAP)  # inherited by every fork
     _preimport_clientapp()
-    from .deployment import die_with_parent
-
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the ClientApps
     die_with_server = die_with_parent()
     requests = sys.stdin.buffer
@@ -94,7 +98,7 @@ def _preimport_clientapp() -> None:
     import httpx  # imported with Flower's ClientApp code already
 
     httpx.Client().close()  # but its transport's modules (httpcore, h11) load on first use
-    from .engines import warm  # the ClientApp `deploy app` names (Flower reuses a loaded module)
+    from . import warm  # the ClientApp `deploy app` names (Flower reuses a loaded module)
 
     warm._fingerprint()  # which fedlora code this is: read once here, not by every ClientApp
     gc.freeze()
@@ -129,21 +133,13 @@ def main() -> None:
         serve()
         return
     from flwr.supercore.cli import flower_superexec
-    from flwr.supercore.superexec.executor import subprocess_executor
-
-    from .deployment import die_with_parent
-    from .engines.flower_waits import WAKE_FD_ENV, WakeableSleeps
 
     if "--parent-pid" in sys.argv[:-1]:  # the SuperNode's death takes this SuperExec, the fork server, its ClientApps
         die_with_node = die_with_parent(int(sys.argv[sys.argv.index("--parent-pid") + 1]))
         if die_with_node is not None:
             die_with_node()
-    subprocess_executor.subprocess = _ForkingSubprocess()
-    wake_fd = os.environ.pop(WAKE_FD_ENV, None)
-    if wake_fd is not None:  # our SuperNode wakes us when it has a message: ask for a task then (and every second)
-        import flwr.supercore.superexec.run_superexec as superexec_loop
-
-        superexec_loop.time = WakeableSleeps(int(wake_fd))
+    wake_fd = os.environ.pop(WAKE_FD_ENV, None)  # not handed on to the fork server or the ClientApps
+    patch_superexec(_ForkingSubprocess, wake_fd)
     sys.argv[0] = "flower-superexec"
     flower_superexec()
 

@@ -32,6 +32,9 @@ FLOAT_SIZES = (2, 4, 8)  # float16/32/64: what torch can hold (float128 is a num
 INFO_BYTES = 4 * 2**20  # allowance for a reply's JSON info and array headers, on top of its tensors
 SIZE_FACTOR = 4  # how much larger than the largest legitimate state set a reply may be before it is refused
 _NPY_HEADERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+# the keys a server message adds to its payload's config (transport.py writes them, client_app.py reads them)
+ROUND, EXPECTS = "round", "expects"
+RUN, FINAL = "run", "final"  # the run's id (nodes keep it with their states); the last message: write the model
 
 
 class WireError(ValueError):

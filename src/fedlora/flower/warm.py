@@ -157,7 +157,7 @@ def _answer(kind: str, content: RecordDict, context: Context) -> RecordDict:
     # Windows has neither the Unix socket nor the per-user temp directory modes the worker relies on: cold there
     if _is_warm(context.node_config) and sys.platform != "win32":
         return _ask_worker(kind, content, context)
-    from .flower import client_reply
+    from .client_app import client_reply
 
     return client_reply(None, kind, content, context)
 
@@ -183,10 +183,10 @@ def make_warm_client_app() -> ClientApp:
 
 # -- the worker side ----------------------------------------------------------------------------------------
 class Worker:
-    """Answers its node's messages with `flower.client_reply` in one process, one message at a time."""
+    """Answers its node's messages with `client_app.client_reply` in one process, one message at a time."""
 
     def __init__(self, owner: int, home: Path) -> None:
-        from .flower import client_reply  # torch, the model code: imported once, here
+        from .client_app import client_reply  # torch, the model code: imported once, here
 
         self.owner, self.home, self.client_reply = psutil.Process(owner), home, client_reply
         self.busy = threading.Lock()  # one model: messages take turns, as they do on a cold node

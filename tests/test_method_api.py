@@ -1,0 +1,119 @@
+"""The public method API: a method written outside fedlora (examples/fedavgm-lora), installed the way pip installs it
+(a dist-info with a `fedlora.methods` entry point), runs on every engine with DP, resume and export, unchanged."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fedlora
+from fedlora.algorithms import METHODS, Aggregation, ClientInfo, Reply, build, get_method
+from fedlora.algorithms.registry import ENTRY_POINT_GROUP
+from fedlora.api import resume_experiment, run_experiment
+from fedlora.core.errors import ConfigError
+
+from .conftest import tiny_config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fedavgm-lora"
+
+
+@pytest.fixture
+def installed_example(tmp_path, monkeypatch):
+    """examples/fedavgm-lora as pip would install it: its source and a dist-info declaring the entry point, on the
+    path of this process and of every process it starts (Ray's workers, Flower's nodes)."""
+    site = tmp_path / "site"
+    info = site / "fedavgm_lora-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fedavgm-lora\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nfedavgm = fedavgm_lora:METHOD\n")
+    paths = [str(EXAMPLE / "src"), str(site)]
+    for p in reversed(paths):
+        monkeypatch.syspath_prepend(p)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    importlib.invalidate_caches()
+    yield
+    METHODS.pop("fedavgm", None)
+    sys.modules.pop("fedavgm_lora", None)
+
+
+def _config(tmp_path, name, **sections):
+    sections.setdefault("federation", {"rounds": 3})
+    sections.setdefault("algorithm", {"name": "fedavgm", "options": {"momentum": 0.5, "server_lr": 1.0}})
+    return tiny_config(tmp_path, output_dir=str(tmp_path / name), **sections)
+
+
+def test_an_installed_method_is_found_by_name_with_its_options(installed_example):
+    method = get_method("fedavgm")
+    assert method.server.__module__ == "fedavgm_lora" and set(method.options.model_fields) >= {"momentum", "server_lr"}
+    assert "fedavgm" in fedlora.available_methods()
+    with pytest.raises(ConfigError, match="momentum"):
+        fedlora.run_experiment(_config(Path("/nonexistent"), "x",
+                                       algorithm={"name": "fedavgm", "options": {"momentum": 2.0}}))
+
+
+def test_register_method_refuses_what_is_not_a_method():
+    with pytest.raises(ConfigError, match="subclass of fedlora's ServerAlgorithm"):
+        fedlora.register_method("mine", object, object)
+    with pytest.raises(ConfigError, match="registered already"):
+        fedlora.register_method("fedit", METHODS["fedalt"].server, METHODS["fedalt"].client)
+    with pytest.raises(ConfigError, match="plain name"):
+        fedlora.register_method("my method", METHODS["fedit"].server, METHODS["fedit"].client)
+
+
+def test_server_momentum_on_hand_made_tensors(installed_example, tiny_adapted):
+    """momentum 0 / lr 1 is FedAvg (fedit) exactly; otherwise v = b v + (w - mean), w = w - lr v, round after round."""
+    spec = tiny_adapted[0].spec
+    clients = [ClientInfo("a", 1), ClientInfo("b", 3)]
+    g = torch.Generator().manual_seed(0)
+    replies = [{cid: Reply({"global": {k: torch.randn(v.shape, generator=g) for k, v in spec.init_lora(g).items()}}, 1)
+                for cid in ("a", "b")} for _ in range(2)]
+    plain, _ = build("fedavgm", {"momentum": 0.0, "server_lr": 1.0}, spec, 0, Aggregation())
+    fedit, _ = build("fedit", {}, spec, 0, Aggregation())
+    momentum, _ = build("fedavgm", {"momentum": 0.5, "server_lr": 0.8}, spec, 0, Aggregation())
+    for server in (plain, fedit, momentum):
+        server.setup(clients)
+    w = {k: v.clone() for k, v in momentum.global_state.items()}
+    v = {k: torch.zeros_like(t) for k, t in w.items()}
+    for rnd, reply in enumerate(replies, 1):
+        for server in (plain, fedit, momentum):
+            server.aggregate(rnd, reply)
+        for k in w:
+            mean = (1 * reply["a"].states["global"][k] + 3 * reply["b"].states["global"][k]) / 4
+            v[k] = 0.5 * v[k] + (w[k] - mean)
+            w[k] = w[k] - 0.8 * v[k]
+            torch.testing.assert_close(plain.global_state[k], fedit.global_state[k], rtol=0, atol=1e-6)
+            torch.testing.assert_close(momentum.global_state[k], w[k], rtol=1e-5, atol=1e-6)
+
+
+def test_an_outside_method_runs_with_dp_resumes_exactly_and_exports(installed_example, tmp_path):
+    private = {"dp": "client_clipping", "clip_norm": 1.0, "noise_multiplier": 0.3}
+    algorithm = {"name": "fedavgm", "options": {"momentum": 0.5, "weighting": "uniform"}}
+    whole = run_experiment(_config(tmp_path, "whole", privacy=private, algorithm=algorithm))
+    assert [r["privacy"]["rounds"] for r in whole.rounds[1:]] == [1, 2, 3]
+    run_experiment(_config(tmp_path, "stopped", privacy=private, algorithm=algorithm, federation={"rounds": 2}))
+    resumed = resume_experiment(tmp_path / "stopped", rounds=3)
+    assert resumed.rounds[-1]["eval"] == whole.rounds[-1]["eval"]
+    for name, state in whole.server_state["tensors"].items():
+        for k, t in state.items():
+            assert torch.equal(t, resumed.server_state["tensors"][name][k]), (name, k)
+    cid = next(iter(whole.final))
+    out = fedlora.export_client(tmp_path / "whole", cid, tmp_path / "export")
+    model = fedlora.load_personalized(out)
+    assert len(model.predict(["a short text", "another one"])) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["flower-sim", "flower-local"])
+def test_an_outside_method_gives_the_in_process_numbers_on_flower(installed_example, tmp_path, engine):
+    inproc = run_experiment(_config(tmp_path, "inproc", federation={"rounds": 2}))
+    flower = run_experiment(_config(tmp_path, engine, federation={"rounds": 2},
+                                    engine={"name": engine, "num_clients": 4, "progress": False}))
+    assert [r["round"] for r in flower.rounds] == [r["round"] for r in inproc.rounds]
+    for a, b in zip(inproc.rounds, flower.rounds):
+        for cid, metrics in a["eval"].items():
+            assert b["eval"][cid] == pytest.approx(metrics, rel=1e-5, abs=1e-6)
