@@ -160,10 +160,10 @@ def cmd_deploy_fleet_gateway(args: argparse.Namespace) -> None:
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
-    """`fedlora methods`: list the methods, their summaries and option defaults."""
-    from .algorithms import METHODS
+    """`fedlora methods`: list the methods (installed plug-ins included), their summaries and option defaults."""
+    from .algorithms import available_methods
 
-    for m in METHODS.values():
+    for m in available_methods().values():
         opts = ", ".join(f"{k}={f.default!r}" for k, f in m.options.model_fields.items())
         print(f"{m.name:10s} {m.summary}" + (f"\n{'':10s} options: {opts}" if opts else ""))
 

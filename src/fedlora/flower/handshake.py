@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from ..core.errors import ClientFailure
 from ..core.names import MAX_NAME_LENGTH, name_problem
 from ..engines.validation import count_problem
-from .transport import _read, send_and_receive
+from .exchange import read_reply, send_and_receive
 from .wire import INFO_BYTES, RUN, encode
 
 log = logging.getLogger("fedlora")
@@ -80,7 +80,7 @@ def _hello(reply: Message, admitted: list[str] | None) -> tuple[dict[str, Any], 
     """A node's handshake answer and why it cannot be used (None when it can)."""
     if reply.has_error():
         return {}, f"it failed the handshake: {reply.error.reason}"
-    (_, info), problem = _read(reply, INFO_BYTES)  # a handshake answer carries no tensors
+    (_, info), problem = read_reply(reply, INFO_BYTES)  # a handshake answer carries no tensors
     if problem:
         return info, problem
     cid, task = info.get("client_id"), info.get("task")

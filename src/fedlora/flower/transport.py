@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
@@ -23,18 +20,9 @@ from ..core.config import Config
 from ..engines.observers import Observer
 from ..engines.runtime import Evaluation
 from ..engines.validation import count_problem, evaluation_problem, metrics_problem
-from .wire import (
-    EXPECTS,
-    FINAL,
-    INFO_BYTES,
-    ROUND,
-    RUN,
-    WireError,
-    content_bytes,
-    decode,
-    encode,
-    max_reply_bytes,
-)
+from .exchange import read_reply, send_and_receive
+from .handshake import ask_client_ids
+from .wire import EXPECTS, FINAL, INFO_BYTES, ROUND, RUN, encode, max_reply_bytes
 
 log = logging.getLogger("fedlora")
 
@@ -75,8 +63,6 @@ class FlowerTransport:
     def rejoin(self) -> None:
         """Map a client's SuperNode anew when it came back under another node id (restarted mid-run): a node the
         server has not seen is asked for its client id, and only a client of this run, claimed once, moves."""
-        from .handshake import ask_client_ids  # handshake.py builds on this module's send_and_receive
-
         new = [n for n in self.grid.get_node_ids() if n not in set(self.nodes.values()) | self.strangers]
         if not new:
             return
@@ -123,7 +109,7 @@ class FlowerTransport:
         messages, failures = self._exchange(rnd, MessageType.TRAIN, payloads)
         replies = {}
         for cid, message in messages.items():
-            (states, info), problem = _read(message, self.train_limit(payloads[cid]))
+            (states, info), problem = read_reply(message, self.train_limit(payloads[cid]))
             if not problem:
                 problem = count_problem(info.get("num_examples")) or metrics_problem(info.get("metrics"))
                 problem = problem and f"malformed reply: {problem}"
@@ -140,7 +126,7 @@ class FlowerTransport:
         messages, failures = self._exchange(rnd, MessageType.EVALUATE, payloads)
         evaluations = {}
         for cid, message in messages.items():
-            (_, info), problem = _read(message, INFO_BYTES)  # an evaluation carries no tensors
+            (_, info), problem = read_reply(message, INFO_BYTES)  # an evaluation carries no tensors
             evaluation = Evaluation(info.get("metrics"), info.get("diagnostics", {}))
             if not problem:
                 problem = evaluation_problem(evaluation)
@@ -150,42 +136,6 @@ class FlowerTransport:
             else:
                 evaluations[cid] = evaluation
         return evaluations, failures
-
-
-REPLY_POLL_SECONDS = 0.1  # how often the server asks the SuperLink for replies (Flower's own loop: every 3 s)
-
-
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
-    """`grid.send_and_receive`, polling a SuperLink for the replies every REPLY_POLL_SECONDS instead of every 3 s
-    (Flower 1.42's HttpGrid), so a round ends when its last reply arrives; other grids as Flower runs them."""
-    from flwr.superlink.grid.http_grid import HttpGrid
-
-    if not isinstance(grid, HttpGrid):
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    pending = set(grid.push_messages(messages))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    received: list[Message] = []
-    while pending and (deadline is None or time.monotonic() < deadline):
-        replies = list(grid.pull_messages(pending))
-        received += replies
-        pending -= {reply.metadata.reply_to_message_id for reply in replies}
-        if pending:
-            time.sleep(REPLY_POLL_SECONDS)
-    return received
-
-
-def _read(message: Message, limit: int) -> tuple[tuple[dict[str, Any], dict[str, Any]], str | None]:
-    """((states, info), None) of a node's reply, or (({}, {}), why it cannot be read): too large or malformed."""
-    try:
-        size = content_bytes(message.content)
-        if size > limit:
-            return ({}, {}), f"reply refused: it holds {size} bytes, more than the {limit} this reply may hold"
-        return decode(message.content), None
-    except WireError as exc:
-        return ({}, {}), f"malformed reply: {exc}"
-    except Exception as exc:  # the bytes come from a party we do not control: whatever they break is its failure
-        log.debug("unreadable reply from node %s", message.metadata.src_node_id, exc_info=True)
-        return ({}, {}), f"unreadable reply: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 def max_rank(config: Config) -> int:
@@ -202,4 +152,4 @@ def max_rank(config: Config) -> int:
     return max(config.lora.r, *(math.ceil(v) for v in values))
 
 
-__all__ = ["REPLY_POLL_SECONDS", "FlowerTransport", "max_rank", "send_and_receive"]
+__all__ = ["FlowerTransport", "max_rank"]
