@@ -43,7 +43,7 @@ def client_loras(run_dir: Path) -> tuple[str, dict[str, dict], dict[str, int] | 
 def max_clusters(config: dict) -> int:
     """FedLEASE's cap on M with this run's config (its FedLEASE options, as a FedLEASE run would take them)."""
     options = AlgorithmConfig.model_validate(config["algorithm"]).options_for("fedlease")
-    return parse_options("fedlease", options).max_clusters
+    return parse_options("fedlease", options).expert_limit
 
 
 def probe(run_dir: Path) -> dict:

@@ -112,7 +112,7 @@ def main() -> None:
     for _ in range(args.repeats):
         runs = {}
         for engine in engines:
-            settle()
+            settle(timeout=5.0 if args.quick else 90.0)  # a CI smoke run measures nothing worth waiting for
             wall, plain_rounds, in_rounds, handshake = timed_run(model, args.method, engine, rounds, steps, per_task)
             runs[engine] = {"wall": wall, "round_seconds": plain_rounds, "per_round": statistics.median(plain_rounds),
                             "startup": wall - in_rounds, "handshake": handshake}

@@ -144,7 +144,7 @@ def test_a_node_claiming_a_client_the_operator_did_not_list_is_left_out(tmp_path
 def test_replies_from_a_superlink_are_polled_often_until_the_last_or_the_timeout(monkeypatch):
     from flwr.superlink.grid.http_grid import HttpGrid
 
-    from fedlora.flower import transport
+    from fedlora.flower import exchange
 
     class Link(HttpGrid):
         def __init__(self, arrivals):  # no connection: replies arrive pull by pull
@@ -161,10 +161,10 @@ def test_replies_from_a_superlink_are_polled_often_until_the_last_or_the_timeout
     def reply(to):
         return type("R", (), {"metadata": type("M", (), {"reply_to_message_id": to})()})()
 
-    monkeypatch.setattr(transport, "REPLY_POLL_SECONDS", 0.01)
+    monkeypatch.setattr(exchange, "REPLY_POLL_SECONDS", 0.01)
     link = Link([[], [reply("m1")], [], [reply("m0")], [reply("m0")]])
-    got = transport.send_and_receive(link, [object(), object()], timeout=10)
+    got = exchange.send_and_receive(link, [object(), object()], timeout=10)
     assert [r.metadata.reply_to_message_id for r in got] == ["m1", "m0"] and link.pulls == 4
     start = time.monotonic()
-    assert transport.send_and_receive(Link([]), [object()], timeout=0.2) == []  # nobody answers: the timeout ends it
+    assert exchange.send_and_receive(Link([]), [object()], timeout=0.2) == []  # nobody answers: the timeout ends it
     assert time.monotonic() - start < 2

@@ -274,10 +274,10 @@ def test_evaluation_problem():
 
 
 def test_an_oversized_train_reply_is_refused_before_it_is_decoded(engine, monkeypatch):
-    from fedlora.flower import transport
+    from fedlora.flower import exchange
 
     decoded = []
-    monkeypatch.setattr(transport, "decode", lambda content: decoded.append(set(content)) or decode(content))
+    monkeypatch.setattr(exchange, "decode", lambda content: decoded.append(set(content)) or decode(content))
     big = encode({"global": _expert(), "extra": {"m0.router": torch.zeros(1_100_000, 1)}}, {"num_examples": 1})
     (_, failures), _ = _fit(engine, big)
     assert "reply refused" in failures[HOSTILE] and not any(STATE_PREFIX + "extra" in keys for keys in decoded)

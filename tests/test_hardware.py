@@ -13,7 +13,7 @@ from fedlora.adapters.base_models import load_base_model
 from fedlora.api import run_experiment
 from fedlora.core.config import build_config
 from fedlora.core.errors import ConfigError
-from fedlora.engines.session import build_session
+from fedlora.engines.session import build_session, check_run
 
 from .conftest import tiny_config
 
@@ -147,7 +147,7 @@ def test_flora_refuses_a_quantized_base_before_anything_loads(tmp_path):
     cfg = build_config(tiny_config(tmp_path, model={"name": "tiny-bert", "quantization": "4bit"},
                                    algorithm={"name": "flora"}))
     with pytest.raises(ConfigError, match="merges each client's update"):
-        build_session(cfg)
+        check_run(cfg)
 
 
 def test_quantization_without_bitsandbytes_names_the_extra(tmp_path, monkeypatch):

@@ -18,27 +18,28 @@ from .local import LocalClient, LocalOptions, LocalServer
 from .registry import (METHODS, Method, available_methods, build, check_algorithm, get_method, parse_options,
                        register_method)
 
-register_method("local", LocalServer, LocalClient, LocalOptions, "each client trains its own LoRA; no communication")
-register_method("fedit", FedITServer, FedITClient, AveragingOptions, "FedAvg on LoRA A and B")
-register_method("ffa", FFAServer, FFAClient, AveragingOptions,
-                "FFA-LoRA: A frozen at a shared random init, only B trained and averaged")
-register_method("fedsa", FedSAServer, FedSAClient, AveragingOptions, "FedSA-LoRA: A averaged, B kept local")
-register_method("feddpa", FedDPAServer, FedDPAClient, FedDPAOptions,
-                "FedDPA: global (FedAvg) + local LoRA, instance-wise weighting at inference (T and F variants)")
-register_method("ifca", IFCAServer, IFCAClient, IFCAOptions,
-                "IFCA: C cluster LoRAs, each client picks the lowest-loss one")
-register_method("flora", FLoRAServer, FLoRAClient, AveragingOptions,
-                "FLoRA: stacking aggregation (exact, heterogeneous ranks), clients merge into their base")
-register_method("hetlora", HetLoRAServer, HetLoRAClient, AveragingOptions,
-                "HetLoRA-style heterogeneous ranks: client LoRAs zero-padded to lora.r and averaged")
-register_method("fedalt", FedALTServer, FedALTClient, FedALTOptions,
-                "own LoRA + frozen Rest-of-World LoRA, mixed per token by a personal gate")
-register_method("fedlease", FedLEASEServer, FedLEASEClient, FedLEASEOptions,
-                "B-similarity clustering into M experts, adaptive top-M routing")
-register_method("fdlora", FDLoRAServer, FDLoRAClient, FDLoRAOptions,
-                "personal + global LoRA (DiLoCo outer step), AdaFusion of the two")
+for _name, _server, _client, _options, _summary in [
+    ("local", LocalServer, LocalClient, LocalOptions, "each client trains its own LoRA; no communication"),
+    ("fedit", FedITServer, FedITClient, AveragingOptions, "FedAvg on LoRA A and B"),
+    ("ffa", FFAServer, FFAClient, AveragingOptions, "FFA-LoRA: A frozen at a shared random init, only B trained and averaged"),
+    ("fedsa", FedSAServer, FedSAClient, AveragingOptions, "FedSA-LoRA: A averaged, B kept local"),
+    ("feddpa", FedDPAServer, FedDPAClient, FedDPAOptions,
+     "FedDPA: global (FedAvg) + local LoRA, instance-wise weighting at inference (T and F variants)"),
+    ("ifca", IFCAServer, IFCAClient, IFCAOptions, "IFCA: C cluster LoRAs, each client picks the lowest-loss one"),
+    ("flora", FLoRAServer, FLoRAClient, AveragingOptions,
+     "FLoRA: stacking aggregation (exact, heterogeneous ranks), clients merge into their base"),
+    ("hetlora", HetLoRAServer, HetLoRAClient, AveragingOptions,
+     "HetLoRA-style heterogeneous ranks: client LoRAs zero-padded to lora.r and averaged"),
+    ("fedalt", FedALTServer, FedALTClient, FedALTOptions,
+     "own LoRA + frozen Rest-of-World LoRA, mixed per token by a personal gate"),
+    ("fedlease", FedLEASEServer, FedLEASEClient, FedLEASEOptions,
+     "B-similarity clustering into M experts, adaptive top-M routing"),
+    ("fdlora", FDLoRAServer, FDLoRAClient, FDLoRAOptions,
+     "personal + global LoRA (DiLoCo outer step), AdaFusion of the two"),
+]:  # fedlora's own methods, registered as any outside package registers its own
+    register_method(_name, _server, _client, _options, _summary)
 
 __all__ = ["METHODS", "Aggregation", "AveragingOptions", "BroadcastAverageServer", "ClientAlgorithm", "ClientContext",
-           "ClientInfo", "ClientState", "Diagnostic", "Method", "Options", "Payload", "Personalized", "Reply",
+           "ClientInfo", "ClientState", "Diagnostic", "FedITClient", "Method", "Options", "Payload", "Personalized", "Reply",
            "ServerAlgorithm", "available_methods", "build", "check_algorithm", "get_method", "lora_rank",
            "parse_options", "register_method"]

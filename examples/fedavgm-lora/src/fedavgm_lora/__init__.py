@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from fedlora import (AveragingOptions, BroadcastAverageServer, ClientAlgorithm, ClientContext, ClientState, Method,
-                     Payload, Personalized, Reply)
+from fedlora import AveragingOptions, BroadcastAverageServer, Method, Reply
+from fedlora.algorithms import FedITClient
 
 
 class FedAvgMOptions(AveragingOptions):
@@ -56,19 +56,9 @@ class FedAvgMServer(BroadcastAverageServer):
         self.velocity = state["tensors"]["velocity"]
 
 
-class FedAvgMClient(ClientAlgorithm):
-    """Start from the global LoRA, train it, send it back; the personalized model is the global LoRA."""
-
-    def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
-        """Load the global LoRA into expert slot 0, train it (and the private head), send it."""
-        ctx.model.load_expert(0, payload.states["global"])
-        metrics = ctx.trainer.train(experts=[0])
-        return Reply({"global": ctx.model.expert_state(0)}, len(ctx.data.train), metrics), state
-
-    def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
-        """The global LoRA."""
-        ctx.model.load_expert(0, payload.states["global"])
-        return Personalized()
+# The client side is FedAvg's own (load the global LoRA, train it, send it back; the personalized model is the
+# global LoRA): an outside method reuses fedlora's building blocks like any other library's.
+FedAvgMClient = FedITClient
 
 
 METHOD = Method("fedavgm", FedAvgMServer, FedAvgMClient, FedAvgMOptions,
