@@ -71,6 +71,27 @@ def test_corrupt_checkpoint_is_refused_and_nothing_is_lost(tmp_path):
         resume_experiment(tmp_path)
 
 
+def test_a_lost_latest_json_resumes_from_the_newest_verified_round_and_deletes_nothing(tmp_path):
+    """#37: without checkpoint/latest.json a resume once deleted an intact round-00003 and started over."""
+    run_experiment(tiny_config(tmp_path, federation={"rounds": 3}))
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint" / "latest.json").unlink()
+    trained = (run_dir / "metrics.jsonl").read_text()
+    result = resume_experiment(run_dir, rounds=4)
+    assert [r["round"] for r in result.rounds] == [0, 1, 2, 3, 4]
+    assert (run_dir / "metrics.jsonl").read_text().startswith(trained)  # rounds 1-3 were not trained again
+    assert "resuming from" in (run_dir / "run.log").read_text() and "round-00003" in (run_dir / "run.log").read_text()
+    reference = run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "four"), federation={"rounds": 4}))
+    assert _without_times(result.rounds) == _without_times(reference.rounds)
+    # a lost latest.json over a damaged round: refused, the round kept as it is
+    (run_dir / "checkpoint" / "latest.json").unlink()
+    victim = next((run_dir / "checkpoint").glob("round-*/server.safetensors"))
+    victim.write_bytes(victim.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        resume_experiment(run_dir)
+    assert victim.is_file()
+
+
 @pytest.mark.parametrize("method", ["fedit", "fedlease"])
 def test_a_run_extended_on_resume_equals_a_run_started_with_the_rounds(tmp_path, method):
     from fedlora.cli import main
@@ -111,3 +132,37 @@ def test_the_fused_adamw_of_cuda_trains_as_the_plain_one_with_moments_kept(tmp_p
         for name, tensors in state.states.items():
             for key, value in tensors.items():
                 torch.testing.assert_close(fused.client_states[cid].states[name][key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_a_rehashed_client_file_without_its_head_is_refused_at_resume_not_failed_every_round(tmp_path):
+    """#37: a client file lacking classifier.bias whose manifest was re-hashed once failed that client every round."""
+    import json
+
+    from fedlora.core.io import file_sha256, load_tensors, save_tensors
+
+    run_experiment(tiny_config(tmp_path, federation={"rounds": 1}))
+    directory = next((tmp_path / "run" / "checkpoint").glob("round-*"))
+    victim = next((directory / "clients").glob("*.safetensors"))
+    tensors = load_tensors(victim)
+    save_tensors(victim, {k: v for k, v in tensors.items() if not k.endswith("classifier.bias")})
+    manifest = json.loads((directory / "round.json").read_text())
+    manifest["files"][f"clients/{victim.name}"] = file_sha256(victim)
+    (directory / "round.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"client {victim.stem}'s head in .*missing keys"):
+        resume_experiment(tmp_path / "run", rounds=2)
+
+
+def test_defences_switched_off_between_a_stop_and_its_resume_are_refused(tmp_path):
+    """#37: federation.update_clip switched off in config.json before a resume was accepted silently."""
+    import json
+
+    run_experiment(tiny_config(tmp_path, federation={"rounds": 1, "update_clip": "adaptive"}))
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    config["federation"]["update_clip"] = None
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"differs from the config .* in federation \(defences\)"):
+        resume_experiment(tmp_path / "run", rounds=2)
+    config["federation"]["update_clip"] = "adaptive"
+    path.write_text(json.dumps(config))
+    assert [r["round"] for r in resume_experiment(tmp_path / "run", rounds=2).rounds] == [0, 1, 2]

@@ -85,3 +85,20 @@ def test_a_schedule_the_rounds_cannot_hold_is_warned_before_round_1(method, opti
     server.setup([ClientInfo("a", 1)], rounds)
     assert any(says in p for p in server.schedule_problems(rounds))
     assert server.schedule_problems(rounds + 5) == []
+
+
+def test_relative_paths_become_absolute_against_the_working_directory(tmp_path, monkeypatch):
+    """#38: flower-local's processes run in directories of their own; a relative output_dir or dataset broke them."""
+    from fedlora.core.config import build_config
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "corpus.jsonl").write_text('{"text": "a", "label": "x"}\n')
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({"model": {"name": "my-model"}, "data": {"dataset": "data/corpus.jsonl"},
+                        "output_dir": "runs/demo-deployed"}).with_absolute_paths()
+    assert cfg.output_dir == str(tmp_path / "runs" / "demo-deployed")
+    assert cfg.data.dataset == str(tmp_path / "data" / "corpus.jsonl") and cfg.model.name == str(tmp_path / "my-model")
+    named = build_config({"model": {"name": "minilm"}, "data": {"dataset": "hf:data"}}).with_absolute_paths()
+    assert named.model.name == "minilm" and named.data.dataset == f"hf:{tmp_path / 'data'}"  # names stay names
+    assert named.output_dir == str(tmp_path / "runs" / "experiment")

@@ -143,3 +143,57 @@ def test_a_killed_local_deployment_takes_every_flower_process_with_it(tmp_path):
         for proc in alive:  # never leave them to the next test
             proc.kill()
     assert len(seen) >= 7  # SuperLink, gateway, 2 SuperNodes, their SuperExecs, the ServerApp, a ClientApp
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FEDLORA_DEPLOYMENT_TESTS"),
+                    reason="set FEDLORA_DEPLOYMENT_TESTS=1 (3 minutes of real Flower processes)")
+def test_a_sigkilled_local_deployment_resumes_from_its_last_round_and_equals_the_in_process_run(tmp_path):
+    """#37: `--resume` of a SIGKILLed flower-local run was refused ("nothing is lost"), and `fedlora run` again
+    wiped federation/server/ and nodes/. Now `run` refuses, and `--resume` continues from the ServerApp's last
+    checkpoint to the in-process run's numbers."""
+    from fedlora.api import resume_experiment, run_experiment
+
+    rounds = 4
+    sections = dict(federation={"rounds": rounds}, data={"clients_per_task": 1})
+    config = tmp_path / "exp.json"
+    config.write_text(json.dumps(tiny_config(tmp_path, **sections, engine={"name": "flower-local", "progress": False})))
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    cli = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "run", str(config)], env=env, cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "run" / "federation" / "server" / "checkpoint" / "latest.json"
+    deadline = time.monotonic() + 300
+    try:
+        while not (latest.is_file() and json.loads(latest.read_text())["round"] >= 1):
+            assert cli.poll() is None and time.monotonic() < deadline, "no round-1 checkpoint before the run ended"
+            time.sleep(0.1)
+    finally:
+        cli.send_signal(signal.SIGKILL)
+        cli.wait(timeout=30)
+    killed_at = json.loads(latest.read_text())["round"]
+    assert killed_at < rounds
+    with pytest.raises(ConfigError, match="already holds a run"):  # never wiped by a plain `run`
+        run_experiment(json.loads(config.read_text()))
+    resumed = resume_experiment(tmp_path / "run")
+    reference = run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "inproc"), **sections))
+    assert [r["round"] for r in resumed.rounds] == list(range(rounds + 1))
+    for a, b in zip(reference.rounds, resumed.rounds):
+        for cid, metrics in a["eval"].items():
+            assert b["eval"][cid] == pytest.approx(metrics, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FEDLORA_DEPLOYMENT_TESTS"),
+                    reason="set FEDLORA_DEPLOYMENT_TESTS=1 (minutes: the demo on real Flower processes)")
+def test_the_documented_flower_local_command_runs_literally_from_any_directory(tmp_path):
+    """#38: docs/deployment.md's own example (a relative output_dir) made the SuperLink exit at start-up."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    command = re.search(r"^fedlora run demo --set engine.name=flower-local .*$", doc, re.M).group(0)
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    done = subprocess.run([sys.executable, "-m", "fedlora.cli", *command.split()[1:], "--quiet"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "runs" / "demo-deployed" / "metrics.jsonl").is_file()

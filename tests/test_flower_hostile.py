@@ -252,7 +252,9 @@ def test_ill_typed_train_info_is_that_clients_failure(engine, info, reason):
     ({"macro_f1": -0.1}, "outside [0, 1]"),
     ({"rougeL": 1.5}, "outside [0, 1]"),
     ({"exact_match": 2}, "outside [0, 1]"),
-    ({"loss": -1.0}, "negative"),
+    ({"loss": -1.0}, "outside [0, 10000]"),
+    ({"loss": 1e300}, "outside [0, 10000]"),
+    ({"accuracy": 0.5, "bleu": 1e300}, "beyond +-1e+06"),
     ({"loss": float("inf")}, "not a finite number"),
     ({"perplexity": float("-inf")}, "not a finite number"),
     ({"accuracy": "0.5"}, "not a number"),
@@ -393,6 +395,29 @@ def test_fuzzed_handshake_answers_never_raise_and_leave_the_node_out(engine, con
         assert "/" not in cid and ".." not in cid and len(cid) <= 100
 
 
+HUGE = st.one_of(st.integers(), st.integers(10**300, 10**320), st.integers(max_value=0), st.floats(allow_nan=True),
+                 st.booleans(), st.none(), st.text(max_size=5))
+
+
+@HYPOTHESIS
+@given(num_examples=HUGE, order=HUGE)
+def test_fuzzed_handshake_integers_leave_the_node_out_or_stay_usable_weights(engine, num_examples, order):
+    """#37: a count of 10**309 once ended the run in round 1 (float() of it), a count of 0 with its zero weight."""
+    engine.hostile.content = encode({}, {"client_id": "c2", "num_examples": num_examples, "task": "t", "order": order})
+    found = handshake(engine.grid, 3, wait=5.0, needed=2)
+    assert {"c0", "c1"} <= set(found)
+    for _, info in found.values():
+        assert 1 <= info["num_examples"] <= 10**12 and math.isfinite(float(info["num_examples"]))
+
+
+@pytest.mark.parametrize("count,reason", [(10**309, "an integer of 1027 bits"), (0, "between 1 and 1e+12"),
+                                          (-3, "between 1 and 1e+12")])
+def test_an_absurd_or_empty_example_count_leaves_the_node_out_with_the_reason(engine, count, reason, caplog):
+    engine.hostile.content = encode({}, {"client_id": "c2", "num_examples": count, "task": "t", "order": 2})
+    assert set(handshake(engine.grid, 3, wait=5.0, needed=2)) == {"c0", "c1"}
+    assert "node 102 left out" in caplog.text and reason in caplog.text
+
+
 @pytest.mark.parametrize("claim", ["../x", "/etc/passwd", "a" * 300, "", 7, None, "c0"])
 def test_a_node_claiming_an_unsafe_or_taken_client_id_is_left_out(engine, claim, caplog):
     engine.hostile.content = encode({}, {"client_id": claim, "num_examples": 3, "task": "t", "order": 2})
@@ -484,3 +509,40 @@ def test_the_client_app_refuses_an_unsafe_node_client_id(tmp_path, cid):
         context = Context(run_id=1, node_id=7, node_config={"client-id": cid, **extra}, state=RecordDict(), run_config={})
         with pytest.raises(ConfigError, match="SuperNode client-id .* is not a safe name"):
             app(_message(MessageType.QUERY, {}, {}), context)
+
+
+@pytest.mark.parametrize("claim,reason", [("intruder", "which this run does not admit"),
+                                          ("verb_class-1", "2 nodes claim client 'verb_class-1'")])
+def test_an_extra_node_is_left_out_by_default_with_its_reason(tmp_path, task_identity, claim, reason):
+    """#37: without engine.clients a 5th node answering as `intruder` once took part and its update was averaged."""
+    from fedlora.flower.server_app import server_main
+
+    cfg = build_config(tiny_config(tmp_path, federation={"rounds": 1},
+                                   engine={"name": "flower-sim", "num_clients": 4, "progress": False}))
+    app = make_client_app(cfg)
+
+    def with_intruder(message, context):
+        if context.node_id == 104:  # a fifth node: no partition of the split is its own
+            if message.metadata.message_type == MessageType.QUERY:
+                return Message(encode({}, {"client_id": claim, "num_examples": 10**6, "task": "noun_topic",
+                                           "order": 0}), reply_to=message)
+            raise AssertionError("a node left out at the handshake is never sent a round")
+        return app(message, context)
+
+    server_main(cfg, FakeGrid(with_intruder, 5))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert claim not in records[-1]["eval"] and claim not in records[-1].get("fit", {})
+    logged = (tmp_path / "run" / "run.log").read_text()
+    assert "admitting client ids noun_topic-0, noun_topic-1, verb_class-0, verb_class-1" in logged
+    assert "node 104 left out" in logged and reason in logged
+
+
+def test_engine_num_clients_caps_the_admitted_nodes(tmp_path, task_identity):
+    from fedlora.flower.server_app import server_main
+
+    cfg = build_config(tiny_config(tmp_path, federation={"rounds": 1},
+                                   engine={"name": "flower-sim", "num_clients": 3, "progress": False}))
+    server_main(cfg, FakeGrid(make_client_app(cfg), 4))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records[-1]["eval"]) == 3
+    assert "engine.num_clients=3 are admitted already" in (tmp_path / "run" / "run.log").read_text()

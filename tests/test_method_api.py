@@ -119,6 +119,8 @@ def test_an_outside_method_resumed_privately_on_flower_gives_the_in_process_numb
                            engine={"name": engine, "num_clients": 4, "progress": False}))
     resumed = resume_experiment(tmp_path / engine, rounds=3)
     assert [r["round"] for r in resumed.rounds] == [r["round"] for r in whole.rounds]
+    # #37/#38: every engine writes the split at the top of its run directory
+    assert (tmp_path / engine / "clients.json").read_text() == (tmp_path / "inproc" / "clients.json").read_text()
     for a, b in zip(whole.rounds, resumed.rounds):
         assert a.get("privacy") == b.get("privacy")
         for cid, metrics in a["eval"].items():

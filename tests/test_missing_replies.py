@@ -509,3 +509,13 @@ def test_a_flora_client_whose_reply_was_rejected_merges_each_stack_once(tmp_path
     merged = {cid: s.states["merged"] for cid, s in result.client_states.items()}
     for path, delta in merged["noun_topic-0"].items():  # after round 3 everyone has merged stacks 1 and 2, once each
         torch.testing.assert_close(merged[victim][path], delta)
+
+
+def test_a_client_whose_weight_is_zero_is_a_recorded_failure_not_an_exception(tmp_path, monkeypatch):
+    """#37: one client with a zero example count once ended the run (weights must sum to a positive number)."""
+    loop = ScriptedLoop("fedit", tmp_path, {})
+    original = loop.server.weight
+    monkeypatch.setattr(loop.server, "weight", lambda cid: 0.0 if cid == "c1" else original(cid))
+    loop.run()
+    assert all("aggregation weight is 0.0" in r["failures"]["c1"] for r in loop.records)
+    assert all("c1" not in r["fit"] for r in loop.records)

@@ -197,3 +197,15 @@ def test_hetlora_under_local_dp_runs_with_heterogeneous_ranks(tmp_path):
     cfg["clients"] = {"lora_r": [4, 2, 4, 2]}
     result = run_experiment(cfg)
     assert math.isfinite(result.rounds[-1]["summary"]["mean"]["accuracy"])
+
+
+def test_a_budget_smaller_than_one_round_is_an_error_after_round_0_is_written(tmp_path):
+    """#38: the error was clear, but round 0 was evaluated and not written, so `report` said the run held none."""
+    from fedlora.cli import main
+
+    cfg = _noisy(tmp_path, "fedalt", max_epsilon=dp.epsilon(1.0, 1.0, 1e-5, 1) * 0.5)
+    with pytest.raises(PrivacyBudgetSpent, match="round 1 would spend"):
+        run_experiment(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0]
+    assert main(["report", str(tmp_path / "run")]) == 0

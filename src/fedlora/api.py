@@ -15,7 +15,7 @@ from .engines.checkpoint import Checkpoint, has_checkpoint, load_checkpoint
 from .engines.inprocess import InProcessTransport, run_inprocess
 from .engines.loop import evaluate
 from .engines.results import RunResult, read_records
-from .engines.rundir import prepare_run_dir, run_log
+from .engines.rundir import hold_run_dir, holds_states, prepare_run_dir, run_log
 from .engines.session import build_session, check_run
 from .reporting import write_report
 
@@ -33,11 +33,13 @@ def run_experiment(config: Config | dict[str, Any] | str | Path, overrides: list
 def _start(cfg: Config, overwrite: bool) -> RunResult:
     """A checked config's run: its directory prepared, then its engine, then its report."""
     engine_runner(cfg.engine.name)  # an unknown engine leaves no run directory behind
+    cfg = cfg.with_absolute_paths()  # config.json says where the data was, wherever a process reads it
     run_dir = cfg.run_dir
-    prepare_run_dir(run_dir, overwrite)
-    save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
-    with run_log(run_dir):
-        return _run(cfg, run_dir)
+    with hold_run_dir(run_dir):  # before anything is replaced: a second process is refused, the first goes on
+        prepare_run_dir(run_dir, overwrite)
+        save_json(run_dir / "config.json", cfg.model_dump(mode="json"))
+        with run_log(run_dir):
+            return _run(cfg, run_dir)
 
 
 def resume_experiment(run_dir: str | Path, rounds: int | None = None) -> RunResult:
@@ -47,16 +49,24 @@ def resume_experiment(run_dir: str | Path, rounds: int | None = None) -> RunResu
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} is not a fedlora run directory (no config.json)")
+    with hold_run_dir(run_dir):
+        return _resume(run_dir, rounds)
+
+
+def _resume(run_dir: Path, rounds: int | None) -> RunResult:
     cfg = load_config(run_dir / "config.json", [f"output_dir={run_dir}"])
     check_run(cfg)
     _check_resumable(run_dir)
+    if cfg.engine.name == "flower-local":  # killed, its ServerApp's results never moved up: they are the run's
+        flower.adopt_stopped_server(run_dir)
     metrics = run_dir / "metrics.jsonl"
     # the in-process engine writes clients.json before its first round: a run that has one but no checkpoint
     # was stopped before its first checkpoint, and `run` would refuse it as a run with results
     started = (run_dir / "clients.json").is_file() or metrics.is_file()
     if not has_checkpoint(run_dir) and not started:
-        raise CheckpointError(f"{run_dir} has no checkpoint to resume from: the run stopped before its first round, "
-                              "so nothing is lost; start it again with `fedlora run` and its config")
+        kept = " (its nodes' states are kept in nodes/)" if holds_states(run_dir) else ", so nothing is lost"
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from: the run stopped before its first "
+                              f"round{kept}; start it again with `fedlora run` and its config")
     with run_log(run_dir):
         if not has_checkpoint(run_dir):
             recorded = len(metrics.read_bytes().splitlines()) if metrics.is_file() else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from rich.console import Console
@@ -106,13 +107,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     """`fedlora report`: write the Markdown report of a run or comparison directory."""
+    from .engines.rundir import hold_run_dir
     from .reporting import group_runs, write_report
 
-    groups = group_runs(args.run_dir)
-    if len(groups) > 1:  # never merged into one table: say so, and in what the configs differ
-        print(f"{args.run_dir} holds runs of {len(groups)} different configs (differing in "
-              f"{', '.join(groups[0].differs)}): one section each")
-    print(f"report: {write_report(args.run_dir)}")
+    with hold_run_dir(args.run_dir):  # a run still writing its records refuses the report
+        groups = group_runs(args.run_dir)
+        if len(groups) > 1:  # never merged into one table: say so, and in what the configs differ
+            print(f"{args.run_dir} holds runs of {len(groups)} different configs (differing in "
+                  f"{', '.join(groups[0].differs)}): one section each")
+        print(f"report: {write_report(args.run_dir)}")
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
@@ -136,9 +139,15 @@ def cmd_deploy_app(args: argparse.Namespace) -> None:
         clients = [c.strip() for value in args.clients for c in value.split(",")] if args.clients else None
     app = write_app(args.app_dir, cfg, clients=clients)
     admitted = f"admits client ids {', '.join(clients)}" if clients else "admits any client id (no --clients given)"
+    import re
+    import shlex
+
+    # a suggested directory named after the experiment, in characters no shell or TOML quoting can break
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.name).strip("-.") or "run"
+    output_dir = shlex.quote(f'set.output_dir="/srv/fedlora/runs/{slug}"')
     print(f"Flower app for {cfg.name!r} ({cfg.algorithm.name}) written to {app}/pyproject.toml; it {admitted}\n"
-          f"submit it with: flwr run {app} <superlink connection> --stream "
-          f"-c 'set.output_dir=\"/srv/fedlora/runs/{cfg.name}\"' (a new or empty directory on the SuperLink's machine)")
+          f"submit it with: flwr run {shlex.quote(str(app))} <superlink connection> --stream -c {output_dir} "
+          "(a new or empty directory on the SuperLink's machine)")
 
 
 def cmd_deploy_credentials(args: argparse.Namespace) -> None:
@@ -267,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except FedloraError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine's, not fedlora's: one line that says which file and what to do
+        where = f" ({exc.filename})" if exc.filename else ""
+        hint = {errno.ENOSPC: "free disk space, then continue the run with --resume (what it wrote is kept)",
+                errno.EDQUOT: "free disk space, then continue the run with --resume (what it wrote is kept)",
+                errno.EACCES: "check the permissions of that path",
+                errno.EROFS: "choose a writable output_dir"}.get(exc.errno, "")
+        print(f"fedlora: error: {exc.strerror or exc}{where}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 2
     return 0
 

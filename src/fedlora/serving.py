@@ -35,6 +35,7 @@ from .core.tensors import StateDict
 from .data.suites import TEMPLATE
 from .data.tokenize import Encoded, encode_prompt, encode_texts
 from .engines.checkpoint import checkpoint_id, load_checkpoint, restore_server
+from .engines.rundir import hold_run_dir
 from .engines.session import Session, build_session
 from .export_files import (
     MANIFEST,
@@ -68,7 +69,13 @@ def run_config(run_dir: Path) -> Path:
 
 def export_client(run_dir: str | Path, client_id: str, out_dir: str | Path, save_base: bool | None = None) -> Path:
     """Write client `client_id`'s personalized model after the run's last checkpoint into `out_dir`, replacing an
-    earlier export there; `save_base` (default: when PEFT could not load the exact base otherwise) adds `base/`."""
+    earlier export there; `save_base` (default: when PEFT could not load the exact base otherwise) adds `base/`.
+    The run directory is locked meanwhile: a run still writing it refuses the export (and the other way round)."""
+    with hold_run_dir(Path(run_dir)):
+        return _export_client(run_dir, client_id, out_dir, save_base)
+
+
+def _export_client(run_dir: str | Path, client_id: str, out_dir: str | Path, save_base: bool | None) -> Path:
     from .engines.nodestate import client_state_of, copy_export
 
     run_dir, out = Path(run_dir), Path(out_dir)

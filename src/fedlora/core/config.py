@@ -293,6 +293,22 @@ class Config(Section):
         """Where the run writes its files."""
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
 
+    def with_absolute_paths(self, base: Path | None = None) -> "Config":
+        """A copy whose relative paths (the run directory, a dataset file or `hf:` directory, a local model
+        directory) are absolute against `base` (default: the working directory): what config.json records, and
+        what processes that run elsewhere read (flower-local's SuperLink, SuperNodes and ServerApp)."""
+        base = Path(base or Path.cwd())
+
+        def absolute(value: str, prefix: str = "") -> str:
+            path = Path(value.removeprefix(prefix))
+            return f"{prefix}{base / path}" if not path.is_absolute() and (base / path).exists() else value
+
+        dataset = self.data.dataset
+        data = {"dataset": absolute(dataset, "hf:" if dataset.startswith("hf:") else "")}
+        return self.model_copy(update={"output_dir": str(base / self.run_dir),
+                                       "data": self.data.model_copy(update=data),
+                                       "model": self.model.model_copy(update={"name": absolute(self.model.name)})})
+
     def with_overrides(self, overrides: list[str]) -> "Config":
         """A copy with `section.key=value` overrides applied (values parsed as YAML scalars)."""
         return build_config(apply_overrides(self.model_dump(), overrides))

@@ -52,9 +52,17 @@ class Checkpoint:
     directory: Path | None = None
 
 
+# the server's defences against bad updates: switched off (or changed) between a stop and its resume, the resumed
+# rounds would silently run another experiment than the ones before (federation's other keys may change: rounds)
+DEFENCES = ("update_clip", "update_clip_factor", "max_update_norm", "aggregation", "trim_fraction")
+
+
 def config_hashes(config: dict[str, Any]) -> dict[str, str]:
-    """The sha256 of each of a config's VERIFIED_SECTIONS, as config.json holds them."""
-    return {s: sha256_text(json.dumps(config.get(s), sort_keys=True, default=str)) for s in VERIFIED_SECTIONS}
+    """The sha256 of each of a config's VERIFIED_SECTIONS, as config.json holds them, and of its defences."""
+    hashes = {s: sha256_text(json.dumps(config.get(s), sort_keys=True, default=str)) for s in VERIFIED_SECTIONS}
+    federation = config.get("federation") if isinstance(config.get("federation"), dict) else {}
+    defences = {k: federation.get(k) for k in DEFENCES}
+    return {**hashes, "federation (defences)": sha256_text(json.dumps(defences, sort_keys=True, default=str))}
 
 
 def _provenance(run_dir: Path) -> dict[str, Any]:
@@ -98,8 +106,29 @@ def checkpoint_id(run_dir: Path) -> str | None:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    """Whether a run directory has a latest checkpoint (complete or not: loading tells)."""
-    return (Path(run_dir) / CHECKPOINT_DIR / "latest.json").is_file()
+    """Whether a run directory has a checkpoint: a latest one, or a round directory whose latest.json was lost
+    (complete or not: loading tells)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    return (root / "latest.json").is_file() or bool(_round_dirs(root))
+
+
+def _round_dirs(root: Path) -> list[Path]:
+    """The round directories of a checkpoint that hold a manifest, newest first."""
+    found = [d for d in root.glob("round-*") if _ROUND_DIR.fullmatch(d.name) and (d / MANIFEST).is_file()] \
+        if root.is_dir() else []
+    return sorted(found, key=lambda d: int(d.name.removeprefix("round-")), reverse=True)
+
+
+def _latest(root: Path) -> dict[str, Any]:
+    """latest.json; without it (deleted, or lost by a crash), the newest round directory, which is then verified
+    like any checkpoint and never deleted."""
+    if (root / "latest.json").is_file():
+        return load_json(root / "latest.json")
+    newest = _round_dirs(root)[0]
+    manifest = load_json(newest / MANIFEST)
+    log.warning("%s is missing: resuming from %s, the newest round directory (its files are verified against its "
+                "manifest before use)", root / "latest.json", newest)
+    return {"round": manifest.get("round") if isinstance(manifest, dict) else None, "dir": newest.name}
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:
@@ -108,7 +137,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     root = run_dir / CHECKPOINT_DIR
     if not has_checkpoint(run_dir):
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from ({root / 'latest.json'} is missing)")
-    latest = load_json(root / "latest.json")
+    latest = _latest(root)
     name = latest.get("dir") if isinstance(latest, dict) else None
     if not isinstance(name, str) or not _ROUND_DIR.fullmatch(name):  # it is joined to a path: never `..`
         raise CheckpointError(f"{root / 'latest.json'} names {name!r}, not a round directory of this checkpoint; "

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from ..algorithms import ClientInfo, ClientState, Payload, Reply
 from ..core.config import Config
-from ..core.io import json_text, save_text
+from ..core.io import save_text
 from .checkpoint import Checkpoint, check_split
 from .loop import federate
 from .observers import Observer
 from .results import RunResult
+from .rundir import split_text
 from .runtime import ClientRuntime, Evaluation, auto_client_batch
 from .session import build_session
 
@@ -83,9 +84,10 @@ def run_inprocess(cfg: Config, run_dir: Path, resume: Checkpoint | None = None,
                   records: list[dict] | None = None) -> RunResult:
     """Run (or, from a checkpoint and the records before it, continue) a config in this process."""
     s = build_session(cfg)
-    split = json_text([c.to_json() for c in s.clients])
-    if resume is not None:  # the data on disk may have changed under a stopped run
+    split = split_text(s.clients)
+    if resume is not None:  # the data on disk may have changed under a stopped run, or the checkpoint's files
         check_split(run_dir, resume, split)
+        s.runtime.check_states(resume.client_states, str(resume.directory))
     save_text(run_dir / "clients.json", split)
     with s.runtime:  # stops a client's data-parallel workers, also when the run fails
         return federate(cfg, s.server, InProcessTransport(s.runtime, s.infos), s.infos, run_dir, resume, records)

@@ -9,6 +9,7 @@ observers of the rounds (observers.py), not steps of them.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Protocol
@@ -57,13 +58,13 @@ def federate(config: Config, server: ServerAlgorithm, transport: Transport, clie
         log.warning("%s: %s", config.algorithm.name, warning)
     records = list(records or [])
     first = _restore(server, transport, ledger, resume, records, run_dir) if resume else 1
-    if first <= fed.rounds:
-        ledger.before_round(first)  # a budget spent before this command did anything is an error, not a stop
     watch = Observers(ledger, open_tracker(config, run_dir), ProgressBar() if config.engine.progress else None)
     with watch:
         watch.run_started(first, fed.rounds)
         if fed.eval_at_start and first == 1:
             _record(run_dir, records, {"round": 0, **evaluate(0, ids, server, transport, clients, watch)}, watch)
+        if first <= fed.rounds:  # a budget spent before this command trained anything: an error (round 0 written)
+            ledger.before_round(first)
         for rnd in range(first, fed.rounds + 1):
             try:
                 watch.before_round(rnd)
@@ -113,8 +114,10 @@ def accept(rnd: int, config: Config, server: ServerAlgorithm, payloads: dict[str
     fed = config.federation
     replies = dict(replies)
     for cid in list(replies):
+        weight = server.weight(cid)
         problem = (reply_problem(replies[cid], payloads[cid], server.spec, fed.max_update_norm,
                                  server.heterogeneous_ranks)
+                   or (None if math.isfinite(weight) and weight > 0 else f"its aggregation weight is {weight!r}")
                    or server.reply_problem(rnd, cid, replies[cid]))
         if problem:
             failures[cid] = f"update rejected: {problem}"

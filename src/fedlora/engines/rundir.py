@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from ..core.errors import ConfigError
+from ..core.io import json_text
 
 log = logging.getLogger("fedlora")
 
@@ -41,6 +46,13 @@ def is_run_dir(run_dir: Path) -> bool:
     return own and telling
 
 
+def holds_states(run_dir: Path) -> bool:
+    """Whether trained state lies below the top of a run directory: a Flower node's (nodes/), or a flower-local
+    ServerApp's checkpoint that a kill kept from moving up (federation/server*/checkpoint)."""
+    nodes = run_dir / "nodes"
+    return (nodes.is_dir() and any(nodes.iterdir())) or any(run_dir.glob("federation/server*/checkpoint"))
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Create the run directory; an existing run is replaced only with `overwrite`, anything else never."""
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -49,13 +61,47 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
                               "choose an empty or new directory")
         # a run that failed before its first round holds nothing to lose: start it again without asking
         has_results = any(run_dir.glob("metrics.jsonl")) or any(run_dir.glob("*/metrics.jsonl")) \
-            or (run_dir / "checkpoint").exists()
+            or (run_dir / "checkpoint").exists() or holds_states(run_dir)
         if has_results and not overwrite:
             raise ConfigError(f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
                               "(resume_experiment), replace it with --overwrite (overwrite=True), or choose "
                               "another output_dir")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def split_text(clients: list) -> str:
+    """clients.json's text: the data split (each client's id, task, labels and example ids), as every engine and
+    a checkpoint's manifest (its sha256) record it."""
+    return json_text([c.to_json() for c in clients])
+
+
+def lock_path(run_dir: Path) -> Path:
+    """The lock file of a run directory: beside it (inside, `--overwrite` would delete it while held)."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.parent / f".{run_dir.name}.fedlora-lock"
+
+
+@contextmanager
+def hold_run_dir(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on a run directory while a command runs, resumes, exports or reports it: a second fedlora
+    process is refused at once, naming the holder. The operating system releases the lock of a killed process
+    (flock), so a stale lock is taken over by the next command."""
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=0, is_singleton=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = path.read_text().strip() if path.is_file() else ""
+        raise ConfigError(f"run directory {run_dir} is in use by another fedlora process "
+                          f"(pid {holder or 'unknown'}); wait for it to end (or stop it), or choose another "
+                          "output_dir") from None
+    try:
+        path.write_text(f"{os.getpid()}\n")  # for the refusal above: the lock itself is the open file's flock
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager

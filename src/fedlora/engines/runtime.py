@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..adapters import AdaptedModel
+from ..adapters.model import require_shapes
 from ..algorithms import ClientAlgorithm, available_methods, ClientContext, ClientState, Diagnostic, Payload, Personalized, Reply
 from ..core.config import Config
 from ..core.devices import model_device
@@ -85,6 +86,15 @@ class ClientRuntime:
             hint = "" if name in takers else \
                 f"; per-client ranks work with {', '.join(takers)}; otherwise set lora.r and drop clients.lora_r"
             raise ConfigError(f"algorithm {name!r} cannot train the ranks in clients.lora_r: {problem}{hint}")
+
+    def check_states(self, states: dict[str, ClientState], where: str) -> None:
+        """Refuse (CheckpointError, naming the client) a saved client state whose private head does not fit this
+        model: at resume, once, rather than as that client's failure in every round."""
+        params = dict(self.adapted.model.named_parameters())
+        shapes = {n: tuple(params[n].shape) for n in self.adapted.head_names}
+        for cid, state in states.items():
+            if HEAD in state.states:
+                require_shapes(state.states[HEAD], shapes, f"client {cid}'s head in {where}")
 
     def workers(self, n: int) -> Workers:
         """n data-parallel workers for a local round; the helper pool starts on first use and is reused

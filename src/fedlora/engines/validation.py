@@ -25,6 +25,13 @@ if TYPE_CHECKING:  # only an annotation; the runtime pulls in the training stack
     from .runtime import Evaluation
 
 UNIT_METRICS = ("accuracy", "macro_f1", "exact_match")  # fractions, like every rouge* score
+# An evaluation's loss is a mean cross-entropy: a uniform guess over a 150k-token vocabulary gives 12, so a loss
+# above LOSS_LIMIT is no measurement; any other metric a task does not declare is bounded by METRIC_LIMIT (a
+# perplexity of a random 150k-vocabulary model is 1.5e5). Either way one node cannot make the run's mean absurd.
+LOSS_LIMIT = 1e4
+METRIC_LIMIT = 1e6
+# an example count beyond this is a lie (and near it float weights lose their meaning)
+MAX_EXAMPLES = 10**12
 
 
 def _number_problem(what: str, value: object) -> str | None:
@@ -49,10 +56,13 @@ def metrics_problem(metrics: object, what: str = "metric") -> str | None:
     return None
 
 
-def count_problem(value: object) -> str | None:
-    """Why `value` is not a usable example count (a non-negative int), or None."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return f"num_examples must be a non-negative integer, got {value!r:.80}"
+def count_problem(value: object, minimum: int = 0) -> str | None:
+    """Why `value` is not a usable example count (an int in [minimum, MAX_EXAMPLES]), or None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"num_examples must be an integer, got {value!r:.80}"
+    if not minimum <= value <= MAX_EXAMPLES:
+        shown = repr(value) if abs(value) < 10**15 else f"an integer of {value.bit_length()} bits"
+        return f"num_examples must be between {minimum} and {MAX_EXAMPLES:.0e}, got {shown}"
     return None
 
 
@@ -66,8 +76,10 @@ def evaluation_problem(evaluation: Evaluation) -> str | None:
     for key, value in evaluation.metrics.items():
         if (key in UNIT_METRICS or key.startswith("rouge")) and not 0 <= value <= 1:
             return f"metric {key!r} is {value!r}, outside [0, 1]"
-        if key == "loss" and value < 0:
-            return f"metric 'loss' is {value!r}, negative"
+        if key == "loss" and not 0 <= value <= LOSS_LIMIT:
+            return f"metric 'loss' is {value!r}, outside [0, {LOSS_LIMIT:g}]"
+        if key != "loss" and abs(value) > METRIC_LIMIT:
+            return f"metric {key!r:.80} is {value!r}, beyond +-{METRIC_LIMIT:g}"
     if not isinstance(evaluation.diagnostics, dict):
         return f"the diagnostics are a {type(evaluation.diagnostics).__name__}, not a mapping"
     for key, value in evaluation.diagnostics.items():

@@ -54,4 +54,12 @@ def run_local(cfg: Config, run_dir: Path, resume: Checkpoint | None = None,
     return run_local_deployment(cfg, run_dir, resume, records)
 
 
-__all__ = ["run_local", "run_simulation"]
+def adopt_stopped_server(run_dir: Path) -> None:
+    """A flower-local run killed mid-run: its ServerApp's checkpoint and records, still in federation/server/,
+    become the run's (when newer than what the run directory holds), so `--resume` continues from them."""
+    from .local import adopt_stopped_server as adopt
+
+    adopt(Path(run_dir))
+
+
+__all__ = ["adopt_stopped_server", "run_local", "run_simulation"]

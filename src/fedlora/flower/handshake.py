@@ -88,7 +88,7 @@ def _hello(reply: Message, admitted: list[str] | None) -> tuple[dict[str, Any], 
     if problem:
         return info, f"its client id {cid!r:.120} is not a safe name: {problem}"
     if admitted is not None and cid not in admitted:
-        return info, f"it claims client {cid!r}, which engine.clients does not admit"
+        return info, f"it claims client {cid!r}, which this run does not admit (engine.clients, else the experiment's split)"
     if not isinstance(task, str) or not 0 < len(task) <= MAX_NAME_LENGTH:
         return info, f"its task {task!r:.120} is not a string of 1 to {MAX_NAME_LENGTH} characters"
     order = info.get("order")
@@ -97,7 +97,7 @@ def _hello(reply: Message, admitted: list[str] | None) -> tuple[dict[str, Any], 
     state_dir = info.get("state_dir")
     if state_dir is not None and not (isinstance(state_dir, str) and len(state_dir) <= MAX_PATH_LENGTH):
         return info, f"its state_dir {state_dir!r:.120} is not a path of at most {MAX_PATH_LENGTH} characters"
-    problem = count_problem(info.get("num_examples"))
+    problem = count_problem(info.get("num_examples"), minimum=1)  # a client without training data takes no part
     return info, problem and f"malformed reply: {problem}"
 
 

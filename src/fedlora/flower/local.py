@@ -201,12 +201,18 @@ class LocalFederation:
 def run_local_deployment(cfg: Config, run_dir: Path, resume: Checkpoint | None = None,
                          records: list[dict] | None = None, timeout: float | None = None) -> RunResult:
     """Run `cfg` on a local federation: one SuperNode process per client of its split, TLS and authentication on."""
+    from ..core.io import save_text
     from ..data.federated import build_clients
     from ..engines.results import RunResult
+    from ..engines.rundir import split_text
 
     del records  # resumed, the ServerApp reads them from the run directory itself (it is another process)
-    run_dir = Path(run_dir)
-    clients = [c.client_id for c in build_clients(cfg.data, cfg.seed)]
+    # every Flower process runs in a directory of its own: paths relative to this command's would break there
+    run_dir = Path(run_dir).resolve()
+    cfg = cfg.with_absolute_paths().model_copy(update={"output_dir": str(run_dir)})
+    split = build_clients(cfg.data, cfg.seed)
+    save_text(run_dir / "clients.json", split_text(split))  # the split, as every engine writes it
+    clients = [c.client_id for c in split]
     # engine.name stays flower-local: the ServerApp records the engine that ran it
     cfg = cfg.with_overrides([f"engine.num_clients={len(clients)}"])
     workdir = run_dir / "federation"
@@ -215,8 +221,7 @@ def run_local_deployment(cfg: Config, run_dir: Path, resume: Checkpoint | None =
     server_dir = (workdir / "server").resolve()  # the ServerApp runs in the SuperLink's working directory
     # every SuperNode keeps its state under the run directory, where export/predict of the run find it
     nodes = (run_dir / "nodes").resolve()
-    if resume is not None:
-        set_aside_federation(workdir)
+    set_aside_federation(workdir)  # resumed, or started over after a kill: the ServerApp needs a directory of its own
     from .warm import WARM_KEY
 
     warm = {} if cfg.engine.warm_clients else {WARM_KEY: "false"}
@@ -250,6 +255,26 @@ def set_aside_federation(workdir: Path) -> None:
         os.replace(server, workdir / f"server-{n}")
     for path in workdir.glob("superlink.db*"):
         path.unlink()
+
+
+def adopt_stopped_server(run_dir: Path) -> None:
+    """Before `--resume` of a flower-local run: a ServerApp killed with its run (SIGKILL: no `finally` moved its
+    results up) left them in federation/server/; they replace the run directory's when their checkpoint is newer."""
+    import json
+
+    server_dir = run_dir / "federation" / "server"
+    latest = server_dir / "checkpoint" / "latest.json"
+    if not latest.is_file():
+        return
+    def round_of(path: Path) -> int:
+        try:
+            return int(json.loads(path.read_text()).get("round", -1))
+        except (OSError, ValueError, AttributeError, TypeError):
+            return -1
+    if round_of(latest) > round_of(run_dir / "checkpoint" / "latest.json"):
+        log.warning("%s holds the stopped ServerApp's checkpoint of round %d: it becomes the run's", server_dir,
+                    round_of(latest))
+        adopt_server_results(server_dir, run_dir)
 
 
 def adopt_server_results(server_dir: Path, run_dir: Path) -> None:

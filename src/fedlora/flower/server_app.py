@@ -101,7 +101,9 @@ def _serve(cfg: Config, grid: Grid, run_dir: Path, resume: Checkpoint | None = N
                            LoadOptions("cpu", cfg.model.revision, cfg.model.trust_remote_code))
     spec = AdaptedModel(base.model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.target_modules).spec
     server, _ = build(cfg.algorithm.name, cfg.algorithm.active_options, spec, cfg.seed, aggregation_of(cfg))
-    # engine.clients: only the operator's data owners take part
+    admitted = admitted_ids(cfg)
+    log.info("handshake: admitting client ids %s%s", ", ".join(admitted),
+             f" (at most engine.num_clients={cfg.engine.num_clients})" if cfg.engine.num_clients else "")
     # the run directory the checkpoint belongs to (<run>/checkpoint/round-k): flower-local's ServerApp runs in
     # a directory of its own, next to the nodes' run
     recorded = read_nodes(resume.directory.parent.parent) if resume is not None and resume.directory else None
@@ -109,11 +111,16 @@ def _serve(cfg: Config, grid: Grid, run_dir: Path, resume: Checkpoint | None = N
     run_id = str((recorded or {}).get("run") or new_run_id())
     started = time.monotonic()
     found = handshake(grid, cfg.engine.num_clients or 1, cfg.engine.handshake_timeout,
-                      cfg.federation.min_clients, cfg.engine.clients, run_id)
+                      cfg.federation.min_clients, admitted, run_id)
     # the nodes' start-up (a node builds its model and data on its first message): benchmarks/engines.py reads it
     log.info("handshake: %d nodes answered in %.1f s", len(found), time.monotonic() - started)
     # the split's order where nodes use it, then client id (nodes with their own data all report 0)
     order = sorted(found, key=lambda cid: (found[cid][1]["order"], cid))
+    cap = cfg.engine.num_clients
+    for cid in order[cap:] if cap else []:  # never more clients than the operator asked for
+        log.warning("handshake: node %s left out: it claims client %r, but engine.num_clients=%d are admitted "
+                    "already", found[cid][0], cid, cap)
+    order = order[:cap] if cap else order
     clients = [ClientInfo(cid, found[cid][1]["num_examples"], found[cid][1]["task"]) for cid in order]
     where = {**(recorded or {}).get("nodes", {}), **{cid: found[cid][1].get("state_dir") or "" for cid in order}}
     engine = cfg.engine.name if cfg.engine.name in LOCAL_ENGINES else DEPLOYMENT
@@ -124,6 +131,22 @@ def _serve(cfg: Config, grid: Grid, run_dir: Path, resume: Checkpoint | None = N
                       resume, records)
     if result.rounds:  # each node writes its personalized model after the last round into its state-dir
         transport.write_node_models(result.rounds[-1]["round"])
+
+
+def admitted_ids(cfg: Config) -> list[str]:
+    """The client ids a run admits: engine.clients, else the ids of the experiment's split (a node claiming any other
+    is left out); a server that can build neither refuses to start."""
+    if cfg.engine.clients:
+        return list(cfg.engine.clients)
+    from ..core.errors import DataError
+    from ..data.federated import build_clients
+
+    try:
+        return [c.client_id for c in build_clients(cfg.data, cfg.seed)]
+    except DataError as exc:
+        raise ConfigError(f"engine.clients is not set, and the server cannot build the experiment's split to know "
+                          f"its client ids ({exc}); list the data owners the run admits in engine.clients "
+                          "(`fedlora deploy app ... --clients ID,ID` or `--credentials DIR`)") from None
 
 
 def make_server_app(cfg: Config | None = None, resume: Checkpoint | None = None,

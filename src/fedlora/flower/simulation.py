@@ -9,8 +9,10 @@ import torch
 
 from ..core.config import Config, build_config
 from ..core.errors import ConfigError
+from ..core.io import save_text
 from ..engines.checkpoint import Checkpoint
 from ..engines.results import RunResult
+from ..engines.rundir import split_text
 from .client_app import make_client_app
 from .server_app import make_server_app
 
@@ -24,7 +26,9 @@ def run_flower_simulation(cfg: Config, run_dir: Path, resume: Checkpoint | None 
 
     from ..data.federated import build_clients
 
-    n_clients = len(build_clients(cfg.data, cfg.seed))
+    clients = build_clients(cfg.data, cfg.seed)
+    save_text(run_dir / "clients.json", split_text(clients))  # the split, as every engine writes it
+    n_clients = len(clients)
     cfg = build_config({**cfg.model_dump(), "engine": {**cfg.engine.model_dump(), "num_clients": n_clients}})
     cpus = cfg.engine.cpus or os.cpu_count() or 1
     gpus = torch.cuda.device_count() if cfg.engine.client_gpus else 0
