@@ -113,11 +113,11 @@ def test_an_outside_method_runs_with_dp_resumes_exactly_and_exports(installed_ex
     reason="set FEDLORA_DEPLOYMENT_TESTS=1 (3 minutes of real Flower processes; test_deployment runs flower-local)"))])
 def test_an_outside_method_resumed_privately_on_flower_gives_the_in_process_numbers(installed_example, tmp_path,
                                                                                     engine):
-    """Stopped after round 2 and resumed to 3 on a Flower engine, with DP: the uninterrupted in-process run's numbers."""
-    whole = run_experiment(_config(tmp_path, "inproc", privacy=PRIVATE, algorithm=UNIFORM))
-    run_experiment(_config(tmp_path, engine, privacy=PRIVATE, algorithm=UNIFORM, federation={"rounds": 2},
+    """Stopped after round 1 and resumed to 2 on a Flower engine, with DP: the uninterrupted in-process run's numbers."""
+    whole = run_experiment(_config(tmp_path, "inproc", privacy=PRIVATE, algorithm=UNIFORM, federation={"rounds": 2}))
+    run_experiment(_config(tmp_path, engine, privacy=PRIVATE, algorithm=UNIFORM, federation={"rounds": 1},
                            engine={"name": engine, "num_clients": 4, "progress": False}))
-    resumed = resume_experiment(tmp_path / engine, rounds=3)
+    resumed = resume_experiment(tmp_path / engine, rounds=2)
     assert [r["round"] for r in resumed.rounds] == [r["round"] for r in whole.rounds]
     # #37/#38: every engine writes the split at the top of its run directory
     assert (tmp_path / engine / "clients.json").read_text() == (tmp_path / "inproc" / "clients.json").read_text()

@@ -300,13 +300,12 @@ class Config(Section):
         base = Path(base or Path.cwd())
 
         def absolute(value: str, prefix: str = "") -> str:
-            path = Path(value.removeprefix(prefix))
-            return f"{prefix}{base / path}" if not path.is_absolute() and (base / path).exists() else value
+            path = base / value.removeprefix(prefix)  # an absolute value stays itself
+            return f"{prefix}{path}" if path.exists() else value  # a name (minilm, wordnet-demo) stays a name
 
-        dataset = self.data.dataset
-        data = {"dataset": absolute(dataset, "hf:" if dataset.startswith("hf:") else "")}
+        dataset = absolute(self.data.dataset, "hf:" if self.data.dataset.startswith("hf:") else "")
         return self.model_copy(update={"output_dir": str(base / self.run_dir),
-                                       "data": self.data.model_copy(update=data),
+                                       "data": self.data.model_copy(update={"dataset": dataset}),
                                        "model": self.model.model_copy(update={"name": absolute(self.model.name)})})
 
     def with_overrides(self, overrides: list[str]) -> "Config":
