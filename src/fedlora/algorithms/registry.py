@@ -61,11 +61,12 @@ def register_method(name: str, server: type[ServerAlgorithm], client: type[Clien
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise ConfigError(f"method {name!r}: its {what} must be a subclass of fedlora's {base.__name__}, "
                               f"got {cls!r}")
-    if name in METHODS and not replace and METHODS[name] != Method(name, server, client, options, summary):
+    method = Method(name, server, client, options, summary or (server.__doc__ or "").strip().split("\n")[0])
+    if name in METHODS and not replace and METHODS[name] != method:  # the same registration twice is harmless
         raise ConfigError(f"a method {name!r} is registered already ({METHODS[name].server.__module__}); pick "
                           "another name, or pass replace=True to override it")
-    METHODS[name] = Method(name, server, client, options, summary or (server.__doc__ or "").strip().split("\n")[0])
-    return METHODS[name]
+    METHODS[name] = method
+    return method
 
 
 def load_entry_points() -> None:
