@@ -63,12 +63,12 @@ def federate(config: Config, server: ServerAlgorithm, transport: Transport, clie
         watch.run_started(first, fed.rounds)
         if fed.eval_at_start and first == 1:
             _record(run_dir, records, {"round": 0, **evaluate(0, ids, server, transport, clients, watch)}, watch)
-        if first <= fed.rounds:  # a budget spent before this command trained anything: an error (round 0 written)
-            ledger.before_round(first)
         for rnd in range(first, fed.rounds + 1):
             try:
                 watch.before_round(rnd)
             except StopRun as exc:  # the privacy budget: the last round ends the run as if it were planned so
+                if rnd == first:  # spent before this command trained anything: an error (round 0 is written)
+                    raise
                 log.warning("%s", exc)
                 if records and "eval" not in records[-1]:
                     records[-1].update(evaluate(rnd - 1, ids, server, transport, clients, watch))
