@@ -1,11 +1,13 @@
 """Poisoning attacks against the averaging methods, with and without fedlora's defences, side by side.
 
-One client (the attacker) multiplies its update, the state it sends minus what it started from, by a factor
-(x100, x1e6, or -1: a sign flip); every other client is honest. Each attack runs with no defence
+One client (the attacker) multiplies its update, the state it sends minus what it started from (what the server
+sent, else the run's shared seeded LoRA init: FedLEASE's warm-up LoRA), by a factor (x100, x1e6, or -1: a sign
+flip); every other client is honest. Each attack runs with no defence
 (`update_clip = None`, mean), with the default adaptive update clip, and with the clip plus the coordinate-wise
 median. Reported: the honest clients' final accuracy (mean over tasks), and how often an honest update was
-clipped (the clip's cost in an honest run). Results: benchmarks/results/robustness.{md,json,png}.
-Usage: python benchmarks/robustness.py [--quick] [--methods fedit fedalt fedlease]
+clipped (the clip's cost in an honest run). Results: benchmarks/results/robustness.{md,json,png}; rows of
+methods not run this time are kept from the existing json.
+Usage: python benchmarks/robustness.py [--quick] [--methods fedit fedalt fedlease fdlora]
 """
 
 from __future__ import annotations
@@ -44,10 +46,16 @@ def poisoned_fit(factor: float):
     def fit(self, cid, rnd, payload, state):
         reply, new_state = original(self, cid, rnd, payload, state)
         if cid == ATTACKER and factor != 1.0:
-            reply.states = {n: amplified(s, payload.states.get(n) or {}, factor) for n, s in reply.states.items()}
+            reply.states = {n: amplified(s, payload.states.get(n) or _init_for(self.lora_init(), s), factor)
+                            for n, s in reply.states.items()}
         return reply, new_state
 
     return fit
+
+
+def _init_for(init: dict, state: dict) -> dict:
+    """The seeded LoRA init as the start of a fresh LoRA of its shapes (the server's start too), else none."""
+    return init if set(state) == set(init) and all(state[k].shape == init[k].shape for k in state) else {}
 
 
 def run(method: str, attack: str, defence: str, quick: bool) -> dict:
@@ -113,7 +121,9 @@ def write(rows: list[dict], out: Path, command: str, quick: bool) -> None:
                              f"{100 * r['honest_accuracy']:.1f} ({r['honest_clipped']} / {r['attacker_clipped']})")
             lines.append(f"| {a} | " + " | ".join(parts) + " |")
         lines.append("")
-    lines += [f"![robustness]({stem}.png)", "", f"Command: `{command}`", ""]
+    commands = list(dict.fromkeys(r.get("command") or command for r in rows))
+    lines += [f"![robustness]({stem}.png)", "", "Command" + "s" * (len(commands) > 1) + ": "
+              + ", ".join(f"`{c.strip()}`" for c in commands), ""]
     (out / f"{stem}.md").write_text("\n".join(lines))
     fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.8), squeeze=False)
     width = 0.8 / len(DEFENCES)
@@ -131,18 +141,22 @@ def write(rows: list[dict], out: Path, command: str, quick: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, 3 short rounds (a CI smoke run)")
-    ap.add_argument("--methods", nargs="+", default=["fedit", "fedalt", "fedlease"])
+    ap.add_argument("--methods", nargs="+", default=["fedit", "fedalt", "fedlease", "fdlora"])
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    previous = args.out / ("robustness_quick.json" if args.quick else "robustness.json")
+    old = json.loads(previous.read_text()) if previous.is_file() else {"rows": []}
+    kept = [{"command": old.get("command"), **r} for r in old["rows"] if r["method"] not in args.methods]
+    command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:])
     rows = []
     for method in args.methods:
         for attack in ATTACKS:
             for defence in DEFENCES:
-                rows.append(run(method, attack, defence, args.quick))
+                rows.append({**run(method, attack, defence, args.quick), "command": command})
                 r = rows[-1]
                 print(f"{method:9s} {attack:9s} {defence:14s} honest acc {100 * r['honest_accuracy']:5.1f} "
                       f"clipped {r['honest_clipped']}/{r['attacker_clipped']} ({r['seconds']:.0f} s)", flush=True)
-                write(rows, args.out, "python benchmarks/robustness.py " + " ".join(sys.argv[1:]), args.quick)
+                write(kept + rows, args.out, command, args.quick)
 
 
 if __name__ == "__main__":

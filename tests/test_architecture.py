@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # top to bottom: a module may import its own layer and those below it (docs/architecture.md)
 LAYERS = ["cli", "api", "flower", "reporting", "serving", "engines", "algorithms", "training", "export_files",
           "adapters", "data", "core", "configs"]  # configs: the built-in TOML files (a package for importlib.resources)
-MAX_LINES = 430  # "about 400": config.py (every section's model and loading) and reporting.py are the largest
+MAX_LINES = 440  # "about 400": config.py (every section's model and loading) and reporting.py are the largest
 
 
 def _modules() -> dict[str, Path]:

@@ -224,6 +224,21 @@ def test_by_key_clients_are_named_by_their_owner_and_merges_are_reported(tmp_pat
     assert [c.client_id for c in clients] == ["task-0", "alice"] and "holds the 2 owners ['Carol D.', 'bob']" in caplog.text
 
 
+def test_by_key_defaults_to_one_client_per_owner_in_each_task_and_an_error_names_the_task(tmp_path):
+    """#38 item 6: one clients_per_task for all tasks could not give tasks with 3 and 1 owners one client each."""
+    owners = {"qa": ["alice", "bob", "carol"], "chat": ["dave"]}
+    records = [{"text": f"{task} {o} {i}", "label": "ab"[i % 2], "owner": o, "task": task}
+               for task, names in owners.items() for o in names for i in range(6)]
+    data = write_jsonl(tmp_path / "owners.jsonl", records)
+    make = lambda **d: build_config(tiny_config(tmp_path, data={  # noqa: E731
+        "dataset": str(data), "tasks": None, "partition": "by_key", "partition_key": "owner", "clients_per_task": None,
+        "train_per_client": 3, "test_per_client": 2, **d})).data
+    assert [c.client_id for c in build_clients(make(), 0)] == ["chat-dave", "qa-alice", "qa-bob", "qa-carol"]
+    with pytest.raises(DataError, match=r"task 'chat' has 1 distinct 'owner' value\(s\), too few for "
+                                        r"data.clients_per_task=2 clients; lower it, or leave it unset"):
+        build_clients(make(clients_per_task=2), 0)
+
+
 def test_a_non_utf8_byte_names_the_file_and_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"text": "ok", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n')

@@ -102,3 +102,17 @@ def test_relative_paths_become_absolute_against_the_working_directory(tmp_path, 
     named = build_config({"model": {"name": "minilm"}, "data": {"dataset": "hf:data"}}).with_absolute_paths()
     assert named.model.name == "minilm" and named.data.dataset == f"hf:{tmp_path / 'data'}"  # names stay names
     assert named.output_dir == str(tmp_path / "runs" / "experiment")
+
+
+def test_the_old_name_max_update_norm_is_read_as_max_state_norm_and_old_checkpoints_still_verify():
+    from fedlora.core.config import FederationConfig
+    from fedlora.engines.checkpoint import config_hashes
+
+    assert FederationConfig.model_validate({"max_update_norm": 5.0}).max_state_norm == 5.0
+    assert FederationConfig.model_validate({"max_update_norm": None, "max_state_norm": 2.0}).max_state_norm == 2.0
+    with pytest.raises(ValueError, match="old name of max_state_norm"):
+        FederationConfig.model_validate({"max_update_norm": 5.0, "max_state_norm": 2.0})
+    assert load_config("demo", ["federation.max_update_norm=3"]).federation.max_state_norm == 3.0
+    assert (config_hashes({"federation": {"max_update_norm": 5.0}})
+            == config_hashes({"federation": {"max_state_norm": 5.0}})
+            != config_hashes({"federation": {"max_state_norm": 4.0}}))

@@ -68,6 +68,28 @@ def test_fedit_export_loads_with_auto_peft_and_gives_fedlora_logits(tmp_path):
     assert "PeftModel.from_pretrained" in (out / "README.md").read_text()
 
 
+def test_the_export_readme_code_runs_as_written_after_the_export_moved_and_truncates_as_fedlora_does(tmp_path):
+    """#38 item 5: the README's plain-PEFT lines left out truncation (a long text got another label) and named
+    the saved base by the absolute path it was exported to."""
+    import re
+    import shutil
+
+    run_experiment(tiny_config(tmp_path, federation={"rounds": 1}))
+    client = _fewest_labels(tmp_path / "run")
+    moved = tmp_path / "elsewhere"
+    shutil.move(export_client(tmp_path / "run", client["client_id"], tmp_path / "export"), moved)
+    readme = (moved / "README.md").read_text()
+    code = readme.split("## With plain transformers + PEFT")[1].split("```python")[1].split("```")[0]
+    code = re.sub(r"export = Path\(.*?\)", f"export = Path({str(moved)!r})", code)
+    long_text = " ".join(["the quick brown fox jumps over the lazy dog"] * 60)
+    assert "truncation=True" in code and "some text" in code
+    namespace: dict = {}
+    exec(code.replace("some text", long_text).replace("print(", "result = ("), namespace)  # noqa: S102
+    ours = load_personalized(moved)
+    label = ours.predict([long_text])[0]
+    assert [namespace["model"].config.id2label[i] for i in namespace["result"].tolist()] == [label]
+
+
 def test_fixed_weight_mixture_folds_into_one_lora_with_equal_logits(tmp_path):
     from peft import PeftModel
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from fedlora.adapters import AdapterSpec
-from fedlora.algorithms import ClientInfo, Reply, build
+from fedlora.algorithms import Aggregation, ClientInfo, Reply, build
 from fedlora.algorithms.clustering import b_distance_matrix, canonical, choose_clusters
 
 MODULES = (("l0.query", 8, 8), ("l0.value", 8, 8), ("l1.query", 8, 8), ("l1.value", 8, 8))
@@ -45,8 +45,8 @@ def test_silhouette_recovers_known_clusters_exactly():
     assert max(result.silhouette, key=result.silhouette.get) == 4 and set(result.silhouette) == set(range(2, 9))
 
 
-def run_warmup(options: dict, groups: list[int]):
-    server, client = build("fedlease", {"warmup_rounds": 2, **options}, SPEC, seed=0)
+def run_warmup(options: dict, groups: list[int], aggregation: Aggregation = Aggregation()):
+    server, client = build("fedlease", {"warmup_rounds": 2, **options}, SPEC, seed=0, aggregation=aggregation)
     ids = [f"c{i}" for i in range(len(groups))]
     server.setup([ClientInfo(c, 10) for c in ids])
     loras = grouped_loras(groups)
@@ -126,3 +126,13 @@ def test_late_client_joins_the_nearest_cluster():
     assert server.configure(2, ["late"])["late"].config["phase"] == "warmup"
     server.aggregate(2, {"late": Reply({"lora": loras[4]}, 10)})
     assert server.assignment["late"] == server.assignment["c"]
+
+
+def test_a_robust_rule_also_forms_the_experts_so_one_outsized_warm_up_lora_cannot_capture_one():
+    groups = [0, 0, 0, 1, 1, 1]
+    plain, ids, loras = run_warmup({}, groups)
+    server, _, _ = run_warmup({}, groups, Aggregation("median"))
+    assert server.assignment == plain.assignment  # B's cosine distance ignores scale: the clustering is the same
+    for e, members in enumerate([[0, 1, 2], [3, 4, 5]]):
+        for k in loras[0]:
+            torch.testing.assert_close(server.experts[e][k], torch.stack([loras[i][k] for i in members]).median(0).values)

@@ -12,6 +12,7 @@ from fedlora.adapters import AdapterSpec
 from fedlora.algorithms import Aggregation, ClientInfo, Payload, Reply, build
 from fedlora.core.config import FederationConfig
 from fedlora.core.errors import ConfigError
+from fedlora.core.seeding import generator
 from fedlora.core.tensors import coordinate_median, norm, trimmed_mean
 from fedlora.engines.clipping import clip_updates
 from fedlora.engines.runtime import ClientRuntime
@@ -71,6 +72,23 @@ def test_adaptive_clip_scales_an_outsized_update_to_the_bound_and_keeps_the_rest
     torch.testing.assert_close(fixed["a"].states["global"]["m.lora_B"], torch.full((2, 2), 1 + 0.5 * step))
     off, none = clip_updates(server, payloads, replies, FederationConfig(update_clip=None))
     assert off is replies and none == {}
+
+
+def test_a_fresh_lora_is_clipped_as_an_update_of_the_shared_seeded_init_not_as_a_whole_state():
+    # FedLEASE's warm-up LoRA: the server never sent it, but every client started it from the run's seeded init
+    server, _ = build("fedlease", {"warmup_rounds": 1}, SPEC, 0)
+    server.setup([ClientInfo(c, 1) for c in "abcd"])
+    payloads = server.configure(1, list("abcd"))
+    assert all(not p.states and p.expects == {"lora"} for p in payloads.values())
+    init = SPEC.init_lora(generator(0, "lora-init"))
+    step = full(0.01, 0.01)
+    honest = {k: init[k] + step[k] for k in init}
+    replies = {c: Reply({"lora": honest}, 1) for c in "abc"}
+    replies["d"] = Reply({"lora": {k: 100 * v for k, v in honest.items()}}, 1)  # x100 the whole LoRA, A included
+    out, clipped = clip_updates(server, payloads, replies, FederationConfig())
+    assert set(clipped) == {"d"}
+    sent = out["d"].states["lora"]
+    assert norm({k: sent[k] - init[k] for k in init}) == pytest.approx(10 * norm(step), rel=1e-5)  # 10 x the median
 
 
 def test_with_fewer_than_three_updates_the_adaptive_clip_does_nothing():

@@ -58,7 +58,7 @@ def test_bad_counts_metrics_and_norm():
     assert "between 0 and 1e+12" in check_reply(Reply({"global": expert()}, -1), SPEC)
     assert "finite number" in check_reply(Reply({"global": expert()}, 1, {"loss": math.nan}), SPEC)
     big = {k: v * 1e6 for k, v in expert().items()}
-    assert "max_update_norm" in check_reply(Reply({"global": big}, 1), SPEC, max_norm=100.0)
+    assert "max_state_norm" in check_reply(Reply({"global": big}, 1), SPEC, max_norm=100.0)
     assert check_reply(Reply({"global": expert()}, 1), SPEC, max_norm=100.0) is None
 
 

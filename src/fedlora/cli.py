@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
+import os
 import sys
 
 from rich.console import Console
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
         p.add_argument("--quiet", action="store_true", help="no progress display")
+        p.add_argument("--verbose", action="store_true",
+                       help="other libraries' warnings (Flower, Ray, torch) on the console too, not only in run.log")
 
     p = sub.add_parser("run", help="run one experiment from a TOML/YAML config or a built-in one (nlu-quick, ...)")
     p.add_argument("config", nargs="?", help=f"a TOML/YAML file or a built-in name ({', '.join(builtin_configs())})")
@@ -272,8 +276,19 @@ def main(argv: list[str] | None = None) -> int:
         args.host = ["127.0.0.1", "localhost"]
     from .core.errors import FedloraError
 
+    if getattr(args, "verbose", False):
+        os.environ["FEDLORA_VERBOSE"] = "1"  # the environment: Flower's processes started by this one see it too
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        print("fedlora: interrupted (what was checkpointed is kept: `fedlora run --resume RUN_DIR` continues a run)",
+              file=sys.stderr)
+        # a Flower simulation's server thread would keep the interpreter alive to its last round: leave now
+        # (every file fedlora writes is written atomically, and the run-directory lock is the kernel's)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except FedloraError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2

@@ -157,20 +157,35 @@ def export_readme(m: dict, out: Path) -> str:
 
 
 def _peft_lines(m: dict, where: str) -> list[str]:
-    """The exact code that loads expert_0 with transformers + PEFT (num_labels and id2label for a head)."""
+    """The exact code that loads expert_0 with transformers + PEFT (num_labels and id2label for a head) and feeds it
+    text as fedlora does (truncated to the run's data.max_length)."""
     base = m["peft"]["base_model_name_or_path"]
     if base is None:
         return ["No base model PEFT can load was saved with this export (export it with save_base=True)."]
+    saved = m["peft"]["base_saved"]
+    base_ref = 'export / "base"' if saved else repr(base)
     if m["model"]["objective"] == "classification":
         labels = dict(enumerate(label_names(m["labels"], m["peft"]["num_labels"])))
         cls, extra = "AutoModelForSequenceClassification", (
             f", num_labels={len(labels)},\n    id2label={labels!r},\n    label2id={ {v: k for k, v in labels.items()}!r}")
+        use = [f'inputs = tokenizer(["some text"], truncation=True, max_length={m["max_length"]}, padding=True, '
+               'return_tensors="pt")', "print(model(**inputs).logits.argmax(-1))  # label ids, as in id2label"]
     else:
         cls, extra = "AutoModelForCausalLM", ""
+        use = [f'inputs = tokenizer(["some text"], truncation=True, max_length={m["max_length"]}, return_tensors="pt")',
+               f"print(tokenizer.decode(model.generate(**inputs, do_sample=False, max_new_tokens={m['max_new_tokens']})"
+               "[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))"]
     same = "; plain PEFT gives fedlora's logits" if m["peft"]["exact"] else ""
-    return [f"One LoRA (a fixed-weight mixture is already folded into it){same}:", "", "```python", "from peft import PeftModel", f"from transformers import AutoTokenizer, {cls}",
-            "", f"base = {cls}.from_pretrained(\n    {base!r}{extra})",
-            f"model = PeftModel.from_pretrained(base, {where + '/expert_0'!r}).eval()",
-            f"tokenizer = AutoTokenizer.from_pretrained({base!r})", "```", "",
-            ("The logits have one column per label, in id2label's order; fedlora predicts their argmax."
-             if extra else "fedlora generates greedily (do_sample=False).")]
+    lines = [f"One LoRA (a fixed-weight mixture is already folded into it){same}:", "", "```python",
+             "from pathlib import Path", "", "from peft import PeftModel", f"from transformers import AutoTokenizer, {cls}",
+             "", f"export = Path({where!r})  # this directory: change it if you move the export",
+             f"base = {cls}.from_pretrained(\n    {base_ref}{extra})",
+             'model = PeftModel.from_pretrained(base, export / "expert_0").eval()',
+             f"tokenizer = AutoTokenizer.from_pretrained({base_ref})", *use, "```", "",
+             (f"Texts are truncated to {m['max_length']} tokens as fedlora's training and `fedlora predict` did (without "
+              "it a longer text can get another label); the logits have one column per label, in id2label's order."
+              if extra else "fedlora generates greedily (do_sample=False).")]
+    if not saved:
+        lines += ["", f"The base `{base}` is loaded by name: offline (HF_HUB_OFFLINE=1) it must already be in the "
+                  "Hugging Face cache of the machine that loads it (or export with save_base=True to carry it along)."]
+    return lines

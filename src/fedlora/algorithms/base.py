@@ -163,6 +163,11 @@ class ServerAlgorithm:
         if self.noise is not None:  # the uniform mean, noised as the sum of the clipped states is
             mean = weighted_mean(list(states.values()), [1.0] * len(states))
             return self.noise.noised_mean(mean, len(states), *sorted(states), min(mean, default=""))
+        return self.combine(states)
+
+    def combine(self, states: dict[str, StateDict]) -> StateDict:
+        """The states keyed by client id combined by the aggregation rule, without DP noise (for states already
+        noised one by one): the weighted mean, or the coordinate-wise median / trimmed mean."""
         if self.aggregation.rule == "median":
             return coordinate_median(list(states.values()))
         if self.aggregation.rule == "trimmed_mean":

@@ -73,13 +73,3 @@ def canonical(labels: Sequence[int]) -> list[int]:
     mapping: dict[int, int] = {}
     return [mapping.setdefault(int(x), len(mapping)) for x in labels]
 
-
-def cluster_means(states: Sequence[StateDict], labels: Sequence[int], weights: Sequence[float]) -> list[StateDict]:
-    """One weighted mean state per cluster label 0..M-1."""
-    from ..core.tensors import weighted_mean
-
-    out = []
-    for c in range(max(labels) + 1):
-        members = [i for i, lab in enumerate(labels) if lab == c]
-        out.append(weighted_mean([states[i] for i in members], [weights[i] for i in members]))
-    return out

@@ -22,7 +22,7 @@ from ..core.seeding import generator
 from ..core.tensors import StateDict
 from .base import (ClientAlgorithm, ClientContext, ClientInfo, ClientState, Options, Payload, Personalized, Reply,
                    ServerAlgorithm)
-from .clustering import b_distance_matrix, b_distances, choose_clusters, cluster_means
+from .clustering import b_distance_matrix, b_distances, choose_clusters
 
 
 class FedLEASEOptions(Options):
@@ -137,7 +137,9 @@ class FedLEASEServer(ServerAlgorithm):
         result = choose_clusters(b_distance_matrix([self.warm[c] for c in ids]), self.options.expert_limit)
         self.silhouette = result.silhouette
         self.assignment = dict(zip(ids, result.labels))
-        self.experts = cluster_means([self.warm[c] for c in ids], result.labels, [self.weight(c) for c in ids])
+        # the warm-up LoRAs were noised one by one under central DP: combined by the rule, not noised again
+        self.experts = [self.combine({c: self.warm[c] for c, label in self.assignment.items() if label == e})
+                        for e in range(result.n_clusters)]
 
     def _starting_expert(self, e: int, cid: str) -> StateDict:
         """Expert e as client cid receives it: the latest average, or under `expert_init = "own"`, until its

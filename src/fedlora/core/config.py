@@ -69,7 +69,8 @@ class DataConfig(Section):
     fields: dict[str, str] = Field(default_factory=dict, description="our field -> the file's field, e.g. text: sentence")
     hf_split: str = Field("train", description="split of an hf: dataset")
     tasks: list[str] | None = Field(None, description="task names to use (default: all of the dataset's)")
-    clients_per_task: int = Field(2, gt=0)
+    clients_per_task: int | None = Field(None, gt=0, description="clients per task (default: 2; under partition "
+                                         "'by_key', one client per distinct key value of the task)")
     partition: Literal["dirichlet", "iid", "by_key"] = "dirichlet"
     partition_key: str | None = Field(None, description="record field whose values define clients (by_key)")
     dirichlet_alpha: float = Field(0.5, gt=0)
@@ -125,7 +126,8 @@ class FederationConfig(Section):
     eval_every: int = Field(1, gt=0)
     eval_at_start: bool = Field(True, description="evaluate the untrained start as round 0")
     min_clients: int = Field(1, gt=0)
-    max_update_norm: float | None = Field(None, gt=0, description="reject a client state whose L2 norm is larger")
+    max_state_norm: float | None = Field(None, gt=0, description="reject a reply holding a state (the LoRA, router "
+                                         "etc. it sends, not its update) whose L2 norm is larger; None: off")
     round_timeout: float | None = Field(3600.0, gt=0, description="seconds to wait for a round's replies (Flower); "
                                         "a hung node then counts as failed; None: no limit")
     update_clip: float | Literal["adaptive"] | None = Field(
@@ -136,6 +138,16 @@ class FederationConfig(Section):
         "mean", description="how servers combine client states key by key: the (weighted) mean, or the unweighted "
         "coordinate-wise median / trimmed mean (robust to a minority of poisoned updates)")
     trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: the fraction cut from each end")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        # max_update_norm always bounded the state's norm, not the update's: renamed, still read from older configs
+        if isinstance(data, dict) and data.get("max_update_norm") is not None:
+            if data.get("max_state_norm") not in (None, data["max_update_norm"]):
+                raise ValueError("federation.max_update_norm is the old name of max_state_norm: set only max_state_norm")
+            data = {**data, "max_state_norm": data["max_update_norm"]}
+        return {k: v for k, v in data.items() if k != "max_update_norm"} if isinstance(data, dict) else data
 
 
 class ProportionalRule(Section):

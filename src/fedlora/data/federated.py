@@ -35,10 +35,13 @@ class ClientData:
                 "train": self.train, "test": self.test}
 
 
+DEFAULT_CLIENTS_PER_TASK = 2
+
 def load_records(cfg: DataConfig, seed: int) -> list[Record]:
     """Records of the configured suite, built-in dataset, file or HF dataset."""
     if cfg.suite:
-        pool = cfg.pool_per_task or 2 * cfg.clients_per_task * (cfg.train_per_client + cfg.test_per_client)
+        per_task = cfg.clients_per_task or DEFAULT_CLIENTS_PER_TASK
+        pool = cfg.pool_per_task or 2 * per_task * (cfg.train_per_client + cfg.test_per_client)
         return SUITES[cfg.suite](pool, seed)
     name = cfg.dataset
     if name in BUILTIN:
@@ -138,6 +141,21 @@ def owner_names(task: str, owners: list[list[str]], prefix: bool) -> list[str]:
     return names
 
 
+def clients_per_task(cfg: DataConfig, task: str, recs: list[Record]) -> int:
+    """How many clients split `task`: data.clients_per_task, else 2, or under by_key one per distinct key value
+    (tasks may have different owner counts); more clients than a by_key task has key values is an error."""
+    if cfg.partition != "by_key":
+        return cfg.clients_per_task or DEFAULT_CLIENTS_PER_TASK
+    if cfg.partition_key not in recs[0]:
+        raise DataError(f"partition_key {cfg.partition_key!r} is not a field of task {task!r}: {sorted(recs[0])}")
+    owners = len({str(r[cfg.partition_key]) for r in recs})
+    if cfg.clients_per_task and cfg.clients_per_task > owners:
+        raise DataError(f"task {task!r} has {owners} distinct {cfg.partition_key!r} value(s), too few for "
+                        f"data.clients_per_task={cfg.clients_per_task} clients; lower it, or leave it unset for one "
+                        "client per value")
+    return cfg.clients_per_task or owners
+
+
 def build_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
     """Split the data into `clients_per_task` clients per task, each with disjoint train/test splits."""
     records = load_records(cfg, seed)
@@ -153,27 +171,27 @@ def build_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
     clients: list[ClientData] = []
     for task in tasks:
         recs = by_task[task]
-        if len(recs) < 2 * cfg.clients_per_task:
+        per_task = clients_per_task(cfg, task, recs)
+        if len(recs) < 2 * per_task:
             fix = (f"lower data.clients_per_task to at most {len(recs) // 2} or add records" if len(recs) >= 2
                    else "add records")
-            raise DataError(f"task {task!r} has {len(recs)} record(s), too few for data.clients_per_task="
-                            f"{cfg.clients_per_task} clients with a train and a test example each; {fix}")
+            many = f"data.clients_per_task={per_task}" if cfg.clients_per_task else f"its {per_task}"
+            raise DataError(f"task {task!r} has {len(recs)} record(s), too few for {many} clients with a train and a "
+                            f"test example each; {fix}")
         check_fields(recs, f"task {task!r} of dataset {cfg.suite or cfg.dataset!r}")
         is_classification = "label" in recs[0]
         labels = label_names(recs, task) if is_classification else []
         rng = numpy_rng(seed, "partition", task)
         names = None
         if cfg.partition == "by_key":
-            if cfg.partition_key not in recs[0]:
-                raise DataError(f"partition_key {cfg.partition_key!r} is not a field of task {task!r}: {sorted(recs[0])}")
             keys = [r[cfg.partition_key] for r in recs]
-            parts = by_key(keys, cfg.clients_per_task)
+            parts = by_key(keys, per_task)
             names = owner_names(task, [sorted({str(keys[i]) for i in part}) for part in parts], len(tasks) > 1)
         elif cfg.partition == "dirichlet" and is_classification:
-            size = min(cfg.train_per_client + cfg.test_per_client, len(recs) // cfg.clients_per_task)
-            parts = dirichlet([r["label"] for r in recs], cfg.clients_per_task, cfg.dirichlet_alpha, size, rng)
+            size = min(cfg.train_per_client + cfg.test_per_client, len(recs) // per_task)
+            parts = dirichlet([r["label"] for r in recs], per_task, cfg.dirichlet_alpha, size, rng)
         else:
-            parts = iid(len(recs), cfg.clients_per_task, rng)
+            parts = iid(len(recs), per_task, rng)
         for c, part in enumerate(parts):
             cid = names[c] if names else safe_name(f"{task}-{c}", f"client id (task {task!r} + index)")
             if len(part) < 2:

@@ -54,14 +54,15 @@ class Checkpoint:
 
 # the server's defences against bad updates: switched off (or changed) between a stop and its resume, the resumed
 # rounds would silently run another experiment than the ones before (federation's other keys may change: rounds)
-DEFENCES = ("update_clip", "update_clip_factor", "max_update_norm", "aggregation", "trim_fraction")
+DEFENCES = ("update_clip", "update_clip_factor", "max_state_norm", "aggregation", "trim_fraction")
+RENAMED = {"max_state_norm": "max_update_norm"}  # hashed under the old name: checkpoints from before still verify
 
 
 def config_hashes(config: dict[str, Any]) -> dict[str, str]:
     """The sha256 of each of a config's VERIFIED_SECTIONS, as config.json holds them, and of its defences."""
     hashes = {s: sha256_text(json.dumps(config.get(s), sort_keys=True, default=str)) for s in VERIFIED_SECTIONS}
     federation = config.get("federation") if isinstance(config.get("federation"), dict) else {}
-    defences = {k: federation.get(k) for k in DEFENCES}
+    defences = {RENAMED.get(k, k): federation.get(k, federation.get(RENAMED.get(k, k))) for k in DEFENCES}
     return {**hashes, "federation (defences)": sha256_text(json.dumps(defences, sort_keys=True, default=str))}
 
 

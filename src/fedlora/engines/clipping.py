@@ -1,8 +1,9 @@
 """Update clipping (`federation.update_clip`): bound how far one client can move what the server aggregates.
 
 A client's update is the state it sends minus what it started from (`ServerAlgorithm.update_reference`:
-the state it received, FedALT's previous Individual LoRA, the cluster LoRA IFCA's client chose), or the
-state itself where the server knows no start (a warm-up or fresh LoRA). An update whose L2 norm exceeds the
+the state it received, FedALT's previous Individual LoRA, the cluster LoRA IFCA's client chose; else, for a
+LoRA the server never sent (FedLEASE's warm-up LoRA, a first Individual LoRA), the run's shared seeded LoRA
+init every client starts one from, as DP's clip takes it), or the state itself where no start is known. An update whose L2 norm exceeds the
 bound is scaled down to it: the bound is a fixed norm, or `update_clip_factor` x the median norm of the
 round's updates of that kind (state name, with or without a start), which an honest majority sets.
 """
@@ -14,6 +15,7 @@ from dataclasses import replace
 
 from ..algorithms import Payload, Reply, ServerAlgorithm
 from ..core.config import FederationConfig
+from ..core.seeding import generator
 from ..core.tensors import StateDict, norm
 
 MIN_FOR_MEDIAN = 3  # with fewer updates one poisoned update can be the median itself
@@ -26,11 +28,14 @@ def clip_updates(server: ServerAlgorithm, payloads: dict[str, Payload], replies:
     if cfg.update_clip is None or not replies:
         return replies, {}
     updates: dict[tuple[str, str], tuple[StateDict | None, float]] = {}
+    init = server.spec.init_lora(generator(server.seed, "lora-init"))
     for cid, reply in replies.items():
         for name, state in reply.states.items():
             ref = server.update_reference(cid, name, payloads[cid], reply)
-            if ref is not None and not _same_shapes(ref, state):
-                ref = None  # a start of another shape (HetLoRA at a new rank): the state is the update
+            if ref is None:
+                ref = init  # a fresh LoRA: without its init as the start, its A (kaiming, not small) is "the update"
+            if not _same_shapes(ref, state):
+                ref = None  # a start of another shape (a router, HetLoRA at a new rank): the state is the update
             delta = state if ref is None else {k: state[k] - ref[k] for k in state}
             updates[cid, name] = ref, norm(delta)
     bounds = _bounds(updates, cfg)

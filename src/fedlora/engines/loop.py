@@ -115,7 +115,7 @@ def accept(rnd: int, config: Config, server: ServerAlgorithm, payloads: dict[str
     replies = dict(replies)
     for cid in list(replies):
         weight = server.weight(cid)
-        problem = (reply_problem(replies[cid], payloads[cid], server.spec, fed.max_update_norm,
+        problem = (reply_problem(replies[cid], payloads[cid], server.spec, fed.max_state_norm,
                                  server.heterogeneous_ranks)
                    or (None if math.isfinite(weight) and weight > 0 else f"its aggregation weight is {weight!r}")
                    or server.reply_problem(rnd, cid, replies[cid]))

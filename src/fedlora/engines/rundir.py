@@ -104,11 +104,20 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
         lock.release()
 
 
+VERBOSE_ENV = "FEDLORA_VERBOSE"  # set by `--verbose`: other libraries' warnings on the console too
+
+
+def verbose() -> bool:
+    """Whether other libraries' warnings go to the console as well as to run.log (`--verbose`)."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
 @contextmanager
 def run_log(run_dir: Path):
-    """Everything to run.log; warnings also to the console (not through the root logger, which libraries
-    such as the GGUF loader configure and would otherwise echo every round). Nested in a run_log of the same
-    run (a simulation's ServerApp inside run_experiment's), it adds nothing: each line once."""
+    """Everything to run.log; fedlora's warnings also to the console (not through the root logger, which libraries
+    such as the GGUF loader configure and would otherwise echo every round). Other libraries' warnings (their
+    loggers and `warnings.warn`: deprecations, optional kernels) go to run.log only, unless `--verbose`. Nested in a
+    run_log of the same run (a simulation's ServerApp inside run_experiment's), it adds nothing: each line once."""
     path = (run_dir / "run.log").resolve()
     if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in log.handlers):
         yield
@@ -118,11 +127,20 @@ def run_log(run_dir: Path):
     console = logging.StreamHandler()
     console.setLevel(logging.WARNING)
     console.setFormatter(logging.Formatter("fedlora: %(levelname)s: %(message)s"))
+    libraries = logging.FileHandler(run_dir / "run.log")  # the root's: records of every other logger
+    libraries.setLevel(logging.WARNING)
+    libraries.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
+    library_console = logging.StreamHandler() if verbose() else logging.NullHandler()  # never Python's lastResort
+    library_console.setLevel(logging.WARNING)
     handlers, propagate, level = [file_handler, console], log.propagate, log.level
     for h in handlers:
         log.addHandler(h)
     log.setLevel(logging.INFO)
     log.propagate = False
+    root = logging.getLogger()
+    root.addHandler(libraries)
+    root.addHandler(library_console)
+    logging.captureWarnings(True)
     try:
         yield
     except Exception as exc:  # the reason goes into run.log too (the console shows it once, from the caller)
@@ -130,6 +148,10 @@ def run_log(run_dir: Path):
                                             (type(exc).__name__, exc), None))
         raise
     finally:
+        logging.captureWarnings(False)
+        for h in (libraries, library_console):
+            root.removeHandler(h)
+            h.close()
         for h in handlers:
             log.removeHandler(h)
             h.close()

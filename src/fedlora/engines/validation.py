@@ -129,7 +129,7 @@ def state_problem(name: str, state: StateDict, spec: AdapterSpec, max_norm: floa
     if max_norm is not None:
         norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values()))
         if norm > max_norm:
-            return f"state {name!r} has norm {norm:.3g} > federation.max_update_norm={max_norm}"
+            return f"state {name!r} has norm {norm:.3g} > federation.max_state_norm={max_norm}"
     return None
 
 

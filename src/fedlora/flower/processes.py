@@ -1,5 +1,9 @@
 """The processes of a local federation: free ports, children that die with their parent (the kernel's
-parent-death signal, Linux), and stopping whole process trees."""
+parent-death signal, Linux), stopping whole process trees, and a watchdog that ends whatever a block started
+(Ray's) even when this process is SIGKILLed.
+
+Run as a script (`python processes.py PID`), this file is that watchdog: it imports nothing of fedlora.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -67,4 +73,81 @@ def stop_process_trees(popens: list[subprocess.Popen]) -> None:
         popen.wait(timeout=5)  # reap, so no zombie stays behind
 
 
-__all__ = ["PR_SET_PDEATHSIG", "die_with_parent", "free_port", "stop_process_trees"]
+@contextmanager
+def outlived_by_nothing() -> Iterator[None]:
+    """Every process this one starts inside the block (children and theirs, also once reparented) is ended when
+    the block ends, normally or by an error, or when this process dies (SIGKILL included).
+
+    Ray's processes do not all share their driver's fate: after a SIGKILL its agents wait up to a minute on a
+    dead GCS, and an actor was once seen running minutes after a normal end. A watchdog process, outside the
+    tree it watches, records the new descendants every WATCH_INTERVAL s and ends them when its stdin closes:
+    closed by the block's end, or by the kernel when this process dies. (A process whose parent exits within
+    WATCH_INTERVAL of starting it escapes the record; Ray's processes all live under the raylet for the run.)"""
+    watchdog = subprocess.Popen([sys.executable, "-I", str(Path(__file__).resolve()), str(os.getpid())],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    watchdog.stdout.readline()  # it has recorded what ran before the block
+    try:
+        yield
+    finally:
+        watchdog.stdin.close()  # the same EOF the kernel gives it when this process dies
+        try:
+            watchdog.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait(timeout=5)
+
+
+WATCH_INTERVAL = 0.25
+
+
+def _watch(parent: int) -> None:
+    """The watchdog: record `parent`'s descendants started after this one until stdin closes, then end them."""
+    import threading
+
+    import psutil
+
+    me = psutil.Process()
+    try:
+        before = {p.pid for p in psutil.Process(parent).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return
+    print("watching", flush=True)
+    tracked: dict[int, psutil.Process] = {}
+    closed = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.buffer.read(), closed.set()), daemon=True).start()
+    while not closed.is_set():
+        try:
+            watched = psutil.Process(parent)
+            if watched.status() == psutil.STATUS_ZOMBIE:
+                break  # killed (not yet reaped): a forked child still holding the pipe would delay the EOF
+            tracked.update({p.pid: p for p in watched.children(recursive=True)
+                            if p.pid not in before and p.pid != me.pid})
+        except psutil.NoSuchProcess:
+            break
+        closed.wait(WATCH_INTERVAL)
+    _end(list(tracked.values()))
+
+
+def _end(procs: list) -> None:
+    """Terminate the processes still running (psutil checks each is the one recorded, not a reused pid), kill
+    those up 5 s later."""
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+__all__ = ["PR_SET_PDEATHSIG", "die_with_parent", "free_port", "outlived_by_nothing", "stop_process_trees"]
+
+
+if __name__ == "__main__":
+    _watch(int(sys.argv[1]))
