@@ -122,3 +122,31 @@ def one_flower_test_at_a_time(request: pytest.FixtureRequest, tmp_path_factory: 
     # Every worker's basetemp is popen-gwK under the run's own directory: its parent is shared by the workers.
     with FileLock(tmp_path_factory.getbasetemp().parent / "flower.lock"):
         yield
+
+
+def sigkill_when(cli, ready, what: str, timeout: float = 300) -> dict:
+    """Record the process tree of `cli` (a Popen) until `ready(seen)` holds, then SIGKILL it: {pid: process} seen."""
+    import signal
+    import time
+
+    import psutil
+
+    def tree() -> list:
+        try:
+            return psutil.Process(cli.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    seen: dict = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready(seen):
+            assert cli.poll() is None, f"the run ended before {what}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+            seen.update({p.pid: p for p in tree()})
+            time.sleep(0.2)
+        seen.update({p.pid: p for p in tree()})
+    finally:
+        cli.send_signal(signal.SIGKILL)
+        cli.wait(timeout=30)
+    return seen

@@ -22,7 +22,7 @@ from fedlora.flower.app import write_app
 from fedlora.flower.client_app import make_client_app
 from fedlora.flower.server_app import config_from_run_config, server_main
 
-from .conftest import flower_program, tiny_config
+from .conftest import flower_program, sigkill_when, tiny_config
 
 
 def _run_config(app_dir) -> dict:
@@ -96,13 +96,6 @@ def test_a_deployment_server_app_writes_its_report_at_the_end(tmp_path, monkeypa
 
 
 # -- a SIGKILL of `fedlora run` under flower-local --------------------------------------------------------------
-def _tree(parent: psutil.Process) -> list[psutil.Process]:
-    try:
-        return parent.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
 def _names(procs: dict[int, psutil.Process]) -> str:
     out = []
     for proc in procs.values():
@@ -122,20 +115,9 @@ def test_a_killed_local_deployment_takes_every_flower_process_with_it(tmp_path):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     cli = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "run", str(config)], env=env, cwd=tmp_path,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parent = psutil.Process(cli.pid)
-    seen: dict[int, psutil.Process] = {}
-    deadline = time.monotonic() + 300
-    try:
-        # until the ServerApp and a ClientApp run: every kind of process the issue found left behind exists
-        while not {"flwr-serverapp", "flwr-clientapp"} <= {flower_program(p) for p in seen.values()}:
-            assert cli.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, f"no ServerApp and ClientApp within 300 s: {_names(seen)}"
-            seen.update({p.pid: p for p in _tree(parent)})
-            time.sleep(0.2)
-        seen.update({p.pid: p for p in _tree(parent)})
-    finally:
-        cli.send_signal(signal.SIGKILL)
-        cli.wait(timeout=30)
+    # until the ServerApp and a ClientApp run: every kind of process the issue found left behind exists
+    seen = sigkill_when(cli, lambda seen: {"flwr-serverapp", "flwr-clientapp"} <= {flower_program(p) for p in seen.values()},
+                        "ServerApp and ClientApp")
     _, alive = psutil.wait_procs(list(seen.values()), timeout=30)
     try:
         assert not alive, f"left running after the SIGKILL: {_names({p.pid: p for p in alive})}"

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from .conftest import tiny_config
+from .conftest import sigkill_when, tiny_config
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process census by psutil on Linux")
 
@@ -101,32 +101,14 @@ def test_a_sigkilled_flower_simulation_leaves_no_ray_process(tmp_path):
     cli = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "run", str(config)], cwd=tmp_path,
                            env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"))
-    parent = psutil.Process(cli.pid)
-    seen: dict[int, psutil.Process] = {}
-    deadline = time.monotonic() + 300
-    try:
-        while not (tmp_path / "run" / "metrics.jsonl").is_file() or not any(
-                "ClientAppActor" in _cmdline(p) for p in seen.values()):
-            assert cli.poll() is None and time.monotonic() < deadline, "no trained round within 300 s"
-            seen.update({p.pid: p for p in _tree(parent)})
-            time.sleep(0.2)
-        seen.update({p.pid: p for p in _tree(parent)})
-    finally:
-        cli.send_signal(signal.SIGKILL)
-        cli.wait(timeout=30)
+    seen = sigkill_when(cli, lambda seen: (tmp_path / "run" / "metrics.jsonl").is_file() and any(
+        "ClientAppActor" in _cmdline(p) for p in seen.values()), "trained round")
     assert any("DashboardAgent" in _cmdline(p) for p in seen.values())  # the ones that lingered before
     _, alive = psutil.wait_procs(list(seen.values()), timeout=20)
     left = _alive(alive)
     for proc in left:
         proc.kill()
     assert not left, f"left running after the SIGKILL: {[_cmdline(p) for p in left]}"
-
-
-def _tree(parent: psutil.Process) -> list[psutil.Process]:
-    try:
-        return parent.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
 def _cmdline(proc: psutil.Process) -> str:

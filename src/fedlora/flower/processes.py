@@ -60,15 +60,7 @@ def stop_process_trees(popens: list[subprocess.Popen]) -> None:
             procs += [parent, *parent.children(recursive=True)]
         except psutil.NoSuchProcess:
             pass
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for proc in alive:
-        proc.kill()
-    psutil.wait_procs(alive, timeout=5)
+    _end(procs, grace=10)
     for popen in popens:
         popen.wait(timeout=5)  # reap, so no zombie stays behind
 
@@ -128,9 +120,9 @@ def _watch(parent: int) -> None:
     _end(list(tracked.values()))
 
 
-def _end(procs: list) -> None:
+def _end(procs: list, grace: float = 5) -> None:
     """Terminate the processes still running (psutil checks each is the one recorded, not a reused pid), kill
-    those up 5 s later."""
+    those up `grace` s later."""
     import psutil
 
     for proc in procs:
@@ -138,12 +130,13 @@ def _end(procs: list) -> None:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
     for proc in alive:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 __all__ = ["PR_SET_PDEATHSIG", "die_with_parent", "free_port", "outlived_by_nothing", "stop_process_trees"]
