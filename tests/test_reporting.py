@@ -103,15 +103,42 @@ def test_legends_sit_outside_the_bars():
     assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
 
 
-def test_fdlora_fusion_weights_are_plotted_per_client_like_fedalt_gates():
-    fdlora = {c: {"fusion_w_global": 0.8, "fusion_w_personal": 0.4} for c in TWO_TASKS}
+def test_fdlora_fusion_weights_are_plotted_per_client_like_fedalt_gates_named_by_what_they_show():
+    fdlora = {c: {"fusion_w_global": 0.8, "fusion_w_personal": 0.0 if c == "a-0" else 0.4} for c in TWO_TASKS}
     fedalt = {c: {"gate_individual": 0.6, "gate_individual_by_module": {"l.0.q": 0.5, "l.0.v": 0.7}} for c in TWO_TASKS}
     fd, alt = client_diagnostics_figures("fdlora", fdlora), client_diagnostics_figures("fedalt", fedalt)
-    assert set(fd) == {"per_client"} and set(alt) == {"per_client", "gate_individual_by_module"}
-    bars = [p.get_height() for p in fd["per_client"].axes[0].patches]
-    assert sorted(bars) == [0.4] * 4 + [0.8] * 4  # one bar per client and weight
-    assert len(alt["per_client"].axes[0].patches) == 4
+    # #38 item 8: the file name and the y-axis say what the numbers are
+    assert set(fd) == {"fusion_w_global_fusion_w_personal_per_client"}
+    assert set(alt) == {"gate_individual_per_client", "gate_individual_by_module"}
+    assert alt["gate_individual_per_client"].axes[0].get_ylabel() == "gate weight to the own LoRA (1 = own, 0 = Rest-of-World)"
+    assert fd["fusion_w_global_fusion_w_personal_per_client"].axes[0].get_ylabel().startswith("fusion weight")
+    ax = fd["fusion_w_global_fusion_w_personal_per_client"].axes[0]
+    assert sorted(p.get_height() for p in ax.patches) == [0.0] + [0.4] * 3 + [0.8] * 4  # one bar per client and weight
+    ticks = [y for line in ax.get_lines() if line.get_marker() == "_" for y in line.get_ydata()]
+    assert sorted(ticks) == [0.0] + [0.4] * 3 + [0.8] * 4  # the zero is drawn, as a tick on the axis
+    assert len(alt["gate_individual_per_client"].axes[0].patches) == 4
     assert client_diagnostics_figures("ifca", {c: {"cluster": 1} for c in TWO_TASKS}) == {}  # a category: table only
+
+
+def test_majority_class_rate_is_a_row_a_line_and_a_series_and_a_meaningless_comparison_is_named(tmp_path):
+    from fedlora.engines.results import comparison_problem, majority_class
+
+    clients = [{"client_id": "a0", "task": "a", "labels": ["x", "y"],
+                "train": [{"label": "x"}, {"label": "x"}, {"label": "y"}], "test": [{"label": "x"}, {"label": "y"}]},
+               {"client_id": "b0", "task": "b", "labels": ["x", "y"],
+                "train": [{"label": "y"}], "test": [{"label": "y"}, {"label": "y"}, {"label": "x"}, {"label": "y"}]}]
+    (tmp_path / "clients.json").write_text(json.dumps(clients))
+    majority = majority_class(tmp_path)
+    assert majority == {"per_client": {"a0": 0.5, "b0": 0.75}, "by_task": {"a": 0.5, "b": 0.75}, "average": 0.625}
+    assert "left the prior" in comparison_problem({"fedit": {"a0": 0.5, "b0": 0.75}, "local": {"a0": 0.5, "b0": 0.75}},
+                                                  majority["per_client"])
+    assert "identical" in comparison_problem({"fedit": {"a0": 0.9, "b0": 0.7}, "local": {"a0": 0.9, "b0": 0.7}}, None)
+    assert comparison_problem({"fedit": {"a0": 0.9, "b0": 0.7}, "local": {"a0": 0.8, "b0": 0.7}}, None) is None
+    summary = {"fedit": summary_of()}
+    curves = curves_figure(summary, "accuracy", majority)
+    assert [line.get_label() for line in curves.axes[0].get_lines()][-1] == "majority class"
+    bars = per_client_figure(summary, "accuracy", majority)
+    assert "majority class" in [t.get_text() for t in bars.axes[0].get_legend().get_texts()]
 
 
 def test_the_report_is_titled_by_the_experiment_not_the_directory(tmp_path):
@@ -165,7 +192,7 @@ def test_task_columns_only_where_they_add_information(tmp_path, tasks, shown):
     assert informative_tasks(summarize(per_client, tasks), len(tasks)) == shown
     header = next(line for line in write_report(write_run(tmp_path / "run", tasks=tasks)).read_text().splitlines()
                   if "**Avg**" in line)
-    assert header == "| method | " + "".join(f"{t} | " for t in shown) + "**Avg** | MB up | MB down | wall s |"
+    assert header == "| method | " + "".join(f"{t} | " for t in shown) + "**Avg** | MB up | MB down | wall s | CPU s |"
 
 
 def test_privacy_spent_is_shown_when_recorded_and_nothing_changes_otherwise(tmp_path):

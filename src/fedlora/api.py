@@ -14,7 +14,7 @@ from .core.io import save_json
 from .engines.checkpoint import Checkpoint, has_checkpoint, load_checkpoint
 from .engines.inprocess import InProcessTransport, run_inprocess
 from .engines.loop import evaluate
-from .engines.results import RunResult, read_records
+from .engines.results import RunResult, comparison_problem, majority_class, read_records
 from .engines.rundir import hold_run_dir, holds_states, prepare_run_dir, run_log
 from .engines.session import build_session, check_run
 from .reporting import write_report
@@ -196,4 +196,11 @@ def compare(config: Config | dict[str, Any] | str | Path, methods: list[str], ov
         results[method] = _start(sub, overwrite)
     save_json(cfg.run_dir / "compare.json", {"methods": methods})  # the report keeps this order
     write_report(cfg.run_dir)
+    first = next(iter(results.values()))
+    if "accuracy" in first.final_mean:
+        majority = majority_class(first.run_dir)
+        problem = comparison_problem({m: {c: e["accuracy"] for c, e in r.final.items()} for m, r in results.items()},
+                                     majority and majority["per_client"])
+        if problem:
+            log.warning("compare: %s", problem)
     return results

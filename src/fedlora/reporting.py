@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .core.errors import ConfigError
 from .core.io import save_json, save_text
-from .engines.results import informative_tasks, read_records
+from .engines.results import comparison_problem, informative_tasks, majority_class, read_records
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -109,6 +109,7 @@ def summarize_run(records: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         "mb_up_per_client_round": sum(f["bytes_up"] for f in fits) / max(len(fits), 1) / MB,
         "mb_down_per_client_round": sum(f["bytes_down"] for f in fits) / max(len(fits), 1) / MB,
         "seconds": sum(r.get("seconds") or 0.0 for r in records),
+        "cpu_seconds": sum(r.get("cpu_seconds") or 0.0 for r in records),
         "server": next((r["server"] for r in reversed(records) if r.get("server")), {}),
         "diagnostics": final.get("diagnostics", {}),
         "privacy": private[-1]["privacy"] if private else None,
@@ -150,9 +151,11 @@ def _group_report(group: Group, out: Path, prefix: str, h: str) -> tuple[list[st
     records = {m: read_records(d) for m, d in group.runs.items()}
     metric = main_metric(next(iter(records.values())))
     summary = {m: summarize_run(r, metric) for m, r in records.items()}
-    lines = ["", *_results_table(summary, metric),
-             *_figure_line(curves_figure(summary, metric), out, f"{prefix}metric_by_round"),
-             *_figure_line(per_client_figure(summary, metric), out, f"{prefix}per_client"),
+    majority = majority_class(next(iter(group.runs.values()))) if metric == "accuracy" else None
+    problem = comparison_problem({m: s["per_client"] for m, s in summary.items()}, majority and majority["per_client"])
+    lines = ["", *_results_table(summary, metric, majority), *(["", f"**Caution:** {problem}."] if problem else []),
+             *_figure_line(curves_figure(summary, metric, majority), out, f"{prefix}metric_by_round"),
+             *_figure_line(per_client_figure(summary, metric, majority), out, f"{prefix}per_client"),
              *_figure_line(communication_figure(summary), out, f"{prefix}communication")]
     for m, s in summary.items():
         lines += _server_diagnostics(m, s["server"], out, prefix, h)
@@ -161,26 +164,31 @@ def _group_report(group: Group, out: Path, prefix: str, h: str) -> tuple[list[st
     return lines, {**table, "config": group.differs} if group.differs else table
 
 
-def _results_table(summary: dict[str, dict[str, Any]], metric: str) -> list[str]:
+def _results_table(summary: dict[str, dict[str, Any]], metric: str, majority: dict[str, Any] | None = None) -> list[str]:
     tasks = list(dict.fromkeys(t for s in summary.values() for t in s["shown_tasks"]))
     private = any(s["privacy"] for s in summary.values())
     averaged = "averaged per task and then over tasks" if tasks else "averaged over clients"
     lines = [f"Personalized {metric} (x100) of each client on its own test split, {averaged}, at the last "
-             "evaluation. Communication is the mean per client per round."
+             "evaluation. Communication is the mean per client per round; CPU s is fedlora's process (under Flower "
+             "without the clients' processes)."
              + (" ε (δ): the differential privacy spent by the whole run." if private else ""), "",
-             "| method | " + "".join(f"{t} | " for t in tasks) + "**Avg** | MB up | MB down | wall s |"
+             "| method | " + "".join(f"{t} | " for t in tasks) + "**Avg** | MB up | MB down | wall s | CPU s |"
              + (" ε (δ) |" if private else ""),
-             "|---|" + "---|" * (len(tasks) + 4 + private)]
+             "|---|" + "---|" * (len(tasks) + 5 + private)]
     for m, s in summary.items():
         lines.append(f"| {m} | " + "".join(f"{_pct(s['by_task'].get(t, float('nan')))} | " for t in tasks)
                      + f"**{_pct(s['average'])}** | {s['mb_up_per_client_round']:.3f} | "
-                       f"{s['mb_down_per_client_round']:.3f} | {s['seconds']:.0f} |"
+                       f"{s['mb_down_per_client_round']:.3f} | {s['seconds']:.0f} | {s['cpu_seconds']:.0f} |"
                      + (f" {_epsilon(s['privacy'])} |" if private else ""))
+    if majority:  # always predicting each client's own training majority: a method at this level learned nothing
+        lines.append("| *majority class* | " + "".join(f"{_pct(majority['by_task'].get(t, float('nan')))} | " for t in tasks)
+                     + f"*{_pct(majority['average'])}* | | | | |" + (" |" if private else ""))
     return lines
 
 
-def curves_figure(summary: dict[str, dict[str, Any]], metric: str) -> Figure:
-    """The mean metric by round of every method and, when any run is differentially private, epsilon by round."""
+def curves_figure(summary: dict[str, dict[str, Any]], metric: str, majority: dict[str, Any] | None = None) -> Figure:
+    """The mean metric by round of every method (and the majority-class rate, dashed) and, when any run is
+    differentially private, epsilon by round."""
     import matplotlib.pyplot as plt
 
     private = any(s["epsilon_curve"] for s in summary.values())
@@ -188,6 +196,8 @@ def curves_figure(summary: dict[str, dict[str, Any]], metric: str) -> Figure:
     ax = axes[0][0]
     for i, (m, s) in enumerate(summary.items()):
         ax.plot(*zip(*s["curve"]), label=m, **_style(i, len(summary)))
+    if majority:
+        ax.axhline(majority["average"], color="grey", linestyle="--", linewidth=1, label="majority class")
     ax.set(xlabel="round", ylabel=f"mean {metric} over tasks", title=f"{metric} by round (0 = untrained start)")
     _round_axis(ax)
     _legend_outside(ax)
@@ -204,10 +214,13 @@ def curves_figure(summary: dict[str, dict[str, Any]], metric: str) -> Figure:
     return fig
 
 
-def per_client_figure(summary: dict[str, dict[str, Any]], metric: str) -> Figure:
-    """The final metric of every client, a bar per client and method (a histogram when there are many clients)."""
+def per_client_figure(summary: dict[str, dict[str, Any]], metric: str, majority: dict[str, Any] | None = None) -> Figure:
+    """The final metric of every client, a bar per client and method (a histogram when there are many clients), with
+    each client's majority-class rate as the last series."""
     clients = list(next(iter(summary.values()))["per_client"])
     values = {m: s["per_client"] for m, s in summary.items()}
+    if majority:
+        values["majority class"] = majority["per_client"]
     return _per_client_bars(clients, values, f"final {metric}", f"final {metric} per client (own test split)")
 
 
@@ -251,6 +264,11 @@ def silhouette_figure(method: str, server: dict[str, Any]) -> Figure:
     return fig
 
 
+# what a per-client diagnostic's number means, by its name's first word: the y-axis of its plot
+DIAGNOSTIC_AXES = {"gate": "gate weight to the own LoRA (1 = own, 0 = Rest-of-World)",
+                   "fusion": "fusion weight (global, personal LoRA)", "mean": "mean weight of expert 0"}
+
+
 def client_diagnostics_figures(method: str, diagnostics: dict[str, dict[str, Any]]) -> dict[str, Figure]:
     """{name: figure} of a method's per-client diagnostics: its real-valued numbers (FedALT's gate, FDLoRA's fusion
     weights) per client, and each per-module dict as the bars of its mean over clients. Integers (a cluster id)
@@ -261,8 +279,9 @@ def client_diagnostics_figures(method: str, diagnostics: dict[str, dict[str, Any
     reals = sorted({k for d in diagnostics.values() for k, v in d.items() if isinstance(v, float)})
     if reals:
         values = {k: {cid: d[k] for cid, d in diagnostics.items() if isinstance(d.get(k), float)} for k in reals}
-        figures["per_client"] = _per_client_bars(list(diagnostics), values, "value",
-                                                 f"{method}: {', '.join(reals)} per client")
+        axes = {DIAGNOSTIC_AXES.get(k.split("_")[0], "value") for k in reals}  # the file's and the axis's names
+        figures[f"{'_'.join(reals) if len(reals) <= 2 else 'diagnostics'}_per_client"] = _per_client_bars(
+            list(diagnostics), values, axes.pop() if len(axes) == 1 else "value", f"{method}: {', '.join(reals)}")
     for key in sorted({k for d in diagnostics.values() for k, v in d.items() if isinstance(v, dict)}):
         per_client = [d[key] for d in diagnostics.values() if isinstance(d.get(key), dict)]
         parts = list(per_client[0])
@@ -313,8 +332,9 @@ def _per_client_bars(clients: list[str], values: dict[str, dict[str, float]], yl
         fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(clients) * len(values) ** 0.5), 4))
         width = 0.8 / len(values)
         for i, (name, v) in enumerate(values.items()):
-            ax.bar([c + i * width for c in range(len(clients))], [v.get(c, float("nan")) for c in clients],
-                   width, label=name)
+            xs, ys = [c + i * width for c in range(len(clients))], [v.get(c, float("nan")) for c in clients]
+            bars = ax.bar(xs, ys, width, label=name)  # and a tick on its top: a zero is seen, not a missing bar
+            ax.plot(xs, ys, "_", markersize=8, markeredgewidth=2, color=bars.patches[0].get_facecolor())
         ax.set_xticks([c + 0.4 - width / 2 for c in range(len(clients))], clients, rotation=60, ha="right", fontsize=7)
         ax.axhline(0, color="grey", linewidth=0.8)  # a zero or negative value (a fusion weight) is still seen
         ax.set(ylabel=ylabel, title=title)

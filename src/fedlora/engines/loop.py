@@ -75,7 +75,7 @@ def federate(config: Config, server: ServerAlgorithm, transport: Transport, clie
                     save_text(run_dir / "metrics.jsonl", "".join(map(jsonl_line, records)))
                 save_checkpoint(run_dir, Checkpoint(rnd - 1, server.state_dict(), transport.states))
                 break
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             sampled = sample_clients(ids, fed.clients_per_round, config.seed, rnd)
             payloads = server.configure(rnd, sampled)
             payloads = {cid: payloads.get(cid, Payload()) for cid in sampled}
@@ -97,6 +97,9 @@ def federate(config: Config, server: ServerAlgorithm, transport: Transport, clie
             if rnd % fed.eval_every == 0 or rnd == fed.rounds:
                 record.update(evaluate(rnd, ids, server, transport, clients, watch))
             record["seconds"] = time.perf_counter() - start
+            # this process's CPU time: steady where a shared machine's wall time is not (under Flower, the clients'
+            # own processes are not in it)
+            record["cpu_seconds"] = time.process_time() - cpu_start
             peak = peak_cuda_memory()
             if peak is not None:
                 record["peak_device_memory"] = peak

@@ -110,6 +110,41 @@ class RunResult:
         return self.evaluations()[-1]["summary"]["mean"]
 
 
+def majority_class(run_dir: Path) -> dict[str, Any] | None:
+    """The accuracy of always predicting each client's own training majority label on its test split, from the run's
+    clients.json: {"per_client", "by_task", "average"}; None for generated text or without clients.json. A model
+    at this level has not left the prior."""
+    path = Path(run_dir) / "clients.json"
+    if not path.is_file():
+        return None
+    per_client, tasks = {}, {}
+    for c in json.loads(path.read_text()):
+        train, test = [str(r.get("label")) for r in c.get("train", [])], [str(r.get("label")) for r in c.get("test", [])]
+        if not train or not test or "label" not in c["train"][0]:
+            return None
+        top = max(sorted(set(train)), key=train.count)
+        per_client[c["client_id"]], tasks[c["client_id"]] = {"accuracy": sum(y == top for y in test) / len(test)}, c["task"]
+    summary = summarize(per_client, tasks)
+    return {"per_client": {c: m["accuracy"] for c, m in per_client.items()},
+            "by_task": {t: m["accuracy"] for t, m in summary["by_task"].items()}, "average": summary["mean"]["accuracy"]}
+
+
+def comparison_problem(finals: dict[str, dict[str, float]], majority: dict[str, float] | None) -> str | None:
+    """Why a comparison of methods means nothing, or None: {method: {client: final accuracy}} all equal to each
+    other (with two or more methods), or every method at each client's majority-class rate."""
+    if not finals:
+        return None
+    same = lambda a, b: set(a) == set(b) and all(abs(a[c] - b[c]) < 1e-9 for c in a)  # noqa: E731
+    runs = list(finals.values())
+    if majority and all(same(f, {c: majority[c] for c in f if c in majority}) for f in runs):
+        return ("every method's final accuracy equals each client's majority-class rate: no method left the prior "
+                "(too few steps, too small a learning rate or model, or labels the text does not predict)")
+    if len(runs) > 1 and all(same(f, runs[0]) for f in runs[1:]):
+        return (f"all {len(runs)} methods ended with identical per-client accuracy: the comparison cannot tell them "
+                "apart (did training change the model? see run.log and the round-0 row)")
+    return None
+
+
 def headline_metric(result: RunResult) -> str:
     """The metric a run's results table shows: accuracy for classification, ROUGE-1 for generation."""
     return "accuracy" if "accuracy" in result.final_mean else "rouge1"
@@ -134,5 +169,8 @@ def results_table(results: dict[str, RunResult], metric: str) -> Table:
     start = [r.evaluations()[0] for r in results.values()]
     if start and start[0]["round"] == 0:
         table.add_row("[dim]untrained start", *(f"{s['summary']['mean'][metric]:.3f}" for s in start))
+    majority = majority_class(first.run_dir) if metric == "accuracy" else None
+    if majority:
+        table.add_row("[dim]majority class", *(f"{majority['average']:.3f}" for _ in results))
     return table
 
