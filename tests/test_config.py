@@ -116,3 +116,19 @@ def test_the_old_name_max_update_norm_is_read_as_max_state_norm_and_old_checkpoi
     assert (config_hashes({"federation": {"max_update_norm": 5.0}})
             == config_hashes({"federation": {"max_state_norm": 5.0}})
             != config_hashes({"federation": {"max_state_norm": 4.0}}))
+
+
+def test_library_notices_about_optional_kernels_never_reach_the_console():
+    """#38 item 2: bitsandbytes (imported by PEFT on every run) and `kernels` warned on every run, quantized or not."""
+    import logging
+    import subprocess
+    import sys
+
+    from fedlora.core.offline import use_offline
+
+    use_offline()
+    for name in ("kernels._internals.hf_hub", "bitsandbytes.backends.cpu.ops"):
+        assert logging.getLogger(name).getEffectiveLevel() >= logging.ERROR
+    code = ("from fedlora.core.offline import use_offline; use_offline(); import logging; "
+            "logging.getLogger('kernels._internals.hf_hub').warning('Skipping publisher trust check')")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr == ""

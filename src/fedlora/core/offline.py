@@ -14,9 +14,10 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
-# bitsandbytes' CPU backend tries to fetch a 4-bit kernel from the Hub when it is imported (through PEFT, on every
-# run) and warns, suggesting `pip install kernels`, when it cannot; offline its own fallback kernel is what runs
-QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+# bitsandbytes' CPU backend tries to fetch a 4-bit kernel from the Hub when it is imported (PEFT 0.21 imports it
+# unconditionally, on every run, quantized or not) and warns, suggesting `pip install kernels`, when it cannot;
+# `kernels` warns that offline it skips its publisher trust check. Offline, bitsandbytes' own fallback kernel runs
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels")
 
 
 def use_offline() -> None:
