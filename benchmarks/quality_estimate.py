@@ -66,7 +66,7 @@ def probe(suite: str, profile: str, scratch: Path) -> dict[str, Any]:
     n_probe = len(result.final)
     tr, fed = full.training, full.federation
     steps = tr.local_steps or steps_for_epochs(tr.local_epochs, full.data.train_per_client, tr.batch_size)
-    n_clients = len(full.data.tasks or suite_tasks(suite)) * full.data.clients_per_task
+    n_clients = len(full.data.tasks or suite_tasks(suite)) * (full.data.clients_per_task or 2)
     evals = int(fed.eval_at_start) + sum(1 for r in range(1, fed.rounds + 1) if r % fed.eval_every == 0 or r == fed.rounds)
     per_step, per_eval = spent["fit"] / (n_probe * PROBE_STEPS), spent["eval"] / n_probe
     startup = cpu - spent["fit"] - spent["eval"]

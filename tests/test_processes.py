@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
 import psutil
 import pytest
@@ -25,9 +26,10 @@ BLOCK = textwrap.dedent("""
     import os, subprocess, sys, time
     from fedlora.flower.processes import outlived_by_nothing
     with outlived_by_nothing():
+        sleeper = [sys.executable, "-c", "import time; time.sleep(300)", sys.argv[2]]  # argv[2]: this test's mark
         subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
-                          "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); time.sleep(1)"]).wait()
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+                          f"subprocess.Popen({sleeper!r}); time.sleep(1)"]).wait()
+        subprocess.Popen(sleeper)
         time.sleep(1.0)  # the watchdog has seen both
         print("started", flush=True)
         sys.stdin.readline()  # the test has counted the processes
@@ -50,11 +52,11 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 @linux
 @pytest.mark.parametrize("ending", ["normal", "error", "killed"])
 def test_every_process_started_in_the_block_ends_with_it_also_when_the_parent_is_sigkilled(ending):
-    before = {p.pid for p in psutil.process_iter()}
-    block = subprocess.Popen([sys.executable, "-c", BLOCK, ending], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    mark = f"fedlora-test-{uuid.uuid4().hex}"  # tests run in parallel: count only this one's processes
+    block = subprocess.Popen([sys.executable, "-c", BLOCK, ending, mark], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)
     assert block.stdout.readline().strip() == "started"
-    sleepers = [p for p in psutil.process_iter() if p.pid not in before and p.pid != block.pid and "time.sleep(300)" in _cmdline(p)]
+    sleepers = [p for p in psutil.process_iter() if p.pid != block.pid and _cmdline(p).endswith(mark)]
     assert len(sleepers) == 2
     if ending == "killed":
         block.send_signal(signal.SIGKILL)
