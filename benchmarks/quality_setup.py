@@ -136,6 +136,7 @@ def setup_id(cfg: Config) -> str:
     setup = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("name", "output_dir", "engine")}
     setup["algorithm"].pop("per_method", None)  # its entry for this method is in algorithm.options; others don't matter
     setup["model"]["task"] = setup["model"].pop("objective")  # its name before 0.2: the stored runs keep their ids
+    setup["federation"]["max_update_norm"] = setup["federation"].pop("max_state_norm")  # its name before, likewise
     # Settings added later enter the hash only when changed from their default, so the stored runs keep their ids:
     # the round timeout cannot change a result, and the adaptive update clip clips no honest update (robustness.md)
     # (device, precision and quantization at their defaults are the fp32 CPU runs stored); tracking never changes
