@@ -3,9 +3,10 @@
 A client's update is the state it sends minus what it started from (`ServerAlgorithm.update_reference`:
 the state it received, FedALT's previous Individual LoRA, the cluster LoRA IFCA's client chose; else, for a
 LoRA the server never sent (FedLEASE's warm-up LoRA, a first Individual LoRA), the run's shared seeded LoRA
-init every client starts one from, as DP's clip takes it), or the state itself where no start is known. An update whose L2 norm exceeds the
-bound is scaled down to it: the bound is a fixed norm, or `update_clip_factor` x the median norm of the
-round's updates of that kind (state name, with or without a start), which an honest majority sets.
+init every client starts one from, as DP's clip takes it), or the state itself where no start is known. An
+update whose L2 norm exceeds the bound is scaled down to it: the bound is a fixed norm, or `update_clip_factor`
+x the median norm of the round's updates of that kind (state name, with or without a start), which an honest
+majority sets.
 """
 
 from __future__ import annotations
