@@ -113,6 +113,13 @@ def test_a_sigkilled_flower_simulation_leaves_no_ray_process(tmp_path):
     assert not left, f"left running after the SIGKILL: {[_cmdline(p) for p in left]}"
 
 
+def _environ(proc: psutil.Process) -> dict[str, str]:
+    try:
+        return proc.environ()
+    except psutil.Error:
+        return {}
+
+
 def _cmdline(proc: psutil.Process) -> str:
     try:
         return " ".join(proc.cmdline())
@@ -127,9 +134,10 @@ def test_a_quiet_flower_simulation_prints_only_fedlora_lines_and_leaves_no_proce
     config = tmp_path / "exp.json"
     config.write_text(json.dumps(tiny_config(tmp_path, federation={"rounds": 1}, data={"clients_per_task": 1},
                                              engine={"name": "flower-sim"})))
-    before = {p.pid for p in psutil.process_iter()}
+    mark = uuid.uuid4().hex  # tests run in parallel: count only the processes that inherit this run's environment
+    env = {k: v for k, v in os.environ.items() if k != "FEDLORA_VERBOSE"}
     done = subprocess.run([sys.executable, "-m", "fedlora.cli", "run", str(config), "--quiet"], cwd=tmp_path,
-                          env={k: v for k, v in os.environ.items() if k != "FEDLORA_VERBOSE"},
+                          env={**env, "FEDLORA_TEST_MARK": mark},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [line for line in done.stderr.splitlines() if not line.startswith("fedlora: ")] == []
@@ -138,5 +146,5 @@ def test_a_quiet_flower_simulation_prints_only_fedlora_lines_and_leaves_no_proce
     log = (tmp_path / "run" / "run.log").read_text()
     assert "[flwr]" in log and "DEPRECATED" in log  # what the console no longer shows is kept
     time.sleep(2)
-    left = [p for p in psutil.process_iter() if p.pid not in before and ("ray::" in _cmdline(p) or "fedlora" in _cmdline(p))]
+    left = [p for p in psutil.process_iter() if _environ(p).get("FEDLORA_TEST_MARK") == mark]
     assert not _alive(left), [_cmdline(p) for p in left]
