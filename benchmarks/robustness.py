@@ -39,6 +39,7 @@ def amplified(state: dict, start: dict, factor: float) -> dict:
 
 def poisoned_fit(factor: float):
     """ClientRuntime.fit with the attacker's update multiplied by `factor` (its start: `update_reference`)."""
+    from fedlora.core.tensors import start_if_fresh
     from fedlora.engines.runtime import ClientRuntime
 
     original = ClientRuntime.fit
@@ -46,16 +47,11 @@ def poisoned_fit(factor: float):
     def fit(self, cid, rnd, payload, state):
         reply, new_state = original(self, cid, rnd, payload, state)
         if cid == ATTACKER and factor != 1.0:
-            reply.states = {n: amplified(s, payload.states.get(n) or _init_for(self.lora_init(), s), factor)
+            reply.states = {n: amplified(s, payload.states.get(n) or start_if_fresh(self.lora_init(), s) or {}, factor)
                             for n, s in reply.states.items()}
         return reply, new_state
 
     return fit
-
-
-def _init_for(init: dict, state: dict) -> dict:
-    """The seeded LoRA init as the start of a fresh LoRA of its shapes (the server's start too), else none."""
-    return init if set(state) == set(init) and all(state[k].shape == init[k].shape for k in state) else {}
 
 
 def run(method: str, attack: str, defence: str, quick: bool) -> dict:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from ..adapters import AdaptedModel, AdapterSpec, Layout
 from ..core.dp import SumNoise
 from ..core.seeding import generator
-from ..core.tensors import StateDict, coordinate_median, num_bytes, trimmed_mean, weighted_mean
+from ..core.tensors import StateDict, clone, coordinate_median, num_bytes, trimmed_mean, weighted_mean
 from ..training import ClientDataset, InstanceWeighting, Trainer
 
 
@@ -145,6 +145,12 @@ class ServerAlgorithm:
         self.options, self.spec, self.seed, self.aggregation = options, spec, seed, aggregation
         self.clients: dict[str, ClientInfo] = {}
 
+    def lora_init(self) -> StateDict:
+        """The run's shared seeded LoRA init (every client's fresh LoRA starts from it), built once."""
+        if getattr(self, "_lora_init", None) is None:  # getattr: a subclass's __init__ need not call ours
+            self._lora_init = self.spec.init_lora(generator(self.seed, "lora-init"))
+        return self._lora_init
+
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
         """Called once before round 1 with every client and the run's number of rounds."""
         self.clients = {c.client_id: c for c in clients}
@@ -262,7 +268,7 @@ class BroadcastAverageServer(ServerAlgorithm):
 
     def initial_state(self) -> StateDict:
         """The global state before round 1: by default the shared seeded LoRA init."""
-        return self.spec.init_lora(generator(self.seed, "lora-init"))
+        return clone(self.lora_init())  # a copy: aggregation may update the global state in place
 
     def payload_config(self, rnd: int) -> dict[str, Any]:
         """Extra config sent with the global state in round `rnd`."""

@@ -11,8 +11,6 @@ import torch
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import silhouette_score
 
-from ..core.tensors import StateDict
-
 
 def b_distances(rows: Sequence[Mapping[str, torch.Tensor]], cols: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
     """d(i,j) = mean over module types of the mean over layers of 1 - cos(vec B_i, vec B_j), rows x cols."""

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from ..core.seeding import derive_seed, generator
-from ..core.tensors import StateDict
+from ..core.tensors import StateDict, clone
 from .base import (ClientAlgorithm, ClientContext, ClientInfo, ClientState, Options, Payload, Personalized, Reply,
                    ServerAlgorithm)
 
@@ -99,7 +99,7 @@ class FDLoRAServer(ServerAlgorithm):
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
         """Also start the outer optimizer from the shared seeded LoRA init."""
         super().setup(clients, rounds)
-        self._start_outer(self.spec.init_lora(generator(self.seed, "lora-init")))
+        self._start_outer(clone(self.lora_init()))
 
     def schedule_problems(self, rounds: int) -> list[str]:
         """Stage 2 and the personal LoRA's syncs must fall within the rounds."""

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from ..adapters import Layout
 from ..core.seeding import generator
-from ..core.tensors import StateDict
+from ..core.tensors import StateDict, clone
 from .base import (ClientAlgorithm, ClientContext, ClientInfo, ClientState, Options, Payload, Personalized, Reply,
                    ServerAlgorithm)
 from .clustering import b_distance_matrix, b_distances, choose_clusters
@@ -147,7 +147,7 @@ class FedLEASEServer(ServerAlgorithm):
         if self.options.expert_init == "own" and e not in self.trained:
             if e == self.assignment[cid]:
                 return self.warm[cid]
-            return self.spec.init_lora(generator(self.seed, "lora-init"))
+            return clone(self.lora_init())
         return self.experts[e]
 
     def _fresh_router(self, cid: str) -> StateDict:

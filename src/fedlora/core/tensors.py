@@ -57,6 +57,17 @@ def trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], fraction: float) 
     return out
 
 
+def same_layout(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Whether two states have the same keys with the same shapes (one can be the start of the other)."""
+    return set(a) == set(b) and all(a[k].shape == b[k].shape for k in a)
+
+
+def start_if_fresh(init: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> StateDict | None:
+    """The seeded LoRA init as the start of `state` when it has the init's layout (a fresh LoRA's first upload,
+    which starts from it), else None."""
+    return dict(init) if same_layout(init, state) else None
+
+
 def norm(state: Mapping[str, torch.Tensor]) -> float:
     """The L2 norm of a whole state (every tensor as one vector)."""
     return float(sum(float(v.double().pow(2).sum()) for v in state.values())) ** 0.5

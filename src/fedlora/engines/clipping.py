@@ -16,8 +16,7 @@ from dataclasses import replace
 
 from ..algorithms import Payload, Reply, ServerAlgorithm
 from ..core.config import FederationConfig
-from ..core.seeding import generator
-from ..core.tensors import StateDict, norm
+from ..core.tensors import StateDict, norm, same_layout, start_if_fresh
 
 MIN_FOR_MEDIAN = 3  # with fewer updates one poisoned update can be the median itself
 
@@ -29,13 +28,12 @@ def clip_updates(server: ServerAlgorithm, payloads: dict[str, Payload], replies:
     if cfg.update_clip is None or not replies:
         return replies, {}
     updates: dict[tuple[str, str], tuple[StateDict | None, float]] = {}
-    init = server.spec.init_lora(generator(server.seed, "lora-init"))
     for cid, reply in replies.items():
         for name, state in reply.states.items():
             ref = server.update_reference(cid, name, payloads[cid], reply)
-            if ref is None:
-                ref = init  # a fresh LoRA: without its init as the start, its A (kaiming, not small) is "the update"
-            if not _same_shapes(ref, state):
+            if ref is None:  # a fresh LoRA: without its init as the start, its A (kaiming, not small) is "the update"
+                ref = start_if_fresh(server.lora_init(), state)
+            elif not same_layout(ref, state):
                 ref = None  # a start of another shape (a router, HetLoRA at a new rank): the state is the update
             delta = state if ref is None else {k: state[k] - ref[k] for k in state}
             updates[cid, name] = ref, norm(delta)
@@ -52,10 +50,6 @@ def clip_updates(server: ServerAlgorithm, payloads: dict[str, Payload], replies:
         out[cid] = replace(out[cid], states={**out[cid].states, name: scaled})
         clipped.setdefault(cid, {})[name] = factor
     return out, clipped
-
-
-def _same_shapes(a: StateDict, b: StateDict) -> bool:
-    return set(a) == set(b) and all(a[k].shape == b[k].shape for k in a)
 
 
 def _bounds(updates: dict[tuple[str, str], tuple[StateDict | None, float]],

@@ -17,7 +17,7 @@ from ..core import dp
 from ..core.config import Config
 from ..core.errors import ConfigError
 from ..core.seeding import generator
-from ..core.tensors import StateDict
+from ..core.tensors import StateDict, start_if_fresh
 from .observers import Observer, StopRun
 
 log = logging.getLogger("fedlora")
@@ -71,7 +71,7 @@ def privatize(reply: Reply, payload: Payload, state: ClientState, cfg: Config, s
     the client's state as their next start."""
     p = cfg.privacy
     given = {name: started_from(name, payload, reply) for name in reply.states}
-    starts = {name: given[name] or state.states.get(UPLOAD + name) or _if_same_shapes(init, s)
+    starts = {name: given[name] or state.states.get(UPLOAD + name) or start_if_fresh(init, s)
               for name, s in reply.states.items()}
     states, factor = dp.clip_uploads(reply.states, starts, p.clip_norm)
     metrics = dict(reply.metrics)
@@ -84,11 +84,6 @@ def privatize(reply: Reply, payload: Payload, state: ClientState, cfg: Config, s
     kept = {**state.states, **{UPLOAD + name: {k: v.clone() for k, v in s.items()}  # own storage: checkpoints
                                 for name, s in states.items() if given[name] is None}}
     return replace(reply, states=states, metrics=metrics), ClientState(kept, state.meta)
-
-
-def _if_same_shapes(init: StateDict, state: StateDict) -> StateDict | None:
-    """The init as the start of a state of its keys and shapes (a first upload of a fresh LoRA), else None."""
-    return init if set(state) == set(init) and all(state[k].shape == init[k].shape for k in state) else None
 
 
 class PrivacyLedger(Observer):
