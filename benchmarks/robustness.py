@@ -4,10 +4,10 @@ One client (the attacker) multiplies its update, the state it sends minus what i
 sent, else the run's shared seeded LoRA init: FedLEASE's warm-up LoRA), by a factor (x100, x1e6, or -1: a sign
 flip); every other client is honest. Each attack runs with no defence
 (`update_clip = None`, mean), with the default adaptive update clip, and with the clip plus the coordinate-wise
-median. Reported: the honest clients' final accuracy (mean over tasks), and how often an honest update was
-clipped (the clip's cost in an honest run). Results: benchmarks/results/robustness.{md,json,png}; rows of
-methods not run this time are kept from the existing json.
-Usage: python benchmarks/robustness.py [--quick] [--methods fedit fedalt fedlease fdlora]
+median; `clip x3` is the adaptive clip at 3x the round's median norm instead of 10x. Reported: the honest
+clients' final accuracy (mean over tasks), and how often an honest update was clipped (the clip's cost in an
+honest run). Results: benchmarks/results/robustness.{md,json,png}; rows of cells not run this time (`--methods`, `--attacks`, `--defences`) are kept from the existing json.
+Usage: python benchmarks/robustness.py [--quick] [--methods fedit ...] [--attacks x100 ...] [--defences clip ...]
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from unittest.mock import patch  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ATTACKS = {"none": 1.0, "x100": 100.0, "x1e6": 1e6, "sign flip": -1.0}
-DEFENCES = {"none": {"update_clip": None}, "clip": {}, "clip + median": {"aggregation": "median"}}
+DEFENCES = {"none": {"update_clip": None}, "clip": {}, "clip x3": {"update_clip_factor": 3.0},
+            "clip + median": {"aggregation": "median"}}
 ATTACKER = "noun_topic-0"
 
 
@@ -138,16 +139,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, 3 short rounds (a CI smoke run)")
     ap.add_argument("--methods", nargs="+", default=["fedit", "fedalt", "fedlease", "fdlora"])
+    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    ap.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=list(DEFENCES))
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     previous = args.out / ("robustness_quick.json" if args.quick else "robustness.json")
     old = json.loads(previous.read_text()) if previous.is_file() else {"rows": []}
-    kept = [{"command": old.get("command"), **r} for r in old["rows"] if r["method"] not in args.methods]
+    rerun = lambda r: (r["method"] in args.methods and r["attack"] in args.attacks  # noqa: E731
+                       and r["defence"] in args.defences)
+    kept = [{"command": old.get("command"), **r} for r in old["rows"] if not rerun(r)]  # the cells not rerun
     command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:])
     rows = []
     for method in args.methods:
-        for attack in ATTACKS:
-            for defence in DEFENCES:
+        for attack in args.attacks:
+            for defence in args.defences:
                 rows.append({**run(method, attack, defence, args.quick), "command": command})
                 r = rows[-1]
                 print(f"{method:9s} {attack:9s} {defence:14s} honest acc {100 * r['honest_accuracy']:5.1f} "
