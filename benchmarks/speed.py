@@ -23,6 +23,8 @@ from fedlora.core.offline import use_offline
 use_offline()  # before transformers is imported: a hub look-up blocks ~23 s
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -45,27 +47,33 @@ TASKS = ["noun_topic", "verb_class"]
 
 # -- (a) framework overhead ------------------------------------------------------------------------------------
 
-def experiment_config(model: str, n_clients: int, rounds: int, steps: int, out_dir: str, threads: int) -> dict:
-    """The fedlora run both sides reproduce: fedit, LoRA r=8 on query/value, evaluation only where unavoidable."""
-    return {"name": "speed", "output_dir": out_dir, "seed": 0, "model": {"name": model},
+def experiment_config(model: str, n_clients: int, rounds: int, steps: int, out_dir: str, threads: int,
+                      device: str = "cpu", precision: str = "fp32", batch_size: int = 16, max_length: int = 64) -> dict:
+    """The fedlora run both sides reproduce: fedit, LoRA r=8 on query/value (q_proj/v_proj), evaluation only where
+    unavoidable; bf16 keeps the frozen base in bfloat16 and autocasts the forward."""
+    return {"name": "speed", "output_dir": out_dir, "seed": 0,
+            "model": {"name": model, "device": device, "dtype": "bfloat16" if precision == "bf16" else "float32"},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
             "data": {"dataset": "wordnet-demo", "tasks": TASKS[:min(n_clients, 2)],
                      "clients_per_task": max(1, n_clients // 2), "train_per_client": 64, "test_per_client": 8,
-                     "max_length": 64},
-            "training": {"lr": 5e-4, "local_steps": steps, "batch_size": 16},
+                     "max_length": max_length},
+            "training": {"lr": 5e-4, "local_steps": steps, "batch_size": batch_size, "precision": precision},
             # the loop always evaluates after the last round: that round is not timed; no other evaluation
             "federation": {"rounds": rounds, "eval_every": rounds, "eval_at_start": False},
             "algorithm": {"name": "fedit"},
             "engine": {"progress": False, "checkpoint_every": 0, "torch_threads": threads}}
 
 
-def run_fedlora(cfg: dict) -> dict:
-    """One fedlora run: wall and CPU seconds of its training rounds, and each client's mean loss per round."""
+def run_fedlora(cfg: dict, profiled: "TurnProfile | None" = None) -> dict:
+    """One fedlora run: wall and CPU seconds of its training rounds, and each client's mean loss per round; with
+    `profiled`, the first client turn of round 2 runs under torch.profiler."""
     from fedlora import run_experiment
     from fedlora.engines.inprocess import InProcessTransport
 
+    from fedlora.engines.runtime import ClientRuntime
+
     cpu_seconds: list[float] = []
-    original = InProcessTransport.fit
+    original, original_turn = InProcessTransport.fit, ClientRuntime.fit
 
     def timed_fit(self, *args):  # the clients' local rounds (CPU seconds; the record's fit_seconds is the wall time)
         cpu = time.process_time()
@@ -73,8 +81,12 @@ def run_fedlora(cfg: dict) -> dict:
         cpu_seconds.append(time.process_time() - cpu)
         return out
 
+    def turn(self, cid, rnd, *args):  # one client's local round
+        with profiled.turn() if profiled and profiled.wants(rnd) else contextlib.nullcontext():
+            return original_turn(self, cid, rnd, *args)
+
     start = time.perf_counter()
-    with patch.object(InProcessTransport, "fit", timed_fit):
+    with patch.object(InProcessTransport, "fit", timed_fit), patch.object(ClientRuntime, "fit", turn):
         result = run_experiment(cfg, overwrite=True)
     wall = time.perf_counter() - start
     fits = [r["fit_seconds"] for r in result.rounds if "fit_seconds" in r]  # configure .. aggregate, no evaluation
@@ -82,6 +94,37 @@ def run_fedlora(cfg: dict) -> dict:
     return {"rounds_s": rounds_s, "rounds_cpu_s": sum(cpu_seconds), "round_seconds": fits,
             "wall_s": wall, "outside_rounds_s": wall - rounds_s,
             "losses": {r["round"]: {c: f["train_loss"] for c, f in r["fit"].items()} for r in result.rounds if "fit" in r}}
+
+
+class TurnProfile:
+    """torch.profiler over one client turn (the first of round 2, else of round 1): per step, aten operators,
+    kernel launches, host-device synchronisations and copies, and scalar reads (`.item()`: a sync on a GPU)."""
+
+    LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+    SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+    def __init__(self, rounds: int, steps: int) -> None:
+        self.round, self.steps, self.counts = min(rounds, 2), steps, None
+
+    def wants(self, rnd: int) -> bool:
+        """Whether a turn of round `rnd` is the one to profile (the first such turn only)."""
+        return rnd == self.round and self.counts is None
+
+    @contextlib.contextmanager
+    def turn(self):
+        """Profile the block (one client turn) and keep its counts per step."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            yield
+        names = collections.Counter(e.name for e in prof.events())
+        counts = {"aten_ops": sum(n for name, n in names.items() if name.startswith("aten::")),
+                  "kernel_launches": sum(names[k] for k in self.LAUNCHES),
+                  "syncs": sum(names[k] for k in self.SYNCS),
+                  "copies": names["cudaMemcpyAsync"] + names["cudaMemcpy"],
+                  "scalar_reads": names["aten::_local_scalar_dense"]}
+        self.counts = {k: v / self.steps for k, v in counts.items()}
 
 
 def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,99 +150,123 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int
     return out[:steps]
 
 
-def run_bare(cfg_dict: dict, rounds: int) -> dict:
-    """The same training as `run_fedlora`'s timed rounds, written directly on transformers + PEFT."""
+def run_bare(cfg_dict: dict, rounds: int, profiled: TurnProfile | None = None) -> dict:
+    """The same training as `run_fedlora`'s timed rounds, written directly on transformers + PEFT as a careful user
+    would on a GPU: everything stays on the device, the step loop reads nothing back (one loss read per turn)."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import LoraLayer
     from transformers import get_linear_schedule_with_warmup
 
-    from fedlora.adapters.base_models import load_base_model  # a thin from_pretrained (or tiny config) wrapper
+    from fedlora.adapters.base_models import LoadOptions, load_base_model  # from_pretrained (or a tiny config)
     from fedlora.core.config import build_config
+    from fedlora.core.devices import autocast, resolve_device
     from fedlora.core.seeding import derive_seed
     from fedlora.data.federated import build_clients
 
     cfg = build_config(cfg_dict)
+    device, precision = resolve_device(cfg.model.device), cfg.training.precision
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     clients = build_clients(cfg.data, cfg.seed)  # the same split: data preparation is not what is compared
     start = time.perf_counter()
     n_labels = max(len(c.labels) for c in clients)
-    base = load_base_model(cfg.model.name, None, max(n_labels, 2), "float32", cfg.seed)
+    base = load_base_model(cfg.model.name, None, max(n_labels, 2), cfg.model.dtype, cfg.seed,
+                           LoadOptions(device=str(device)))
     hf, tok = base.model, base.tokenizer
+    head_module = hf.classifier if hasattr(hf, "classifier") else hf.score  # *ForSequenceClassification's head
+    head_module.float()  # trained in fp32 under autocast, as fedlora trains every trainable parameter
+    targets = cfg.lora.target_modules or (["query", "value"] if hf.config.model_type == "bert" else ["q_proj", "v_proj"])
     model = get_peft_model(hf, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                          target_modules=["query", "value"]))
-    head = dict(hf.classifier.named_parameters())
+                                          target_modules=targets))
+    head = dict(head_module.named_parameters())
     for p in head.values():  # each client's private head trains too, as in fedlora
         p.requires_grad_(True)
     loras = [m for m in model.modules() if isinstance(m, LoraLayer)]
     data = {}
     for c in clients:
         ids = tok([r["text"] for r in c.train], truncation=True, max_length=cfg.data.max_length)["input_ids"]
-        data[c.client_id] = (ids, torch.tensor([c.labels.index(str(r["label"])) for r in c.train]), len(c.labels))
+        labels = torch.tensor([c.labels.index(str(r["label"])) for r in c.train], device=device)
+        data[c.client_id] = (ids, labels, len(c.labels))
     # the shared start both sides train from: fedlora's seeded global LoRA init (kaiming A, zero B)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "lora-init"))
-    global_lora = [(nn.init.kaiming_uniform_(torch.empty(cfg.lora.r, m.in_features), a=math.sqrt(5), generator=gen),
-                    torch.zeros(m.out_features, cfg.lora.r)) for m in loras]
+    global_lora = [(nn.init.kaiming_uniform_(torch.empty(cfg.lora.r, m.in_features), a=math.sqrt(5), generator=gen).to(device),
+                    torch.zeros(m.out_features, cfg.lora.r, device=device)) for m in loras]
+    sync()
     startup = time.perf_counter() - start
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("bias")]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
+    exempt = lambda n: n.endswith("bias") or "norm" in n.lower()  # noqa: E731  (as HF Trainer: no decay)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not exempt(n)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and exempt(n)]
     heads: dict[str, dict[str, torch.Tensor]] = {}
     round_seconds, round_cpu, losses = [], [], {}
     for rnd in range(1, rounds + 1):
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
         replies = []
         losses[rnd] = {}
         for c in clients:
-            ids, labels, n_c = data[c.client_id]
-            with torch.no_grad():  # unavoidable in FL: the global state into the model
-                for m, (a, b) in zip(loras, global_lora):
-                    m.lora_A["default"].weight.copy_(a)
-                    m.lora_B["default"].weight.copy_(b)
-                if c.client_id not in heads:  # the client's first round: the task's seeded head init
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(derive_seed(cfg.seed, "head", c.task))
-                        hf._init_weights(hf.classifier)
-                    heads[c.client_id] = {n: p.detach().clone() for n, p in head.items()}
-                for n, p in head.items():
-                    p.copy_(heads[c.client_id][n])
-            seed = derive_seed(cfg.seed, "fit", c.client_id, rnd)
-            torch.manual_seed(derive_seed(seed, "dropout"))
-            opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.training.weight_decay},
-                                     {"params": no_decay, "weight_decay": 0.0}], lr=cfg.training.lr)
-            sched = get_linear_schedule_with_warmup(opt, 0, cfg.training.local_steps)
-            model.train()
-            step_losses = []
-            for idx in batch_order(len(ids), cfg.training.batch_size, cfg.training.local_steps, seed):
-                input_ids, mask = pad([ids[i] for i in idx], tok.pad_token_id)
-                logits = model(input_ids=input_ids, attention_mask=mask).logits
-                loss = F.cross_entropy(logits[:, :n_c].float(), labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.training.grad_clip)
-                opt.step()
-                sched.step()
-                step_losses.append(loss.item())
-            losses[rnd][c.client_id] = sum(step_losses) / len(step_losses)
-            # unavoidable in FL: the trained state out of the model (the reply) and the private head kept
-            replies.append(([(m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
-                             for m in loras], float(len(ids))))
-            heads[c.client_id] = {n: p.detach().clone() for n, p in head.items()}
+            with profiled.turn() if profiled and profiled.wants(rnd) else contextlib.nullcontext():
+                ids, labels, n_c = data[c.client_id]
+                with torch.no_grad():  # unavoidable in FL: the global state into the model
+                    for m, (a, b) in zip(loras, global_lora):
+                        m.lora_A["default"].weight.copy_(a)
+                        m.lora_B["default"].weight.copy_(b)
+                    if c.client_id not in heads:  # the client's first round: the task's seeded head init
+                        with torch.random.fork_rng(devices=[]):
+                            torch.manual_seed(derive_seed(cfg.seed, "head", c.task))
+                            hf._init_weights(head_module)
+                        heads[c.client_id] = {n: p.detach().clone() for n, p in head.items()}
+                    for n, p in head.items():
+                        p.copy_(heads[c.client_id][n])
+                seed = derive_seed(cfg.seed, "fit", c.client_id, rnd)
+                torch.manual_seed(derive_seed(seed, "dropout"))
+                opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.training.weight_decay},
+                                         {"params": no_decay, "weight_decay": 0.0}], lr=cfg.training.lr,
+                                        fused=device.type == "cuda")
+                sched = get_linear_schedule_with_warmup(opt, 0, cfg.training.local_steps)
+                model.train()
+                step_losses = []
+                for idx in batch_order(len(ids), cfg.training.batch_size, cfg.training.local_steps, seed):
+                    input_ids, mask = (t.to(device, non_blocking=True) for t in pad([ids[i] for i in idx], tok.pad_token_id))
+                    with autocast(device, precision):
+                        logits = model(input_ids=input_ids, attention_mask=mask).logits
+                    loss = F.cross_entropy(logits[:, :n_c].float(), labels[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, cfg.training.grad_clip)
+                    opt.step()
+                    sched.step()
+                    step_losses.append(loss.detach())
+                losses[rnd][c.client_id] = torch.stack(step_losses).double().mean().item()
+                # unavoidable in FL: the trained state out of the model (the reply) and the private head kept
+                replies.append(([(m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+                                 for m in loras], float(len(ids))))
+                heads[c.client_id] = {n: p.detach().clone() for n, p in head.items()}
         total = sum(w for _, w in replies)
         global_lora = [(sum(w / total * s[i][0] for s, w in replies), sum(w / total * s[i][1] for s, w in replies))
                        for i in range(len(loras))]
+        sync()
         round_seconds.append(time.perf_counter() - t0)
         round_cpu.append(time.process_time() - c0)
     return {"rounds_s": sum(round_seconds), "rounds_cpu_s": sum(round_cpu), "round_seconds": round_seconds,
             "startup_s": startup, "losses": losses}
 
 
-def framework_benchmark(model: str, n_clients: int, rounds: int, steps: int, reps: int, threads: int) -> dict:
-    """Alternating repetitions of the fedlora run and the bare loop; ratios of their training-round times."""
+def framework_benchmark(model: str, n_clients: int, rounds: int, steps: int, reps: int, threads: int,
+                        profile: bool = False, **setting) -> dict:
+    """Alternating repetitions of the fedlora run and the bare loop; ratios of their training-round times. `setting`:
+    experiment_config's device, precision, batch_size, max_length; `profile`: one more run of each side with a client
+    turn under torch.profiler (operator, launch and sync counts per step)."""
     fed, bare = [], []
     with tempfile.TemporaryDirectory() as tmp:
         # warm-up of both sides: imports, file caches and first-call allocations are no one's overhead
-        run_fedlora(experiment_config(model, n_clients, 1, 1, f"{tmp}/warm", threads))
-        run_bare(experiment_config(model, n_clients, 1, 1, f"{tmp}/warm", threads), 1)
-        cfg = experiment_config(model, n_clients, rounds, steps, f"{tmp}/run", threads)
+        run_fedlora(experiment_config(model, n_clients, 1, 1, f"{tmp}/warm", threads, **setting))
+        run_bare(experiment_config(model, n_clients, 1, 1, f"{tmp}/warm", threads, **setting), 1)
+        cfg = experiment_config(model, n_clients, rounds, steps, f"{tmp}/run", threads, **setting)
+        profiles = {}
+        if profile:
+            for side, runner in (("fedlora", run_fedlora), ("bare", lambda c, p: run_bare(c, rounds, p))):
+                profiles[side] = TurnProfile(rounds, steps)
+                runner(cfg, profiles[side])
         for rep in range(reps):
             for side in ("fedlora", "bare") if rep % 2 == 0 else ("bare", "fedlora"):
                 runs = fed if side == "fedlora" else bare
@@ -220,7 +287,10 @@ def framework_benchmark(model: str, n_clients: int, rounds: int, steps: int, rep
             "ratio_of_medians": {"wall": med(fed, "rounds_s") / med(bare, "rounds_s"),
                                  "cpu": med(fed, "rounds_cpu_s") / med(bare, "rounds_cpu_s")},
             "median_s_per_step": {"fedlora": med(fed, "rounds_s") / steps_timed, "bare": med(bare, "rounds_s") / steps_timed},
-            "max_abs_train_loss_difference": loss_diff}
+            "median_s_per_turn": {"fedlora": med(fed, "rounds_s") / (n_clients * rounds),
+                                  "bare": med(bare, "rounds_s") / (n_clients * rounds)},
+            "max_abs_train_loss_difference": loss_diff,
+            "per_step_counts": {side: prof.counts for side, prof in profiles.items()}, **setting}
 
 
 # -- (b) adapter layer -----------------------------------------------------------------------------------------

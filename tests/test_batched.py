@@ -153,7 +153,7 @@ def test_waiting_steps_are_grouped_by_length_to_bound_padding():
     from fedlora.training.batched import StepRequest, length_groups
 
     def request(rows, length):
-        return StepRequest(None, {"input_ids": torch.zeros(rows, length, dtype=torch.long)})
+        return StepRequest(None, {"input_ids": torch.zeros(rows, length, dtype=torch.long)}, padded=False)
 
     requests = [(0, request(8, 10)), (1, request(8, 60)), (2, request(8, 58)), (3, request(8, 12)), (4, request(2, 50))]
     groups = length_groups(requests, max_waste=0.25)

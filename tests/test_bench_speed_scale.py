@@ -54,6 +54,28 @@ def test_scale_benchmark_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_speed_benchmark_dry_run_compares_the_same_training_and_counts_each_side(tmp_path):
+    """speed_gpu.py on the CPU with tiny shapes: both sides train the same steps (bf16 autocast on a decoder, fp32 on
+    an encoder), each row has both sides' per-turn time and per-step counts; without CUDA it measures nothing."""
+    done = subprocess.run([sys.executable, "benchmarks/speed_gpu.py", "--dry-run", "--budget", "1e9",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "speed-gpu-dry-run.json").read_text())["rows"]
+    assert [(r["shape"], r["precision"], r["clients"]) for r in rows] == [("tiny-qwen", "bf16", 2), ("tiny-bert", "fp32", 1)]
+    bf16, fp32 = rows
+    assert bf16["max_abs_train_loss_difference"] < 1e-2 and fp32["max_abs_train_loss_difference"] < 1e-5
+    for r in rows:
+        assert r["median_s_per_turn"]["fedlora"] > 0 and r["median_s_per_turn"]["bare"] > 0
+        counts = r["per_step_counts"]
+        assert counts["fedlora"]["aten_ops"] <= 1.1 * counts["bare"]["aten_ops"], counts
+    assert "| tiny-qwen | bf16 | 2 |" in (tmp_path / "speed-gpu-dry-run.md").read_text()
+    if not __import__("torch").cuda.is_available():
+        done = subprocess.run([sys.executable, "benchmarks/speed_gpu.py", "--out", str(tmp_path / "none")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "no CUDA device" in done.stdout and not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
 def test_gpu_benchmark_dry_run_and_its_no_cuda_exit(tmp_path):
     """The GPU script on the CPU with tiny shapes (one method, no time limit): every row runs, the 4-bit ones where
     bitsandbytes is installed; without --dry-run and without CUDA it measures nothing and says so."""

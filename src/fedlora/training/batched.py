@@ -41,6 +41,7 @@ class StepRequest:
 
     trainer: "object"  # a Trainer (not imported here: trainer.py imports this module)
     batch: Mapping[str, torch.Tensor]
+    padded: bool  # whether the batch has padding (known on the host when it was built: no read from the device)
 
 
 class Slot:
@@ -49,9 +50,10 @@ class Slot:
     def __init__(self, owner: "ClientBatch", index: int, model: AdaptedModel) -> None:
         self.owner, self.index, self.model = owner, index, model
 
-    def backward(self, trainer, batch: Mapping[str, torch.Tensor]) -> float:
-        """Wait for the joint step that puts this batch's gradients into the trainer's parameters; its loss."""
-        return self.owner._request(StepRequest(trainer, batch))
+    def backward(self, trainer, batch: Mapping[str, torch.Tensor], padded: bool) -> torch.Tensor:
+        """Wait for the joint step that puts this batch's gradients into the trainer's parameters; its loss (on the
+        device, unread)."""
+        return self.owner._request(StepRequest(trainer, batch, padded))
 
 
 class ClientBatch:
@@ -101,7 +103,7 @@ class ClientBatch:
                 return "done", exc
         return body
 
-    def _request(self, request: StepRequest) -> float:
+    def _request(self, request: StepRequest) -> torch.Tensor:
         outcome = self._coordinator.switch(("step", request))
         if isinstance(outcome, Exception):
             raise outcome
@@ -118,14 +120,14 @@ class ClientBatch:
         else:
             self._results[k] = message
 
-    def _step(self, requests: list[tuple[int, StepRequest]]) -> dict[int, float | Exception]:
+    def _step(self, requests: list[tuple[int, StepRequest]]) -> dict[int, torch.Tensor | Exception]:
         """Every waiting request's step, in joint steps of requests of similar length (`length_groups`)."""
-        outcomes: dict[int, float | Exception] = {}
+        outcomes: dict[int, torch.Tensor | Exception] = {}
         for group in length_groups(requests):
             outcomes.update(self._step_group(group))
         return outcomes
 
-    def _step_group(self, requests: list[tuple[int, StepRequest]]) -> dict[int, float | Exception]:
+    def _step_group(self, requests: list[tuple[int, StepRequest]]) -> dict[int, torch.Tensor | Exception]:
         """One joint step; if it fails, each request alone, so that one client's error fails only that client."""
         saved = {k: self._streams[k].copy() for k, _ in requests}
         try:
@@ -137,7 +139,7 @@ class ClientBatch:
                 log.warning("a joint step of %d clients failed (%s: %s); its clients step one by one (said once)",
                             len(requests), type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
             self.retried_alone += 1
-        outcomes: dict[int, float | Exception] = {}
+        outcomes: dict[int, torch.Tensor | Exception] = {}
         for k, request in requests:
             self._streams[k] = saved[k].copy()
             for p in request.trainer.adapted.trainable_parameters():
@@ -148,17 +150,16 @@ class ClientBatch:
                 outcomes[k] = exc
         return outcomes
 
-    def _joint_backward(self, requests: list[tuple[int, StepRequest]]) -> dict[int, float]:
+    def _joint_backward(self, requests: list[tuple[int, StepRequest]]) -> dict[int, torch.Tensor]:
         """Gradients of every request's batch loss in one forward/backward (loss = the sum of per-client means)."""
         batches = [r.batch for _, r in requests]
         width = max(b["input_ids"].shape[1] for b in batches)
-        # whether each batch has padding, read back in one transfer: a read per client would wait on the device
-        # once per client, and a GPU round of many small clients is bound by such waits and launches
-        padded = torch.stack([~b["attention_mask"].all() for b in batches]).tolist()
+        # nothing in a joint step reads from the device (padding is known on the host, losses stay on the device): a
+        # GPU round of many small clients is bound by such waits and by launches
         slices, start = [], 0
-        for (k, _), b, pads in zip(requests, batches, padded):
+        for (k, request), b in zip(requests, batches):
             n, length = b["input_ids"].shape
-            slices.append(RowSlice(k, start, start + n, length, self._streams[k], pads))
+            slices.append(RowSlice(k, start, start + n, length, self._streams[k], request.padded))
             start += n
         first = requests[0][1].trainer
         inputs = concat_batches(batches, width, first.pad_id)
@@ -173,7 +174,7 @@ class ClientBatch:
             total = total + (request.trainer.scaler.scale(loss) if request.trainer.scaler is not None else loss)
             losses[k] = loss
         total.backward()
-        return dict(zip(losses, torch.stack(list(losses.values())).detach().float().tolist()))
+        return {k: loss.detach() for k, loss in losses.items()}
 
 
 def length_groups(requests: list[tuple[int, StepRequest]], max_waste: float = MAX_PADDING) -> list[list[tuple[int, StepRequest]]]:

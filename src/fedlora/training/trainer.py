@@ -74,6 +74,14 @@ def mean_loss(losses: list[float | torch.Tensor]) -> float:
     return sum(losses) / len(losses)
 
 
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch built on the CPU, on `device`: to a GPU from pinned memory without waiting for the copy (a copy
+    from pageable memory makes the host wait on it at every step)."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def fused_adamw(device: torch.device) -> bool:
     """Whether AdamW steps in one fused kernel on this device: on CUDA, where a client's step is then a few
     launches rather than a few per tensor (a GPU round of many small clients is bound by launches)."""
@@ -104,7 +112,7 @@ class Trainer:
 
     def batch(self, data: Encoded, idx: Iterable[int]) -> dict[str, torch.Tensor]:
         """The padded batch of the examples of `data` at `idx`, on the model's device."""
-        return {k: v.to(self.device) for k, v in collate(data, list(idx), self.pad_id).items()}
+        return to_device(collate(data, list(idx), self.pad_id), self.device)
 
     def forward(self, **inputs: torch.Tensor):
         """The model's forward pass in the training precision (autocast; trainable parameters stay fp32)."""
@@ -212,7 +220,8 @@ class Trainer:
         the next step's launches need not wait for this one). Data-parallel: this worker's shard, normalised by
         the whole batch's item count, then summed over the workers."""
         if self.slot is not None:  # trained together with other clients: one joint step serves them all
-            return self.slot.backward(self, self.batch(data, idx))
+            padded = len({len(data.input_ids[i]) for i in idx}) > 1  # known here: no read from the device
+            return self.slot.backward(self, self.batch(data, idx), padded)
         if dp is None:
             loss = self.batch_loss(self.batch(data, idx))
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
