@@ -14,7 +14,7 @@ bound by kernel launches, so the count tells on any machine what a GPU's step ti
 Results: benchmarks/results/batched.{md,json,png} on a CPU, batched-gpu.{md,json,png} on CUDA (so one device's run
 never replaces the other's), rewritten after every row so a run cut short keeps what it measured; a K whose
 batched round does not fit the GPU's memory is a row that says so.
-Usage: python benchmarks/batched.py [--quick] [--ks 1 4 16 64] [--reps 3] [--out DIR]
+Usage: python benchmarks/batched.py [--quick] [--ks 1 4 16 64] [--reps 3] [--minilm-shape] [--out DIR]
 """
 
 from __future__ import annotations
@@ -148,6 +148,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="K in {1, 4, 16} only, 2 repetitions")
     parser.add_argument("--ks", type=int, nargs="+", help="the numbers of clients K (default 1 4 16 64)")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--minilm-shape", action="store_true",
+                        help="MiniLM's shape with random weights (step times do not depend on them; nothing to carry)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -164,9 +166,11 @@ def main() -> None:
         decoder_shape = SHAPES["qwen2.5-0.5b"] if cuda else CPU_DECODER
         decoder = build_model(decoder_shape, Path(tmp) / "decoder", device)
         # the CPU decoder is small so that a run takes minutes; K=64 of it adds nothing MiniLM's row does not show
-        models = {"minilm": ks, decoder: [k for k in ks if cuda or k <= 16]}
+        minilm = build_model(SHAPES["minilm-l6"], Path(tmp) / "minilm", device) if args.minilm_shape else "minilm"
+        models = {minilm: ks, decoder: [k for k in ks if cuda or k <= 16]}
         for model, model_ks in models.items():
-            name = "minilm" if model == "minilm" else ("qwen2.5-0.5b shape" if cuda else "qwen2 4 layers x 256 (CPU)")
+            name = ("minilm" + " shape" * args.minilm_shape if model == minilm else
+                    "qwen2.5-0.5b shape" if cuda else "qwen2 4 layers x 256 (CPU)")
             for k in model_ks:
                 try:
                     row = measure(model, k, device, precision, reps, str(Path(tmp) / f"run-{len(rows)}"))

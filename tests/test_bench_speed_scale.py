@@ -99,3 +99,12 @@ def test_gpu_benchmark_dry_run_and_its_no_cuda_exit(tmp_path):
         done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--out", str(tmp_path / "none")], cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0 and "no CUDA device" in done.stdout and not (tmp_path / "none").exists()
+
+
+def test_the_sgd_step_check_compares_a_real_step_of_every_trained_part(monkeypatch):
+    """gpu.py's CPU-vs-CUDA kernel check, run CPU against CPU: equal results, from a step with real gradients."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu import sgd_step_difference
+
+    same = sgd_step_difference(("cpu", "cpu"))
+    assert same["max_grad"] > 1e-3 and same["max_grad_diff"] == 0 and same["max_param_diff_after_step"] == 0
