@@ -79,8 +79,8 @@ def gpu_step_path(monkeypatch):
     monkeypatch.setattr(trainer_module, "fused_adamw", lambda device: True)
 
 
-@pytest.mark.parametrize("method,client_batch", [("fedit", 1), ("fedalt", 1), ("fedlease", 1),
-                                                 ("fedalt", 2), ("fedlease", 4)])
+# one client alone (plain LoRA; FedLEASE's router and experts), and clients trained together (FedALT's gate)
+@pytest.mark.parametrize("method,client_batch", [("fedit", 1), ("fedlease", 1), ("fedalt", 2)])
 def test_the_step_loop_reads_nothing_from_the_device_and_builds_one_optimizer_per_local_round(
         method, client_batch, tmp_path, monkeypatch, gpu_step_path):
     trains, optimizers = [], []
