@@ -2,11 +2,12 @@
 
 One client (the attacker) multiplies its update, the state it sends minus what it started from (what the server
 sent, else the run's shared seeded LoRA init: FedLEASE's warm-up LoRA), by a factor (x100, x1e6, or -1: a sign
-flip); every other client is honest. Each attack runs with no defence
-(`update_clip = None`, mean), with the default adaptive update clip, and with the clip plus the coordinate-wise
-median; `clip x3` is the adaptive clip at 3x the round's median norm instead of 10x. Reported: the honest
+flip); every other client is honest. Each attack runs with no defence (`update_clip = None`, mean), with the
+adaptive update clip at 10x the round's median norm (the default until #37) and at 3x (the default since), and
+with the 10x clip plus the coordinate-wise median. Reported: the honest
 clients' final accuracy (mean over tasks), and how often an honest update was clipped (the clip's cost in an
-honest run). Results: benchmarks/results/robustness.{md,json,png}; rows of cells not run this time (`--methods`, `--attacks`, `--defences`) are kept from the existing json.
+honest run). Results: benchmarks/results/robustness.{md,json,png}; rows of cells not run this time (`--methods`,
+`--attacks`, `--defences`) are kept from the existing json.
 Usage: python benchmarks/robustness.py [--quick] [--methods fedit ...] [--attacks x100 ...] [--defences clip ...]
 """
 
@@ -19,6 +20,7 @@ use_offline()  # before transformers is imported
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -28,8 +30,10 @@ from unittest.mock import patch  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ATTACKS = {"none": 1.0, "x100": 100.0, "x1e6": 1e6, "sign flip": -1.0}
-DEFENCES = {"none": {"update_clip": None}, "clip": {}, "clip x3": {"update_clip_factor": 3.0},
-            "clip + median": {"aggregation": "median"}}
+# the adaptive clip at 10x the round's median norm (the default until #37) and at 3x (the default since)
+DEFENCES = {"none": {"update_clip": None}, "clip x10": {"update_clip_factor": 10.0}, "clip x3": {"update_clip_factor": 3.0},
+            "clip x10 + median": {"update_clip_factor": 10.0, "aggregation": "median"}}
+RENAMED = {"clip": "clip x10", "clip + median": "clip x10 + median"}  # rows stored before #37 changed the default
 ATTACKER = "noun_topic-0"
 
 
@@ -107,7 +111,9 @@ def write(rows: list[dict], out: Path, command: str, quick: bool) -> None:
              "The `demo` setup (MiniLM, 4 clients over 2 tasks, 5 rounds; FedLEASE warm-up 2) with client "
              f"`{ATTACKER}` multiplying its update by the attack's factor. Honest clients' final accuracy (x100, "
              "mean over tasks; a client whose loss is not finite counts 0). In brackets: honest updates the clip "
-             "scaled down over the run / the attacker's.", ""]
+             "scaled down over the run / the attacker's. Defences: `clip x10`, the adaptive update clip at 10x the "
+             "round's median update norm (the default until #37); `clip x3`, at 3x (the default since); `clip x10 + "
+             "median`, the 10x clip with the coordinate-wise median.", ""]
     for m in methods:
         lines += [f"## {m}", "", "| attack | " + " | ".join(DEFENCES) + " |", "|---|" + "---|" * len(DEFENCES)]
         for a in ATTACKS:
@@ -147,8 +153,9 @@ def main() -> None:
     old = json.loads(previous.read_text()) if previous.is_file() else {"rows": []}
     rerun = lambda r: (r["method"] in args.methods and r["attack"] in args.attacks  # noqa: E731
                        and r["defence"] in args.defences)
-    kept = [{"command": old.get("command"), **r} for r in old["rows"] if not rerun(r)]  # the cells not rerun
-    command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:])
+    old_rows = [{**r, "defence": RENAMED.get(r["defence"], r["defence"])} for r in old["rows"]]
+    kept = [{"command": old.get("command"), **r} for r in old_rows if not rerun(r)]  # the cells not rerun
+    command = "python benchmarks/robustness.py " + shlex.join(sys.argv[1:])
     rows = []
     for method in args.methods:
         for attack in args.attacks:

@@ -23,10 +23,10 @@ def test_robustness_benchmark_quick(tmp_path):
         rows = json.loads((tmp_path / "robustness_quick.json").read_text())["rows"]
         return {(r["attack"], r["defence"]): r for r in rows}
 
-    first = bench("--attacks", "none", "x1e6", "--defences", "none", "clip")
+    first = bench("--attacks", "none", "x1e6", "--defences", "none", "clip x10")
     rows = bench("--attacks", "x1e6", "--defences", "clip x3")  # another cell: the earlier ones are kept
     assert set(rows) == set(first) | {("x1e6", "clip x3")} and rows["x1e6", "none"] == first["x1e6", "none"]
     assert all(r["honest_clipped"] == 0 for r in rows.values())  # the clip spares honest updates
-    assert rows["x1e6", "clip"]["attacker_clipped"] > 0 and rows["x1e6", "none"]["attacker_clipped"] == 0
-    assert rows["x1e6", "clip"]["honest_accuracy"] >= rows["x1e6", "none"]["honest_accuracy"]
+    assert rows["x1e6", "clip x10"]["attacker_clipped"] > 0 and rows["x1e6", "none"]["attacker_clipped"] == 0
+    assert rows["x1e6", "clip x10"]["honest_accuracy"] >= rows["x1e6", "none"]["honest_accuracy"]
     assert "| x1e6 |" in (tmp_path / "robustness_quick.md").read_text()

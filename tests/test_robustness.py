@@ -64,9 +64,11 @@ def test_adaptive_clip_scales_an_outsized_update_to_the_bound_and_keeps_the_rest
     # updates of norm 1 (A: 6 elements, B: 4 elements, so delta 1/sqrt(10) each) and one of norm 100
     step = 1 / math.sqrt(10)
     replies = {c: Reply({"global": full(1 + s, 1 + s)}, 1) for c, s in zip("abcd", [step, step, step, 100 * step])}
-    out, clipped = clip_updates(server, payloads, replies, FederationConfig())  # adaptive, 10 x median = 10
-    assert set(clipped) == {"d"} and clipped["d"]["global"] == pytest.approx(0.1)
-    torch.testing.assert_close(out["d"].states["global"]["m.lora_A"], torch.full((2, 3), 1 + 10 * step))
+    out, clipped = clip_updates(server, payloads, replies, FederationConfig())  # adaptive, 3 x median = 3
+    assert set(clipped) == {"d"} and clipped["d"]["global"] == pytest.approx(0.03)
+    torch.testing.assert_close(out["d"].states["global"]["m.lora_A"], torch.full((2, 3), 1 + 3 * step))
+    ten, _ = clip_updates(server, payloads, replies, FederationConfig(update_clip_factor=10))
+    torch.testing.assert_close(ten["d"].states["global"]["m.lora_A"], torch.full((2, 3), 1 + 10 * step))
     assert all(out[c] is replies[c] for c in "abc")
     fixed, _ = clip_updates(server, payloads, replies, FederationConfig(update_clip=0.5))
     torch.testing.assert_close(fixed["a"].states["global"]["m.lora_B"], torch.full((2, 2), 1 + 0.5 * step))
@@ -88,7 +90,7 @@ def test_a_fresh_lora_is_clipped_as_an_update_of_the_shared_seeded_init_not_as_a
     out, clipped = clip_updates(server, payloads, replies, FederationConfig())
     assert set(clipped) == {"d"}
     sent = out["d"].states["lora"]
-    assert norm({k: sent[k] - init[k] for k in init}) == pytest.approx(10 * norm(step), rel=1e-5)  # 10 x the median
+    assert norm({k: sent[k] - init[k] for k in init}) == pytest.approx(3 * norm(step), rel=1e-5)  # 3 x the median
 
 
 def test_with_fewer_than_three_updates_the_adaptive_clip_does_nothing():
@@ -122,7 +124,7 @@ def test_a_1e6_update_poisons_fedit_only_without_the_default_clip(tmp_path, monk
     runs = {name: run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / name), federation=federation))
             for name, federation in [("off", {"update_clip": None}), ("default", {})]}
     assert global_norm(runs["off"]) > 1e4 * clean                  # the poisoned mean, checkpointed
-    assert global_norm(runs["default"]) < 3 * clean                # clipped to 10 x the median update
+    assert global_norm(runs["default"]) < 3 * clean                # clipped to 3 x the median update
     assert all("noun_topic-0" in r["clipped"] and len(r["clipped"]) == 1 for r in runs["default"].rounds[1:])
 
 

@@ -133,7 +133,9 @@ class FederationConfig(Section):
     update_clip: float | Literal["adaptive"] | None = Field(
         "adaptive", description="clip each client's update (its state minus what it received) to this L2 norm; "
         "'adaptive': to update_clip_factor x the round's median update norm (needs 3 or more replies); None: off")
-    update_clip_factor: float = Field(10.0, gt=1, description="the adaptive clip as a multiple of the median norm")
+    update_clip_factor: float = Field(3.0, gt=1, description="the adaptive clip as a multiple of the median norm (3: "
+                                      "no honest update clipped in the robustness benchmark; 10 let FedLEASE's poisoned "
+                                      "warm-up LoRA through)")
     aggregation: Literal["mean", "median", "trimmed_mean"] = Field(
         "mean", description="how servers combine client states key by key: the (weighted) mean, or the unweighted "
         "coordinate-wise median / trimmed mean (robust to a minority of poisoned updates)")
