@@ -124,7 +124,7 @@ LATER_DEFAULTS = {
     "federation": {"update_clip": "adaptive", "update_clip_factor": 10.0, "aggregation": "mean", "trim_fraction": 0.1},
     "model": {"device": "auto", "revision": None, "trust_remote_code": False, "quantization": "none",
               "quant_type": "nf4", "double_quant": True},
-    "training": {"precision": "fp32", "gradient_checkpointing": False},
+    "training": {"precision": "fp32", "gradient_checkpointing": False, "compile": False},
     "lora": {"modules_to_save": None},
 }
 

@@ -48,16 +48,19 @@ TASKS = ["noun_topic", "verb_class"]
 # -- (a) framework overhead ------------------------------------------------------------------------------------
 
 def experiment_config(model: str, n_clients: int, rounds: int, steps: int, out_dir: str, threads: int,
-                      device: str = "cpu", precision: str = "fp32", batch_size: int = 16, max_length: int = 64) -> dict:
+                      device: str = "cpu", precision: str = "fp32", batch_size: int = 16, max_length: int = 64,
+                      compile: bool = False) -> dict:
     """The fedlora run both sides reproduce: fedit, LoRA r=8 on query/value (q_proj/v_proj), evaluation only where
-    unavoidable; bf16 keeps the frozen base in bfloat16 and autocasts the forward."""
+    unavoidable; bf16 keeps the frozen base in bfloat16 and autocasts the forward; `compile`: fedlora's
+    training.compile (the bare loop stays eager)."""
     return {"name": "speed", "output_dir": out_dir, "seed": 0,
             "model": {"name": model, "device": device, "dtype": "bfloat16" if precision == "bf16" else "float32"},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
             "data": {"dataset": "wordnet-demo", "tasks": TASKS[:min(n_clients, 2)],
                      "clients_per_task": max(1, n_clients // 2), "train_per_client": 64, "test_per_client": 8,
                      "max_length": max_length},
-            "training": {"lr": 5e-4, "local_steps": steps, "batch_size": batch_size, "precision": precision},
+            "training": {"lr": 5e-4, "local_steps": steps, "batch_size": batch_size, "precision": precision,
+                         "compile": compile},
             # the loop always evaluates after the last round: that round is not timed; no other evaluation
             "federation": {"rounds": rounds, "eval_every": rounds, "eval_at_start": False},
             "algorithm": {"name": "fedit"},

@@ -156,3 +156,30 @@ def test_a_step_launches_what_a_bare_peft_step_launches(tiny_adapted, gpu_step_p
 
     ours, theirs = operators(lambda: trainer.train(experts=[0])), operators(bare)
     assert ours <= 1.05 * theirs, (ours / steps, theirs / steps)
+
+
+def test_a_compiled_run_equals_the_eager_one_router_and_dropout_included(tmp_path, monkeypatch):
+    """training.compile = true: the model's forward runs as torch.compile graphs and the run equals the eager one.
+    Here dynamo's graphs run through a recording backend: inductor's C++ build takes minutes on this CPU, and its
+    kernels are measured on a GPU (speed_gpu.py's compiled row)."""
+    graphs = []
+
+    def recording(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(trainer_module, "COMPILE", {"backend": recording})
+    torch._dynamo.reset()  # graphs of other tests' models stay out of the count
+    results = {}
+    for compiled in (False, True):
+        cfg = tiny_config(tmp_path, output_dir=str(tmp_path / f"compiled-{compiled}"), lora={"dropout": 0.1},
+                          algorithm={"name": "fedalt"}, training={"compile": compiled})
+        results[compiled] = run_experiment(cfg)
+    assert graphs  # the forward did run compiled
+    for cid, state in results[False].client_states.items():
+        for name, tensors in state.states.items():
+            for key, value in tensors.items():
+                torch.testing.assert_close(results[True].client_states[cid].states[name][key], value,
+                                           atol=1e-5, rtol=0)
+    for cid, metrics in results[False].final.items():
+        assert results[True].final[cid] == pytest.approx(metrics, abs=1e-5), cid

@@ -107,6 +107,8 @@ class TrainingConfig(Section):
         "gradient scaler, CUDA only)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
                                          "memory, about a third more compute)")
+    compile: bool = Field(False, description="torch.compile the model's forward (inductor; eager's random numbers for "
+                          "dropout, so results equal eager's to float tolerance); clients trained alone only")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainingConfig":

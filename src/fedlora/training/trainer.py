@@ -82,6 +82,11 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[s
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
+# `training.compile`: inductor, drawing dropout's random numbers as eager does (`fallback_random`), so that a
+# compiled run equals an eager one to float tolerance and one seed still fixes every mask
+COMPILE: dict[str, Any] = {"backend": "inductor", "options": {"fallback_random": True}}
+
+
 def fused_adamw(device: torch.device) -> bool:
     """Whether AdamW steps in one fused kernel on this device: on CUDA, where a client's step is then a few
     launches rather than a few per tensor (a GPU round of many small clients is bound by launches)."""
@@ -104,6 +109,8 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id
         self.device = model_device(adapted.model)  # batches go where the model is; states stay on the CPU
         self.scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling, during train()
+        # torch.compile's wrapper is cheap; what it compiles is cached with the model's code, across trainers
+        self._compiled = torch.compile(adapted.model, **COMPILE) if cfg.compile else None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -120,6 +127,8 @@ class Trainer:
 
     def forward_on(self, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]):
         """`model`'s forward pass (this model, or a joint model over it) in the training precision."""
+        if self._compiled is not None and model is self.model:
+            model = self._compiled
         with autocast(self.device, self.cfg.precision):
             return model(**inputs)
 
