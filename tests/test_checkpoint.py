@@ -12,7 +12,7 @@ from fedlora.engines.runtime import ClientRuntime
 from .conftest import tiny_config
 
 CASES = [("fedit", {}), ("fedalt", {}), ("fedlease", {"warmup_rounds": 2}),
-         ("fdlora", {"fusion_budget": 4, "fusion_examples": 8, "sync_every": 2}), ("flora", {})]
+         ("fdlora", {"fusion_budget": 4, "fusion_examples": 8, "sync_every": 2}), ("flora", {}), ("fedex", {})]
 CLIENTS = {"flora": {"clients": {"lora_r": [2, 4, 2, 4]}}}  # FLoRA with heterogeneous ranks
 
 

@@ -61,7 +61,9 @@ def assert_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
         torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0)
 
 
-COVERED = {"local", "fedit", "ffa", "fedsa", "feddpa", "hetlora", "ifca", "flora", "fedalt", "fedlease", "fdlora"}
+# fedex's: tests/test_fedex.py::test_a_client_merges_every_residual_it_missed_once_and_ends_on_the_federation_s_model
+COVERED = {"local", "fedit", "ffa", "fedsa", "feddpa", "hetlora", "ifca", "flora", "fedalt", "fedlease", "fdlora",
+           "fedex"}
 
 
 def test_every_registered_method_has_a_missing_reply_test_here():
@@ -233,7 +235,7 @@ def _fresh(g: torch.Generator, r: int | None = None) -> dict[str, torch.Tensor]:
 def _states(method: str, payload: Payload, g: torch.Generator, cid: str) -> tuple[dict, dict]:
     """(states, extra metrics) of a valid reply of `method`'s client to `payload`."""
     cfg, got = payload.config, payload.states
-    if method in ("fedit", "feddpa", "hetlora"):
+    if method in ("fedit", "feddpa", "hetlora", "fedex"):
         return {"global": _moved(got["global"], g)}, {}
     if method in ("ffa", "fedsa"):
         name = "b" if method == "ffa" else "a"

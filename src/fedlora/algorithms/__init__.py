@@ -6,6 +6,7 @@ from .base import (Aggregation, AveragingOptions, BroadcastAverageServer, Client
                    ClientState, Diagnostic, Options, Payload, Personalized, Reply, ServerAlgorithm, lora_rank)
 from .fdlora import FDLoRAClient, FDLoRAOptions, FDLoRAServer
 from .fedalt import FedALTClient, FedALTOptions, FedALTServer
+from .fedex import FedExClient, FedExOptions, FedExServer
 from .feddpa import FedDPAClient, FedDPAOptions, FedDPAServer
 from .fedit import FedITClient, FedITServer
 from .fedlease import FedLEASEClient, FedLEASEOptions, FedLEASEServer
@@ -28,6 +29,8 @@ for _name, _server, _client, _options, _summary in [
     ("ifca", IFCAServer, IFCAClient, IFCAOptions, "IFCA: C cluster LoRAs, each client picks the lowest-loss one"),
     ("flora", FLoRAServer, FLoRAClient, AveragingOptions,
      "FLoRA: stacking aggregation (exact, heterogeneous ranks), clients merge into their base"),
+    ("fedex", FedExServer, FedExClient, FedExOptions,
+     "FedEx-LoRA: A and B averaged, the rest of the mean update merged into every client's base (exact)"),
     ("hetlora", HetLoRAServer, HetLoRAClient, AveragingOptions,
      "HetLoRA-style heterogeneous ranks: client LoRAs zero-padded to lora.r and averaged"),
     ("fedalt", FedALTServer, FedALTClient, FedALTOptions,

@@ -106,7 +106,7 @@ class FLoRAClient(ClientAlgorithm):
         merged = dict(state.states.get("merged", {}))
         done = set(state.meta.get("merged_stacks", []))
         for name, stacked in sorted(payload.states.items()):
-            if name in done:
+            if name in done or not name.startswith("stack_"):  # a method built on FLoRA's may send more states
                 continue
             for path, delta in stack_delta(stacked).items():
                 merged[path] = merged[path] + delta if path in merged else delta
