@@ -12,8 +12,9 @@ from fedlora.engines.runtime import ClientRuntime
 from .conftest import tiny_config
 
 CASES = [("fedit", {}), ("fedalt", {}), ("fedlease", {"warmup_rounds": 2}),
-         ("fdlora", {"fusion_budget": 4, "fusion_examples": 8, "sync_every": 2}), ("flora", {}), ("fedex", {})]
-CLIENTS = {"flora": {"clients": {"lora_r": [2, 4, 2, 4]}}}  # FLoRA with heterogeneous ranks
+         ("fdlora", {"fusion_budget": 4, "fusion_examples": 8, "sync_every": 2}), ("flora", {}), ("fedex", {}),
+         ("flexlora", {})]
+CLIENTS = {m: {"clients": {"lora_r": [2, 4, 2, 4]}} for m in ("flora", "flexlora")}  # heterogeneous ranks
 
 
 def _without_times(records):

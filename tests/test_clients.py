@@ -321,11 +321,11 @@ def test_each_client_trains_with_its_own_steps_batch_size_and_rank(tmp_path, mon
                     "verb_class-1": (4, 4, 4)}
 
 
-@pytest.mark.parametrize("method", ["fedit", "fedalt", "ffa", "fedsa", "feddpa", "fedlease", "fdlora", "ifca"])
+@pytest.mark.parametrize("method", ["fedit", "fedalt", "ffa", "fedsa", "feddpa", "fedlease", "fdlora", "ifca", "fedex"])
 def test_methods_without_heterogeneous_ranks_refuse_them(tmp_path, method):
     message = (rf"algorithm '{method}' cannot train the ranks in clients.lora_r: it needs every client at rank "
                r"lora.r=4, but 2 differ \(noun_topic-0: 2, verb_class-1: 8\); per-client ranks work with local, flora, "
-               r"hetlora; otherwise set lora.r and drop clients.lora_r")
+               r"flexlora, hetlora; otherwise set lora.r and drop clients.lora_r")
     with pytest.raises(ConfigError, match=message):
         build_session(build_config(tiny_config(tmp_path, algorithm={"name": method},
                                                clients={"lora_r": {"noun_topic-0": 2, "verb_class-1": 8}})))

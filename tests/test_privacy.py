@@ -174,7 +174,9 @@ def test_flower_engine_gives_the_in_process_numbers(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("method,mode,needle", [("ifca", "client_clipping", "cluster"), ("ifca", "local", "cluster"),
                                                 ("flora", "client_clipping", "local"),
-                                                ("hetlora", "client_clipping", "local")])
+                                                ("hetlora", "client_clipping", "local"),
+                                                ("fedex", "client_clipping", "unnoised"),
+                                                ("flexlora", "client_clipping", "local")])
 def test_methods_dp_cannot_cover_are_refused_with_a_reason(tmp_path, method, mode, needle):
     cfg = build_config(_noisy(tmp_path, method, dp=mode))
     with pytest.raises(ConfigError, match=needle):

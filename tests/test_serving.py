@@ -14,8 +14,9 @@ from fedlora.training.metrics import classification_metrics
 from .conftest import tiny_config
 
 CASES = [("fedit", {}), ("fedalt", {}), ("fedlease", {"warmup_rounds": 1}), ("fdlora", {"fusion_budget": 4, "fusion_examples": 8}),
-         ("feddpa", {}), ("flora", {}), ("fedex", {}), ("ifca", {"clusters": 2}), ("local", {})]
-CLIENTS = {"flora": {"clients": {"lora_r": [2, 4, 2, 4]}}}  # FLoRA with heterogeneous ranks
+         ("feddpa", {}), ("flora", {}), ("fedex", {}), ("flexlora", {}),
+         ("ifca", {"clusters": 2}), ("local", {})]
+CLIENTS = {m: {"clients": {"lora_r": [2, 4, 2, 4]}} for m in ("flora", "flexlora")}  # heterogeneous ranks
 
 
 @pytest.mark.parametrize("method,options", CASES)

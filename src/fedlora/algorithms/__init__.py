@@ -7,6 +7,7 @@ from .base import (Aggregation, AveragingOptions, BroadcastAverageServer, Client
 from .fdlora import FDLoRAClient, FDLoRAOptions, FDLoRAServer
 from .fedalt import FedALTClient, FedALTOptions, FedALTServer
 from .fedex import FedExClient, FedExOptions, FedExServer
+from .flexlora import FlexLoRAClient, FlexLoRAServer
 from .feddpa import FedDPAClient, FedDPAOptions, FedDPAServer
 from .fedit import FedITClient, FedITServer
 from .fedlease import FedLEASEClient, FedLEASEOptions, FedLEASEServer
@@ -31,6 +32,8 @@ for _name, _server, _client, _options, _summary in [
      "FLoRA: stacking aggregation (exact, heterogeneous ranks), clients merge into their base"),
     ("fedex", FedExServer, FedExClient, FedExOptions,
      "FedEx-LoRA: A and B averaged, the rest of the mean update merged into every client's base (exact)"),
+    ("flexlora", FlexLoRAServer, FlexLoRAClient, AveragingOptions,
+     "FlexLoRA: per-client ranks, the mean of the full updates truncated by SVD to each client's rank"),
     ("hetlora", HetLoRAServer, HetLoRAClient, AveragingOptions,
      "HetLoRA-style heterogeneous ranks: client LoRAs zero-padded to lora.r and averaged"),
     ("fedalt", FedALTServer, FedALTClient, FedALTOptions,
