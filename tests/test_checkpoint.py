@@ -13,7 +13,7 @@ from .conftest import tiny_config
 
 CASES = [("fedit", {}), ("fedalt", {}), ("fedlease", {"warmup_rounds": 2}),
          ("fdlora", {"fusion_budget": 4, "fusion_examples": 8, "sync_every": 2}), ("flora", {}), ("fedex", {}),
-         ("flexlora", {})]
+         ("flexlora", {}), ("rolora", {})]
 CLIENTS = {m: {"clients": {"lora_r": [2, 4, 2, 4]}} for m in ("flora", "flexlora")}  # heterogeneous ranks
 
 

@@ -52,7 +52,7 @@ def test_client_app_keeps_the_client_state_on_its_node(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,options", [("fedit", {}), ("fedalt", {}), ("fedlease", {"warmup_rounds": 1}), ("fedex", {}),
-                                            ("flexlora", {})])
+                                            ("flexlora", {}), ("rolora", {})])
 def test_flower_simulation_equals_in_process(tmp_path, method, options):
     base = dict(federation={"rounds": 2}, algorithm={"name": method, "options": options})
     inproc = run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "inproc"), **base))

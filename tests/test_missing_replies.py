@@ -62,9 +62,9 @@ def assert_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
 
 
 # fedex's: tests/test_fedex.py::test_a_client_merges_every_residual_it_missed_once_and_ends_on_the_federation_s_model
-# flexlora's: its server is HetLoRA's (averaging the repliers only) with the mean truncated (tests/test_flexlora.py)
+# rolora's: tests/test_rolora.py (c silent in an A-round); flexlora's: its server is HetLoRA's (averaging the repliers only) with the mean truncated (tests/test_flexlora.py)
 COVERED = {"local", "fedit", "ffa", "fedsa", "feddpa", "hetlora", "ifca", "flora", "fedalt", "fedlease", "fdlora",
-           "fedex", "flexlora"}
+           "fedex", "flexlora", "rolora"}
 
 
 def test_every_registered_method_has_a_missing_reply_test_here():
@@ -238,6 +238,8 @@ def _states(method: str, payload: Payload, g: torch.Generator, cid: str) -> tupl
     cfg, got = payload.config, payload.states
     if method in ("fedit", "feddpa", "hetlora", "fedex", "flexlora"):
         return {"global": _moved(got["global"], g)}, {}
+    if method == "rolora":
+        return {cfg["train"]: _moved(got[cfg["train"]], g)}, {}
     if method in ("ffa", "fedsa"):
         name = "b" if method == "ffa" else "a"
         return {name: _moved(got[name], g)}, {}

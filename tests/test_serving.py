@@ -14,7 +14,7 @@ from fedlora.training.metrics import classification_metrics
 from .conftest import tiny_config
 
 CASES = [("fedit", {}), ("fedalt", {}), ("fedlease", {"warmup_rounds": 1}), ("fdlora", {"fusion_budget": 4, "fusion_examples": 8}),
-         ("feddpa", {}), ("flora", {}), ("fedex", {}), ("flexlora", {}),
+         ("feddpa", {}), ("flora", {}), ("fedex", {}), ("flexlora", {}), ("rolora", {}),
          ("ifca", {"clusters": 2}), ("local", {})]
 CLIENTS = {m: {"clients": {"lora_r": [2, 4, 2, 4]}} for m in ("flora", "flexlora")}  # heterogeneous ranks
 

@@ -17,6 +17,7 @@ from .flora import FLoRAClient, FLoRAServer
 from .hetlora import HetLoRAClient, HetLoRAServer
 from .ifca import IFCAClient, IFCAOptions, IFCAServer
 from .local import LocalClient, LocalOptions, LocalServer
+from .rolora import RoLoRAClient, RoLoRAOptions, RoLoRAServer
 from .registry import (METHODS, Method, available_methods, build, check_algorithm, get_method, parse_options,
                        register_method)
 
@@ -34,6 +35,8 @@ for _name, _server, _client, _options, _summary in [
      "FedEx-LoRA: A and B averaged, the rest of the mean update merged into every client's base (exact)"),
     ("flexlora", FlexLoRAServer, FlexLoRAClient, AveragingOptions,
      "FlexLoRA: per-client ranks, the mean of the full updates truncated by SVD to each client's rank"),
+    ("rolora", RoLoRAServer, RoLoRAClient, RoLoRAOptions,
+     "RoLoRA: rounds alternate between training and averaging B (A frozen) and A (B frozen): exact"),
     ("hetlora", HetLoRAServer, HetLoRAClient, AveragingOptions,
      "HetLoRA-style heterogeneous ranks: client LoRAs zero-padded to lora.r and averaged"),
     ("fedalt", FedALTServer, FedALTClient, FedALTOptions,
