@@ -137,10 +137,13 @@ def test_fedalt_fixed_mixer_exports_one_plain_peft_lora(tmp_path):
     assert got == {k: result.final[client["client_id"]][k] for k in ("accuracy", "macro_f1")}
 
 
-def test_flora_export_carries_its_merged_base_update_in_the_saved_base(tmp_path):
+@pytest.mark.parametrize("method", ["flora", "fedex"])
+def test_a_merged_base_update_is_exported_in_the_saved_base(tmp_path, method):
+    """FLoRA's merged stacks and FedEx-LoRA's merged residuals: plain PEFT on the export gives fedlora's logits."""
     from peft import AutoPeftModelForSequenceClassification
 
-    run_experiment(tiny_config(tmp_path, algorithm={"name": "flora"}, clients={"lora_r": [2, 4, 2, 4]}))
+    ranks = {"clients": {"lora_r": [2, 4, 2, 4]}} if method == "flora" else {}
+    run_experiment(tiny_config(tmp_path, algorithm={"name": method}, **ranks))
     out = export_client(tmp_path / "run", "noun_topic-1", tmp_path / "export")  # rank 4
     assert (out / "base_delta.safetensors").is_file()
     peft_model = AutoPeftModelForSequenceClassification.from_pretrained(str(out / "expert_0")).eval()
