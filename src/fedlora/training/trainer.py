@@ -109,8 +109,9 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id
         self.device = model_device(adapted.model)  # batches go where the model is; states stay on the CPU
         self.scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling, during train()
-        # torch.compile's wrapper is cheap; what it compiles is cached with the model's code, across trainers
-        self._compiled = torch.compile(adapted.model, **COMPILE) if cfg.compile else None
+        # torch.compile's wrapper is cheap; what it compiles is cached with the model's code, across trainers.
+        # Clients trained together stay eager: each slot's replica would compile anew
+        self._compiled = torch.compile(adapted.model, **COMPILE) if cfg.compile and slot is None else None
 
     @property
     def model(self) -> torch.nn.Module:
