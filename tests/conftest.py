@@ -150,3 +150,22 @@ def sigkill_when(cli, ready, what: str, timeout: float = 300) -> dict:
         cli.send_signal(signal.SIGKILL)
         cli.wait(timeout=30)
     return seen
+
+
+def run_killed_in_round(monkeypatch, config: dict, rnd: int) -> None:
+    """Run `config` in process until its clients start round `rnd`, then kill it (KeyboardInterrupt, as a SIGINT)."""
+    from fedlora import run_experiment
+    from fedlora.engines.runtime import ClientRuntime
+
+    original = ClientRuntime.fit
+
+    def killed(self, cid, at, payload, state):
+        if at == rnd:
+            raise KeyboardInterrupt
+        return original(self, cid, at, payload, state)
+
+    monkeypatch.setattr(ClientRuntime, "fit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config)
+    monkeypatch.setattr(ClientRuntime, "fit", original)
+

@@ -7,9 +7,8 @@ import torch
 
 from fedlora import resume_experiment, run_experiment
 from fedlora.core.errors import CheckpointError
-from fedlora.engines.runtime import ClientRuntime
 
-from .conftest import tiny_config
+from .conftest import run_killed_in_round, tiny_config
 
 CASES = [("fedit", {}), ("fedalt", {}), ("fedlease", {"warmup_rounds": 2}),
          ("fdlora", {"fusion_budget": 4, "fusion_examples": 8, "sync_every": 2}), ("flora", {}), ("fedex", {}),
@@ -35,17 +34,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, method, options):
                                    training={"reset_optimizer": method != "fedit"},
                                    algorithm={"name": method, "options": options}, **CLIENTS.get(method, {}))
     full = run_experiment(make("full"))
-    original = ClientRuntime.fit
-
-    def crash_in_round_3(self, cid, rnd, payload, state):
-        if rnd == 3:
-            raise KeyboardInterrupt  # the process is killed mid-round
-        return original(self, cid, rnd, payload, state)
-
-    monkeypatch.setattr(ClientRuntime, "fit", crash_in_round_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(make("killed"))
-    monkeypatch.setattr(ClientRuntime, "fit", original)
+    run_killed_in_round(monkeypatch, make("killed"), 3)  # the process is killed mid-round
     resumed = resume_experiment(tmp_path / "killed")
     assert [r["round"] for r in resumed.rounds] == [0, 1, 2, 3, 4]
     assert _without_times(resumed.rounds) == _without_times(full.rounds)

@@ -19,9 +19,8 @@ from fedlora.core.io import load_tensors, save_json, save_tensors
 from fedlora.engines.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedlora.engines.results import read_records
 from fedlora.engines.rundir import prepare_run_dir
-from fedlora.engines.runtime import ClientRuntime
 
-from .conftest import tiny_config
+from .conftest import run_killed_in_round, tiny_config
 from .test_checkpoint import _assert_same_states, _without_times
 
 
@@ -231,17 +230,7 @@ def test_leftover_temp_files_of_fedlora_do_not_make_a_directory_foreign(tmp_path
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_round_1(tmp_path, monkeypatch):
     make = lambda out: tiny_config(tmp_path, output_dir=str(tmp_path / out), federation={"rounds": 2})  # noqa: E731
-    original = ClientRuntime.fit
-
-    def killed_in_round_1(self, cid, rnd, payload, state):
-        if rnd == 1:
-            raise KeyboardInterrupt
-        return original(self, cid, rnd, payload, state)
-
-    monkeypatch.setattr(ClientRuntime, "fit", killed_in_round_1)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(make("killed"))
-    monkeypatch.undo()
+    run_killed_in_round(monkeypatch, make("killed"), 1)
     killed = tmp_path / "killed"
     assert (killed / "metrics.jsonl").is_file() and not (killed / "checkpoint" / "latest.json").exists()
     with pytest.raises(ConfigError, match="already holds a run"):

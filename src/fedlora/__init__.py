@@ -13,7 +13,7 @@ _EXPORTS = {
     "load_personalized": "serving",
     # writing a method (docs/new-method.md)
     "register_method": "algorithms", "available_methods": "algorithms", "Method": "algorithms",
-    "ServerAlgorithm": "algorithms", "BroadcastAverageServer": "algorithms", "ClientAlgorithm": "algorithms",
+    "ServerAlgorithm": "algorithms", "SecureMean": "algorithms", "BroadcastAverageServer": "algorithms", "ClientAlgorithm": "algorithms",
     "Options": "algorithms", "AveragingOptions": "algorithms", "Payload": "algorithms", "Reply": "algorithms",
     "ClientState": "algorithms", "ClientContext": "algorithms", "ClientInfo": "algorithms",
     "Personalized": "algorithms",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import (Aggregation, AveragingOptions, BroadcastAverageServer, ClientAlgorithm, ClientContext, ClientInfo,
-                   ClientState, Diagnostic, Options, Payload, Personalized, Reply, ServerAlgorithm, lora_rank)
+                   ClientState, Diagnostic, Options, Payload, Personalized, Reply, SecureMean, ServerAlgorithm, lora_rank)
 from .fdlora import FDLoRAClient, FDLoRAOptions, FDLoRAServer
 from .fedalt import FedALTClient, FedALTOptions, FedALTServer
 from .fedex import FedExClient, FedExOptions, FedExServer
@@ -50,5 +50,5 @@ for _name, _server, _client, _options, _summary in [
 
 __all__ = ["METHODS", "Aggregation", "AveragingOptions", "BroadcastAverageServer", "ClientAlgorithm", "ClientContext",
            "ClientInfo", "ClientState", "Diagnostic", "FedITClient", "Method", "Options", "Payload", "Personalized", "Reply",
-           "ServerAlgorithm", "available_methods", "build", "check_algorithm", "get_method", "lora_rank",
+           "SecureMean", "ServerAlgorithm", "available_methods", "build", "check_algorithm", "get_method", "lora_rank",
            "parse_options", "register_method"]

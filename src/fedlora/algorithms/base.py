@@ -54,6 +54,7 @@ class Reply:
     states: dict[str, StateDict] = field(default_factory=dict)
     num_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    protocol_bytes: tuple[int, int] = (0, 0)  # (up, down) that secure aggregation's messages added
 
     @property
     def num_bytes(self) -> int:
@@ -128,6 +129,16 @@ def lora_rank(state: StateDict) -> int | None:
     return None
 
 
+@dataclass
+class SecureMean:
+    """Under secure aggregation, all the server learns of a round's replies: the weighted mean of each state it
+    expects (over the clients whose masked update arrived), the sum of their weights, and who they are."""
+
+    states: dict[str, StateDict]
+    weight: float
+    clients: list[str]
+
+
 class ServerAlgorithm:
     """The server side of a method."""
 
@@ -140,6 +151,10 @@ class ServerAlgorithm:
     # privacy.dp modes the method cannot honour, each with the reason (a release no noise covers, a sum whose
     # sensitivity is not the clip norm); checked before any run
     dp_refusals: ClassVar[dict[str, str]] = {}
+    # federation.secure_aggregation: None where the server reads only the weighted mean of each round's replies (it
+    # implements aggregate_secure; `secure` is then set by the round loop), otherwise why it needs single updates
+    secure_refusal: ClassVar[str | None] = "its server reads each client's update, not only the round's mean"
+    secure: bool = False
 
     def __init__(self, options: Options, spec: AdapterSpec, seed: int, aggregation: Aggregation = Aggregation()) -> None:
         self.options, self.spec, self.seed, self.aggregation = options, spec, seed, aggregation
@@ -195,6 +210,18 @@ class ServerAlgorithm:
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
         """Fold the replies of round `rnd` into the server state; missing clients simply have no reply."""
+
+    def aggregate_secure(self, rnd: int, mean: SecureMean) -> None:
+        """Under secure aggregation: fold the round's weighted means (never one client's update) into the server
+        state. Replies that carried no states (the method expected none) still come through `aggregate`."""
+        raise NotImplementedError(f"{type(self).__name__} does not aggregate securely: {self.secure_refusal}")
+
+    def secure_mean(self, mean: SecureMean, name: str) -> StateDict:
+        """State `name`'s mean over the round (noised under central DP, as `client_mean` noises it)."""
+        if self.noise is not None:
+            state = mean.states[name]
+            return self.noise.noised_mean(state, len(mean.clients), *sorted(mean.clients), min(state, default=""))
+        return mean.states[name]
 
     def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
         """Why this method cannot aggregate a reply beyond the loop's checks (shapes, finiteness, the states the
@@ -284,10 +311,16 @@ class BroadcastAverageServer(ServerAlgorithm):
         return {cid: Payload({self.state_name: self.global_state}, self.payload_config(rnd), frozenset({self.state_name}))
                 for cid in clients}
 
+    secure_refusal = None
+
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
         """Replace the global state by the weighted mean of the replies' states (kept if none replied)."""
         if replies:
             self.global_state = self.client_mean({cid: r.states[self.state_name] for cid, r in replies.items()})
+
+    def aggregate_secure(self, rnd: int, mean: SecureMean) -> None:
+        """Replace the global state by the round's securely aggregated mean."""
+        self.global_state = self.secure_mean(mean, self.state_name)
 
     def state_dict(self) -> dict[str, Any]:
         """The global state, to resume from."""

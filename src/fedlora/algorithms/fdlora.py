@@ -24,7 +24,7 @@ from pydantic import Field
 from ..core.seeding import derive_seed, generator
 from ..core.tensors import StateDict, clone
 from .base import (ClientAlgorithm, ClientContext, ClientInfo, ClientState, Options, Payload, Personalized, Reply,
-                   ServerAlgorithm)
+                   SecureMean, ServerAlgorithm)
 
 
 class FDLoRAOptions(Options):
@@ -144,8 +144,19 @@ class FDLoRAServer(ServerAlgorithm):
             if any("stage1" in r.states for r in replies.values()):
                 self._start_outer(self.client_mean({cid: r.states["stage1"] for cid, r in replies.items()}))
             return
+        self._outer_step(self.client_mean({cid: r.states["global"] for cid, r in replies.items()}))
+
+    secure_refusal = None
+
+    def aggregate_secure(self, rnd: int, mean: SecureMean) -> None:
+        """As `aggregate`, from the securely aggregated means."""
+        if self._stage(rnd) is Stage.LOCAL:
+            self._start_outer(self.secure_mean(mean, "stage1"))
+        else:
+            self._outer_step(self.secure_mean(mean, "global"))
+
+    def _outer_step(self, mean_local: StateDict) -> None:
         glob = self.outer.value()
-        mean_local = self.client_mean({cid: r.states["global"] for cid, r in replies.items()})
         self.outer.step({k: glob[k] - mean_local[k] for k in glob})  # mean of (theta_g - theta_k)
 
     def state_dict(self) -> dict:

@@ -5,6 +5,10 @@ Per adapted module (spec section 2.2), with slot 0 = Rest-of-World (RoW), slot 1
 Client: keep training its own Individual LoRA and gate across rounds (never overwritten); the RoW is
 downloaded and frozen. Server: RoW_k = mean over j != k of the latest Individual LoRAs, A and B
 averaged separately, computed for all clients in O(N) from one running sum.
+
+Under secure aggregation the server never holds an Individual LoRA: clients upload theta_k(new) - theta_k(counted),
+the change since the upload the sum already counts, and the server keeps S = sum_j w_j theta_j and W = sum_j w_j from
+the rounds' secure means. It sends S and W; client k forms its RoW_k = (S - w_k theta_k) / (W - w_k) itself.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ import torch
 
 from ..adapters import Layout
 from ..core.seeding import generator
-from ..core.tensors import StateDict
+from ..core.tensors import StateDict, clone
 from .base import (ClientAlgorithm, ClientContext, ClientInfo, ClientState, Diagnostic, Options, Payload, Personalized,
-                   Reply, ServerAlgorithm)
+                   Reply, SecureMean, ServerAlgorithm)
 
 ROW, INDIVIDUAL = 0, 1  # expert slots, as the official code's LoRA0 / LoRA1
 
@@ -35,6 +39,7 @@ class FedALTServer(ServerAlgorithm):
     """Caches every client's latest Individual LoRA and serves leave-one-out means."""
 
     dp_amplified = False  # the sum holds every known Individual LoRA, also of clients not sampled this round
+    secure_refusal = None
 
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
         """Start with no known Individual LoRA."""
@@ -42,6 +47,7 @@ class FedALTServer(ServerAlgorithm):
         self.individual: dict[str, StateDict] = {}  # latest known, stale allowed under partial participation
         self._sum: StateDict = {}
         self._total = 0.0
+        self.counted: dict[str, int] = {}  # secure: the round whose upload of each client the sum counts
 
     def _refresh_sum(self) -> None:
         # Summed afresh in client order, not updated by the replies (S += w (new - old)): a running update
@@ -71,7 +77,12 @@ class FedALTServer(ServerAlgorithm):
                 for k, s in self._sum.items()}
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        """Each client's Rest-of-World LoRA, once another client's Individual LoRA is known."""
+        """Each client's Rest-of-World LoRA, once another client's Individual LoRA is known (secure: S and W)."""
+        if self.secure:
+            sums = {"row_sum": {k: v.float() for k, v in self._sum.items()}} if self._sum else {}
+            return {cid: Payload(sums, {"round": rnd, "row_weight": self._total, "counted_round": self.counted.get(cid, 0),
+                                        "own_weight": self.weight(cid) if cid in self.counted else 0.0},
+                                 frozenset({"individual_update"})) for cid in clients}
         payloads = {}
         for cid in clients:
             row = self.rest_of_world(cid)
@@ -84,20 +95,35 @@ class FedALTServer(ServerAlgorithm):
             self.individual[cid] = reply.states["individual"]
         self._refresh_sum()
 
+    def aggregate_secure(self, rnd: int, mean: SecureMean) -> None:
+        """S += the weighted sum of the changes; W += the weights of the clients counted for the first time."""
+        change = self.secure_mean(mean, "individual_update")
+        for k, v in change.items():
+            add = v.double() * mean.weight
+            self._sum[k] = self._sum[k] + add if k in self._sum else add
+        self._total += sum(self.weight(cid) for cid in mean.clients if cid not in self.counted)
+        self.counted.update({cid: rnd for cid in mean.clients})
+
     def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
         """An Individual LoRA is an update of the client's previous one (None before its first upload)."""
         return self.individual.get(client_id)
 
     def diagnostics(self) -> dict:
-        """How many clients' Individual LoRAs are known."""
-        return {"known_individual_loras": len(self.individual)}
+        """How many clients' Individual LoRAs are known (secure: counted in the sum)."""
+        return {"known_individual_loras": len(self.counted if self.secure else self.individual)}
 
     def state_dict(self) -> dict:
-        """Every known Individual LoRA."""
+        """Every known Individual LoRA (secure: the sum, its weight and what it counts)."""
+        if self.secure:
+            return {"tensors": {"row_sum": self._sum}, "meta": {"row_weight": self._total, "counted": self.counted}}
         return {"tensors": {f"individual.{cid}": s for cid, s in self.individual.items()}, "meta": {}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the Individual LoRAs and rebuild the sum."""
+        """Restore the Individual LoRAs and rebuild the sum (secure: the sum itself)."""
+        if self.secure:
+            self._sum = dict(state["tensors"].get("row_sum", {}))
+            self._total, self.counted = float(state["meta"]["row_weight"]), dict(state["meta"]["counted"])
+            return
         self.individual = {name.removeprefix("individual."): s for name, s in state["tensors"].items()}
         self._refresh_sum()
 
@@ -119,6 +145,8 @@ class FedALTClient(ClientAlgorithm):
             s["gate"] = self.spec.init_router(2, generator(self.seed, "gate-init", cid), zero=self.options.gate_init == "zero")
         if "row" in payload.states:
             s["row"] = payload.states["row"]
+        if "row_weight" in payload.config:
+            s["row"] = self._rest_of_world(payload, state) or s["row"]
         model = ctx.model
         model.load_expert(ROW, s["row"])
         model.load_expert(INDIVIDUAL, s["individual"])
@@ -127,14 +155,34 @@ class FedALTClient(ClientAlgorithm):
         else:
             model.set_expert_weights(torch.tensor([0.5, 0.5]))
 
+    @staticmethod
+    def _rest_of_world(payload: Payload, state: ClientState) -> StateDict | None:
+        """Secure aggregation: (S - w_k theta_k) / (W - w_k), theta_k the upload the server's sum counts."""
+        s, cfg = state.states, payload.config
+        if state.meta.get("uploaded_round") == cfg["counted_round"]:
+            # the server counted the last upload, which is still the Individual LoRA: only fit changes it, after this
+            s["counted"] = clone(s["individual"])
+        own = float(cfg["own_weight"]) if "counted" in s else 0.0
+        if "row_sum" not in payload.states or cfg["row_weight"] - own <= 0:
+            return None
+        total = payload.states["row_sum"]
+        return {k: ((v.double() - own * s["counted"][k].double()) if own else v.double()).div(cfg["row_weight"] - own)
+                .float() for k, v in total.items()}
+
     def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
-        """Train the Individual LoRA (and the gate) with the RoW frozen; send the Individual LoRA."""
+        """Train the Individual LoRA (and the gate) with the RoW frozen; send the Individual LoRA (secure: its change
+        since the upload the server's sum counts)."""
         self._init_and_load(payload, state, ctx)
         metrics = ctx.trainer.train(experts=[INDIVIDUAL], router=self.options.mixer == "adaptive")
-        state.states["individual"] = ctx.model.expert_state(INDIVIDUAL)
+        s = state.states
+        s["individual"] = ctx.model.expert_state(INDIVIDUAL)
         if self.options.mixer == "adaptive":
-            state.states["gate"] = ctx.model.router_state()
-        return Reply({"individual": state.states["individual"]}, len(ctx.data.train), metrics), state
+            s["gate"] = ctx.model.router_state()
+        if "row_weight" in payload.config:
+            change = {k: v - s["counted"][k] for k, v in s["individual"].items()} if "counted" in s else s["individual"]
+            state.meta["uploaded_round"] = payload.config["round"]
+            return Reply({"individual_update": change}, len(ctx.data.train), metrics), state
+        return Reply({"individual": s["individual"]}, len(ctx.data.train), metrics), state
 
     def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
         """The RoW and Individual LoRAs mixed by the client's gate; mean gate weights as diagnostics."""

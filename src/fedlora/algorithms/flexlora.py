@@ -40,6 +40,7 @@ def truncated_svd(b: torch.Tensor, a: torch.Tensor, rank: int, alpha: float) -> 
 class FlexLoRAServer(HetLoRAServer):
     """The global LoRA at rank lora.r: the SVD truncation of the weighted mean of the clients' full updates."""
 
+    secure_refusal = "its server truncates the stacked clients' LoRAs by SVD, so it needs every single one"
     dp_refusals = {"client_clipping": "the server's SVD of the mean of the clients' products has no sensitivity "
                                       "the clip norm bounds; use privacy.dp='local'"}
 

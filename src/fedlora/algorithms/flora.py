@@ -43,6 +43,7 @@ def stack_key(rnd: int) -> str:
 class FLoRAServer(ServerAlgorithm):
     """Keeps each round's stack until every client has merged it."""
 
+    secure_refusal = "its server stacks each client's LoRA, so it needs every single one"
     heterogeneous_ranks = True
     dp_refusals = {"client_clipping": "the server stacks every client's LoRA unaveraged, so there is no sum to noise; "
                                       "use privacy.dp='local'"}

@@ -37,6 +37,7 @@ class HetLoRAServer(BroadcastAverageServer):
     """The global LoRA at rank lora.r; a client receives it at its own rank once a reply has shown that rank."""
 
     heterogeneous_ranks = True
+    secure_refusal = "it reads each reply's rank to pad it; per-client ranks under secure aggregation are not built yet"
     dp_refusals = {"client_clipping": "zero-padding rescales B by r_max / r_k, so a padded update's norm is not "
                                       "bounded by clip_norm; use privacy.dp='local'"}
 

@@ -31,6 +31,7 @@ def cluster_key(c: int) -> str:
 class IFCAServer(ServerAlgorithm):
     """C cluster LoRAs from distinct seeds; within-cluster FedAvg."""
 
+    secure_refusal = "it averages each cluster's members apart; per-cluster secure sums are not built yet"
     dp_refusals = {mode: "each client reports the cluster its data fits best, a release no noise covers"
                    for mode in ("client_clipping", "local")}
 

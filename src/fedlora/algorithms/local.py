@@ -17,6 +17,7 @@ class LocalOptions(Options):
 class LocalServer(ServerAlgorithm):
     """Sends nothing and aggregates nothing."""
 
+    secure_refusal = "every client trains alone: nothing is sent, so there is nothing to aggregate securely"
     heterogeneous_ranks = True
 
 

@@ -42,6 +42,11 @@ class Method:
         """Whether its personalized model adds an update to the frozen base weights."""
         return self.client.merges_into_base
 
+    @property
+    def secure_problem(self) -> str | None:
+        """Why the method cannot run under `federation.secure_aggregation`, or None."""
+        return self.server.secure_refusal
+
     def privacy_problem(self, mode: str) -> str | None:
         """Why the method cannot run under `privacy.dp = mode`, or None."""
         return self.server.dp_refusals.get(mode)

@@ -17,7 +17,7 @@ from typing import Literal
 from ..adapters import lora_part
 from ..core.tensors import StateDict, clone
 from .base import (AveragingOptions, ClientAlgorithm, ClientContext, ClientInfo, ClientState, Payload, Personalized,
-                   Reply, ServerAlgorithm)
+                   Reply, SecureMean, ServerAlgorithm)
 
 
 class RoLoRAOptions(AveragingOptions):
@@ -56,6 +56,12 @@ class RoLoRAServer(ServerAlgorithm):
         if replies:
             name = self.trained(rnd)
             self.global_state = {**self.global_state, **self.client_mean({c: r.states[name] for c, r in replies.items()})}
+
+    secure_refusal = None
+
+    def aggregate_secure(self, rnd: int, mean: SecureMean) -> None:
+        """The trained factor becomes its securely aggregated mean."""
+        self.global_state = {**self.global_state, **self.secure_mean(mean, self.trained(rnd))}
 
     def state_dict(self) -> dict:
         """The global LoRA."""

@@ -11,19 +11,13 @@ import tomllib
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      field_validator, model_validator)
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-
-
-class Section(BaseModel):
-    """A config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from .per_client import ClientsConfig, Section
 
 
 class ModelConfig(Section):
@@ -120,6 +114,31 @@ class TrainingConfig(Section):
         return self
 
 
+class SecAggConfig(Section):
+    """SecAgg+'s parameters (`federation.secure_aggregation`): Flower's SecAggPlusWorkflow's, with its defaults."""
+
+    num_shares: int | float = Field(1.0, gt=0, description="neighbours each client shares its secrets with: a count "
+                                    "(> 2), or a fraction of the round's clients (1.0: all of them)")
+    reconstruction_threshold: int | float = Field(0.5, gt=0, description="shares needed to recover a secret: a count, "
+                                                  "or a fraction of num_shares; more tolerates fewer dropouts but "
+                                                  "resists larger colluding sets")
+    clipping_range: float = Field(8.0, gt=0, description="each weighted coordinate is clipped to +-this before it is "
+                                  "quantized")
+    quantization_range: int = Field(2**22, gt=1, description="integer levels of the quantized range")
+    modulus_range: int = Field(2**32, gt=1, le=2**32, description="masks' modulus, a power of 2 above quantization_range "
+                               "x the clients of a round")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SecAggConfig":
+        if self.modulus_range & (self.modulus_range - 1) or self.modulus_range <= self.quantization_range:
+            raise ValueError("federation.secagg.modulus_range must be a power of 2 above quantization_range")
+        if isinstance(self.num_shares, int) and self.num_shares <= 2:
+            raise ValueError("federation.secagg.num_shares as a count must be more than 2 (or a fraction like 1.0)")
+        if isinstance(self.reconstruction_threshold, float) and self.reconstruction_threshold > 1:
+            raise ValueError("federation.secagg.reconstruction_threshold as a fraction must be at most 1")
+        return self
+
+
 class FederationConfig(Section):
     """Rounds and client sampling."""
 
@@ -142,6 +161,10 @@ class FederationConfig(Section):
         "mean", description="how servers combine client states key by key: the (weighted) mean, or the unweighted "
         "coordinate-wise median / trimmed mean (robust to a minority of poisoned updates)")
     trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: the fraction cut from each end")
+    secure_aggregation: bool = Field(False, description="SecAgg+ (Flower's): the server learns only the weighted sums "
+                                     "of a round's updates (docs/privacy.md); methods whose server needs single updates "
+                                     "are refused")
+    secagg: SecAggConfig = Field(default_factory=SecAggConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -152,61 +175,6 @@ class FederationConfig(Section):
                 raise ValueError("federation.max_update_norm is the old name of max_state_norm: set only max_state_norm")
             data = {**data, "max_state_norm": data["max_update_norm"]}
         return {k: v for k, v in data.items() if k != "max_update_norm"} if isinstance(data, dict) else data
-
-
-class ProportionalRule(Section):
-    """A per-client value proportional to the client's training-set size: round(base * n_k / n_max), clipped."""
-
-    rule: Literal["proportional"]
-    base: float | None = Field(None, gt=0, description="the largest client's value (default: the global setting)")
-    min: float = Field(1, gt=0, description="no client gets less")
-    max: float | None = Field(None, gt=0, description="no client gets more (default: base)")
-
-
-def _per_client_kind(value: Any) -> str:
-    """Which form a per-client setting takes, so that a bad value gets that form's error only."""
-    if isinstance(value, ProportionalRule) or value == "proportional" or isinstance(value, dict) and "rule" in value:
-        return "proportional"
-    return {list: "list", dict: "mapping"}.get(type(value), "value")
-
-
-def _rule_shorthand(value: Any) -> Any:
-    return {"rule": value} if value == "proportional" else value  # `--set clients.lora_r=proportional`
-
-
-def _per_client(value_type: Any) -> Any:
-    """A per-client setting: one value, a list in client order, a mapping client id -> value, or a rule."""
-    return Annotated[Annotated[value_type, Tag("value")] | Annotated[list[value_type], Tag("list")]
-                     | Annotated[dict[str, value_type], Tag("mapping")]
-                     | Annotated[ProportionalRule, BeforeValidator(_rule_shorthand), Tag("proportional")],
-                     Discriminator(_per_client_kind)]
-
-
-PerClientInt = _per_client(Annotated[int, Field(gt=0)])
-PerClientFloat = _per_client(Annotated[float, Field(gt=0)])
-PER_CLIENT_HELP = ("one value for every client, a list in client order, a mapping client id -> value (others keep "
-                   "the global setting), or {rule = 'proportional', min, max, base} (proportional to data size)")
-
-
-class ClientsConfig(Section):
-    """Per-client compute: data-parallel workers and heterogeneous budgets (unset: every client alike)."""
-
-    workers: PerClientInt = Field(1, description="data-parallel worker processes of a client's local training; "
-                                  + PER_CLIENT_HELP)
-    worker_threads: int | None = Field(None, gt=0, description="torch threads per worker (default: cores // workers)")
-    worker_timeout: float = Field(1800.0, gt=0, description="seconds a worker may wait for the others in one step")
-    local_steps: PerClientInt | None = Field(None, description="overrides training.local_steps; " + PER_CLIENT_HELP)
-    local_epochs: PerClientFloat | None = Field(None, description="overrides training.local_epochs; " + PER_CLIENT_HELP)
-    batch_size: PerClientInt | None = Field(None, description="overrides training.batch_size (the global batch "
-                                            "of all a client's workers); " + PER_CLIENT_HELP)
-    lora_r: PerClientInt | None = Field(None, description="each client's LoRA rank (methods that take per-client "
-                                        "ranks: flora, hetlora, local); " + PER_CLIENT_HELP)
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> "ClientsConfig":
-        if self.local_steps is not None and self.local_epochs is not None:
-            raise ValueError("set either clients.local_steps or clients.local_epochs, not both")
-        return self
 
 
 class AlgorithmConfig(Section):

@@ -53,6 +53,7 @@ def federate(config: Config, server: ServerAlgorithm, transport: Transport, clie
     ids = [c.client_id for c in clients]
     ledger = PrivacyLedger(config, len(ids), server.dp_amplified)
     server.noise = ledger.noise  # under privacy.dp = client_clipping every sum the server forms is noised
+    server.secure = fed.secure_aggregation  # the server sees only each round's means (aggregate_secure)
     server.setup(clients, fed.rounds)
     for warning in server.schedule_problems(fed.rounds):
         log.warning("%s: %s", config.algorithm.name, warning)
@@ -79,17 +80,27 @@ def federate(config: Config, server: ServerAlgorithm, transport: Transport, clie
             sampled = sample_clients(ids, fed.clients_per_round, config.seed, rnd)
             payloads = server.configure(rnd, sampled)
             payloads = {cid: payloads.get(cid, Payload()) for cid in sampled}
-            replies, failures = transport.fit(rnd, payloads, watch)
-            replies, clipped = accept(rnd, config, server, payloads, replies, failures, dp=ledger.active)
-            if len(replies) < fed.min_clients:
-                raise ClientFailure(f"round {rnd}: only {len(replies)} of {len(sampled)} clients replied, fewer than "
-                                    f"federation.min_clients={fed.min_clients}; failures: {failures}")
             if server.noise is not None:
                 server.noise.start_round(rnd)
-            server.aggregate(rnd, replies)
-            fit = {cid: {**r.metrics, "bytes_down": payloads[cid].num_bytes, "bytes_up": r.num_bytes}
-                   for cid, r in replies.items()}
+            if server.secure and any(p.expects for p in payloads.values()):
+                from .secagg import fit_secure  # Flower's SecAgg+ code, imported only when asked for
+                # the replies carry metrics only; the server folds in the round's means, or nothing (`unaggregated`)
+                replies, failures, unaggregated = fit_secure(rnd, config, server, transport, payloads, watch)
+                clipped: dict[str, dict[str, float]] = {}
+            else:
+                replies, failures = transport.fit(rnd, payloads, watch)
+                replies, clipped = accept(rnd, config, server, payloads, replies, failures, dp=ledger.active)
+                unaggregated = None
+                if len(replies) < fed.min_clients:
+                    raise ClientFailure(f"round {rnd}: only {len(replies)} of {len(sampled)} clients replied, fewer "
+                                        f"than federation.min_clients={fed.min_clients}; failures: {failures}")
+                server.aggregate(rnd, replies)
+            fit = {cid: {**r.metrics, "bytes_down": payloads[cid].num_bytes + r.protocol_bytes[1],
+                         "bytes_up": r.num_bytes + r.protocol_bytes[0]} for cid, r in replies.items()}
+            if unaggregated:
+                log.warning("round %d: nothing aggregated: %s", rnd, unaggregated)
             record = {"round": rnd, "sampled": sampled, "fit": fit, "failures": failures,
+                      **({"unaggregated": unaggregated} if unaggregated else {}),
                       "comm": {"bytes_up": sum(f["bytes_up"] for f in fit.values()),
                                "bytes_down": sum(f["bytes_down"] for f in fit.values())},
                       "server": server.diagnostics(), **({"clipped": clipped} if clipped else {}),

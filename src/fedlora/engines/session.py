@@ -78,10 +78,33 @@ def check_run(cfg: Config, methods: list[str] | None = None) -> None:
     method names and options, the DP mode against the methods, a merging method on a quantized base."""
     check_algorithm(cfg.algorithm, methods)
     check_privacy(cfg, methods)
+    check_secure(cfg, methods)
     for name in methods or [cfg.algorithm.name]:
         if cfg.model.quantization != "none" and get_method(name).merges_into_base:
             raise ConfigError(f"{name!r} merges each client's update into the base weights, which a "
                               f"{cfg.model.quantization} base cannot hold; set model.quantization='none'")
+
+
+def check_secure(cfg: Config, methods: list[str] | None = None) -> None:
+    """Refuse `federation.secure_aggregation` where the server would need single updates, before any work."""
+    fed = cfg.federation
+    if not fed.secure_aggregation:
+        return
+    for name in methods or [cfg.algorithm.name]:
+        reason = get_method(name).secure_problem
+        if reason:
+            raise ConfigError(f"federation.secure_aggregation cannot run {name!r}: {reason}")
+    if fed.aggregation != "mean":
+        raise ConfigError(f"federation.secure_aggregation gives the server only means, so federation.aggregation="
+                          f"{fed.aggregation!r} (which reads every update) cannot run; set it to 'mean'")
+    if cfg.privacy.dp != "none":
+        raise ConfigError("federation.secure_aggregation with privacy.dp is not built yet; run one or the other")
+    if cfg.engine.name != "inprocess":
+        raise ConfigError(f"federation.secure_aggregation runs on engine.name='inprocess' so far, not "
+                          f"{cfg.engine.name!r}")
+    if fed.clients_per_round is not None and fed.clients_per_round < 3:
+        raise ConfigError(f"federation.secure_aggregation needs 3 or more clients a round (SecAgg+ hides each one "
+                          f"among the others), federation.clients_per_round is {fed.clients_per_round}")
 
 
 def load_options(cfg: Config, device: str | None = None) -> LoadOptions:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.config import Config, ProportionalRule, TrainingConfig
+from ..core.config import Config, TrainingConfig
+from ..core.per_client import ProportionalRule
 from ..core.errors import ConfigError
 
 

@@ -1,0 +1,359 @@
+"""Secure aggregation (SecAgg+ with Flower's own protocol code): the server's driver against Flower's workflow, the
+mean within the quantization bound, dropouts at and below the threshold, malformed messages, and the methods."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora.core.config import SecAggConfig
+from fedlora.engines.secagg import Protocol, client_reply, flatten, layout_of, secure_mean, unflatten, InProcessNodes
+
+CLIP, LEVELS = 8.0, 2**22
+STEP = 2 * CLIP / LEVELS  # one quantization level
+
+
+def nodes(vectors: dict[str, np.ndarray], weights: dict[str, int], fail: dict[str, str] | None = None):
+    """In-process SecAgg+ nodes whose fit returns a fixed vector; `fail` maps a client to the stage it drops at."""
+    fail = fail or {}
+
+    def pack(cid, _reply):
+        return vectors[cid], weights[cid], {"loss": 1.0}
+
+    local = InProcessNodes(1, sorted(vectors), lambda cid: None, pack, seed=0)
+    inner = local.exchange
+
+    def exchange(stage, contents):
+        return {cid: (f"RuntimeError: {cid} is gone" if fail.get(cid) == stage else answer)
+                for cid, answer in inner(stage, contents).items()}
+
+    return local.node_ids, exchange
+
+
+def protocol(n: int, max_weight: float, **cfg) -> Protocol:
+    return Protocol.for_round(SecAggConfig(**cfg), n, max_weight)
+
+
+def test_the_secure_mean_is_the_weighted_mean_within_the_quantization_bound():
+    rng = np.random.default_rng(0)
+    vectors = {f"c{i}": rng.normal(0, 0.05, 300) for i in range(5)}
+    weights = {f"c{i}": w for i, w in enumerate((10, 20, 30, 40, 160))}
+    ids, exchange = nodes(vectors, weights)
+    result = secure_mean(protocol(5, 160), ids, 300, exchange, seed=0, rnd=1)
+    assert result.problem is None and result.clients == sorted(vectors) and result.weight == 260
+    exact = sum(weights[c] * vectors[c] for c in vectors) / 260
+    bound = 5 * STEP / (260 / 160)  # each client's rounding is under one level of its weighted value
+    error = np.abs(result.mean - exact).max()
+    assert 0 < error < bound
+    assert error > bound / 1000  # quantized, not sent in the clear
+
+
+def test_a_client_dropping_after_the_keys_are_shared_is_recovered_and_left_out_of_the_mean():
+    rng = np.random.default_rng(1)
+    vectors = {f"c{i}": rng.normal(0, 0.05, 50) for i in range(5)}
+    weights = dict.fromkeys(vectors, 1)
+    ids, exchange = nodes(vectors, weights, fail={"c2": "collect_masked_vectors", "c4": "unmask"})
+    result = secure_mean(protocol(5, 1, reconstruction_threshold=3), ids, 50, exchange, seed=0, rnd=1)
+    assert result.problem is None
+    assert result.clients == ["c0", "c1", "c3", "c4"]  # c4's masked vector arrived before it dropped
+    assert "c2" in result.failures and "collect_masked_vectors" in result.failures["c2"]
+    exact = np.mean([vectors[c] for c in result.clients], axis=0)
+    assert np.abs(result.mean - exact).max() < 4 * STEP
+
+
+def test_too_few_survivors_fail_the_round_with_a_reason_and_no_mean():
+    vectors = {f"c{i}": np.zeros(10) for i in range(4)}
+    ids, exchange = nodes(vectors, dict.fromkeys(vectors, 1),
+                          fail={"c0": "collect_masked_vectors", "c1": "collect_masked_vectors"})
+    result = secure_mean(protocol(4, 1, reconstruction_threshold=3), ids, 10, exchange, seed=0, rnd=1)
+    assert result.mean is None and "threshold" in result.problem
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "collect_masked_vectors", "unmask"])
+def test_a_malformed_protocol_message_leaves_its_node_out_and_never_raises(stage):
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    rng = np.random.default_rng(2)
+    vectors = {f"c{i}": rng.normal(0, 0.05, 20) for i in range(5)}
+    ids, honest = nodes(vectors, dict.fromkeys(vectors, 1))
+    garbage = [RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({"pk1": b"x", "pk2": b"y", "dsts": [1], "ctxts": [b"z"],
+                                                             "masked_params": [b"not an array"], "nids": [1, 2],
+                                                             "shares": [b"s"]})}),
+               RecordDict(), "the node's process died"]
+
+    for bad in garbage:
+        def exchange(name, contents, bad=bad):
+            answers = honest(name, contents)
+            if name == stage and "c3" in answers:
+                answers["c3"] = bad
+            return answers
+
+        result = secure_mean(protocol(5, 1, reconstruction_threshold=2), ids, 20, exchange, seed=0, rnd=1)
+        assert result.problem is None, result.problem
+        if stage == "unmask":  # its masked vector is in the sum already; only its shares are missing
+            assert "c3" in result.clients
+        else:
+            assert "c3" not in result.clients and "c3" in result.failures
+        exact = np.mean([vectors[c] for c in result.clients], axis=0)
+        assert np.abs(result.mean - exact).max() < 5 * STEP
+
+
+def test_a_wrong_length_vector_is_left_out_not_summed():
+    vectors = {f"c{i}": np.full(8, 0.25) for i in range(4)}
+    vectors["c1"] = np.full(9, 0.25)
+    ids, exchange = nodes(vectors, dict.fromkeys(vectors, 1))
+    result = secure_mean(protocol(4, 1), ids, 8, exchange, seed=0, rnd=1)
+    assert result.clients == ["c0", "c2", "c3"] and "shapes" in result.failures["c1"]
+    np.testing.assert_allclose(result.mean, 0.25, atol=3 * STEP)
+
+
+def test_flattening_keeps_names_keys_and_shapes_and_refuses_another_layout():
+    states = {"global": {"m.lora_B": torch.randn(4, 2), "m.lora_A": torch.randn(2, 3)}}
+    layout = layout_of(states)
+    back = unflatten(flatten(states, layout), layout)
+    for key, value in states["global"].items():
+        torch.testing.assert_close(back["global"][key], value)
+    with pytest.raises(ValueError, match="shape"):
+        flatten({"global": {"m.lora_B": torch.randn(4, 3), "m.lora_A": torch.randn(2, 3)}}, layout)
+    with pytest.raises(ValueError, match="expects"):
+        flatten({"other": states["global"]}, layout)
+
+
+def test_the_protocol_parameters_follow_flowers_workflow():
+    p = protocol(10, 5.0)  # defaults: shares = every client, threshold = half of them
+    assert (p.num_shares, p.threshold, p.clipping_range, p.quantization_range) == (10, 5, 8.0, 2**22)
+    assert protocol(10, 1.0, num_shares=0.4).num_shares == 5  # an even count becomes odd, as Flower makes it
+    assert protocol(6, 1.0, num_shares=4, reconstruction_threshold=3).threshold == 3
+
+
+def test_our_server_driver_equals_flowers_secaggplus_workflow_on_the_same_inputs(monkeypatch):
+    """Flower's SecAggPlusWorkflow over a loopback grid and our driver, the same nodes (Flower's mod, seeded
+    rounding) and vectors with unequal weights: the same mean, bit for bit up to FedAvg's final division."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server import ServerConfig
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WorkflowKey
+    from flwr.serverapp.grid import Grid
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 0)
+    rng = np.random.default_rng(3)
+    node_ids = [11, 12, 13, 14, 15]
+    vectors = {nid: rng.normal(0, 0.1, 40) for nid in node_ids}
+    weights = dict(zip(node_ids, (3, 5, 7, 11, 13)))
+
+    def answer(msg: Message, contexts: dict) -> Message:
+        nid = msg.metadata.dst_node_id
+        msg = Message(recorddict_from_proto(recorddict_to_proto(msg.content)), metadata=msg.metadata)  # the wire
+        return client_reply(msg, contexts[nid], lambda: (vectors[nid], weights[nid], {}), seed=nid)
+
+    class Loopback(Grid):
+        def __init__(self):
+            self.contexts = {n: Context(0, n, {}, RecordDict(), {}) for n in node_ids}
+
+        def send_and_receive(self, messages, *, timeout=None):
+            return [answer(m, self.contexts) for m in messages]
+
+        def set_run(self, run_id): ...
+        @property
+        def run(self): ...
+        def create_message(self, *a, **k): ...
+        def get_node_ids(self): return node_ids
+        def get_nodes(self): return []
+        def push_messages(self, messages): ...
+        def pull_messages(self, message_ids): ...
+
+    grid = Loopback()
+    manager = SimpleClientManager()
+    for nid in node_ids:
+        manager.register(GridClientProxy(nid, grid, 0))
+    captured = {}
+
+    class Capture(FedAvg):
+        def aggregate_fit(self, server_round, results, failures):
+            captured["mean"] = parameters_to_ndarrays(results[0][1].parameters)[0]
+            return super().aggregate_fit(server_round, results, failures)
+
+    context = LegacyContext(Context(0, 0, {}, RecordDict(), {}), ServerConfig(1), Capture(), manager)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
+    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters([np.zeros(40)]), True)
+    SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5, max_weight=13.0)(grid, context)
+
+    ours_grid = Loopback()
+    cid_of = {str(n): n for n in node_ids}
+
+    def exchange(stage, contents):
+        out = {}
+        for cid, content in contents.items():
+            msg = Message(content, dst_node_id=cid_of[cid], message_type="train", group_id="1")
+            out[cid] = answer(msg, ours_grid.contexts).content
+        return out
+
+    result = secure_mean(protocol(5, 13.0), cid_of, 40, exchange, seed=0, rnd=1)
+    np.testing.assert_array_equal(result.mean, captured["mean"])
+    exact = sum(weights[n] * vectors[n] for n in node_ids) / sum(weights.values())
+    assert np.abs(result.mean - exact).max() < 5 * STEP
+
+
+def _states(result, name):
+    return {cid: s.states[name] for cid, s in result.client_states.items() if name in s.states}
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[c][k] - b[c][k]).abs().max()) for c in a for k in a[c])
+
+
+@pytest.mark.parametrize("method,state", [("fedit", None), ("fedalt", "individual"), ("fdlora", None)])
+def test_a_secure_run_equals_the_plain_run_within_the_quantization_error(tmp_path, method, state):
+    from fedlora import run_experiment
+
+    from .conftest import tiny_config
+
+    def run(secure):
+        return run_experiment(tiny_config(tmp_path / str(secure), algorithm={"name": method},
+                                          federation={"rounds": 3, "secure_aggregation": secure}))
+
+    plain, secure = run(False), run(True)
+    if state is None:  # the server's global LoRA: the mean the protocol computed
+        key = "global"
+        a, b = plain.server_state["tensors"][key], secure.server_state["tensors"][key]
+        difference = max(float((a[k] - b[k]).abs().max()) for k in a)
+    else:  # FedALT: each client's own LoRA, trained against the RoW it formed from S and W
+        difference = _max_difference(_states(plain, state), _states(secure, state))
+        assert _max_difference(_states(plain, "row"), _states(secure, "row")) < 1e-4
+        assert not any(name.startswith("individual") for name in secure.server_state["tensors"])
+    # a quantization level is 4e-6; AdamW's steps carry such differences over rounds (FDLoRA's outer momentum most)
+    assert 0 < difference < 1e-3
+    for p, s in zip(plain.rounds[1:], secure.rounds[1:]):
+        assert s["comm"]["bytes_up"] > p["comm"]["bytes_up"]  # the masked vector is int64, plus the key exchange
+        assert {c: set(f) for c, f in s["fit"].items()} == {c: set(f) for c, f in p["fit"].items()}
+    first = [{c: {k: v for k, v in f.items() if not k.startswith("bytes")} for c, f in r["fit"].items()}
+             for r in (plain.rounds[1], secure.rounds[1])]
+    assert first[0] == first[1]  # round 1 trains from the same start: the same metrics, as they were
+    accuracy = [r["summary"]["mean"]["accuracy"] for r in (plain.rounds[-1], secure.rounds[-1])]
+    assert abs(accuracy[0] - accuracy[1]) < 0.05
+
+
+def test_a_secure_fedalt_run_resumed_mid_way_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    from fedlora import resume_experiment, run_experiment
+
+    from .conftest import run_killed_in_round, tiny_config
+    from .test_checkpoint import _assert_same_states, _without_times
+
+    def make(out):
+        return tiny_config(tmp_path, output_dir=str(tmp_path / out), algorithm={"name": "fedalt"},
+                           federation={"rounds": 3, "secure_aggregation": True, "clients_per_round": 3})
+
+    full = run_experiment(make("full"))
+    run_killed_in_round(monkeypatch, make("killed"), 3)
+    resumed = resume_experiment(tmp_path / "killed")
+    assert _without_times(resumed.rounds) == _without_times(full.rounds)
+    _assert_same_states(resumed.client_states, full.client_states)
+    for name, tensor in resumed.server_state["tensors"]["row_sum"].items():
+        assert torch.equal(tensor, full.server_state["tensors"]["row_sum"][name])
+
+
+def test_fedalt_under_partial_participation_and_a_failed_round_keeps_the_sum_of_the_latest_loras():
+    """The server's S equals the weighted sum of each client's counted Individual LoRA, after rounds with
+    different participants and one round that aggregated nothing (its uploads are re-sent as changes later)."""
+    from fedlora.adapters import AdapterSpec
+    from fedlora.algorithms import ClientInfo, ClientState, SecureMean, build
+
+    spec = AdapterSpec((("m", 5, 4),), r=2, alpha=4)
+    server, client = build("fedalt", {"weighting": "examples"}, spec, seed=0)
+    server.secure = True
+    infos = [ClientInfo(c, n) for c, n in zip("abcd", (1, 2, 3, 4))]
+    server.setup(infos)
+    states = {c: ClientState() for c in "abcd"}
+    g = torch.Generator().manual_seed(0)
+
+    def upload(rnd, cid, payload):
+        s = states[cid]
+        client._rest_of_world(payload, s)
+        s.states["individual"] = {k: torch.randn(v.shape, generator=g) for k, v in spec.init_lora(g).items()}
+        change = ({k: v - s.states["counted"][k] for k, v in s.states["individual"].items()}
+                  if "counted" in s.states else s.states["individual"])
+        s.meta["uploaded_round"] = rnd
+        return change
+
+    counted = {}
+    for rnd, sampled, aggregated in ((1, "abc", True), (2, "bd", False), (3, "bcd", True), (4, "ab", True)):
+        payloads = server.configure(rnd, list(sampled))
+        changes = {c: upload(rnd, c, payloads[c]) for c in sampled}
+        if not aggregated:
+            continue
+        weight = sum(server.weight(c) for c in sampled)
+        mean = {k: sum(server.weight(c) * changes[c][k] for c in sampled) / weight for k in changes[sampled[0]]}
+        server.aggregate_secure(rnd, SecureMean({"individual_update": mean}, weight, list(sampled)))
+        counted.update({c: dict(states[c].states["individual"]) for c in sampled})
+    expected = {k: sum(server.weight(c) * counted[c][k].double() for c in counted) for k in counted["a"]}
+    for k, v in expected.items():
+        torch.testing.assert_close(server._sum[k], v, atol=1e-6, rtol=1e-5)  # the test's means are float32
+    assert server._total == sum(server.weight(c) for c in counted)
+    row_of_a = client._rest_of_world(server.configure(5, ["a"])["a"], states["a"])
+    others = [c for c in counted if c != "a"]
+    for k in row_of_a:
+        mean = sum(server.weight(c) * counted[c][k] for c in others) / sum(server.weight(c) for c in others)
+        torch.testing.assert_close(row_of_a[k], mean, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ffa", "fedsa", "feddpa", "rolora"])
+def test_the_averaging_servers_fold_a_secure_mean_as_they_fold_the_replies(method):
+    from fedlora.adapters import AdapterSpec
+    from fedlora.algorithms import ClientInfo, Reply, SecureMean, build
+
+    spec = AdapterSpec((("m", 5, 4),), r=2, alpha=4)
+    plain, _ = build(method, {}, spec, seed=0)
+    secure, _ = build(method, {}, spec, seed=0)
+    infos = [ClientInfo(c, n) for c, n in zip("abc", (1, 2, 5))]
+    plain.setup(infos)
+    secure.setup(infos)
+    secure.secure = True
+    payloads = plain.configure(1, list("abc"))
+    (name,) = payloads["a"].expects
+    g = torch.Generator().manual_seed(1)
+    template = payloads["a"].states.get(name) or plain.lora_init()
+    replies = {c: Reply({name: {k: torch.randn(v.shape, generator=g) for k, v in template.items()}}, 1) for c in "abc"}
+    plain.aggregate(1, replies)
+    weights = {c: plain.weight(c) for c in "abc"}
+    mean = {k: sum(weights[c] * replies[c].states[name][k] for c in "abc") / sum(weights.values()) for k in template}
+    secure.aggregate_secure(1, SecureMean({name: mean}, sum(weights.values()), list("abc")))
+    a, b = plain.state_dict()["tensors"], secure.state_dict()["tensors"]
+    for state in a:
+        for k in a[state]:
+            torch.testing.assert_close(a[state][k], b[state][k])
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"algorithm": {"name": "flora"}}, "stacks each client"),
+    ({"algorithm": {"name": "fedlease"}}, "clusters the clients"),
+    ({"algorithm": {"name": "local"}}, "nothing is sent"),
+    ({"algorithm": {"name": "ifca"}}, "per-cluster"),
+    ({"federation": {"aggregation": "median"}}, "aggregation='median'"),
+    ({"federation": {"clients_per_round": 2}}, "3 or more clients"),
+    ({"engine": {"name": "flower-sim"}}, "inprocess"),
+    ({"privacy": {"dp": "local", "noise_multiplier": 1.0}}, "privacy.dp"),
+])
+def test_what_secure_aggregation_cannot_run_is_refused_before_any_work(tmp_path, change, match):
+    from fedlora import run_experiment
+    from fedlora.core.errors import ConfigError
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, **change)
+    cfg["federation"] = {**cfg.get("federation", {}), "secure_aggregation": True}
+    with pytest.raises(ConfigError, match=match):
+        run_experiment(cfg)
+    assert not (tmp_path / "run").exists()
