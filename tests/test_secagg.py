@@ -3,10 +3,13 @@ mean within the quantization bound, dropouts at and below the threshold, malform
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
+from fedlora.algorithms import Payload
 from fedlora.core.config import SecAggConfig
 from fedlora.engines.secagg import Protocol, client_reply, flatten, layout_of, secure_mean, unflatten, InProcessNodes
 
@@ -18,10 +21,11 @@ def nodes(vectors: dict[str, np.ndarray], weights: dict[str, int], fail: dict[st
     """In-process SecAgg+ nodes whose fit returns a fixed vector; `fail` maps a client to the stage it drops at."""
     fail = fail or {}
 
-    def pack(cid, _reply):
-        return vectors[cid], weights[cid], {"loss": 1.0}
+    class FixedNodes(InProcessNodes):
+        def produce(self, cid):
+            return vectors[cid], weights[cid], {"loss": 1.0}
 
-    local = InProcessNodes(1, sorted(vectors), lambda cid: None, pack, seed=0)
+    local = FixedNodes(1, dict.fromkeys(sorted(vectors), Payload()), None, seed=0)
     inner = local.exchange
 
     def exchange(stage, contents):
@@ -343,7 +347,6 @@ def test_the_averaging_servers_fold_a_secure_mean_as_they_fold_the_replies(metho
     ({"algorithm": {"name": "ifca"}}, "per-cluster"),
     ({"federation": {"aggregation": "median"}}, "aggregation='median'"),
     ({"federation": {"clients_per_round": 2}}, "3 or more clients"),
-    ({"engine": {"name": "flower-sim"}}, "inprocess"),
     ({"privacy": {"dp": "local", "noise_multiplier": 1.0}}, "privacy.dp"),
 ])
 def test_what_secure_aggregation_cannot_run_is_refused_before_any_work(tmp_path, change, match):
@@ -357,3 +360,68 @@ def test_what_secure_aggregation_cannot_run_is_refused_before_any_work(tmp_path,
     with pytest.raises(ConfigError, match=match):
         run_experiment(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def _records(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_on_flower_nodes_the_secure_run_equals_the_in_process_one_and_a_silent_node_drops_out(tmp_path, monkeypatch):
+    """The Flower transport and ClientApp (Flower messages to ClientApps in this process): the same sums as the
+    in-process engine, bit for bit (the rounding is seeded per client and round, the neighbours per round); then a
+    node that never answers is left out at the setup stage and the others' round is aggregated without it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora import run_experiment
+    from fedlora.core.config import build_config
+    from fedlora.engines.checkpoint import load_checkpoint
+    from fedlora.flower.client_app import make_client_app
+    from fedlora.flower.server_app import server_main
+
+    from .conftest import tiny_config
+    from .test_flower import FakeGrid
+
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+    base = dict(algorithm={"name": "fedalt"}, federation={"rounds": 2, "secure_aggregation": True})
+    inproc = run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "inproc"), **base))
+    cfg = build_config(tiny_config(tmp_path, output_dir=str(tmp_path / "flower"), engine={
+        "name": "flower-sim", "num_clients": 4, "progress": False}, **base))
+    server_main(cfg, FakeGrid(make_client_app(cfg), 4))
+    flower = _records(tmp_path / "flower")
+    for a, b in zip(inproc.rounds, flower):
+        assert a.get("eval") == b.get("eval") and a.get("failures") == b.get("failures")
+    row_sum = load_checkpoint(tmp_path / "flower").server_state["tensors"]["row_sum"]
+    assert all(torch.equal(v, inproc.server_state["tensors"]["row_sum"][k]) for k, v in row_sum.items())
+
+    cfg = build_config(tiny_config(tmp_path, output_dir=str(tmp_path / "silent"), engine={
+        "name": "flower-sim", "num_clients": 4, "progress": False}, **base))
+    server_main(cfg, FakeGrid(make_client_app(cfg), 4, silent={103}))  # partition 3 = verb_class-1
+    records = _records(tmp_path / "silent")
+    assert set(records[1]["fit"]) == {"noun_topic-0", "noun_topic-1", "verb_class-0"}
+    assert "setup stage" in records[1]["failures"]["verb_class-1"] and "unaggregated" not in records[1]
+    server = load_checkpoint(tmp_path / "silent").server_state
+    assert set(server["meta"]["counted"]) == {"noun_topic-0", "noun_topic-1", "verb_class-0"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FEDLORA_DEPLOYMENT_TESTS"),
+                    reason="set FEDLORA_DEPLOYMENT_TESTS=1 (minutes: four Ray messages per client and round)")
+def test_on_flowers_simulation_runtime_the_secure_run_equals_the_in_process_one(tmp_path):
+    """Ray's ClientApps keep each node's SecAgg+ state in its Context between the four stages of a round."""
+    from fedlora import run_experiment
+
+    from .conftest import tiny_config
+
+    base = dict(algorithm={"name": "fedit"}, federation={"rounds": 2, "secure_aggregation": True})
+    inproc = run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "inproc"), **base))
+    flower = run_experiment(tiny_config(tmp_path, output_dir=str(tmp_path / "flower"), engine={
+        "name": "flower-sim", "progress": False, "torch_threads": 1}, **base))
+    for a, b in zip(inproc.evaluations(), flower.evaluations()):
+        for cid, metrics in a["eval"].items():
+            for key, value in metrics.items():
+                assert b["eval"][cid][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (a["round"], cid, key)
+    for a, b in zip(inproc.rounds[1:], flower.rounds[1:]):
+        assert not b["failures"] and "unaggregated" not in b and set(a["fit"]) == set(b["fit"])

@@ -80,7 +80,7 @@ class FedALTServer(ServerAlgorithm):
         """Each client's Rest-of-World LoRA, once another client's Individual LoRA is known (secure: S and W)."""
         if self.secure:
             sums = {"row_sum": {k: v.float() for k, v in self._sum.items()}} if self._sum else {}
-            return {cid: Payload(sums, {"round": rnd, "row_weight": self._total, "counted_round": self.counted.get(cid, 0),
+            return {cid: Payload(sums, {"upload_round": rnd, "row_weight": self._total, "counted_round": self.counted.get(cid, 0),
                                         "own_weight": self.weight(cid) if cid in self.counted else 0.0},
                                  frozenset({"individual_update"})) for cid in clients}
         payloads = {}
@@ -180,7 +180,7 @@ class FedALTClient(ClientAlgorithm):
             s["gate"] = ctx.model.router_state()
         if "row_weight" in payload.config:
             change = {k: v - s["counted"][k] for k, v in s["individual"].items()} if "counted" in s else s["individual"]
-            state.meta["uploaded_round"] = payload.config["round"]
+            state.meta["uploaded_round"] = payload.config["upload_round"]
             return Reply({"individual_update": change}, len(ctx.data.train), metrics), state
         return Reply({"individual": s["individual"]}, len(ctx.data.train), metrics), state
 

@@ -48,17 +48,17 @@ class InProcessTransport:
                     replies[cid], self.states[cid] = outcome
         return replies, failures
 
-    def secure_nodes(self, rnd: int, payloads: dict[str, Payload], pack, show: Observer):
+    def secure_nodes(self, rnd: int, payloads: dict[str, Payload], show: Observer):
         """The round's clients as SecAgg+ nodes in this process (one after another): (node ids, their exchange)."""
         from .secagg import InProcessNodes  # Flower's SecAgg+ code, imported only when asked for
         ids = list(payloads)
 
-        def fit(cid: str) -> Reply:
+        def fit(cid: str, payload: Payload) -> Reply:
             show.clients(f"round {rnd}: training {cid}", ids.index(cid), len(ids))
-            reply, self.states[cid] = self.runtime.fit(cid, rnd, payloads[cid], self.states[cid])
+            reply, self.states[cid] = self.runtime.fit(cid, rnd, payload, self.states[cid])
             return reply
 
-        nodes = InProcessNodes(rnd, ids, fit, pack, self.runtime.config.seed)
+        nodes = InProcessNodes(rnd, payloads, fit, self.runtime.config.seed)
         return nodes.node_ids, nodes.exchange
 
     def _fit_alone(self, cid: str, rnd: int, payload: Payload) -> tuple[Reply, ClientState] | Exception:

@@ -22,7 +22,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -125,6 +125,20 @@ def seeded_numpy(seed: int) -> Iterator[None]:
         yield
     finally:
         np.random.set_state(saved)
+
+
+def node_reply(content: RecordDict, context: Context, produce: Callable[[], tuple[np.ndarray, int, dict[str, float]]],
+               seed: int) -> RecordDict:
+    """`client_reply` to a train message's content on the node of `context` (as its ClientApp received it)."""
+    msg = Message(content, metadata=Metadata(
+        run_id=context.run_id, message_id="", src_node_id=0, dst_node_id=context.node_id, reply_to_message_id="",
+        group_id="", created_at=time.time(), ttl=86400.0, message_type=MessageType.TRAIN))
+    return client_reply(msg, context, produce, seed).content
+
+
+def is_secure(content: RecordDict) -> bool:
+    """Whether a train message is a SecAgg+ stage."""
+    return RECORD_KEY_CONFIGS in content.config_records
 
 
 def client_reply(msg: Message, context: Context, produce: Callable[[], tuple[np.ndarray, int, dict[str, float]]],
@@ -354,32 +368,59 @@ def secure_mean(protocol: Protocol, node_ids: dict[str, int], length: int, excha
 
 
 EXAMPLES = "fedlora.num_examples"  # the reply's example count, beside its metrics (the weight may be 1)
-Pack = Callable[[str, Reply], tuple[np.ndarray, int, dict[str, float]]]
+LAYOUT_KEY, WEIGHT_KEY = "fedlora.secure_layout", "fedlora.secure_weight"  # what the collect stage's payload adds
+
+
+def pack(reply: Reply, layout: Layout, weight: float) -> tuple[np.ndarray, int, dict[str, float]]:
+    """What a client masks and uploads: its reply's states as one vector in `layout`, its integer weight, metrics."""
+    names = {name for name, _, _ in layout}
+    missing = sorted(names - set(reply.states))
+    if missing:
+        raise ValueError(f"the reply carries no {missing}")
+    if not float(weight).is_integer() or weight < 1:
+        raise ValueError(f"SecAgg+ weights are positive integers, the server's weight is {weight}")
+    return (flatten({n: reply.states[n] for n in names}, layout), int(weight),
+            {**reply.metrics, EXAMPLES: int(reply.num_examples)})
+
+
+def secure_payload(payload: Payload, layout: Layout, weight: float) -> Payload:
+    """The collect stage's payload: the method's, plus the layout and weight the client packs its reply with."""
+    return replace(payload, config={**payload.config, LAYOUT_KEY: [[n, k, list(s)] for n, k, s in layout],
+                                    WEIGHT_KEY: weight})
+
+
+def unpack_payload(payload: Payload) -> tuple[Payload, Layout, float]:
+    """The method's payload, the layout and the weight of a collect stage's payload (`secure_payload`)."""
+    config = dict(payload.config)
+    layout = [(str(n), str(k), tuple(int(d) for d in s)) for n, k, s in config.pop(LAYOUT_KEY)]
+    return replace(payload, config=config), layout, float(config.pop(WEIGHT_KEY))
 
 
 class InProcessNodes:
     """The round's clients as SecAgg+ nodes in this process: each stage's record goes through Flower's
     `secaggplus_mod` with that client's own context, as a SuperNode's ClientApp would run it."""
 
-    def __init__(self, rnd: int, clients: list[str], fit: Callable[[str], Reply], pack: Pack, seed: int) -> None:
-        self.rnd, self.fit, self.pack, self.seed = rnd, fit, pack, seed
-        self.node_ids = {cid: i + 1 for i, cid in enumerate(sorted(clients))}
+    def __init__(self, rnd: int, payloads: dict[str, Payload], fit: Callable[[str, Payload], Reply],
+                 seed: int) -> None:
+        self.rnd, self.payloads, self.fit, self.seed = rnd, payloads, fit, seed
+        self.node_ids = {cid: i + 1 for i, cid in enumerate(sorted(payloads))}
         self.contexts = {cid: Context(run_id=0, node_id=nid, node_config={}, state=RecordDict(), run_config={})
                          for cid, nid in self.node_ids.items()}
+
+    def produce(self, cid: str) -> tuple[np.ndarray, int, dict[str, float]]:
+        """Train client `cid` on its collect-stage payload and pack its reply."""
+        payload, layout, weight = unpack_payload(self.payloads[cid])
+        return pack(self.fit(cid, payload), layout, weight)
 
     def exchange(self, stage: str, contents: dict[str, RecordDict]) -> dict[str, RecordDict | str]:
         """Each client's answer to its stage record, or its failure."""
         out: dict[str, RecordDict | str] = {}
         for cid, content in contents.items():
             content = recorddict_from_proto(recorddict_to_proto(content))  # as over the wire: nothing shared
-            msg = Message(content, metadata=Metadata(
-                run_id=0, message_id=f"{self.rnd}-{stage}-{cid}", src_node_id=0, dst_node_id=self.node_ids[cid],
-                reply_to_message_id="", group_id=str(self.rnd), created_at=time.time(), ttl=86400.0,
-                message_type=MessageType.TRAIN))
             try:
-                reply = client_reply(msg, self.contexts[cid], lambda cid=cid: self.pack(cid, self.fit(cid)),
-                                     derive_seed(self.seed, "secagg-rounding", cid, self.rnd))
-                out[cid] = recorddict_from_proto(recorddict_to_proto(reply.content))
+                reply = node_reply(content, self.contexts[cid], lambda cid=cid: self.produce(cid),
+                                   derive_seed(self.seed, "secagg-rounding", cid, self.rnd))
+                out[cid] = recorddict_from_proto(recorddict_to_proto(reply))
             except Exception as exc:  # a failing client drops out of the protocol, as a node would
                 out[cid] = f"{type(exc).__name__}: {exc}"
         return out
@@ -397,17 +438,8 @@ def fit_secure(rnd: int, config: Config, server: ServerAlgorithm, transport: Any
     templates = {n: next((p.states[n] for p in payloads.values() if n in p.states), server.lora_init()) for n in names}
     layout = layout_of(templates)
     weights = {cid: server.weight(cid) for cid in payloads}
-
-    def pack(cid: str, reply: Reply) -> tuple[np.ndarray, int, dict[str, float]]:
-        missing = sorted(names - set(reply.states))
-        if missing:
-            raise ValueError(f"the reply carries no {missing}")
-        if not float(weights[cid]).is_integer():
-            raise ValueError(f"SecAgg+ weights are integers, the server's weight is {weights[cid]}")
-        return flatten({n: reply.states[n] for n in names}, layout), int(weights[cid]), {
-            **reply.metrics, EXAMPLES: int(reply.num_examples)}
-
-    node_ids, exchange = transport.secure_nodes(rnd, payloads, pack, show)
+    node_ids, exchange = transport.secure_nodes(
+        rnd, {cid: secure_payload(p, layout, weights[cid]) for cid, p in payloads.items()}, show)
     sizes: dict[str, list[int]] = {cid: [0, 0] for cid in payloads}  # bytes up, down of the protocol's messages
 
     def counted(stage: str, contents: dict[str, RecordDict]) -> dict[str, RecordDict | str]:

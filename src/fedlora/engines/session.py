@@ -99,9 +99,6 @@ def check_secure(cfg: Config, methods: list[str] | None = None) -> None:
                           f"{fed.aggregation!r} (which reads every update) cannot run; set it to 'mean'")
     if cfg.privacy.dp != "none":
         raise ConfigError("federation.secure_aggregation with privacy.dp is not built yet; run one or the other")
-    if cfg.engine.name != "inprocess":
-        raise ConfigError(f"federation.secure_aggregation runs on engine.name='inprocess' so far, not "
-                          f"{cfg.engine.name!r}")
     if fed.clients_per_round is not None and fed.clients_per_round < 3:
         raise ConfigError(f"federation.secure_aggregation needs 3 or more clients a round (SecAgg+ hides each one "
                           f"among the others), federation.clients_per_round is {fed.clients_per_round}")

@@ -13,7 +13,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..algorithms import ClientState, Payload
+from ..algorithms import ClientState, Payload, Reply
 from ..core.config import Config
 from ..core.errors import ConfigError
 from ..core.names import safe_name
@@ -28,6 +28,8 @@ from ..engines.nodestate import (
     node_dir,
     save_node_state,
 )
+from ..core.seeding import derive_seed
+from ..engines import secagg
 from ..engines.session import build_session
 from .server_app import config_from_run_config
 from .wire import EXPECTS, FINAL, ROUND, RUN, decode, encode, store_state
@@ -121,14 +123,17 @@ def client_reply(cfg: Config | None, kind: str, content: RecordDict, context: Co
         order = [i.client_id for i in session.infos].index(cid)
         return encode({}, {"client_id": cid, "num_examples": client.num_examples, "task": client.task,
                            "order": order, "state_dir": str(directory)})
+    if kind == MessageType.TRAIN and secagg.is_secure(content):  # a SecAgg+ stage: its collect stage trains
+        def produce():
+            rnd, _, _, secure_payload = _payload(states, info)
+            payload, layout, weight = secagg.unpack_payload(secure_payload)
+            return secagg.pack(_train(session, cid, directory, rnd, payload, context), layout, weight)
+
+        seed = derive_seed(config.seed, "secagg-rounding", cid, info.get(ROUND, 0))
+        return secagg.node_reply(content, context, produce, seed)
     rnd, _, final, payload = _payload(states, info)
     if kind == MessageType.TRAIN:
-        base_round, before = _client_state(context, directory, cid, rnd)
-        reply, state = session.runtime.fit(cid, rnd, payload, before)
-        # on disk first: a failed write is an error reply and leaves the node's state as it was
-        save_node_state(directory, cid, rnd, base_round, state)
-        store_state(context.state, state.states, state.meta)
-        context.state[NODE_ROUND] = ConfigRecord({"round": rnd})
+        reply = _train(session, cid, directory, rnd, payload, context)
         return encode(reply.states, {"num_examples": reply.num_examples, "metrics": reply.metrics})
     if kind != MessageType.EVALUATE:
         raise ValueError(f"a fedlora node answers query, train and evaluate messages, not {kind!r}")
@@ -138,6 +143,17 @@ def client_reply(cfg: Config | None, kind: str, content: RecordDict, context: Co
         return encode({}, {"model": str(directory / MODEL_DIR)})
     evaluation = session.runtime.evaluate(cid, rnd, payload, state)
     return encode({}, {"metrics": evaluation.metrics, "diagnostics": evaluation.diagnostics})
+
+
+def _train(session, cid: str, directory: Path, rnd: int, payload: Payload, context: Context) -> Reply:
+    """Client `cid`'s local round `rnd`, its new state kept on disk and in the node's Context.state."""
+    base_round, before = _client_state(context, directory, cid, rnd)
+    reply, state = session.runtime.fit(cid, rnd, payload, before)
+    # on disk first: a failed write is an error reply and leaves the node's state as it was
+    save_node_state(directory, cid, rnd, base_round, state)
+    store_state(context.state, state.states, state.meta)
+    context.state[NODE_ROUND] = ConfigRecord({"round": rnd})
+    return reply
 
 
 def make_client_app(cfg: Config | None = None) -> ClientApp:

@@ -12,7 +12,7 @@ import logging
 import math
 from dataclasses import replace
 
-from flwr.app import Message, MessageType
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from ..algorithms import ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
@@ -22,7 +22,7 @@ from ..engines.runtime import Evaluation
 from ..engines.validation import count_problem, evaluation_problem, metrics_problem
 from .exchange import read_reply, send_and_receive
 from .handshake import ask_client_ids
-from .wire import EXPECTS, FINAL, INFO_BYTES, ROUND, RUN, encode, max_reply_bytes
+from .wire import EXPECTS, FINAL, INFO_BYTES, ROUND, RUN, SIZE_FACTOR, content_bytes, encode, max_reply_bytes
 
 log = logging.getLogger("fedlora")
 
@@ -78,12 +78,17 @@ class FlowerTransport:
             self.strangers.add(node)  # one query per unknown node, not one per round
             log.warning("node %s left out: %s", node, left_out.get(node, "no answer"))
 
+    def _encode(self, rnd: int, payload: Payload) -> RecordDict:
+        return encode(payload.states, {**payload.config, ROUND: rnd, EXPECTS: sorted(payload.expects), RUN: self.run_id})
+
     def _exchange(self, rnd: int, kind: str, payloads: dict[str, Payload]) -> tuple[dict[str, Message], dict[str, str]]:
         self.rejoin()
-        messages = [Message(encode(p.states, {**p.config, ROUND: rnd, EXPECTS: sorted(p.expects), RUN: self.run_id}),
-                            dst_node_id=self.nodes[cid], message_type=kind, group_id=str(rnd))
-                    for cid, p in payloads.items()]
-        sent = dict(zip(payloads, messages))
+        return self._send(rnd, kind, {cid: self._encode(rnd, p) for cid, p in payloads.items()})
+
+    def _send(self, rnd: int, kind: str, contents: dict[str, RecordDict]) -> tuple[dict[str, Message], dict[str, str]]:
+        messages = [Message(content, dst_node_id=self.nodes[cid], message_type=kind, group_id=str(rnd))
+                    for cid, content in contents.items()]
+        sent = dict(zip(contents, messages))
         by_node = {node: cid for cid, node in self.nodes.items()}
         replies, failures = {}, {}
         received = send_and_receive(self.grid, messages, self.timeout)
@@ -98,7 +103,7 @@ class FlowerTransport:
                 failures[cid] = f"error reply: {reply.error.reason}"
             else:
                 replies[cid] = reply
-        for cid in payloads:
+        for cid in contents:
             if cid not in replies and cid not in failures:
                 failures[cid] = f"no reply within federation.round_timeout={self.timeout} s"
         return replies, failures
@@ -118,6 +123,34 @@ class FlowerTransport:
             else:
                 replies[cid] = Reply(states, info["num_examples"], info["metrics"])
         return replies, failures
+
+    def secure_nodes(self, rnd: int, payloads: dict[str, Payload], show: Observer):
+        """The round's clients' nodes as SecAgg+ nodes: (their node ids, the exchange of one stage's records, the
+        collect stage's carrying each client's payload). A reply too large for its stage is that node's failure."""
+        from ..engines.secagg import Stage
+
+        self.rejoin()
+        nodes = {cid: self.nodes[cid] for cid in payloads}
+        # the masked vector: int64 per scalar of every state a payload expects, and a handful of keys and shares
+        limit = 2 * SIZE_FACTOR * max(self.train_limit(p) for p in payloads.values()) + INFO_BYTES
+
+        def exchange(stage: str, records: dict[str, RecordDict]) -> dict[str, RecordDict | str]:
+            show.clients(f"round {rnd}: secure aggregation, {stage}", 0, len(records))
+            contents = {}
+            for cid, record in records.items():
+                content = self._encode(rnd, payloads[cid]) if stage == Stage.COLLECT_MASKED_VECTORS else RecordDict()
+                for key, value in record.config_records.items():
+                    content[key] = value
+                contents[cid] = content
+            messages, failures = self._send(rnd, MessageType.TRAIN, contents)
+            answers: dict[str, RecordDict | str] = dict(failures)
+            for cid, message in messages.items():
+                size = content_bytes(message.content)
+                answers[cid] = (message.content if size <= limit
+                                else f"reply refused: it holds {size} bytes, more than the {limit} this stage may hold")
+            return answers
+
+        return nodes, exchange
 
     def evaluate(self, rnd: int, payloads: dict[str, Payload], show: Observer
                  ) -> tuple[dict[str, Evaluation], dict[str, str]]:
