@@ -347,7 +347,6 @@ def test_the_averaging_servers_fold_a_secure_mean_as_they_fold_the_replies(metho
     ({"algorithm": {"name": "ifca"}}, "per-cluster"),
     ({"federation": {"aggregation": "median"}}, "aggregation='median'"),
     ({"federation": {"clients_per_round": 2}}, "3 or more clients"),
-    ({"privacy": {"dp": "local", "noise_multiplier": 1.0}}, "privacy.dp"),
 ])
 def test_what_secure_aggregation_cannot_run_is_refused_before_any_work(tmp_path, change, match):
     from fedlora import run_experiment
@@ -425,3 +424,49 @@ def test_on_flowers_simulation_runtime_the_secure_run_equals_the_in_process_one(
                 assert b["eval"][cid][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (a["round"], cid, key)
     for a, b in zip(inproc.rounds[1:], flower.rounds[1:]):
         assert not b["failures"] and "unaggregated" not in b and set(a["fit"]) == set(b["fit"])
+
+
+def test_local_dp_under_secure_aggregation_adds_each_clients_share_and_counts_epsilon_as_local_dp(tmp_path):
+    """Distributed DP: each client adds noise_multiplier x clip_norm / sqrt(t), so any sum the server can unmask
+    (t clients or more) holds at least one local client's noise; epsilon is the local mode's, as that sum's."""
+    from fedlora import run_experiment
+    from fedlora.algorithms import ClientState, Reply
+    from fedlora.core.config import build_config
+    from fedlora.engines.privacy import NOISE_SHARE, privatize
+
+    from .conftest import tiny_config
+
+    cfg = build_config(tiny_config(tmp_path, privacy={"dp": "local", "noise_multiplier": 2.0, "clip_norm": 1.0}))
+    start = {"m.lora_A": torch.zeros(1000, 10)}
+    reply = Reply({"global": {"m.lora_A": torch.zeros(1000, 10)}}, 10)
+    stds = [float(privatize(reply, Payload({"global": start}, config), ClientState(), cfg, 0, start,
+                            lambda n, p, r: p.states.get(n))[0].states["global"]["m.lora_A"].std())
+            for config in ({}, {NOISE_SHARE: 0.5})]
+    assert stds[0] == pytest.approx(2.0, rel=0.03) and stds[1] == pytest.approx(1.0, rel=0.03)
+
+    def run(method, secure):
+        return run_experiment(tiny_config(tmp_path / f"{method}{secure}", algorithm={"name": method}, privacy={
+            "dp": "local", "noise_multiplier": 1.0}, federation={"rounds": 2, "secure_aggregation": secure}))
+
+    for method in ("fedit", "fedalt"):
+        plain, secure = run(method, False), run(method, True)
+        assert [r["privacy"]["epsilon"] for r in secure.rounds[1:]] == [r["privacy"]["epsilon"] for r in plain.rounds[1:]]
+        assert not any(r.get("failures") or r.get("unaggregated") for r in secure.rounds[1:])
+        # no training metric leaves a local-DP client, secure or not
+        assert {c: set(f) for c, f in secure.rounds[-1]["fit"].items()} == {c: set(f) for c, f in plain.rounds[-1]["fit"].items()}
+
+
+def test_central_dp_under_secure_aggregation_noises_the_unmasked_mean_as_it_noises_the_plain_one(tmp_path):
+    from fedlora import run_experiment
+
+    from .conftest import tiny_config
+
+    def run(secure):
+        return run_experiment(tiny_config(tmp_path / str(secure), privacy={"dp": "client_clipping",
+                                          "noise_multiplier": 1.0}, federation={"rounds": 2, "secure_aggregation": secure}))
+
+    plain, secure = run(False), run(True)
+    assert [r["privacy"] for r in secure.rounds[1:]] == [r["privacy"] for r in plain.rounds[1:]]
+    a, b = plain.server_state["tensors"]["global"], secure.server_state["tensors"]["global"]
+    # the same noise draws (seeded per round and key) on means that differ by the quantization only
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3

@@ -156,6 +156,14 @@ class FedALTClient(ClientAlgorithm):
             model.set_expert_weights(torch.tensor([0.5, 0.5]))
 
     @staticmethod
+    def started_from(name: str, payload: Payload, reply: Reply) -> StateDict | None:
+        """An Individual LoRA is an update of the previous upload (None: the runtime keeps it); under secure
+        aggregation the upload is already the change, an update of nothing."""
+        if name == "individual_update":
+            return {k: torch.zeros_like(v) for k, v in reply.states[name].items()}
+        return None
+
+    @staticmethod
     def _rest_of_world(payload: Payload, state: ClientState) -> StateDict | None:
         """Secure aggregation: (S - w_k theta_k) / (W - w_k), theta_k the upload the server's sum counts."""
         s, cfg = state.states, payload.config

@@ -63,6 +63,11 @@ def noise_multiplier(cfg: Config, rate: float = 1.0, amplified: bool = False) ->
     return _calibrated(p.target_epsilon, rate, p.delta, cfg.federation.rounds, amplified)
 
 
+# federation.secure_aggregation with privacy.dp = local (distributed DP): 1/sqrt(t), t the fewest clients whose sum
+# the server can unmask, so that any sum it learns holds at least the noise one local client would add
+NOISE_SHARE = "fedlora.dp_noise_share"
+
+
 def privatize(reply: Reply, payload: Payload, state: ClientState, cfg: Config, seed: int, init: StateDict,
               started_from: Callable[[str, Payload, Reply], StateDict | None]) -> tuple[Reply, ClientState]:
     """A client's reply under DP: its whole update clipped to clip_norm (against where each state started: what
@@ -75,8 +80,8 @@ def privatize(reply: Reply, payload: Payload, state: ClientState, cfg: Config, s
               for name, s in reply.states.items()}
     states, factor = dp.clip_uploads(reply.states, starts, p.clip_norm)
     metrics = dict(reply.metrics)
-    if p.dp == "local":
-        std = noise_multiplier(cfg) * p.clip_norm
+    if p.dp == "local":  # under secure aggregation, the client's share of the noise the server's sum holds
+        std = noise_multiplier(cfg) * p.clip_norm * float(payload.config.get(NOISE_SHARE, 1.0))
         states = {name: dp.add_noise(s, std, generator(seed, "dp-local", name)) for name, s in states.items()}
         metrics = {}  # data-dependent numbers no noise covers never leave the client
     else:
@@ -104,8 +109,11 @@ class PrivacyLedger(Observer):
         self.z = noise_multiplier(cfg, self.rate, self.amplified)
         if self.p.dp == "client_clipping":  # a trusted server noises every sum it forms (ServerAlgorithm.noise)
             self.noise = dp.SumNoise(self.z * self.p.clip_norm, cfg.seed)
-        log.info("privacy: %s, clip_norm %.3g, noise multiplier %.4g, sampling rate %.3g", self.p.dp,
-                 self.p.clip_norm, self.z, self.rate)
+        log.info("privacy: %s, clip_norm %.3g, noise multiplier %.4g, sampling rate %.3g%s", self.p.dp,
+                 self.p.clip_norm, self.z, self.rate,
+                 "; distributed under secure aggregation: each client adds 1/sqrt(t) of the noise, t the fewest "
+                 "clients whose sum the server can unmask" if self.p.dp == "local" and cfg.federation.secure_aggregation
+                 else "")
 
     def restore(self, records: list[dict]) -> None:
         """Continue the count of the records a resumed run keeps."""

@@ -46,6 +46,7 @@ from ..algorithms import Payload, Reply, SecureMean, ServerAlgorithm
 from ..core.config import Config, SecAggConfig
 from ..core.seeding import derive_seed
 from ..core.tensors import StateDict
+from .privacy import NOISE_SHARE
 
 Layout = list[tuple[str, str, tuple[int, ...]]]  # (state name, tensor key, shape) in upload order
 Exchange = Callable[[str, dict[str, RecordDict]], dict[str, "RecordDict | str"]]
@@ -383,10 +384,11 @@ def pack(reply: Reply, layout: Layout, weight: float) -> tuple[np.ndarray, int, 
             {**reply.metrics, EXAMPLES: int(reply.num_examples)})
 
 
-def secure_payload(payload: Payload, layout: Layout, weight: float) -> Payload:
-    """The collect stage's payload: the method's, plus the layout and weight the client packs its reply with."""
+def secure_payload(payload: Payload, layout: Layout, weight: float, protocol: Protocol) -> Payload:
+    """The collect stage's payload: the method's, plus the layout and weight the client packs its reply with and,
+    for privacy.dp = local, its share of the noise (any sum the server unmasks holds `threshold` clients or more)."""
     return replace(payload, config={**payload.config, LAYOUT_KEY: [[n, k, list(s)] for n, k, s in layout],
-                                    WEIGHT_KEY: weight})
+                                    WEIGHT_KEY: weight, NOISE_SHARE: 1 / math.sqrt(protocol.threshold)})
 
 
 def unpack_payload(payload: Payload) -> tuple[Payload, Layout, float]:
@@ -438,8 +440,9 @@ def fit_secure(rnd: int, config: Config, server: ServerAlgorithm, transport: Any
     templates = {n: next((p.states[n] for p in payloads.values() if n in p.states), server.lora_init()) for n in names}
     layout = layout_of(templates)
     weights = {cid: server.weight(cid) for cid in payloads}
+    protocol = Protocol.for_round(config.federation.secagg, len(payloads), max(weights.values()))
     node_ids, exchange = transport.secure_nodes(
-        rnd, {cid: secure_payload(p, layout, weights[cid]) for cid, p in payloads.items()}, show)
+        rnd, {cid: secure_payload(p, layout, weights[cid], protocol) for cid, p in payloads.items()}, show)
     sizes: dict[str, list[int]] = {cid: [0, 0] for cid in payloads}  # bytes up, down of the protocol's messages
 
     def counted(stage: str, contents: dict[str, RecordDict]) -> dict[str, RecordDict | str]:
@@ -450,7 +453,6 @@ def fit_secure(rnd: int, config: Config, server: ServerAlgorithm, transport: Any
                 sizes[cid][0] += recorddict_to_proto(answers[cid]).ByteSize()
         return answers
 
-    protocol = Protocol.for_round(config.federation.secagg, len(payloads), max(weights.values()))
     length = sum(math.prod(shape) for _, _, shape in layout)
     result = secure_mean(protocol, node_ids, length, counted, config.seed, rnd)
     replies = {}

@@ -97,8 +97,6 @@ def check_secure(cfg: Config, methods: list[str] | None = None) -> None:
     if fed.aggregation != "mean":
         raise ConfigError(f"federation.secure_aggregation gives the server only means, so federation.aggregation="
                           f"{fed.aggregation!r} (which reads every update) cannot run; set it to 'mean'")
-    if cfg.privacy.dp != "none":
-        raise ConfigError("federation.secure_aggregation with privacy.dp is not built yet; run one or the other")
     if fed.clients_per_round is not None and fed.clients_per_round < 3:
         raise ConfigError(f"federation.secure_aggregation needs 3 or more clients a round (SecAgg+ hides each one "
                           f"among the others), federation.clients_per_round is {fed.clients_per_round}")
