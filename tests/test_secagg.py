@@ -392,8 +392,13 @@ def test_on_flower_nodes_the_secure_run_equals_the_in_process_one_and_a_silent_n
     flower = _records(tmp_path / "flower")
     for a, b in zip(inproc.rounds, flower):
         assert a.get("eval") == b.get("eval") and a.get("failures") == b.get("failures")
-    row_sum = load_checkpoint(tmp_path / "flower").server_state["tensors"]["row_sum"]
+    checkpoint = load_checkpoint(tmp_path / "flower")
+    row_sum = checkpoint.server_state["tensors"]["row_sum"]
     assert all(torch.equal(v, inproc.server_state["tensors"]["row_sum"][k]) for k, v in row_sum.items())
+    # the server's side keeps the sum and nothing of one client: no client state, no per-client tensor
+    assert not any(s.states or s.meta for s in checkpoint.client_states.values())
+    assert set(checkpoint.server_state["tensors"]) == {"row_sum"}
+    assert set(checkpoint.server_state["meta"]) == {"row_weight", "counted"}
 
     cfg = build_config(tiny_config(tmp_path, output_dir=str(tmp_path / "silent"), engine={
         "name": "flower-sim", "num_clients": 4, "progress": False}, **base))
