@@ -219,15 +219,17 @@ def _max_difference(a: dict, b: dict) -> float:
     return max(float((a[c][k] - b[c][k]).abs().max()) for c in a for k in a[c])
 
 
-@pytest.mark.parametrize("method,state", [("fedit", None), ("fedalt", "individual"), ("fdlora", None)])
+@pytest.mark.parametrize("method,state", [("fedit", None), ("fedalt", "individual"), ("fdlora", None),
+                                          ("hetlora", None)])
 def test_a_secure_run_equals_the_plain_run_within_the_quantization_error(tmp_path, method, state):
     from fedlora import run_experiment
 
     from .conftest import tiny_config
 
-    def run(secure):
+    def run(secure):  # HetLoRA at ranks 1, 2, 4, 4: its clients pad their masked replies themselves
         return run_experiment(tiny_config(tmp_path / str(secure), algorithm={"name": method},
-                                          federation={"rounds": 3, "secure_aggregation": secure}))
+                                          federation={"rounds": 3, "secure_aggregation": secure},
+                                          **({"clients": {"lora_r": [1, 2, 4, 4]}} if method == "hetlora" else {})))
 
     plain, secure = run(False), run(True)
     if state is None:  # the server's global LoRA: the mean the protocol computed

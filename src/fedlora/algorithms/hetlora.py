@@ -17,6 +17,9 @@ from .base import (BroadcastAverageServer, ClientAlgorithm, ClientContext, Clien
                    Reply, lora_rank)
 
 
+PAD = "pad_to_global_rank"  # secure aggregation: the client zero-pads its reply, as the server would
+
+
 def resize(lora: StateDict, r: int) -> StateDict:
     """An expert state at rank r: its first r components, or zero components appended, with B scaled by
     r / (its rank) so that the update (alpha / r) B A is unchanged on the components kept."""
@@ -37,7 +40,7 @@ class HetLoRAServer(BroadcastAverageServer):
     """The global LoRA at rank lora.r; a client receives it at its own rank once a reply has shown that rank."""
 
     heterogeneous_ranks = True
-    secure_refusal = "it reads each reply's rank to pad it; per-client ranks under secure aggregation are not built yet"
+    secure_refusal = None  # secure: the clients pad their replies to lora.r themselves (`PAD`)
     dp_refusals = {"client_clipping": "zero-padding rescales B by r_max / r_k, so a padded update's norm is not "
                                       "bounded by clip_norm; use privacy.dp='local'"}
 
@@ -47,7 +50,9 @@ class HetLoRAServer(BroadcastAverageServer):
         self.ranks: dict[str, int] = {}  # each client's rank, as its last reply showed
 
     def configure(self, rnd: int, clients: list[str]) -> dict[str, Payload]:
-        """The global LoRA at each client's last shown rank (lora.r until then)."""
+        """The global LoRA at each client's last shown rank (lora.r until then; secure: always, the client pads)."""
+        if self.secure:  # a masked reply shows no rank: every client resizes the global LoRA itself
+            return {cid: Payload({"global": self.global_state}, {PAD: True}, frozenset({"global"})) for cid in clients}
         return {cid: Payload({"global": resize(self.global_state, self.ranks.get(cid, self.spec.r))},
                              expects=frozenset({"global"})) for cid in clients}
 
@@ -92,10 +97,12 @@ class HetLoRAClient(ClientAlgorithm):
         ctx.model.load_expert(0, resize(payload.states["global"], ctx.model.rank))
 
     def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
-        """Train the first r_k components of the global LoRA and send them."""
+        """Train the first r_k components of the global LoRA and send them (secure: zero-padded to lora.r)."""
         self._load(payload, ctx)
         metrics = ctx.trainer.train(experts=[0])
-        return Reply({"global": ctx.model.expert_state(0)}, len(ctx.data.train), metrics), state
+        lora = ctx.model.expert_state(0)
+        return Reply({"global": resize(lora, self.spec.r) if payload.config.get(PAD) else lora}, len(ctx.data.train),
+                     metrics), state
 
     def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
         """The global LoRA at the client's rank."""
