@@ -220,7 +220,7 @@ def _max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("method,state", [("fedit", None), ("fedalt", "individual"), ("fdlora", None),
-                                          ("hetlora", None)])
+                                          ("hetlora", None), ("ifca", None)])
 def test_a_secure_run_equals_the_plain_run_within_the_quantization_error(tmp_path, method, state):
     from fedlora import run_experiment
 
@@ -232,10 +232,10 @@ def test_a_secure_run_equals_the_plain_run_within_the_quantization_error(tmp_pat
                                           **({"clients": {"lora_r": [1, 2, 4, 4]}} if method == "hetlora" else {})))
 
     plain, secure = run(False), run(True)
-    if state is None:  # the server's global LoRA: the mean the protocol computed
-        key = "global"
-        a, b = plain.server_state["tensors"][key], secure.server_state["tensors"][key]
-        difference = max(float((a[k] - b[k]).abs().max()) for k in a)
+    if state is None:  # the server's LoRAs (global, or IFCA's clusters): the means the protocol computed
+        a, b = plain.server_state["tensors"], secure.server_state["tensors"]
+        assert set(a) == set(b)
+        difference = max(float((a[n][k] - b[n][k]).abs().max()) for n in a for k in a[n])
     else:  # FedALT: each client's own LoRA, trained against the RoW it formed from S and W
         difference = _max_difference(_states(plain, state), _states(secure, state))
         assert _max_difference(_states(plain, "row"), _states(secure, "row")) < 1e-4
@@ -244,8 +244,9 @@ def test_a_secure_run_equals_the_plain_run_within_the_quantization_error(tmp_pat
     assert 0 < difference < 1e-3
     for p, s in zip(plain.rounds[1:], secure.rounds[1:]):
         assert s["comm"]["bytes_up"] > p["comm"]["bytes_up"]  # the masked vector is int64, plus the key exchange
-        assert {c: set(f) for c, f in s["fit"].items()} == {c: set(f) for c, f in p["fit"].items()}
-    first = [{c: {k: v for k, v in f.items() if not k.startswith("bytes")} for c, f in r["fit"].items()}
+        hidden = {"cluster"} if method == "ifca" else set()  # IFCA's choice never leaves the client unmasked
+        assert {c: set(f) for c, f in s["fit"].items()} == {c: set(f) - hidden for c, f in p["fit"].items()}
+    first = [{c: {k: v for k, v in f.items() if not k.startswith("bytes") and k != "cluster"} for c, f in r["fit"].items()}
              for r in (plain.rounds[1], secure.rounds[1])]
     assert first[0] == first[1]  # round 1 trains from the same start: the same metrics, as they were
     accuracy = [r["summary"]["mean"]["accuracy"] for r in (plain.rounds[-1], secure.rounds[-1])]
@@ -346,7 +347,6 @@ def test_the_averaging_servers_fold_a_secure_mean_as_they_fold_the_replies(metho
     ({"algorithm": {"name": "flora"}}, "stacks each client"),
     ({"algorithm": {"name": "fedlease"}}, "clusters the clients"),
     ({"algorithm": {"name": "local"}}, "nothing is sent"),
-    ({"algorithm": {"name": "ifca"}}, "per-cluster"),
     ({"federation": {"aggregation": "median"}}, "aggregation='median'"),
     ({"federation": {"clients_per_round": 2}}, "3 or more clients"),
 ])
@@ -477,3 +477,33 @@ def test_central_dp_under_secure_aggregation_noises_the_unmasked_mean_as_it_nois
     a, b = plain.server_state["tensors"]["global"], secure.server_state["tensors"]["global"]
     # the same noise draws (seeded per round and key) on means that differ by the quantization only
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+
+
+def test_ifca_recovers_each_clusters_mean_from_slots_and_keeps_a_cluster_nobody_chose():
+    from fedlora.adapters import AdapterSpec
+    from fedlora.algorithms import ClientInfo, Reply, SecureMean, build
+    from fedlora.algorithms.ifca import MEMBERS, slot_key
+
+    spec = AdapterSpec((("m", 5, 4),), r=2, alpha=4)
+    infos = [ClientInfo(c, n) for c, n in zip("abcd", (1, 2, 3, 4))]
+    plain, _ = build("ifca", {"clusters": 3, "weighting": "examples"}, spec, seed=0)
+    secure, _ = build("ifca", {"clusters": 3, "weighting": "examples"}, spec, seed=0)
+    secure.secure = True
+    plain.setup(infos)
+    secure.setup(infos)
+    g = torch.Generator().manual_seed(2)
+    chosen = {"a": 0, "b": 2, "c": 0, "d": 2}  # nobody chooses cluster 1
+    loras = {c: {k: torch.randn(v.shape, generator=g) for k, v in spec.init_lora(g).items()} for c in "abcd"}
+    plain.aggregate(1, {c: Reply({"lora": loras[c]}, 1, {"cluster": chosen[c]}) for c in "abcd"})
+    w = {c: plain.weight(c) for c in "abcd"}
+    total = sum(w.values())
+    slots = {slot_key(j): {k: sum(w[c] * loras[c][k] * (chosen[c] == j) for c in "abcd") / total
+                           for k in loras["a"]} for j in range(3)}
+    members = {"onehot": sum(w[c] * torch.nn.functional.one_hot(torch.tensor(chosen[c]), 3).float()
+                             for c in "abcd") / total}
+    untouched = dict(secure.cluster_loras[1])
+    secure.aggregate_secure(1, SecureMean({**slots, MEMBERS: members}, total, list("abcd")))
+    for j in (0, 2):
+        for k in loras["a"]:
+            torch.testing.assert_close(secure.cluster_loras[j][k], plain.cluster_loras[j][k])
+    assert all(torch.equal(secure.cluster_loras[1][k], v) for k, v in untouched.items())

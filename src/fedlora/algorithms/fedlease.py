@@ -60,8 +60,7 @@ def expert_key(e: int) -> str:
 class FedLEASEServer(ServerAlgorithm):
     """Warm-up cache, clustering, and per-cluster expert and router averages."""
 
-    secure_refusal = ("its warm-up clusters the clients by each one's LoRA B matrices; per-cluster secure sums are "
-                      "not built yet")
+    secure_refusal = "its warm-up clusters the clients by each one's LoRA B matrices, which secure aggregation hides"
 
     def setup(self, clients: list[ClientInfo], rounds: int | None = None) -> None:
         """Start with an empty warm-up cache and no experts."""

@@ -1,17 +1,23 @@
 """IFCA + LoRA (Ghosh et al. 2020, as a FedLEASE baseline): C cluster LoRAs; each client picks the one with
 the lowest loss on its training data, trains it, and the server averages within clusters. No sharing
-across clusters."""
+across clusters.
+
+Under secure aggregation a client uploads one slot per cluster, its LoRA in the slot of its choice and zeros in
+the others, and a one-hot `members` vector: the secure mean of slot c over the mean of members[c] is cluster c's
+weighted mean, and the server never learns which client chose which cluster (a cluster one client chose is still
+that client's LoRA, unnamed)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from ..core.seeding import generator, numpy_rng
 from ..core.tensors import StateDict
 from .base import (AveragingOptions, ClientAlgorithm, ClientContext, ClientInfo, ClientState, Payload, Personalized,
-                   Reply, ServerAlgorithm)
+                   Reply, SecureMean, ServerAlgorithm)
 
 
 class IFCAOptions(AveragingOptions):
@@ -28,10 +34,18 @@ def cluster_key(c: int) -> str:
     return f"cluster_{c}"
 
 
+def slot_key(c: int) -> str:
+    """Secure aggregation: reply name of cluster c's slot (the client's LoRA there if it chose c, else zeros)."""
+    return f"slot_{c}"
+
+
+MEMBERS = "members"  # secure aggregation: a one-hot vector of the client's cluster
+
+
 class IFCAServer(ServerAlgorithm):
     """C cluster LoRAs from distinct seeds; within-cluster FedAvg."""
 
-    secure_refusal = "it averages each cluster's members apart; per-cluster secure sums are not built yet"
+    secure_refusal = None
     dp_refusals = {mode: "each client reports the cluster its data fits best, a release no noise covers"
                    for mode in ("client_clipping", "local")}
 
@@ -49,8 +63,12 @@ class IFCAServer(ServerAlgorithm):
         if rnd == 1 and self.options.first_round == "random":
             picks = numpy_rng(self.seed, "ifca-first").integers(self.options.clusters, size=len(self.clients))
             forced = {cid: int(p) for cid, p in zip(self.clients, picks)}
-        return {cid: Payload(states, {"cluster": forced[cid]} if cid in forced else {}, frozenset({"lora"}))
-                for cid in clients}
+        if self.secure:  # the slots' layouts: the LoRA's, and one member count per cluster
+            states[MEMBERS] = {"onehot": torch.zeros(self.options.clusters)}
+            expects = frozenset({MEMBERS, *(slot_key(c) for c in range(self.options.clusters))})
+        else:
+            expects = frozenset({"lora"})
+        return {cid: Payload(states, {"cluster": forced[cid]} if cid in forced else {}, expects) for cid in clients}
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
         """Average each cluster LoRA over the replies that chose it; record the choices."""
@@ -59,6 +77,14 @@ class IFCAServer(ServerAlgorithm):
             if members:
                 self.cluster_loras[c] = self.client_mean({cid: r.states["lora"] for cid, r in members.items()})
         self.assignment.update({cid: int(r.metrics["cluster"]) for cid, r in replies.items()})
+
+    def aggregate_secure(self, rnd: int, mean: SecureMean) -> None:
+        """Cluster c's LoRA becomes the secure mean of slot c over the mean of members[c], where anyone chose it."""
+        share = mean.states[MEMBERS]["onehot"]  # sum_k w_k [k chose c] / sum_k w_k, quantized
+        least = min(self.weight(cid) for cid in mean.clients) / mean.weight / 2  # no member: 0 up to rounding
+        for c in range(self.options.clusters):
+            if float(share[c]) > least:
+                self.cluster_loras[c] = {k: v / share[c] for k, v in mean.states[slot_key(c)].items()}
 
     def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
         """Also rejects a 'cluster' metric that is not a cluster id."""
@@ -112,8 +138,14 @@ class IFCAClient(ClientAlgorithm):
         c = self.choose(payload, ctx)
         ctx.model.load_expert(0, payload.states[cluster_key(c)])
         metrics = ctx.trainer.train(experts=[0])
+        lora = ctx.model.expert_state(0)
+        if MEMBERS in payload.expects:  # secure: the LoRA in its cluster's slot; the choice never leaves unmasked
+            slots = {slot_key(j): lora if j == c else {k: torch.zeros_like(v) for k, v in lora.items()}
+                     for j in range(self.options.clusters)}
+            return Reply({**slots, MEMBERS: {"onehot": torch.nn.functional.one_hot(
+                torch.tensor(c), self.options.clusters).float()}}, len(ctx.data.train), metrics), state
         metrics["cluster"] = c
-        return Reply({"lora": ctx.model.expert_state(0)}, len(ctx.data.train), metrics), state
+        return Reply({"lora": lora}, len(ctx.data.train), metrics), state
 
     def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
         """The cluster LoRA with the lowest training loss."""
