@@ -459,6 +459,7 @@ def fit_secure(rnd: int, config: Config, server: ServerAlgorithm, transport: Any
     for cid, (_, metrics) in result.metrics.items():
         examples = int(metrics.pop(EXAMPLES, 0))
         replies[cid] = Reply({}, examples, metrics, protocol_bytes=(sizes[cid][0], sizes[cid][1]))
-    if result.problem is None:
-        server.aggregate_secure(rnd, SecureMean(unflatten(result.mean, layout), result.weight, result.clients))
+    if result.problem is None:  # the weights the server assigned, not those the replies claim
+        total = sum(weights[cid] for cid in result.clients)
+        server.aggregate_secure(rnd, SecureMean(unflatten(result.mean, layout), total, result.clients))
     return replies, dict(result.failures), result.problem
