@@ -337,7 +337,7 @@ class SecureRound:
             if len(owner_shares) < self.p.threshold:
                 return f"only {len(owner_shares)} shares of {owner}'s secrets arrived, fewer than the threshold {self.p.threshold}"
             try:
-                secret = combine_shares(owner_shares)
+                secret = combine_shares(owner_shares[:self.p.threshold])  # any t of them: Lagrange is O(t^2)
                 if owner in alive:  # remove its private mask
                     vector = parameters_subtraction(vector, pseudo_rand_gen(secret, self.p.modulus_range, shapes))
                     continue
