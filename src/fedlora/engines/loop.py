@@ -54,6 +54,9 @@ def federate(config: Config, server: ServerAlgorithm, transport: Transport, clie
     ledger = PrivacyLedger(config, len(ids), server.dp_amplified)
     server.noise = ledger.noise  # under privacy.dp = client_clipping every sum the server forms is noised
     server.secure = fed.secure_aggregation  # the server sees only each round's means (aggregate_secure)
+    if server.secure:
+        log.info("secure aggregation (SecAgg+): the server learns only each round's weighted mean, so it cannot "
+                 "check or clip single updates (federation.update_clip and max_state_norm do not apply)")
     server.setup(clients, fed.rounds)
     for warning in server.schedule_problems(fed.rounds):
         log.warning("%s: %s", config.algorithm.name, warning)
