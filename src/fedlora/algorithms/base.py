@@ -292,6 +292,7 @@ class BroadcastAverageServer(ServerAlgorithm):
     (FedAvg). FedIT, FFA-LoRA, FedSA-LoRA and FedDPA differ only in which state that is."""
 
     state_name = "global"
+    secure_refusal = None
 
     def initial_state(self) -> StateDict:
         """The global state before round 1: by default the shared seeded LoRA init."""
@@ -310,8 +311,6 @@ class BroadcastAverageServer(ServerAlgorithm):
         """Send every sampled client the global state and this round's `payload_config`; the reply carries it back."""
         return {cid: Payload({self.state_name: self.global_state}, self.payload_config(rnd), frozenset({self.state_name}))
                 for cid in clients}
-
-    secure_refusal = None
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
         """Replace the global state by the weighted mean of the replies' states (kept if none replied)."""

@@ -455,6 +455,9 @@ def fit_secure(rnd: int, config: Config, server: ServerAlgorithm, transport: Any
 
     length = sum(math.prod(shape) for _, _, shape in layout)
     result = secure_mean(protocol, node_ids, length, counted, config.seed, rnd)
+    if result.problem is None and len(result.clients) < config.federation.min_clients:
+        result.problem = (f"only {len(result.clients)} clients' updates arrived, fewer than federation.min_clients="
+                          f"{config.federation.min_clients}: nothing aggregated")
     replies = {}
     for cid, (_, metrics) in result.metrics.items():
         examples = int(metrics.pop(EXAMPLES, 0))
