@@ -507,3 +507,19 @@ def test_ifca_recovers_each_clusters_mean_from_slots_and_keeps_a_cluster_nobody_
         for k in loras["a"]:
             torch.testing.assert_close(secure.cluster_loras[j][k], plain.cluster_loras[j][k])
     assert all(torch.equal(secure.cluster_loras[1][k], v) for k, v in untouched.items())
+
+
+def test_fedlora_methods_says_which_methods_run_under_secure_aggregation_and_why_not(capsys):
+    from fedlora import cli
+
+    cli.main(["methods"])
+    said, name = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        if line and not line.startswith(" "):
+            name = line.split()[0]
+        elif "secure aggregation:" in line:
+            said[name] = line.split("secure aggregation:")[1].strip()
+    for name in ("fedit", "ffa", "fedsa", "feddpa", "hetlora", "rolora", "fdlora", "ifca", "fedalt"):
+        assert said[name] == "yes", name
+    for name in ("local", "flora", "fedex", "flexlora", "fedlease"):
+        assert said[name].startswith("no (") and len(said[name]) > 20, name

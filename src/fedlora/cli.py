@@ -171,12 +171,15 @@ def cmd_deploy_fleet_gateway(args: argparse.Namespace) -> None:
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
-    """`fedlora methods`: list the methods (installed plug-ins included), their summaries and option defaults."""
+    """`fedlora methods`: list the methods (installed plug-ins included), their summaries, option defaults and whether
+    they run under secure aggregation."""
     from .algorithms import available_methods
 
     for m in available_methods().values():
         opts = ", ".join(f"{k}={f.default!r}" for k, f in m.options.model_fields.items())
-        print(f"{m.name:10s} {m.summary}" + (f"\n{'':10s} options: {opts}" if opts else ""))
+        secure = "yes" if m.secure_problem is None else f"no ({m.secure_problem})"
+        print(f"{m.name:10s} {m.summary}" + (f"\n{'':10s} options: {opts}" if opts else "")
+              + f"\n{'':10s} secure aggregation: {secure}")
 
 
 def build_parser() -> argparse.ArgumentParser:
