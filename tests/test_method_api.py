@@ -125,3 +125,26 @@ def test_an_outside_method_resumed_privately_on_flower_gives_the_in_process_numb
         assert a.get("privacy") == b.get("privacy")
         for cid, metrics in a["eval"].items():
             assert b["eval"][cid] == pytest.approx(metrics, rel=1e-5, abs=1e-6)
+
+
+def test_an_outside_method_runs_under_secure_aggregation_and_a_half_written_one_is_refused(installed_example, tmp_path):
+    """The example implements aggregate_secure: its secure run takes the same momentum steps within the quantization
+    error. A server that overrides aggregate but inherits aggregate_secure would skip its own step: refused."""
+    plain = run_experiment(_config(tmp_path, "plain"))
+    secure = run_experiment(_config(tmp_path, "secure", federation={"rounds": 3, "secure_aggregation": True}))
+    for name in ("global", "velocity"):
+        a, b = plain.server_state["tensors"][name], secure.server_state["tensors"][name]
+        assert 0 < max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+
+    class Forgetful(METHODS["fedavgm"].server):
+        def aggregate(self, rnd, replies):
+            super().aggregate(rnd, replies)
+
+    fedlora.register_method("forgetful", Forgetful, METHODS["fedavgm"].client, METHODS["fedavgm"].options)
+    try:
+        assert "overrides aggregate but takes aggregate_secure from FedAvgMServer" in get_method("forgetful").secure_problem
+        with pytest.raises(ConfigError, match="cannot run 'forgetful'"):
+            run_experiment(_config(tmp_path, "forgetful", algorithm={"name": "forgetful"},
+                                   federation={"rounds": 1, "secure_aggregation": True}))
+    finally:
+        METHODS.pop("forgetful", None)

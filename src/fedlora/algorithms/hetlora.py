@@ -14,7 +14,7 @@ import torch
 
 from ..core.tensors import StateDict
 from .base import (BroadcastAverageServer, ClientAlgorithm, ClientContext, ClientInfo, ClientState, Payload, Personalized,
-                   Reply, lora_rank)
+                   Reply, SecureMean, lora_rank)
 
 
 PAD = "pad_to_global_rank"  # secure aggregation: the client zero-pads its reply, as the server would
@@ -63,6 +63,10 @@ class HetLoRAServer(BroadcastAverageServer):
         self.ranks.update({cid: lora_rank(r.states["global"]) for cid, r in replies.items()})
         padded = {cid: resize(r.states["global"], self.spec.r) for cid, r in replies.items()}
         self.global_state = self.client_mean(padded)
+
+    def aggregate_secure(self, rnd: int, mean: SecureMean) -> None:
+        """The clients padded their replies to lora.r: the global LoRA becomes their secure mean."""
+        super().aggregate_secure(rnd, mean)
 
     def reply_problem(self, rnd: int, client_id: str, reply: Reply) -> str | None:
         """A rank above lora.r cannot be padded; otherwise the base checks."""

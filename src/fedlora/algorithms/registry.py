@@ -44,8 +44,17 @@ class Method:
 
     @property
     def secure_problem(self) -> str | None:
-        """Why the method cannot run under `federation.secure_aggregation`, or None."""
-        return self.server.secure_refusal
+        """Why the method cannot run under `federation.secure_aggregation`, or None: its server's `secure_refusal`,
+        or an `aggregate` overridden below the class its `aggregate_secure` comes from (which would skip what the
+        override adds, silently)."""
+        if self.server.secure_refusal is not None:
+            return self.server.secure_refusal
+        mro = self.server.__mro__
+        plain, secure = (next(c for c in mro if name in c.__dict__) for name in ("aggregate", "aggregate_secure"))
+        if mro.index(plain) < mro.index(secure):
+            return (f"{self.server.__name__} overrides aggregate but takes aggregate_secure from {secure.__name__}; "
+                    "implement aggregate_secure as well (docs/new-method.md)")
+        return None
 
     def privacy_problem(self, mode: str) -> str | None:
         """Why the method cannot run under `privacy.dp = mode`, or None."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from fedlora import AveragingOptions, BroadcastAverageServer, Method, Reply
+from fedlora import AveragingOptions, BroadcastAverageServer, Method, Reply, SecureMean
 from fedlora.algorithms import FedITClient
 
 
@@ -38,9 +38,14 @@ class FedAvgMServer(BroadcastAverageServer):
 
     def aggregate(self, rnd: int, replies: dict[str, Reply]) -> None:
         """v = momentum v + (w - mean); w = w - server_lr v (nothing changes in a round without replies)."""
-        if not replies:
-            return
-        mean = self.client_mean({cid: r.states["global"] for cid, r in replies.items()})
+        if replies:
+            self._step(self.client_mean({cid: r.states["global"] for cid, r in replies.items()}))
+
+    def aggregate_secure(self, rnd: int, mean: SecureMean) -> None:
+        """The same step under federation.secure_aggregation, from the round's secure mean."""
+        self._step(self.secure_mean(mean, "global"))
+
+    def _step(self, mean: dict[str, torch.Tensor]) -> None:
         opts = self.options
         for key, w in self.global_state.items():
             self.velocity[key] = opts.momentum * self.velocity[key] + (w - mean[key])
