@@ -432,6 +432,8 @@ def fit_secure(rnd: int, config: Config, server: ServerAlgorithm, transport: Any
                show: Any) -> tuple[dict[str, Reply], dict[str, str], str | None]:
     """One round's fits under SecAgg+ and the server's `aggregate_secure` of their mean: (the replies, carrying their
     metrics only, the failures, and why nothing was aggregated or None)."""
+    if len(payloads) < 3:  # with two, each client could subtract its own update from the mean
+        return {}, {}, f"secure aggregation needs 3 or more clients in a round, {len(payloads)} were sampled"
     expects = {p.expects for p in payloads.values()}
     if len(expects) != 1:
         raise RuntimeError(f"{type(server).__name__} expects different states from the clients of one round "
