@@ -9,7 +9,8 @@
    bytes per round.
 
 Results: benchmarks/results/secagg.{md,json}. Usage: python benchmarks/secagg.py [--quick] [--skip-demo]
-(--quick: 4 and 16 clients only, 2 demo rounds).
+[--clients N ...] [--num-shares K] (--quick: 4 and 16 clients only, 2 demo rounds; --clients/--num-shares: only
+those protocol rows, merged into the stored results, with K neighbours per client instead of all).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ RESULTS = Path(__file__).parent / "results"
 DEMO_LORA = 6 * 2 * 2 * 8 * 384  # 6 layers x (query, value) x (A, B) x r x 384
 
 
-def protocol_row(n: int, length: int = DEMO_LORA, seed: int = 0) -> dict:
+def protocol_row(n: int, length: int = DEMO_LORA, seed: int = 0, num_shares: int | None = None) -> dict:
     """One SecAgg+ round of n clients over vectors of `length`: seconds, bytes per client, error of the mean."""
     from flwr.common.serde import recorddict_to_proto
 
@@ -57,7 +58,8 @@ def protocol_row(n: int, length: int = DEMO_LORA, seed: int = 0) -> dict:
         sizes["up"] += sum(recorddict_to_proto(a).ByteSize() for a in answers.values() if not isinstance(a, str))
         return answers
 
-    protocol = Protocol.for_round(SecAggConfig(), n, max(weights.values()))
+    cfg = SecAggConfig(**({"num_shares": num_shares} if num_shares else {}))
+    protocol = Protocol.for_round(cfg, n, max(weights.values()))
     start, cpu = time.perf_counter(), time.process_time()
     result = secure_mean(protocol, nodes.node_ids, length, exchange, seed, 1)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
@@ -93,14 +95,16 @@ def demo_row(method: str, secure: bool, rounds: int, out: Path) -> dict:
 def render(data: dict) -> str:
     """secagg.md from the results."""
     lines = ["# Secure aggregation: what it costs", "", f"Command: `{data['command']}` ({data['measured']}, "
-             "2-core CPU machine, in process; absolute times vary with the machine's load, ratios less).", "",
+             "2-core CPU machine, in process; absolute times vary with the machine's load, ratios less)"
+             + (f"; extra rows: `{data['extra_command']}`" if data.get("extra_command") else "") + ".", "",
              "## The protocol alone (SecAgg+ through Flower's secaggplus_mod, every client's and the server's work)", "",
              "Each client's vector: the demo's LoRA (73,728 scalars); weights 50-199 examples; Flower's defaults "
              "(every client a neighbour, threshold half of them, clipping range 8, 2^22 levels, modulus 2^32).", "",
-             "| clients | seconds / round (plain mean) | CPU s | KB up / client (plain) | KB down / client (plain) | "
-             "max error of the mean (bound) |", "|---|---|---|---|---|---|"]
-    for r in data["protocol"]:
-        lines.append(f"| {r['clients']} | {r['seconds']:.2f} ({r['plain_seconds']:.4f}) | {r['cpu_seconds']:.2f} | "
+             "| clients | neighbours (threshold) | seconds / round (plain mean) | CPU s | KB up / client (plain) | "
+             "KB down / client (plain) | max error of the mean (bound) |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(data["protocol"], key=lambda r: (r["clients"], -r["shares"])):
+        lines.append(f"| {r['clients']} | {r['shares']} ({r['threshold']}) | {r['seconds']:.2f} ({r['plain_seconds']:.4f}) | "
+                     f"{r['cpu_seconds']:.2f} | "
                      f"{r['bytes_up_per_client'] / 1024:.0f} ({r['plain_bytes_per_client'] / 1024:.0f}) | "
                      f"{r['bytes_down_per_client'] / 1024:.0f} ({r['plain_bytes_per_client'] / 1024:.0f}) | "
                      f"{r['max_error']:.2e} ({r['error_bound']:.2e}) |")
@@ -124,13 +128,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 and 16 clients, 2 demo rounds")
     parser.add_argument("--skip-demo", action="store_true", help="the protocol rows only")
+    parser.add_argument("--clients", type=int, nargs="+", help="only these protocol rows, merged into the stored ones")
+    parser.add_argument("--num-shares", type=int, help="neighbours per client (default: all of the round's clients)")
     args = parser.parse_args()
-    data = {"command": "python benchmarks/secagg.py " + shlex.join(sys.argv[1:]),
-            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "protocol": [], "demo": []}
-    for n in (4, 16) if args.quick else (4, 16, 100):
-        data["protocol"].append(protocol_row(n))
-        print(json.dumps(data["protocol"][-1]), flush=True)
-    if not args.skip_demo:
+    command = "python benchmarks/secagg.py " + shlex.join(sys.argv[1:])
+    data = {"command": command, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "protocol": [],
+            "demo": []}
+    stored = RESULTS / "secagg.json"
+    if args.clients and stored.exists():  # extra rows: everything else as it was measured
+        data = {**json.loads(stored.read_text()), "extra_command": command}
+    for n in args.clients or ((4, 16) if args.quick else (4, 16, 100)):
+        row = protocol_row(n, num_shares=args.num_shares)
+        data["protocol"] = [r for r in data["protocol"] if (r["clients"], r["shares"]) != (n, row["shares"])] + [row]
+        print(json.dumps(row), flush=True)
+    if not args.skip_demo and not args.clients:
         with tempfile.TemporaryDirectory() as tmp:
             for method in ("fedit", "fedalt"):
                 for secure in (False, True):
