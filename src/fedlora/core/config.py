@@ -134,8 +134,11 @@ class SecAggConfig(Section):
             raise ValueError("federation.secagg.modulus_range must be a power of 2 above quantization_range")
         if isinstance(self.num_shares, int) and self.num_shares <= 2:
             raise ValueError("federation.secagg.num_shares as a count must be more than 2 (or a fraction like 1.0)")
-        if isinstance(self.reconstruction_threshold, float) and self.reconstruction_threshold > 1:
+        t, n = self.reconstruction_threshold, self.num_shares
+        if isinstance(t, float) and t > 1:
             raise ValueError("federation.secagg.reconstruction_threshold as a fraction must be at most 1")
+        if isinstance(t, int) and (t < 2 or isinstance(n, int) and t > n):
+            raise ValueError(f"federation.secagg.reconstruction_threshold={t} must be a count from 2 to num_shares")
         return self
 
 
