@@ -46,6 +46,8 @@ class FedExServer(FLoRAServer):
     """The global LoRA (the mean of A and of B) and each round's residual until every client has merged it."""
 
     heterogeneous_ranks = False  # the means of A and of B need one rank
+    secure_refusal = ("its residual is built from each client's LoRA (kept factored, as FLoRA's stack); a secure "
+                      "version would sum dense d_out x d_in products per module, which is not built")
     dp_refusals = {"client_clipping": "the residual holds every client's product B_k A_k unnoised (only the means of "
                                       "A and B would be); use privacy.dp='local'"}
 
