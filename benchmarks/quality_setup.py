@@ -122,7 +122,10 @@ def config_for(suite: str, profile: str, method: str, seed: int, run_dir: Path, 
 
 # Settings added after runs were stored, per section, with their defaults: at the default they stay out of the hash
 LATER_DEFAULTS = {
-    "federation": {"update_clip": "adaptive", "update_clip_factor": 10.0, "aggregation": "mean", "trim_fraction": 0.1},
+    "federation": {"update_clip": "adaptive", "update_clip_factor": 10.0, "aggregation": "mean", "trim_fraction": 0.1,
+                   "secure_aggregation": False, "secagg": {"num_shares": 1.0, "reconstruction_threshold": 0.5,
+                                                           "clipping_range": 8.0, "quantization_range": 2**22,
+                                                           "modulus_range": 2**32}},
     "model": {"device": "auto", "revision": None, "trust_remote_code": False, "quantization": "none",
               "quant_type": "nf4", "double_quant": True},
     "training": {"precision": "fp32", "gradient_checkpointing": False, "compile": False},
