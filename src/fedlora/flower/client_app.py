@@ -17,6 +17,7 @@ from ..algorithms import ClientState, Payload, Reply
 from ..core.config import Config
 from ..core.errors import ConfigError
 from ..core.names import safe_name
+from ..core.seeding import derive_seed
 from ..data.federated import local_client
 from ..engines.nodestate import (
     DEFAULT_STATE_DIR,
@@ -28,7 +29,6 @@ from ..engines.nodestate import (
     node_dir,
     save_node_state,
 )
-from ..core.seeding import derive_seed
 from ..engines import secagg
 from ..engines.session import build_session
 from .server_app import config_from_run_config
