@@ -127,7 +127,7 @@ class FlowerTransport:
     def secure_nodes(self, rnd: int, payloads: dict[str, Payload], show: Observer):
         """The round's clients' nodes as SecAgg+ nodes: (their node ids, the exchange of one stage's records, the
         collect stage's carrying each client's payload). A reply too large for its stage is that node's failure."""
-        from ..engines.secagg import Stage
+        from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
         self.rejoin()
         nodes = {cid: self.nodes[cid] for cid in payloads}
