@@ -134,19 +134,23 @@ class SecureRound:
                 return SecureResult(None, failures=self.failures, problem=problem)
         return self.result
 
-    def _ask(self, exchange: Exchange, stage: str, contents: dict[str, dict[str, Any]]) -> dict[str, ConfigRecord]:
+    def _ask(self, exchange: Exchange, stage: str,
+             contents: dict[str, dict[str, Any]]) -> dict[str, tuple[ConfigRecord, RecordDict]]:
+        """Send each node its stage record; the nodes whose reply carries a config record: (that record, the reply)."""
         replies = exchange(stage, {cid: RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(c)}) for cid, c in contents.items()})
         out = {}
         for cid in contents:
+            reply = replies.get(cid, "no reply")
             try:
-                out[cid] = _configs(replies.get(cid, "no reply"))
+                out[cid] = (_configs(reply), reply)
             except Exception as exc:  # any malformed reply: that node is out, never the round
                 self._drop(cid, stage, exc)
         return out
 
     def _setup(self, exchange: Exchange) -> str | None:
         record = self.p.setup_record(len(self.sampled))
-        for cid, configs in self._ask(exchange, Stage.SETUP, {cid: dict(record) for cid in sorted(self.active)}).items():
+        asked = self._ask(exchange, Stage.SETUP, {cid: dict(record) for cid in sorted(self.active)})
+        for cid, (configs, _) in asked.items():
             try:
                 pk1, pk2 = configs[Key.PUBLIC_KEY_1], configs[Key.PUBLIC_KEY_2]
                 if not (isinstance(pk1, bytes) and isinstance(pk2, bytes)):
@@ -171,7 +175,7 @@ class SecureRound:
             contents[cid] = {**keys, Key.STAGE: Stage.SHARE_KEYS}
         self.forward: dict[str, tuple[list[int], list[bytes]]] = {cid: ([], []) for cid in self.active}
         self.sources: dict[str, set[str]] = {cid: set() for cid in self.active}  # whose shares each node holds
-        for cid, configs in self._ask(exchange, Stage.SHARE_KEYS, contents).items():
+        for cid, (configs, _) in self._ask(exchange, Stage.SHARE_KEYS, contents).items():
             try:
                 dsts = _list_of(configs[Key.DESTINATION_LIST], int, "dsts")
                 ciphertexts = _list_of(configs[Key.CIPHERTEXT_LIST], bytes, "ctxts")
@@ -195,14 +199,11 @@ class SecureRound:
     def _collect(self, exchange: Exchange) -> str | None:
         contents = {cid: {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: self.forward[cid][1],
                           Key.SOURCE_LIST: self.forward[cid][0]} for cid in sorted(self.active)}
-        replies = exchange(Stage.COLLECT_MASKED_VECTORS,
-                           {cid: RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(c)}) for cid, c in contents.items()})
         masked: list[np.ndarray] | None = None
         self.metrics: dict[str, tuple[int, dict[str, float]]] = {}
-        for cid in contents:
-            reply = replies.get(cid, "no reply")
+        for cid, (configs, reply) in self._ask(exchange, Stage.COLLECT_MASKED_VECTORS, contents).items():
             try:
-                blobs = _list_of(_configs(reply)[Key.MASKED_PARAMETERS], bytes, "masked_params")
+                blobs = _list_of(configs[Key.MASKED_PARAMETERS], bytes, "masked_params")
                 vector = [bytes_to_ndarray(b) for b in blobs]
                 shapes = [v.shape for v in vector]
                 if shapes != [(1,), (self.length,)] or any(v.dtype.kind not in "iu" for v in vector):
@@ -229,7 +230,7 @@ class SecureRound:
                           Key.DEAD_NODE_ID_LIST: [self.node_ids[n] for n in sorted(held[cid] & dead)]}
                     for cid in sorted(self.active)}
         shares: dict[str, list[bytes]] = {cid: [] for cid in self.shared}
-        for cid, configs in self._ask(exchange, Stage.UNMASK, contents).items():
+        for cid, (configs, _) in self._ask(exchange, Stage.UNMASK, contents).items():
             try:
                 nids = _list_of(configs[Key.NODE_ID_LIST], int, "nids")
                 blobs = _list_of(configs[Key.SHARE_LIST], bytes, "shares")
