@@ -57,11 +57,13 @@ def test_app_carries_the_experiment_and_takes_overrides(tmp_path):
                                                             "clientapp": "fedlora.flower.warm:client_app"}
     run_config = _app_run_config(app)
     # 2 clients in the split; the run directory is the submission's, never the config's (see test_deployment_lifecycle)
-    expected = cfg.with_overrides(["engine.num_clients=2", "output_dir=null"])
+    # an app for other machines draws DP noise from the OS unless the config chose (privacy.secure_noise)
+    expected = cfg.with_overrides(["engine.num_clients=2", "output_dir=null", "privacy.secure_noise=true"])
     assert config_from_run_config(run_config) == expected  # lists (tasks, target modules) survive, unlike flat keys
     # what `flwr run -c` does with submission-time settings: only keys the app lists may be overridden
     submitted = fuse_dicts(run_config, parse_config_args(["set.engine.num_clients=5 set.output_dir='/srv/x'"]))
-    assert config_from_run_config(submitted) == cfg.with_overrides(["engine.num_clients=5", "output_dir=/srv/x"])
+    assert config_from_run_config(submitted) == cfg.with_overrides(["engine.num_clients=5", "output_dir=/srv/x",
+                                                                    "privacy.secure_noise=true"])
     with pytest.raises(ValueError, match="not present"):
         fuse_dicts(run_config, parse_config_args(["set.training.lr=0.1"]))
 

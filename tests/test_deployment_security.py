@@ -38,7 +38,7 @@ def _experiment(app_dir):
 def test_app_pyproject_parses_and_round_trips_any_experiment_name(tmp_path, name):
     cfg = build_config(tiny_config(tmp_path, name=name, output_dir=str(tmp_path / "it's '''here'''")))
     app = write_app(tmp_path / "app", cfg)
-    assert _experiment(app) == cfg.with_overrides(["engine.num_clients=4", "output_dir=null"])
+    assert _experiment(app) == cfg.with_overrides(["engine.num_clients=4", "output_dir=null", "privacy.secure_noise=true"])
     project = tomllib.loads((app / "pyproject.toml").read_text())
     assert repr(name) in project["project"]["description"]
 

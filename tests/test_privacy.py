@@ -57,6 +57,35 @@ def test_sum_noise_has_the_mechanisms_scale_and_is_reproducible():
     assert not torch.equal(drawn, noise.noised_mean(mean, 4, "a", "b")["w"])  # never reused across rounds
 
 
+def test_secure_noise_comes_from_the_os_with_the_same_scale_and_seeded_noise_repeats():
+    state = {"w": torch.zeros(200_000)}
+    seeded, secure = dp.NoiseSource(7), dp.NoiseSource(7, secure=True)
+    assert torch.equal(seeded.add_noise(state, 2.0, "x")["w"], seeded.add_noise(state, 2.0, "x")["w"])
+    a, b = secure.add_noise(state, 2.0, "x")["w"], secure.add_noise(state, 2.0, "x")["w"]
+    assert not torch.equal(a, b)  # nobody, the run's seed included, can draw it again
+    assert a.std().item() == pytest.approx(2.0, rel=0.01) and a.mean().abs().item() < 0.02
+    assert ((a / a.std()) ** 4).mean().item() == pytest.approx(3.0, abs=0.1)  # Gaussian: (4 normals) / 2 is one
+
+
+def test_secure_noise_makes_a_private_run_unrepeatable_and_an_app_for_other_machines_turns_it_on(tmp_path):
+    from fedlora.flower.app import write_app
+
+    def run(name, **privacy):
+        result = run_experiment(_noisy(tmp_path, name=name, dp="local", **privacy) | {"federation": {"rounds": 1}})
+        return result.server_state["tensors"]["global"]
+
+    first, second = run("a", secure_noise=True), run("b", secure_noise=True)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    seeded = [run(n) for n in ("c", "d")]
+    assert all(torch.equal(seeded[0][k], seeded[1][k]) for k in first)
+    cfg = build_config(_noisy(tmp_path))
+    remote = (write_app(tmp_path / "remote", cfg) / "pyproject.toml").read_text()
+    local = (write_app(tmp_path / "local", cfg, local=True) / "pyproject.toml").read_text()
+    assert "secure_noise = true" in remote and "secure_noise" not in local
+    chosen = (write_app(tmp_path / "chosen", build_config(_noisy(tmp_path, secure_noise=False))) / "pyproject.toml")
+    assert "secure_noise = false" in chosen.read_text()
+
+
 def test_server_mean_under_dp_is_uniform_and_noised_as_the_sum():
     from fedlora.algorithms.base import AveragingOptions, ClientInfo, ServerAlgorithm
 
@@ -69,6 +98,8 @@ def test_server_mean_under_dp_is_uniform_and_noised_as_the_sum():
     server.noise = dp.SumNoise(std=1.0, seed=0)
     server.noise.start_round(1)
     assert (server.client_mean(states)["w"] - 2.0).std().item() == pytest.approx(0.5, rel=0.02)
+    server.noise, server.uniform_weights = None, True  # local DP shared out under secure aggregation
+    assert torch.equal(server.client_mean(states)["w"], torch.full((50_000,), 2.0))
 
 
 @pytest.mark.parametrize("rate,rounds", [(1.0, 5), (0.25, 20)])
@@ -186,6 +217,11 @@ def test_methods_dp_cannot_cover_are_refused_with_a_reason(tmp_path, method, mod
 def test_example_weights_and_robust_rules_are_refused_under_central_dp(tmp_path):
     with pytest.raises(ConfigError, match="uniform weights"):
         check_privacy(build_config(_noisy(tmp_path, options={"weighting": "examples"})))
+    secure = _noisy(tmp_path, dp="local", options={"weighting": "examples"})
+    check_privacy(build_config(secure))  # each upload carries the whole noise: weights are post-processing
+    secure["federation"]["secure_aggregation"] = True
+    with pytest.raises(ConfigError, match="splits the noise evenly"):  # but a weighted sum of shares is less
+        check_privacy(build_config(secure))
     cfg = _noisy(tmp_path)
     cfg["federation"]["aggregation"] = "median"
     with pytest.raises(ConfigError, match="aggregation"):

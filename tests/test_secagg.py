@@ -126,10 +126,108 @@ def test_flattening_keeps_names_keys_and_shapes_and_refuses_another_layout():
 
 
 def test_the_protocol_parameters_follow_flowers_workflow():
+    from fedlora.core.errors import ConfigError
+
     p = protocol(10, 5.0)  # defaults: shares = every client, threshold = half of them
     assert (p.num_shares, p.threshold, p.clipping_range, p.quantization_range) == (10, 5, 8.0, 2**22)
     assert protocol(10, 1.0, num_shares=0.4).num_shares == 5  # an even count becomes odd, as Flower makes it
     assert protocol(6, 1.0, num_shares=4, reconstruction_threshold=3).threshold == 3
+    with pytest.raises(ConfigError, match="wraps; set federation.secagg.quantization_range to at most 3904515"):
+        protocol(1100, 1.0)  # 1100 clients x 2^22 levels overflow the 2^32 modulus
+
+
+def test_an_even_share_count_is_made_odd_before_the_clients_are_told_so_the_round_completes():
+    """Flower's workflow tells the clients an even count, then builds one more neighbour than they make shares for
+    (every node then fails); the count both sides use is the odd one."""
+    rng = np.random.default_rng(5)
+    vectors = {f"c{i}": rng.normal(0, 0.05, 12) for i in range(10)}
+    ids, exchange = nodes(vectors, dict.fromkeys(vectors, 1))
+    p = protocol(10, 1, num_shares=4, reconstruction_threshold=3)
+    assert p.num_shares == 5 and p.setup_record(10)["share_num"] == 5
+    result = secure_mean(p, ids, 12, exchange, seed=0, rnd=1)
+    assert result.problem is None and result.clients == sorted(vectors)
+    assert np.abs(result.mean - np.mean(list(vectors.values()), axis=0)).max() < 10 * STEP
+
+
+def _tamper(exchange, cid, change):
+    """`exchange` with `cid`'s masked vector changed by `change(arrays)` on its way to the server."""
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    def tampered(stage, contents):
+        answers = exchange(stage, contents)
+        if stage == "collect_masked_vectors":
+            configs = answers[cid].config_records[RECORD_KEY_CONFIGS]
+            arrays = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
+            configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in change(arrays)]
+        return answers
+
+    return tampered
+
+
+@pytest.mark.parametrize("forgery", ["weight factor", "coordinate"])
+def test_a_client_forging_what_it_masks_fails_the_round_and_never_skews_the_mean(forgery):
+    """A client knows its own masks, so it can mask any value; honest sums have exactly the survivors' weight
+    factors and coordinates of at most n x quantization_range, so a forged weight or an out-of-range value shows."""
+    rng = np.random.default_rng(6)
+    vectors = {f"c{i}": rng.normal(0, 0.05, 16) for i in range(5)}
+    ids, exchange = nodes(vectors, dict.fromkeys(vectors, 1))
+    if forgery == "weight factor":  # a factor of 1 would multiply the mean by ~ 5 x 2^22
+        change = lambda arrays: [(arrays[0] - 5 * LEVELS + 1) % 2**32, arrays[1]]  # noqa: E731
+    else:
+        change = lambda arrays: [arrays[0], (arrays[1] + np.eye(1, 16, 3, dtype=np.int64).ravel() * 2**31) % 2**32]  # noqa: E731
+    result = secure_mean(protocol(5, 1), ids, 16, _tamper(exchange, "c2", change), seed=0, rnd=1)
+    assert result.mean is None and "nothing aggregated" in result.problem
+    assert ("forged weight" if forgery == "weight factor" else "outside the protocol's range") in result.problem
+
+
+def test_a_reply_stating_another_weight_than_the_server_assigned_is_left_out():
+    vectors = {f"c{i}": np.full(6, 0.1 * i) for i in range(5)}
+    claimed = {**dict.fromkeys(vectors, 1), "c4": 50}  # c4 would weigh 50 times the others in the mean
+    ids, exchange = nodes(vectors, claimed)
+    result = secure_mean(protocol(5, 50), ids, 6, exchange, seed=0, rnd=1, weights=dict.fromkeys(vectors, 1))
+    assert result.problem is None and "c4" not in result.clients and "assigned 1" in result.failures["c4"]
+    # weights of 1 under max_weight 50 quantize at 50 times the level: 4 clients' rounding over their weight 4/50
+    np.testing.assert_allclose(result.mean, np.mean([vectors[c] for c in result.clients], axis=0), atol=50 * STEP)
+
+
+def test_a_node_repeating_a_share_in_the_unmask_stage_cannot_break_the_combination():
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    rng = np.random.default_rng(7)
+    vectors = {f"c{i}": rng.normal(0, 0.05, 8) for i in range(5)}
+    ids, honest = nodes(vectors, dict.fromkeys(vectors, 1))
+
+    def exchange(stage, contents):
+        answers = honest(stage, contents)
+        if stage == "unmask":
+            configs = answers["c1"].config_records[RECORD_KEY_CONFIGS]
+            configs[Key.NODE_ID_LIST] = list(configs[Key.NODE_ID_LIST]) * 2
+            configs[Key.SHARE_LIST] = list(configs[Key.SHARE_LIST]) * 2
+        return answers
+
+    result = secure_mean(protocol(5, 1), ids, 8, exchange, seed=0, rnd=1)
+    assert result.problem is None and result.clients == sorted(vectors)
+
+
+def test_a_round_whose_survivors_are_fewer_than_three_aggregates_nothing(tmp_path, monkeypatch):
+    """Of two survivors, each could take its own update off the mean and read the other's."""
+    from fedlora import run_experiment
+    from fedlora.engines.runtime import ClientRuntime
+
+    from .conftest import tiny_config
+
+    original = ClientRuntime.fit
+
+    def fit(self, cid, rnd, payload, state, slot=None):
+        if rnd == 1 and cid.endswith("-1"):  # two of the four clients fail in round 1
+            raise RuntimeError("this client crashed")
+        return original(self, cid, rnd, payload, state, slot)
+
+    monkeypatch.setattr(ClientRuntime, "fit", fit)
+    result = run_experiment(tiny_config(tmp_path, federation={"rounds": 2, "secure_aggregation": True}))
+    assert "fewer than 3" in result.rounds[1]["unaggregated"]
+    assert not result.rounds[2].get("unaggregated")
 
 
 def test_our_server_driver_equals_flowers_secaggplus_workflow_on_the_same_inputs(monkeypatch):
@@ -272,48 +370,62 @@ def test_a_secure_fedalt_run_resumed_mid_way_equals_the_uninterrupted_one(tmp_pa
         assert torch.equal(tensor, full.server_state["tensors"]["row_sum"][name])
 
 
-def test_fedalt_under_partial_participation_and_a_failed_round_keeps_the_sum_of_the_latest_loras():
-    """The server's S equals the weighted sum of each client's counted Individual LoRA, after rounds with
-    different participants and one round that aggregated nothing (its uploads are re-sent as changes later)."""
+def test_fedalt_under_partial_participation_a_failed_round_and_dp_keeps_the_sum_of_what_was_sent():
+    """The server's S equals the weighted sum of what it counted of each client (its public init plus the changes
+    it sent, as they left the client: here perturbed as DP's clipping and noise would), after rounds with different
+    participants and one round that aggregated nothing (its uploads are re-sent as changes later); each client's
+    RoW is the others' mean of exactly that, so it never drifts from what the server holds."""
     from fedlora.adapters import AdapterSpec
-    from fedlora.algorithms import ClientInfo, ClientState, SecureMean, build
+    from fedlora.algorithms import ClientInfo, ClientState, Reply, SecureMean, build
+    from fedlora.algorithms.fedalt import individual_init
 
     spec = AdapterSpec((("m", 5, 4),), r=2, alpha=4)
-    server, client = build("fedalt", {"weighting": "examples"}, spec, seed=0)
+    server, client = build("fedalt", {"weighting": "examples", "init": "independent"}, spec, seed=0)
     server.secure = True
     infos = [ClientInfo(c, n) for c, n in zip("abcd", (1, 2, 3, 4))]
     server.setup(infos)
-    states = {c: ClientState() for c in "abcd"}
+    states = {c: ClientState({"individual": individual_init(spec, 0, client.options, c)}) for c in "abcd"}
+    for s in states.values():
+        s.states["counted"] = dict(s.states["individual"])
+    held = {c: dict(s.states["individual"]) for c, s in states.items()}  # what S holds of each, once counted
     g = torch.Generator().manual_seed(0)
 
     def upload(rnd, cid, payload):
         s = states[cid]
         client._rest_of_world(payload, s)
         s.states["individual"] = {k: torch.randn(v.shape, generator=g) for k, v in spec.init_lora(g).items()}
-        change = ({k: v - s.states["counted"][k] for k, v in s.states["individual"].items()}
-                  if "counted" in s.states else s.states["individual"])
+        change = {k: v - s.states["counted"][k] for k, v in s.states["individual"].items()}
         s.meta["uploaded_round"] = rnd
-        return change
+        sent = {k: 0.5 * v + 0.01 * torch.randn(v.shape, generator=g) for k, v in change.items()}  # as DP leaves it
+        client.uploaded(Reply({"individual_update": sent}, 1), s)
+        return sent
 
-    counted = {}
+    counted = set()
     for rnd, sampled, aggregated in ((1, "abc", True), (2, "bd", False), (3, "bcd", True), (4, "ab", True)):
         payloads = server.configure(rnd, list(sampled))
-        changes = {c: upload(rnd, c, payloads[c]) for c in sampled}
+        sent = {c: upload(rnd, c, payloads[c]) for c in sampled}
         if not aggregated:
             continue
         weight = sum(server.weight(c) for c in sampled)
-        mean = {k: sum(server.weight(c) * changes[c][k] for c in sampled) / weight for k in changes[sampled[0]]}
+        mean = {k: sum(server.weight(c) * sent[c][k] for c in sampled) / weight for k in sent[sampled[0]]}
         server.aggregate_secure(rnd, SecureMean({"individual_update": mean}, weight, list(sampled)))
-        counted.update({c: dict(states[c].states["individual"]) for c in sampled})
-    expected = {k: sum(server.weight(c) * counted[c][k].double() for c in counted) for k in counted["a"]}
+        for c in sampled:
+            held[c] = {k: v + sent[c][k] for k, v in held[c].items()}
+        counted.update(sampled)
+    expected = {k: sum(server.weight(c) * held[c][k].double() for c in counted) for k in held["a"]}
     for k, v in expected.items():
         torch.testing.assert_close(server._sum[k], v, atol=1e-6, rtol=1e-5)  # the test's means are float32
     assert server._total == sum(server.weight(c) for c in counted)
     row_of_a = client._rest_of_world(server.configure(5, ["a"])["a"], states["a"])
     others = [c for c in counted if c != "a"]
     for k in row_of_a:
-        mean = sum(server.weight(c) * counted[c][k] for c in others) / sum(server.weight(c) for c in others)
+        mean = sum(server.weight(c) * held[c][k] for c in others) / sum(server.weight(c) for c in others)
         torch.testing.assert_close(row_of_a[k], mean, atol=1e-6, rtol=1e-5)
+    last = server.configure(5, sorted(counted))
+    for c in counted:  # each client's own record of what the sum holds of it (for "a" a second time: no change)
+        client._rest_of_world(last[c], states[c])
+        for k, v in held[c].items():
+            torch.testing.assert_close(states[c].states["counted"][k], v, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["ffa", "fedsa", "feddpa", "rolora"])

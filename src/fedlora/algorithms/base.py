@@ -145,6 +145,9 @@ class ServerAlgorithm:
     # privacy.dp = client_clipping: the noise every sum the server forms gets (set by the round loop), and whether
     # a round's sums hold only that round's replies, so that client sampling hides who took part
     noise: SumNoise | None = None
+    # set by the round loop where the DP noise is calibrated to a uniform mean (central DP, and local DP shared out
+    # under secure aggregation): every client weighs 1, whatever `weighting` says
+    uniform_weights: bool = False
     dp_amplified: ClassVar[bool] = True
     # replies may carry LoRAs of any rank (clients train at `clients.lora_r`); otherwise every reply is at lora.r
     heterogeneous_ranks: ClassVar[bool] = False
@@ -173,8 +176,9 @@ class ServerAlgorithm:
 
     def weight(self, client_id: str) -> float:
         """A client's aggregation weight: its example count if `options.weighting == "examples"`, else 1 (always 1
-        under central DP, whose noise is calibrated to a uniform mean)."""
-        if self.noise is None and getattr(self.options, "weighting", "uniform") == "examples":
+        under DP noise calibrated to a uniform mean: `uniform_weights`)."""
+        uniform = self.noise is not None or self.uniform_weights
+        if not uniform and getattr(self.options, "weighting", "uniform") == "examples":
             return float(self.clients[client_id].num_examples)
         return 1.0
 
@@ -273,6 +277,11 @@ class ClientAlgorithm(ABC):
         """Which of the payload's states reply state `name` was trained from (under DP the client clips its update
         against it): by default the payload's state of that name; None when the payload sent none."""
         return payload.states.get(name)
+
+    def uploaded(self, reply: Reply, state: ClientState) -> ClientState:
+        """Called with the reply as it leaves the client (clipped and noised under DP); the state to keep. A method
+        that must know what the server received (not what it trained) records it here; by default nothing."""
+        return state
 
     def layout_for(self, payload: Payload) -> Layout:
         """The adapter layout this payload needs (methods whose layout changes by phase override it)."""

@@ -7,8 +7,10 @@ downloaded and frozen. Server: RoW_k = mean over j != k of the latest Individual
 averaged separately, computed for all clients in O(N) from one running sum.
 
 Under secure aggregation the server never holds an Individual LoRA: clients upload theta_k(new) - theta_k(counted),
-the change since the upload the sum already counts, and the server keeps S = sum_j w_j theta_j and W = sum_j w_j from
-the rounds' secure means. It sends S and W; client k forms its RoW_k = (S - w_k theta_k) / (W - w_k) itself.
+the change since what the sum already counts of them (at first their public seeded init, which the server adds itself),
+and the server keeps S = sum_j w_j theta_j and W = sum_j w_j from the rounds' secure means. It sends S and W; client k
+forms its RoW_k = (S - w_k theta_k) / (W - w_k) itself, theta_k(counted) being what it sent (clipped and noised
+under DP), not what it trained.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from ..adapters import Layout
+from ..adapters import AdapterSpec, Layout
 from ..core.seeding import generator
 from ..core.tensors import StateDict, clone
 from .base import (ClientAlgorithm, ClientContext, ClientInfo, ClientState, Diagnostic, Options, Payload, Personalized,
@@ -33,6 +35,12 @@ class FedALTOptions(Options):
     gate_init: Literal["kaiming", "zero"] = "kaiming"      # kaiming (code) or zero = 0.5/0.5 at the start
     init: Literal["shared", "independent"] = "shared"      # Individual LoRA init: same seed for all [REC] or per client (code)
     mixer: Literal["adaptive", "fixed"] = "adaptive"       # fixed = 0.5/0.5, the paper's "w/o mixer" ablation
+
+
+def individual_init(spec: AdapterSpec, seed: int, options: FedALTOptions, client_id: str) -> StateDict:
+    """Client `client_id`'s fresh Individual LoRA: seeded by the run, so the server can rebuild it too."""
+    names = ("lora-init",) if options.init == "shared" else ("lora-init", client_id)
+    return spec.init_lora(generator(seed, *names))
 
 
 class FedALTServer(ServerAlgorithm):
@@ -96,12 +104,17 @@ class FedALTServer(ServerAlgorithm):
         self._refresh_sum()
 
     def aggregate_secure(self, rnd: int, mean: SecureMean) -> None:
-        """S += the weighted sum of the changes; W += the weights of the clients counted for the first time."""
+        """S += the weighted sum of the changes, plus the inits the changes of clients counted for the first time
+        start from; W += those clients' weights."""
         change = self.secure_mean(mean, "individual_update")
+        first = [cid for cid in mean.clients if cid not in self.counted]
         for k, v in change.items():
             add = v.double() * mean.weight
             self._sum[k] = self._sum[k] + add if k in self._sum else add
-        self._total += sum(self.weight(cid) for cid in mean.clients if cid not in self.counted)
+        for cid in first:
+            for k, v in individual_init(self.spec, self.seed, self.options, cid).items():
+                self._sum[k] = self._sum[k] + self.weight(cid) * v.double()
+        self._total += sum(self.weight(cid) for cid in first)
         self.counted.update({cid: rnd for cid in mean.clients})
 
     def update_reference(self, client_id: str, name: str, payload: Payload, reply: Reply) -> StateDict | None:
@@ -139,8 +152,9 @@ class FedALTClient(ClientAlgorithm):
         """Start a new client's Individual LoRA, RoW and gate; take the payload's RoW; load all three into ctx.model."""
         cid, s = ctx.client_id, state.states
         if "individual" not in s:
-            names = ("lora-init",) if self.options.init == "shared" else ("lora-init", cid)
-            s["individual"] = self.spec.init_lora(generator(self.seed, *names))
+            s["individual"] = individual_init(self.spec, self.seed, self.options, cid)
+            if "row_weight" in payload.config:  # secure: what the server's sum holds of this client, once counted
+                s["counted"] = clone(s["individual"])
             s["row"] = self.spec.init_lora(generator(self.seed, "row-init", cid))  # B = 0: no effect until a download
             s["gate"] = self.spec.init_router(2, generator(self.seed, "gate-init", cid), zero=self.options.gate_init == "zero")
         if "row" in payload.states:
@@ -165,17 +179,18 @@ class FedALTClient(ClientAlgorithm):
 
     @staticmethod
     def _rest_of_world(payload: Payload, state: ClientState) -> StateDict | None:
-        """Secure aggregation: (S - w_k theta_k) / (W - w_k), theta_k the upload the server's sum counts."""
+        """Secure aggregation: (S - w_k theta_k) / (W - w_k), theta_k what the server's sum counts of client k."""
         s, cfg = state.states, payload.config
-        if state.meta.get("uploaded_round") == cfg["counted_round"]:
-            # the server counted the last upload, which is still the Individual LoRA: only fit changes it, after this
-            s["counted"] = clone(s["individual"])
-        own = float(cfg["own_weight"]) if "counted" in s else 0.0
+        if state.meta.get("uploaded_round") == cfg["counted_round"] and "sent" in s:
+            # the server counted the last upload: its sum now holds that change as sent, clipped and noised under DP
+            sent = s.pop("sent")
+            s["counted"] = {k: v + sent[k] for k, v in s["counted"].items()}
+        own = float(cfg["own_weight"])
         if "row_sum" not in payload.states or cfg["row_weight"] - own <= 0:
             return None
         total = payload.states["row_sum"]
-        return {k: ((v.double() - own * s["counted"][k].double()) if own else v.double()).div(cfg["row_weight"] - own)
-                .float() for k, v in total.items()}
+        return {k: (v.double() - own * s["counted"][k].double()).div(cfg["row_weight"] - own).float()
+                for k, v in total.items()}
 
     def fit(self, payload: Payload, state: ClientState, ctx: ClientContext) -> tuple[Reply, ClientState]:
         """Train the Individual LoRA (and the gate) with the RoW frozen; send the Individual LoRA (secure: its change
@@ -187,10 +202,16 @@ class FedALTClient(ClientAlgorithm):
         if self.options.mixer == "adaptive":
             s["gate"] = ctx.model.router_state()
         if "row_weight" in payload.config:
-            change = {k: v - s["counted"][k] for k, v in s["individual"].items()} if "counted" in s else s["individual"]
+            change = {k: v - s["counted"][k] for k, v in s["individual"].items()}
             state.meta["uploaded_round"] = payload.config["upload_round"]
             return Reply({"individual_update": change}, len(ctx.data.train), metrics), state
         return Reply({"individual": s["individual"]}, len(ctx.data.train), metrics), state
+
+    def uploaded(self, reply: Reply, state: ClientState) -> ClientState:
+        """Secure aggregation: keep the change as it left (clipped and noised under DP), what the sum will count."""
+        if "individual_update" in reply.states:
+            state.states["sent"] = clone(reply.states["individual_update"])
+        return state
 
     def personalize(self, payload: Payload, state: ClientState, ctx: ClientContext) -> Personalized:
         """The RoW and Individual LoRAs mixed by the client's gate; mean gate weights as diagnostics."""

@@ -248,6 +248,10 @@ class PrivacyConfig(Section):
                                          "whole run spends this epsilon")
     delta: float = Field(1e-5, gt=0, lt=1, description="the delta of the reported (epsilon, delta)")
     max_epsilon: float | None = Field(None, gt=0, description="stop the run before a round would spend more")
+    secure_noise: bool | None = Field(None, description="draw the noise from the OS, unknown to anyone (not "
+                                      "reproducible), instead of from the run's seed, which lets whoever knows "
+                                      "the seed remove it; default: on in an app `fedlora deploy app` builds for "
+                                      "other machines, off elsewhere")
 
     @model_validator(mode="after")
     def _one_noise(self) -> "PrivacyConfig":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -44,27 +45,46 @@ def clip_uploads(states: Uploads, starts: dict[str, StateDict | None], bound: fl
     return out, factor
 
 
-def gaussian_like(state: StateDict, std: float, gen: torch.Generator) -> StateDict:
-    """Independent N(0, std^2) noise shaped like every tensor of `state` (float32, drawn on the CPU in key order)."""
-    return {k: torch.randn(v.shape, generator=gen, dtype=torch.float32) * std for k, v in sorted(state.items())}
+def gaussian_like(state: StateDict, std: float, gen: torch.Generator, secure: bool = False) -> StateDict:
+    """Independent N(0, std^2) noise shaped like every tensor of `state` (float32, drawn on the CPU in key order);
+    `secure` draws it as Opacus's secure_mode does, (four normals) / 2, against floating-point attacks on it."""
+    if not secure:
+        return {k: torch.randn(v.shape, generator=gen, dtype=torch.float32) * std for k, v in sorted(state.items())}
+    return {k: sum(torch.randn(v.shape, generator=gen, dtype=torch.float64) for _ in range(4)).div(2).float() * std
+            for k, v in sorted(state.items())}
 
 
-def add_noise(state: StateDict, std: float, gen: torch.Generator) -> StateDict:
-    """`state` plus N(0, std^2) noise on every coordinate."""
-    noise = gaussian_like(state, std, gen)
-    return {k: v + noise[k].to(v.dtype) for k, v in state.items()}
+@dataclass(frozen=True)
+class NoiseSource:
+    """Where DP noise comes from: the run's seed (`privacy.secure_noise` off: reproducible, so every engine and a
+    resumed run draw the same noise, but whoever knows the seed can take it off again) or, secure, a generator
+    seeded with 64 bits from the OS that nobody else knows, drawn anew for every draw."""
+
+    seed: int
+    secure: bool = False
+
+    def gaussian_like(self, state: StateDict, std: float, *names: object) -> StateDict:
+        """N(0, std^2) noise shaped like `state`, from the stream `names` picks (seeded) or from the OS (secure)."""
+        gen = torch.Generator().manual_seed(secrets.randbits(64)) if self.secure else generator(self.seed, *names)
+        return gaussian_like(state, std, gen, self.secure)
+
+    def add_noise(self, state: StateDict, std: float, *names: object) -> StateDict:
+        """`state` plus N(0, std^2) noise on every coordinate."""
+        noise = self.gaussian_like(state, std, *names)
+        return {k: v + noise[k].to(v.dtype) for k, v in state.items()}
 
 
 @dataclass
 class SumNoise:
     """The server's noise for what it releases: std `noise_multiplier * clip_norm` per sum of clipped client
     states, drawn from a stream fixed by (seed, round, what is summed), so that a resumed run and every engine
-    draw the same noise."""
+    draw the same noise (or, `secure`, from the OS: `NoiseSource`)."""
 
     std: float
     seed: int
     round: int = 0
     released_individually: bool = False  # this round released one client's noised state, not a sum
+    secure: bool = False
 
     def start_round(self, rnd: int) -> None:
         """Draw round `rnd`'s noise from now on."""
@@ -72,12 +92,11 @@ class SumNoise:
 
     def noised_sum(self, total: StateDict, *what: object) -> StateDict:
         """A sum of clipped client states plus the mechanism's noise; `what` names the sum (members, kind)."""
-        return add_noise(total, self.std, generator(self.seed, "dp-sum", self.round, *what))
+        return NoiseSource(self.seed, self.secure).add_noise(total, self.std, "dp-sum", self.round, *what)
 
     def noised_mean(self, mean: StateDict, n: int, *what: object) -> StateDict:
         """The uniform mean of n clipped client states, noised as their sum is: mean + N(0, std^2) / n."""
-        noise = gaussian_like(mean, self.std / n, generator(self.seed, "dp-sum", self.round, *what))
-        return {k: v + noise[k].to(v.dtype) for k, v in mean.items()}
+        return NoiseSource(self.seed, self.secure).add_noise(mean, self.std / n, "dp-sum", self.round, *what)
 
     def noised_state(self, state: StateDict, *what: object) -> StateDict:
         """One client's clipped state released on its own (FedLEASE's clustering upload), noised as a sum of one."""

@@ -54,6 +54,7 @@ def federate(config: Config, server: ServerAlgorithm, transport: Transport, clie
     ledger = PrivacyLedger(config, len(ids), server.dp_amplified)
     server.noise = ledger.noise  # under privacy.dp = client_clipping every sum the server forms is noised
     server.secure = fed.secure_aggregation  # the server sees only each round's means (aggregate_secure)
+    server.uniform_weights = ledger.noise is not None or (config.privacy.dp == "local" and server.secure)
     if server.secure:
         log.info("secure aggregation (SecAgg+): the server learns only each round's weighted mean, so it cannot "
                  "check or clip single updates (federation.update_clip and max_state_norm do not apply)")

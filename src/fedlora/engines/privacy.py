@@ -16,7 +16,6 @@ from ..algorithms import ClientState, Payload, Reply, get_method
 from ..core import dp
 from ..core.config import Config
 from ..core.errors import ConfigError
-from ..core.seeding import generator
 from ..core.tensors import StateDict, start_if_fresh
 from .observers import Observer, StopRun
 
@@ -36,9 +35,14 @@ def check_privacy(cfg: Config, methods: list[str] | None = None) -> None:
         reason = get_method(name).privacy_problem(p.dp)
         if reason:
             raise ConfigError(f"privacy.dp={p.dp!r} cannot protect {name!r}: {reason}")
-        if p.dp == "client_clipping" and cfg.algorithm.options_for(name).get("weighting") == "examples":
+        weighted = cfg.algorithm.options_for(name).get("weighting") == "examples"
+        if p.dp == "client_clipping" and weighted:
             raise ConfigError(f"privacy.dp='client_clipping' needs uniform weights (an example-weighted mean lets "
                               f"one client move it by more than clip_norm / n); drop {name}'s weighting='examples'")
+        if p.dp == "local" and cfg.federation.secure_aggregation and weighted:
+            raise ConfigError(f"privacy.dp='local' under secure aggregation splits the noise evenly between clients, "
+                              f"which holds only with uniform weights (scaled by their weights, the small clients' "
+                              f"shares add up to less than one client's noise); drop {name}'s weighting='examples'")
     if p.dp == "client_clipping" and cfg.federation.aggregation != "mean":
         raise ConfigError(f"privacy.dp='client_clipping' noises means; federation.aggregation="
                           f"{cfg.federation.aggregation!r} has another sensitivity: set it to 'mean'")
@@ -68,6 +72,12 @@ def noise_multiplier(cfg: Config, rate: float = 1.0, amplified: bool = False) ->
 NOISE_SHARE = "fedlora.dp_noise_share"
 
 
+def secure_noise(cfg: Config) -> bool:
+    """Whether DP noise comes from the OS rather than the run's seed (`privacy.secure_noise`; an app built for other
+    machines turns it on unless the config says otherwise, a simulation stays reproducible)."""
+    return bool(cfg.privacy.secure_noise)
+
+
 def privatize(reply: Reply, payload: Payload, state: ClientState, cfg: Config, seed: int, init: StateDict,
               started_from: Callable[[str, Payload, Reply], StateDict | None]) -> tuple[Reply, ClientState]:
     """A client's reply under DP: its whole update clipped to clip_norm (against where each state started: what
@@ -82,7 +92,8 @@ def privatize(reply: Reply, payload: Payload, state: ClientState, cfg: Config, s
     metrics = dict(reply.metrics)
     if p.dp == "local":  # under secure aggregation, the client's share of the noise the server's sum holds
         std = noise_multiplier(cfg) * p.clip_norm * float(payload.config.get(NOISE_SHARE, 1.0))
-        states = {name: dp.add_noise(s, std, generator(seed, "dp-local", name)) for name, s in states.items()}
+        source = dp.NoiseSource(seed, secure_noise(cfg))
+        states = {name: source.add_noise(s, std, "dp-local", name) for name, s in states.items()}
         metrics = {}  # data-dependent numbers no noise covers never leave the client
     else:
         metrics["dp_clip_factor"] = factor
@@ -108,12 +119,15 @@ class PrivacyLedger(Observer):
             return
         self.z = noise_multiplier(cfg, self.rate, self.amplified)
         if self.p.dp == "client_clipping":  # a trusted server noises every sum it forms (ServerAlgorithm.noise)
-            self.noise = dp.SumNoise(self.z * self.p.clip_norm, cfg.seed)
+            self.noise = dp.SumNoise(self.z * self.p.clip_norm, cfg.seed, secure=secure_noise(cfg))
         log.info("privacy: %s, clip_norm %.3g, noise multiplier %.4g, sampling rate %.3g%s", self.p.dp,
                  self.p.clip_norm, self.z, self.rate,
                  "; distributed under secure aggregation: each client adds 1/sqrt(t) of the noise, t the fewest "
                  "clients whose sum the server can unmask" if self.p.dp == "local" and cfg.federation.secure_aggregation
                  else "")
+        if not secure_noise(cfg):
+            log.info("privacy: the noise is drawn from the run's seed, so the run is reproducible and whoever knows "
+                     "the seed can remove the noise; set privacy.secure_noise = true where the privacy is real")
 
     def restore(self, records: list[dict]) -> None:
         """Continue the count of the records a resumed run keeps."""

@@ -159,6 +159,7 @@ class ClientRuntime:
         if self.config.privacy.dp != "none":  # the upload's bound (and local noise) before anything leaves
             reply, state = privatize(reply, payload, state, self.config, ctx.seed, self.lora_init(),
                                      self.algorithm.started_from)
+        state = self.algorithm.uploaded(reply, state)
         reply.metrics.setdefault("num_examples", reply.num_examples)
         return reply, state
 

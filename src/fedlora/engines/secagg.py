@@ -203,10 +203,12 @@ def fit_secure(rnd: int, config: Config, server: ServerAlgorithm, transport: Any
         return answers
 
     length = sum(math.prod(shape) for _, _, shape in layout)
-    result = secure_mean(protocol, node_ids, length, counted, config.seed, rnd)
-    if result.problem is None and len(result.clients) < config.federation.min_clients:
-        result.problem = (f"only {len(result.clients)} clients' updates arrived, fewer than federation.min_clients="
-                          f"{config.federation.min_clients}: nothing aggregated")
+    result = secure_mean(protocol, node_ids, length, counted, config.seed, rnd,
+                         {cid: int(w) for cid, w in weights.items()})
+    fewest = max(3, config.federation.min_clients)  # of two, each could subtract its own update from the mean
+    if result.problem is None and len(result.clients) < fewest:
+        result.problem = (f"only {len(result.clients)} clients' updates arrived, fewer than {fewest} (3, and "
+                          f"federation.min_clients={config.federation.min_clients}): nothing aggregated")
     replies = {}
     for cid, (_, metrics) in result.metrics.items():
         examples = int(metrics.pop(EXAMPLES, 0))

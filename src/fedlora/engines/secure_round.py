@@ -30,6 +30,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from ..core.config import SecAggConfig
+from ..core.errors import ConfigError
 from ..core.seeding import derive_seed
 
 Exchange = Callable[[str, dict[str, RecordDict]], dict[str, "RecordDict | str"]]
@@ -49,13 +50,15 @@ class Protocol:
     @classmethod
     def for_round(cls, cfg: SecAggConfig, n_sampled: int, max_weight: float) -> "Protocol":
         """Shares and threshold for `n_sampled` clients (a fraction of them, or a count), as SecAggPlusWorkflow."""
-        shares = cfg.num_shares
-        if isinstance(shares, float):
-            shares = round(shares * n_sampled)
-            if shares < n_sampled and shares % 2 == 0:
-                shares += 1
-            if shares <= 2:
-                shares = n_sampled
+        if n_sampled * cfg.quantization_range >= cfg.modulus_range:  # the sum would wrap around the modulus
+            raise ConfigError(f"SecAgg+ sums {n_sampled} clients' values of up to quantization_range="
+                             f"{cfg.quantization_range} modulo modulus_range={cfg.modulus_range}, which wraps; set "
+                             f"federation.secagg.quantization_range to at most {(cfg.modulus_range - 1) // n_sampled}")
+        shares = round(cfg.num_shares * n_sampled) if isinstance(cfg.num_shares, float) else cfg.num_shares
+        if shares < n_sampled and shares % 2 == 0:  # neighbourhoods are odd: Flower's workflow bumps an even count
+            shares += 1                             # too, but only after telling the clients the even one
+        if shares <= 2:
+            shares = n_sampled
         shares = min(int(shares), n_sampled)
         threshold = cfg.reconstruction_threshold
         threshold = max(round(threshold * shares), 2) if isinstance(threshold, float) else int(threshold)
@@ -100,8 +103,10 @@ def _list_of(value: Any, kind: type, name: str) -> list:
 class SecureRound:
     """The server's side of one SecAgg+ round between `node_ids` (client id -> SecAgg+ node id)."""
 
-    def __init__(self, protocol: Protocol, node_ids: dict[str, int], length: int, seed: int, rnd: int) -> None:
+    def __init__(self, protocol: Protocol, node_ids: dict[str, int], length: int, seed: int, rnd: int,
+                 weights: dict[str, int] | None = None) -> None:
         self.p, self.length = protocol, length
+        self.weights = weights  # what the server assigned each client; None: the weights the replies state
         self.node_ids = node_ids
         self.cid_of = {nid: cid for cid, nid in node_ids.items()}
         order = sorted(node_ids)
@@ -212,6 +217,8 @@ class SecureRound:
                 metrics = {k: v for k, v in fitres.metrics.items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
                 weight = int(fitres.num_examples)
+                if self.weights is not None and weight != self.weights[cid]:
+                    raise ValueError(f"its reply states weight {weight}, the server assigned {self.weights[cid]}")
             except Exception as exc:
                 self._drop(cid, Stage.COLLECT_MASKED_VECTORS, exc)
                 continue
@@ -229,7 +236,7 @@ class SecureRound:
                           Key.ACTIVE_NODE_ID_LIST: [self.node_ids[n] for n in sorted(held[cid] & alive)],
                           Key.DEAD_NODE_ID_LIST: [self.node_ids[n] for n in sorted(held[cid] & dead)]}
                     for cid in sorted(self.active)}
-        shares: dict[str, list[bytes]] = {cid: [] for cid in self.shared}
+        shares: dict[str, dict[str, bytes]] = {cid: {} for cid in self.shared}  # owner -> {holder: share}
         for cid, (configs, _) in self._ask(exchange, Stage.UNMASK, contents).items():
             try:
                 nids = _list_of(configs[Key.NODE_ID_LIST], int, "nids")
@@ -242,10 +249,11 @@ class SecureRound:
             for nid, share in zip(nids, blobs):
                 owner = self.cid_of.get(nid)
                 if owner in shares and owner in held[cid]:
-                    shares[owner].append(share)
+                    shares[owner].setdefault(cid, share)  # one per holder: a repeat would break the combination
         vector = self.masked
         shapes = [v.shape for v in vector]
-        for owner, owner_shares in sorted(shares.items()):
+        for owner, held_shares in sorted(shares.items()):
+            owner_shares = list(held_shares.values())
             if len(owner_shares) < self.p.threshold:
                 return f"only {len(owner_shares)} shares of {owner}'s secrets arrived, fewer than the threshold {self.p.threshold}"
             try:
@@ -264,8 +272,16 @@ class SecureRound:
             except Exception as exc:  # forged shares: the sum cannot be trusted
                 return f"the shares of {owner}'s secrets do not combine ({exc}): nothing aggregated"
         total_q, quantized = factor_extract(parameters_mod(vector, self.p.modulus_range))
-        if total_q <= 0:
-            return "the unmasked weights sum to zero: nothing aggregated"
+        # A client knows its own masks, so it can put any value modulo modulus_range into the sum; honest ones
+        # give exactly these weight factors and coordinates of at most quantization_range each
+        levels = self.p.quantization_range
+        expected_q = sum(round(self.metrics[cid][0] / self.p.max_weight * levels) for cid in alive)
+        if total_q != expected_q or total_q <= 0:
+            return (f"the unmasked weight factors sum to {total_q}, not the {expected_q} the survivors' weights give: "
+                    "a client masked a forged weight; nothing aggregated")
+        if quantized[0].size and int(quantized[0].max()) > len(alive) * levels:
+            return (f"an unmasked coordinate is above what {len(alive)} clients' quantized values can sum to: a client "
+                    "sent values outside the protocol's range; nothing aggregated")
         (mean,) = dequantize(quantized, self.p.clipping_range, self.p.quantization_range)
         mean = (mean - (len(alive) - 1) * self.p.clipping_range) * (self.p.quantization_range / float(total_q))
         self.result = SecureResult(mean, weight=float(sum(w for w, _ in self.metrics.values())),
@@ -275,6 +291,6 @@ class SecureRound:
 
 
 def secure_mean(protocol: Protocol, node_ids: dict[str, int], length: int, exchange: Exchange, seed: int,
-                rnd: int) -> SecureResult:
+                rnd: int, weights: dict[str, int] | None = None) -> SecureResult:
     """The weighted mean of the clients' vectors of `length` by SecAgg+: only the mean and the survivors are known."""
-    return SecureRound(protocol, node_ids, length, seed, rnd).run(exchange)
+    return SecureRound(protocol, node_ids, length, seed, rnd, weights).run(exchange)

@@ -49,7 +49,10 @@ def write_app(app_dir: str | Path, cfg: Config, clients: list[str] | None = None
     engine = {**cfg.engine.model_dump(), "name": "flower-local" if local else "inprocess"}
     if admitted is not None:
         engine["clients"] = admitted
-    cfg = build_config({**cfg.model_dump(), "engine": engine})
+    privacy = cfg.privacy.model_dump()
+    if privacy["secure_noise"] is None and not local:  # on machines of their own, DP noise is nobody's to recompute
+        privacy["secure_noise"] = True
+    cfg = build_config({**cfg.model_dump(), "engine": engine, "privacy": privacy})
     app_dir = Path(app_dir)
     app_dir.mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^a-z0-9-]+", "-", f"fedlora-{cfg.name}".lower()).strip("-")
