@@ -86,6 +86,16 @@ def test_secure_noise_makes_a_private_run_unrepeatable_and_an_app_for_other_mach
     assert "secure_noise = false" in chosen.read_text()
 
 
+def test_a_resumed_local_dp_run_with_os_noise_counts_the_interrupted_round_once_more(tmp_path):
+    from fedlora.engines.privacy import PrivacyLedger
+
+    records = [{"round": 2, "privacy": {"rounds": 2, "plain_rounds": 0}}]
+    for secure, expected in ((False, 2), (True, 3)):  # seeded: a re-run draws the same noise, nothing more leaks
+        ledger = PrivacyLedger(build_config(_noisy(tmp_path, dp="local", secure_noise=secure)), 4)
+        ledger.restore(records)
+        assert ledger.rounds == expected
+
+
 def test_server_mean_under_dp_is_uniform_and_noised_as_the_sum():
     from fedlora.algorithms.base import AveragingOptions, ClientInfo, ServerAlgorithm
 

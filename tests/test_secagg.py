@@ -210,6 +210,21 @@ def test_a_node_repeating_a_share_in_the_unmask_stage_cannot_break_the_combinati
     assert result.problem is None and result.clients == sorted(vectors)
 
 
+def test_two_survivors_end_the_round_before_the_unmask_stage_could_reveal_their_sum():
+    vectors = {f"c{i}": np.full(4, 0.1) for i in range(4)}
+    ids, inner = nodes(vectors, dict.fromkeys(vectors, 1), fail={"c0": "collect_masked_vectors",
+                                                                 "c1": "collect_masked_vectors"})
+    stages = []
+
+    def exchange(stage, contents):
+        stages.append(stage)
+        return inner(stage, contents)
+
+    result = secure_mean(protocol(4, 1), ids, 4, exchange, seed=0, rnd=1)  # threshold 2: the shares would do
+    assert result.mean is None and "fewer than the 3" in result.problem
+    assert "unmask" not in stages
+
+
 def test_a_round_whose_survivors_are_fewer_than_three_aggregates_nothing(tmp_path, monkeypatch):
     """Of two survivors, each could take its own update off the mean and read the other's."""
     from fedlora import run_experiment
@@ -226,7 +241,7 @@ def test_a_round_whose_survivors_are_fewer_than_three_aggregates_nothing(tmp_pat
 
     monkeypatch.setattr(ClientRuntime, "fit", fit)
     result = run_experiment(tiny_config(tmp_path, federation={"rounds": 2, "secure_aggregation": True}))
-    assert "fewer than 3" in result.rounds[1]["unaggregated"]
+    assert "fewer than the 3 a sum needs" in result.rounds[1]["unaggregated"]
     assert not result.rounds[2].get("unaggregated")
 
 
@@ -428,6 +443,37 @@ def test_fedalt_under_partial_participation_a_failed_round_and_dp_keeps_the_sum_
             torch.testing.assert_close(states[c].states["counted"][k], v, atol=1e-6, rtol=1e-5)
 
 
+def test_fedalt_refuses_a_secure_checkpoint_of_the_older_format_and_keeps_a_noised_sum_as_released():
+    from fedlora.adapters import AdapterSpec
+    from fedlora.algorithms import ClientInfo, build
+    from fedlora.core import dp
+    from fedlora.core.errors import CheckpointError
+
+    spec = AdapterSpec((("m", 5, 4),), r=2, alpha=4)
+    server, _ = build("fedalt", {}, spec, seed=0)
+    server.secure = True
+    server.setup([ClientInfo(c, 1) for c in "abc"])
+    with pytest.raises(CheckpointError, match="start the run anew"):  # its sum lacks the inits the clients assume
+        server.load_state_dict({"tensors": {"row_sum": {}}, "meta": {"row_weight": 0.0, "counted": {}}})
+    server.load_state_dict(server.state_dict())
+    # central DP with noise from the OS: re-noising the sum on load would release it a second time
+    plain, _ = build("fedalt", {}, spec, seed=0)
+    plain.noise = dp.SumNoise(1.0, 0, secure=True)
+    plain.setup([ClientInfo(c, 1) for c in "abc"])
+    plain.aggregate(1, {c: _reply_of(spec.init_lora(torch.Generator().manual_seed(i))) for i, c in enumerate("abc")})
+    again, _ = build("fedalt", {}, spec, seed=0)
+    again.noise = dp.SumNoise(1.0, 0, secure=True)
+    again.setup([ClientInfo(c, 1) for c in "abc"])
+    again.load_state_dict(plain.state_dict())
+    assert all(torch.equal(again._sum[k], plain._sum[k]) for k in plain._sum)
+
+
+def _reply_of(lora):
+    from fedlora.algorithms import Reply
+
+    return Reply({"individual": lora}, 1)
+
+
 @pytest.mark.parametrize("method", ["ffa", "fedsa", "feddpa", "rolora"])
 def test_the_averaging_servers_fold_a_secure_mean_as_they_fold_the_replies(method):
     from fedlora.adapters import AdapterSpec
@@ -461,6 +507,7 @@ def test_the_averaging_servers_fold_a_secure_mean_as_they_fold_the_replies(metho
     ({"algorithm": {"name": "local"}}, "nothing is sent"),
     ({"federation": {"aggregation": "median"}}, "aggregation='median'"),
     ({"federation": {"clients_per_round": 2}}, "3 or more clients"),
+    ({"federation": {"clients_per_round": 1100}}, "wraps"),
 ])
 def test_what_secure_aggregation_cannot_run_is_refused_before_any_work(tmp_path, change, match):
     from fedlora import run_experiment
@@ -512,7 +559,7 @@ def test_on_flower_nodes_the_secure_run_equals_the_in_process_one_and_a_silent_n
     # the server's side keeps the sum and nothing of one client: no client state, no per-client tensor
     assert not any(s.states or s.meta for s in checkpoint.client_states.values())
     assert set(checkpoint.server_state["tensors"]) == {"row_sum"}
-    assert set(checkpoint.server_state["meta"]) == {"row_weight", "counted"}
+    assert set(checkpoint.server_state["meta"]) == {"row_weight", "counted", "counts_inits"}
 
     cfg = build_config(tiny_config(tmp_path, output_dir=str(tmp_path / "silent"), engine={
         "name": "flower-sim", "num_clients": 4, "progress": False}, **base))

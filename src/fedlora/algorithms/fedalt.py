@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from ..adapters import AdapterSpec, Layout
+from ..core.errors import CheckpointError
 from ..core.seeding import generator
 from ..core.tensors import StateDict, clone
 from .base import (ClientAlgorithm, ClientContext, ClientInfo, ClientState, Diagnostic, Options, Payload, Personalized,
@@ -126,19 +127,32 @@ class FedALTServer(ServerAlgorithm):
         return {"known_individual_loras": len(self.counted if self.secure else self.individual)}
 
     def state_dict(self) -> dict:
-        """Every known Individual LoRA (secure: the sum, its weight and what it counts)."""
+        """Every known Individual LoRA and, under central DP, the noised sum sent (secure: the sum, its weight and
+        what it counts)."""
         if self.secure:
-            return {"tensors": {"row_sum": self._sum}, "meta": {"row_weight": self._total, "counted": self.counted}}
-        return {"tensors": {f"individual.{cid}": s for cid, s in self.individual.items()}, "meta": {}}
+            return {"tensors": {"row_sum": self._sum}, "meta": {"row_weight": self._total, "counted": self.counted,
+                                                                "counts_inits": True}}
+        tensors = {f"individual.{cid}": s for cid, s in self.individual.items()}
+        if self.noise is not None and self._sum:  # noised again on load, it would be a second, uncounted release
+            tensors["noised_sum"] = self._sum
+        return {"tensors": tensors, "meta": {}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the Individual LoRAs and rebuild the sum (secure: the sum itself)."""
+        """Restore the Individual LoRAs and the sum (secure: the sum itself)."""
         if self.secure:
+            if not state["meta"].get("counts_inits"):
+                raise CheckpointError("this secure FedALT checkpoint was written before its clients' inits entered "
+                                      "the sum (fedlora 0.x, December 2026): the sum and the clients' records "
+                                      "disagree; start the run anew")
             self._sum = dict(state["tensors"].get("row_sum", {}))
             self._total, self.counted = float(state["meta"]["row_weight"]), dict(state["meta"]["counted"])
             return
-        self.individual = {name.removeprefix("individual."): s for name, s in state["tensors"].items()}
+        tensors = dict(state["tensors"])
+        noised = tensors.pop("noised_sum", None)
+        self.individual = {name.removeprefix("individual."): s for name, s in tensors.items()}
         self._refresh_sum()
+        if noised is not None:
+            self._sum = dict(noised)
 
 
 class FedALTClient(ClientAlgorithm):

@@ -141,6 +141,14 @@ class SecAggConfig(Section):
             raise ValueError(f"federation.secagg.reconstruction_threshold={t} must be a count from 2 to num_shares")
         return self
 
+    def wrap_problem(self, clients: int) -> str | None:
+        """Why the masked sum of `clients` clients' values would wrap around the modulus, or None."""
+        if clients * self.quantization_range < self.modulus_range:
+            return None
+        return (f"SecAgg+ sums {clients} clients' values of up to quantization_range={self.quantization_range} "
+                f"modulo modulus_range={self.modulus_range}, which wraps; set federation.secagg.quantization_range "
+                f"to at most {(self.modulus_range - 1) // clients}")
+
 
 class FederationConfig(Section):
     """Rounds and client sampling."""

@@ -17,7 +17,7 @@ from typing import Protocol
 from ..algorithms import ClientInfo, ClientState, Payload, Reply, ServerAlgorithm
 from ..core.config import Config
 from ..core.devices import peak_cuda_memory
-from ..core.errors import ClientFailure
+from ..core.errors import ClientFailure, ConfigError
 from ..core.io import append_jsonl, jsonl_line, save_text
 from .checkpoint import Checkpoint, restore_server, save_checkpoint
 from .clipping import clip_updates
@@ -55,6 +55,9 @@ def federate(config: Config, server: ServerAlgorithm, transport: Transport, clie
     server.noise = ledger.noise  # under privacy.dp = client_clipping every sum the server forms is noised
     server.secure = fed.secure_aggregation  # the server sees only each round's means (aggregate_secure)
     server.uniform_weights = ledger.noise is not None or (config.privacy.dp == "local" and server.secure)
+    wraps = server.secure and fed.secagg.wrap_problem(fed.clients_per_round or len(ids))
+    if wraps:  # with every client every round, known only now
+        raise ConfigError(wraps)
     if server.secure:
         log.info("secure aggregation (SecAgg+): the server learns only each round's weighted mean, so it cannot "
                  "check or clip single updates (federation.update_clip and max_state_norm do not apply)")

@@ -125,15 +125,20 @@ class PrivacyLedger(Observer):
                  "; distributed under secure aggregation: each client adds 1/sqrt(t) of the noise, t the fewest "
                  "clients whose sum the server can unmask" if self.p.dp == "local" and cfg.federation.secure_aggregation
                  else "")
-        if not secure_noise(cfg):
-            log.info("privacy: the noise is drawn from the run's seed, so the run is reproducible and whoever knows "
-                     "the seed can remove the noise; set privacy.secure_noise = true where the privacy is real")
+        log.info("privacy: noise from the OS (privacy.secure_noise)" if secure_noise(cfg) else
+                 "privacy: the noise is drawn from the run's seed, so the run is reproducible and whoever knows the "
+                 "seed can remove the noise; set privacy.secure_noise = true where the privacy is real")
 
     def restore(self, records: list[dict]) -> None:
         """Continue the count of the records a resumed run keeps."""
         last = next((r["privacy"] for r in reversed(records) if "privacy" in r), None)
         if last:
             self.rounds, self.plain_rounds = int(last["rounds"]), int(last["plain_rounds"])
+        if self.p.dp == "local" and secure_noise(self.cfg):
+            # the interrupted round's uploads may have left already, with noise its re-run cannot draw again: two
+            # noisings of one update are two releases, so that round counts once more
+            self.rounds += 1
+            log.info("privacy: the interrupted round counts once more (its uploads may have left with other noise)")
 
     def epsilon(self, rounds: int, plain_rounds: int) -> float:
         """Epsilon after that many private rounds (of which plain_rounds released individual noised states)."""

@@ -50,10 +50,9 @@ class Protocol:
     @classmethod
     def for_round(cls, cfg: SecAggConfig, n_sampled: int, max_weight: float) -> "Protocol":
         """Shares and threshold for `n_sampled` clients (a fraction of them, or a count), as SecAggPlusWorkflow."""
-        if n_sampled * cfg.quantization_range >= cfg.modulus_range:  # the sum would wrap around the modulus
-            raise ConfigError(f"SecAgg+ sums {n_sampled} clients' values of up to quantization_range="
-                             f"{cfg.quantization_range} modulo modulus_range={cfg.modulus_range}, which wraps; set "
-                             f"federation.secagg.quantization_range to at most {(cfg.modulus_range - 1) // n_sampled}")
+        problem = cfg.wrap_problem(n_sampled)
+        if problem:
+            raise ConfigError(problem)
         shares = round(cfg.num_shares * n_sampled) if isinstance(cfg.num_shares, float) else cfg.num_shares
         if shares < n_sampled and shares % 2 == 0:  # neighbourhoods are odd: Flower's workflow bumps an even count
             shares += 1                             # too, but only after telling the clients the even one
@@ -104,9 +103,10 @@ class SecureRound:
     """The server's side of one SecAgg+ round between `node_ids` (client id -> SecAgg+ node id)."""
 
     def __init__(self, protocol: Protocol, node_ids: dict[str, int], length: int, seed: int, rnd: int,
-                 weights: dict[str, int] | None = None) -> None:
+                 weights: dict[str, int] | None = None, fewest: int = 3) -> None:
         self.p, self.length = protocol, length
         self.weights = weights  # what the server assigned each client; None: the weights the replies state
+        self.fewest = max(fewest, 1)  # updates a sum needs before it is unmasked: of two, each would read the other's
         self.node_ids = node_ids
         self.cid_of = {nid: cid for cid, nid in node_ids.items()}
         order = sorted(node_ids)
@@ -227,7 +227,11 @@ class SecureRound:
             self.metrics[cid] = (weight, metrics)
         self.masked = None if masked is None else parameters_mod(masked, self.p.modulus_range)
         self.contributed = set(self.metrics)
-        return self._enough(self.shared) or (None if self.masked is not None else "no masked vector arrived")
+        problem = self._enough(self.shared)
+        if problem is None and len(self.contributed) < self.fewest:  # here, before the unmask stage reveals the sum
+            problem = (f"only {len(self.contributed)} clients' updates arrived, fewer than the {self.fewest} a sum "
+                       "needs before it is unmasked: nothing aggregated")
+        return problem
 
     def _unmask(self, exchange: Exchange) -> str | None:
         alive, dead = self.contributed, self.shared - self.contributed
@@ -291,6 +295,6 @@ class SecureRound:
 
 
 def secure_mean(protocol: Protocol, node_ids: dict[str, int], length: int, exchange: Exchange, seed: int,
-                rnd: int, weights: dict[str, int] | None = None) -> SecureResult:
+                rnd: int, weights: dict[str, int] | None = None, fewest: int = 3) -> SecureResult:
     """The weighted mean of the clients' vectors of `length` by SecAgg+: only the mean and the survivors are known."""
-    return SecureRound(protocol, node_ids, length, seed, rnd, weights).run(exchange)
+    return SecureRound(protocol, node_ids, length, seed, rnd, weights, fewest).run(exchange)

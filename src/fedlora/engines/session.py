@@ -100,6 +100,9 @@ def check_secure(cfg: Config, methods: list[str] | None = None) -> None:
     if fed.clients_per_round is not None and fed.clients_per_round < 3:
         raise ConfigError(f"federation.secure_aggregation needs 3 or more clients a round (SecAgg+ hides each one "
                           f"among the others), federation.clients_per_round is {fed.clients_per_round}")
+    wraps = fed.clients_per_round and fed.secagg.wrap_problem(fed.clients_per_round)
+    if wraps:
+        raise ConfigError(wraps)
 
 
 def load_options(cfg: Config, device: str | None = None) -> LoadOptions:
